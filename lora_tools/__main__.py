@@ -1,0 +1,3 @@
+from lora_tools.cli import main
+
+main()
