@@ -1,0 +1,72 @@
+"""Reading adapters: detect the format of a path and parse it into an `Adapter`.
+
+Key-name conventions live in this package and nowhere else.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from lora_tools.adapter import Adapter
+from lora_tools.errors import FormatError
+from lora_tools.formats.diffusers import load_diffusers, looks_like_diffusers, looks_like_legacy_diffusers
+from lora_tools.formats.kohya import load_kohya, looks_like_kohya
+from lora_tools.formats.peft import load_peft, looks_like_peft, read_config
+from lora_tools.formats.source import open_source
+
+__all__ = ["load_adapter"]
+
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
+
+
+def load_adapter(path: str | os.PathLike[str], *, alpha: float | None = None) -> Adapter:
+    """Read an adapter folder or file in any supported format.
+
+    `alpha` overrides every layer's alpha (for files that carry none, or carry a wrong one).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FormatError(path, "no such file or directory")
+    if alpha is not None and not alpha > 0:
+        raise FormatError(path, f"--alpha must be positive, got {alpha}")
+    if path.is_dir():
+        return _load_directory(path, alpha)
+    if not os.access(path, os.R_OK):
+        raise FormatError(path, "permission denied")
+    return _load_file(path, alpha)
+
+
+def _load_directory(path: Path, alpha: float | None) -> Adapter:
+    config_path = path / PEFT_CONFIG
+    if config_path.is_file():
+        for name in PEFT_WEIGHTS:
+            if (path / name).is_file():
+                config = read_config(config_path)
+                return load_peft(open_source(path / name), config, adapter_path=path, alpha_override=alpha)
+        raise FormatError(path, f"has {PEFT_CONFIG} but no {' or '.join(PEFT_WEIGHTS)}")
+    if (path / DIFFUSERS_WEIGHTS).is_file():
+        return _load_file(path / DIFFUSERS_WEIGHTS, alpha)
+    raise FormatError(path, f"not an adapter folder (no {PEFT_CONFIG} with {PEFT_WEIGHTS[0]})")
+
+
+def _load_file(path: Path, alpha: float | None) -> Adapter:
+    source = open_source(path)
+    keys = source.keys()
+    if looks_like_kohya(keys):
+        return load_kohya(source, alpha_override=alpha)
+    if looks_like_legacy_diffusers(keys) or looks_like_diffusers(keys, source.metadata):
+        return load_diffusers(source, alpha_override=alpha)
+    if looks_like_peft(keys):
+        sibling = path.parent / PEFT_CONFIG
+        config = read_config(sibling) if sibling.is_file() else {"lora_alpha": None}
+        return load_peft(source, config, adapter_path=path, alpha_override=alpha)
+    if not keys:
+        raise FormatError(path, "contains no tensors")
+    sample = ", ".join(repr(k) for k in keys[:3])
+    raise FormatError(
+        path,
+        f"unknown key format: no PEFT (lora_A/lora_B), kohya (lora_down/lora_up) or diffusers LoRA keys (first keys: {sample})",
+    )

@@ -1,0 +1,114 @@
+"""Turning grouped factor keys into `LoraLayer`s: the part every format shares.
+
+A format reader only decides which key plays which role for which module; this module
+reads the tensors, checks that the factors fit together, and builds the layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from lora_tools.adapter import LoraLayer
+from lora_tools.errors import FormatError
+from lora_tools.formats.source import TensorSource, finite_factor
+
+# Roles a key can play for one module.
+A, B, EMB_A, EMB_B, BIAS, MAGNITUDE, ALPHA = "A", "B", "emb_A", "emb_B", "bias", "magnitude", "alpha"
+
+
+@dataclass
+class KeyGroups:
+    """Keys sorted by module, in first-seen order, plus the keys no rule claimed."""
+
+    modules: dict[str, dict[str, str]] = field(default_factory=dict)
+    unclaimed: list[str] = field(default_factory=list)
+
+    def add(self, module: str, role: str, key: str) -> None:
+        roles = self.modules.setdefault(module, {})
+        if role in roles:
+            raise DuplicateRole(module, role, roles[role], key)
+        roles[role] = key
+
+
+class DuplicateRole(Exception):
+    def __init__(self, module: str, role: str, first: str, second: str) -> None:
+        super().__init__(f"keys {first!r} and {second!r} both give {role} of module {module!r}")
+
+
+def build_layers(
+    source: TensorSource,
+    groups: KeyGroups,
+    alpha_for: Callable[[str, int, dict[str, str]], float],
+    *,
+    use_rslora: bool = False,
+    fan_in_fan_out: bool = False,
+) -> list[LoraLayer]:
+    """Read each module's factors and check their shapes agree.
+
+    `alpha_for(module, rank, roles)` gives the module's alpha: formats differ (config
+    patterns, per-module alpha tensors, metadata), the rest is shared.
+    """
+    layers = []
+    for module, roles in groups.modules.items():
+        embedding = EMB_A in roles or EMB_B in roles
+        key_a, key_b = (roles.get(EMB_A), roles.get(EMB_B)) if embedding else (roles.get(A), roles.get(B))
+        if key_a is None or key_b is None:
+            present = next(iter(roles.values()))
+            missing = "A (down)" if key_a is None else "B (up)"
+            raise FormatError(source.path, f"module {module!r}: has {present!r} but no LoRA {missing} factor")
+        a = finite_factor(source, key_a)
+        b = finite_factor(source, key_b)
+        check_factor_shapes(source, module, a, b, embedding)
+        kind = "embedding" if embedding else ("conv" if a.ndim > 2 else "linear")
+        rank = int(a.shape[0])
+        layer = LoraLayer(
+            name=module,
+            a=a,
+            b=b,
+            alpha=float(alpha_for(module, rank, roles)),
+            kind=kind,  # type: ignore[arg-type]
+            use_rslora=use_rslora,
+            fan_in_fan_out=fan_in_fan_out and kind == "linear",
+            dtype=source.dtype(key_a),
+            source_keys=tuple(roles.values()),
+        )
+        if MAGNITUDE in roles:
+            layer.magnitude = finite_factor(source, roles[MAGNITUDE])
+            check_magnitude(source, layer, roles[MAGNITUDE])
+        if BIAS in roles:
+            layer.bias = finite_factor(source, roles[BIAS])
+            if layer.bias.shape != (b.shape[0],):
+                raise FormatError(
+                    source.path, f"module {module!r}: lora bias has shape {layer.bias.shape}, expected ({b.shape[0]},)"
+                )
+        layers.append(layer)
+    return layers
+
+
+def check_factor_shapes(source: TensorSource, module: str, a: np.ndarray, b: np.ndarray, embedding: bool) -> None:
+    """A is (r, in, ...) and B is (out, r, 1, ...): the two r must agree."""
+    if a.ndim < 2 or b.ndim < 2:
+        raise FormatError(source.path, f"module {module!r}: factors must be at least 2-D, got {a.shape} and {b.shape}")
+    if b.shape[1] != a.shape[0]:
+        raise FormatError(
+            source.path,
+            f"module {module!r}: ranks disagree (A {tuple(a.shape)} has r={a.shape[0]}, B {tuple(b.shape)} has r={b.shape[1]})",
+        )
+    if embedding and (a.ndim != 2 or b.ndim != 2):
+        raise FormatError(source.path, f"module {module!r}: embedding factors must be 2-D")
+    if b.ndim > 2 and any(d != 1 for d in b.shape[2:]):
+        raise FormatError(source.path, f"module {module!r}: up/B factor {tuple(b.shape)} must have a 1×1 kernel")
+
+
+def check_magnitude(source: TensorSource, layer: LoraLayer, key: str) -> None:
+    """DoRA's magnitude has one entry per output feature of the base weight."""
+    assert layer.magnitude is not None
+    out_features = layer.b.shape[0]
+    if layer.magnitude.size != out_features:
+        raise FormatError(
+            source.path,
+            f"tensor {key!r}: DoRA magnitude has {layer.magnitude.size} entries, expected {out_features}",
+        )

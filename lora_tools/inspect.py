@@ -1,0 +1,236 @@
+"""`inspect`: what an adapter learned, layer by layer, from its factors alone.
+
+Every figure comes from the factors through `lowrank` (QR of B and Aᵀ, SVD of an r×r
+core), so a 4096×14336 layer costs about as much as a 16×16 one. Flags are verdicts
+drawn from those figures, and the figures behind them stay in the report.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from lora_tools import lowrank
+from lora_tools.adapter import Adapter, LoraLayer
+from lora_tools.formats import load_adapter
+
+# A layer whose ‖ΔW‖_F is below this fraction of the adapter's median is "dead".
+DEAD_FRACTION = 1e-4
+# Modified z-score (Iglewicz & Hoaglin) above which a layer stands out from its family.
+OUTLIER_Z = 3.5
+MIN_FAMILY_FOR_OUTLIERS = 4
+
+_NUMBER = re.compile(r"(?<=[._])\d+(?=[._]|$)")
+
+
+@dataclass
+class LayerReport:
+    """Figures for one adapted module; field names are the JSON keys of the contract."""
+
+    name: str
+    shape: list[int]
+    kind: str
+    rank: int
+    alpha: float
+    scale: float
+    fro_norm: float
+    spectral_norm: float
+    singular_values: list[float]
+    energy_rank_90: int
+    energy_rank_99: int
+    effective_rank: float
+    stable_rank: float
+    dora: bool
+    dtype: str
+    family: str  # the name with layer numbers replaced by "*"
+    module_type: str  # the last component of the name, e.g. "q_proj"
+    depth: int | None  # the first layer number in the name
+    base_fro_norm: float | None = None
+    relative_norm: float | None = None  # ‖s·BA‖_F / ‖W0‖_F, with --base
+    norm_z_score: float | None = None  # robust z of log ‖ΔW‖_F within the family
+    flags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Coverage:
+    """Every tensor in the adapter accounted for, and what nothing understood."""
+
+    n_tensors: int
+    lora_pairs: int
+    dora_magnitudes: int
+    lora_biases: int
+    full_tensors: list[str]
+    unrecognized: list[str]
+
+
+@dataclass
+class AdapterSummary:
+    path: str
+    format: str
+    n_layers: int
+    n_params: int
+    dtype: str
+    ranks: list[int]
+    alphas: list[float]
+    use_rslora: bool
+    use_dora: bool
+    fan_in_fan_out: bool
+    target_modules: list[str]
+    base_model: str | None
+    base: str | None
+    coverage: Coverage
+    training_metadata: dict[str, str]
+
+
+@dataclass
+class InspectReport:
+    adapter: AdapterSummary
+    layers: list[LayerReport]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"adapter": asdict(self.adapter), "layers": [asdict(layer) for layer in self.layers]}
+
+
+def module_type(name: str) -> str:
+    """The module's kind without its position: "q_proj", "to_out.0", "attn1_to_q" (kohya)."""
+    if "." not in name:  # kohya: what follows the last block number
+        return re.split(r"_\d+_", name)[-1]
+    parts = name.split(".")
+    if parts[-1].isdigit() and len(parts) > 1:
+        return ".".join(parts[-2:])
+    return parts[-1]
+
+
+def layer_report(layer: LoraLayer) -> LayerReport:
+    """The spectral figures of one layer's scaled update s·B·A (DoRA: its low-rank part)."""
+    b, a, scale = layer.b_matrix, layer.a_matrix, layer.scale
+    sv = lowrank.singular_values(b, a, scale)
+    name = layer.name
+    depth_match = _NUMBER.search(name) or re.search(r"\d+", name)
+    return LayerReport(
+        name=name,
+        shape=list(layer.weight_shape),
+        kind=layer.kind,
+        rank=layer.rank,
+        alpha=layer.alpha,
+        scale=scale,
+        fro_norm=float(math.sqrt(float(np.sum(sv**2)))),
+        spectral_norm=float(sv[0]) if sv.size else 0.0,
+        singular_values=[float(s) for s in sv],
+        energy_rank_90=lowrank.energy_rank(sv, 0.90),
+        energy_rank_99=lowrank.energy_rank(sv, 0.99),
+        effective_rank=lowrank.effective_rank(sv),
+        stable_rank=lowrank.stable_rank(sv),
+        dora=layer.magnitude is not None,
+        dtype=layer.dtype,
+        family=_NUMBER.sub("*", name),
+        module_type=module_type(name),
+        depth=int(depth_match.group()) if depth_match else None,
+    )
+
+
+def flag_layers(layers: list[LayerReport]) -> None:
+    """Mark dead layers and layers whose ‖ΔW‖ stands out from their own family.
+
+    Families are the same module across depth (q_proj of every block): comparing a
+    layer with its peers, not with the whole adapter, keeps MLP and attention apart.
+    The modified z-score uses median and MAD, so one wild layer cannot hide itself.
+    """
+    norms = np.array([layer.fro_norm for layer in layers], dtype=np.float64)
+    median_norm = float(np.median(norms)) if norms.size else 0.0
+    for layer in layers:
+        if layer.fro_norm == 0.0 or layer.fro_norm < DEAD_FRACTION * median_norm:
+            layer.flags.append("dead")
+    families: dict[str, list[LayerReport]] = {}
+    for layer in layers:
+        families.setdefault(layer.family, []).append(layer)
+    for members in families.values():
+        alive = [m for m in members if m.fro_norm > 0]
+        if len(alive) < MIN_FAMILY_FOR_OUTLIERS:
+            continue
+        logs = np.log([m.fro_norm for m in alive])
+        center = float(np.median(logs))
+        mad = float(np.median(np.abs(logs - center)))
+        if mad == 0.0:
+            continue
+        for member, value in zip(alive, logs):
+            member.norm_z_score = 0.6745 * (float(value) - center) / mad
+            if abs(member.norm_z_score) > OUTLIER_Z:
+                member.flags.append("outlier")
+
+
+def summarize(adapter: Adapter, base: str | None) -> AdapterSummary:
+    config = adapter.config
+    n_tensors = sum(len(layer.source_keys) for layer in adapter.layers)
+    n_tensors += len(adapter.full_tensors) + len(adapter.unrecognized_keys)
+    dtypes = adapter.dtypes
+    target_modules = config.get("target_modules") or sorted({re.split(r"[._]", l.name)[-1] for l in adapter.layers})
+    if isinstance(target_modules, str):
+        target_modules = [target_modules]
+    return AdapterSummary(
+        path=adapter.path,
+        format=adapter.format,
+        n_layers=len(adapter.layers),
+        n_params=adapter.n_params,
+        dtype=dtypes[0] if len(dtypes) == 1 else ("mixed" if dtypes else "none"),
+        ranks=adapter.ranks,
+        alphas=adapter.alphas,
+        use_rslora=any(layer.use_rslora for layer in adapter.layers),
+        use_dora=any(layer.magnitude is not None for layer in adapter.layers),
+        fan_in_fan_out=any(layer.fan_in_fan_out for layer in adapter.layers),
+        target_modules=list(target_modules),
+        base_model=config.get("base_model_name_or_path") if isinstance(config.get("base_model_name_or_path"), str) else None,
+        base=base,
+        coverage=Coverage(
+            n_tensors=n_tensors,
+            lora_pairs=len(adapter.layers),
+            dora_magnitudes=sum(layer.magnitude is not None for layer in adapter.layers),
+            lora_biases=sum(layer.bias is not None for layer in adapter.layers),
+            full_tensors=sorted(adapter.full_tensors),
+            unrecognized=list(adapter.unrecognized_keys),
+        ),
+        training_metadata={
+            k: v for k, v in adapter.metadata.items() if k.startswith(("ss_", "sshs_", "modelspec.")) and len(v) < 2000
+        },
+    )
+
+
+def inspect_adapter(
+    adapter_path: str | os.PathLike[str],
+    *,
+    base_path: str | os.PathLike[str] | None = None,
+    alpha: float | None = None,
+) -> InspectReport:
+    """Read an adapter (and optionally its base) and compute every per-layer figure."""
+    adapter = load_adapter(adapter_path, alpha=alpha)
+    base_norms: dict[str, float] = {}
+    if base_path is not None:
+        adapter, base_norms = _against_base(adapter, base_path)
+    layers = [layer_report(layer) for layer in adapter.layers]
+    for report in layers:
+        if report.name in base_norms:
+            report.base_fro_norm = base_norms[report.name]
+            report.relative_norm = report.fro_norm / report.base_fro_norm if report.base_fro_norm > 0 else None
+    flag_layers(layers)
+    return InspectReport(summarize(adapter, None if base_path is None else os.fspath(base_path)), layers)
+
+
+def _against_base(adapter: Adapter, base_path: str | os.PathLike[str]) -> tuple[Adapter, dict[str, float]]:
+    """Resolve names against the base, check every layer fits, and measure ‖W0‖_F."""
+    from lora_tools.checkpoint import BaseCheckpoint
+    from lora_tools.fitting import fit_to_base
+    from lora_tools.formats.resolve import resolve_names
+
+    with BaseCheckpoint.open(base_path) as base:
+        adapter = resolve_names(adapter, base.module_paths(), os.fspath(base_path))
+        targets = fit_to_base(adapter, lambda k: base.info(k).shape if base.has(k) else None, os.fspath(base_path))
+        norms = {
+            t.layer.name: float(np.linalg.norm(base.numpy(t.weight_key).astype(np.float64).ravel()))
+            for t in targets
+        }
+    return adapter, norms

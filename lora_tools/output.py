@@ -1,0 +1,430 @@
+"""Safe output: a streaming safetensors writer and atomic replacement of an output path.
+
+Why stream: a merge keeps every tensor's name, dtype and shape, so the whole header is
+known before any tensor is computed. Writing it first and then the tensors one by one in
+header order keeps peak memory near the largest tensor, whatever the model's size.
+
+Why atomic: an interrupted merge must never leave something at OUT that looks complete.
+Everything is written under a hidden temporary sibling and moved into place with
+`os.replace` only after the caller's block finished without an exception.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import secrets
+import shutil
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any, Protocol
+
+from lora_tools.errors import FormatError, LoraToolsError, UsageError
+from lora_tools.safetensors_file import DTYPE_ITEMSIZE, SafetensorsFile
+
+# (name, safetensors dtype code, shape): all a header needs to know about a tensor.
+Entry = tuple[str, str, Sequence[int]]
+
+# safetensors (0.8) sorts tensors by this enum order, descending, then by name, so each
+# tensor starts aligned to its item size. Copied from `enum Dtype` in safetensors/src/tensor.rs.
+_SAFETENSORS_DTYPE_ORDER = [
+    "BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0",
+    "F8_E4M3FNUZ", "F8_E5M2FNUZ", "I16", "U16", "F16", "BF16", "I32", "U32", "F32",
+    "C64", "F64", "I64", "U64",
+]
+_DTYPE_RANK = {code: rank for rank, code in enumerate(_SAFETENSORS_DTYPE_ORDER)}
+
+TMP_MARKER = ".lora-tools-tmp-"
+OLD_MARKER = ".lora-tools-old-"
+
+
+class StreamWriterError(RuntimeError):
+    """The writer was used against its protocol: a bug in lora-tools, not in the user's files."""
+
+
+class Terminated(SystemExit):
+    """SIGTERM arrived inside `atomic_output`: unwinds like an exception, exits with 143.
+
+    A SystemExit so that `except Exception` blocks do not swallow it and Python exits
+    without a traceback, with the status a shell reports for a SIGTERM-killed process.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(128 + signal.SIGTERM)
+
+
+class SupportsWrite(Protocol):
+    """Anything with a binary `write`, such as an open file (or the writer's byte counter)."""
+
+    def write(self, data: Any, /) -> int | None: ...
+
+
+# -- the streaming writer -------------------------------------------------------------
+
+def safetensors_order(entries: Iterable[Entry]) -> list[Entry]:
+    """The entries in the order `safetensors.torch.save_file` lays them out.
+
+    safetensors 0.8 sorts by dtype, largest first (its Dtype enum order, descending),
+    then by name (byte order of UTF-8, which equals Python's str order). Only needed for
+    tensors that come from nowhere; a merge passes its source's own order instead.
+    """
+    return sorted(entries, key=lambda e: (-_DTYPE_RANK.get(e[1], -1), e[0]))
+
+
+def file_layout(src: SafetensorsFile) -> list[Entry]:
+    """A file's entries in the order its bytes are stored (by offset, empties by name).
+
+    Writing a copy in this order reproduces the source's layout, and so its header byte
+    for byte when safetensors wrote it (same order, same JSON, same padding).
+    """
+    infos = sorted(src.tensors.values(), key=lambda i: (i.start, i.end))
+    return [(i.name, i.dtype, i.shape) for i in infos]
+
+
+def build_header(entries: Sequence[Entry], metadata: Mapping[str, str] | None = None) -> bytes:
+    """The 8-byte little-endian length plus the JSON header, as safetensors writes it.
+
+    Compact JSON, UTF-8 unescaped (serde_json's style), `__metadata__` first when given
+    (even empty, as safetensors does), tensors in the given order with contiguous
+    data_offsets, padded with spaces to a multiple of 8 bytes so data starts aligned.
+    """
+    header: dict[str, Any] = {}
+    if metadata is not None:
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+            raise StreamWriterError("__metadata__ must map strings to strings")
+        header["__metadata__"] = dict(metadata)
+    offset = 0
+    for name, dtype, shape in entries:
+        if name == "__metadata__" or name in header:
+            raise StreamWriterError(f"tensor name {name!r} is reserved or repeated")
+        if dtype not in DTYPE_ITEMSIZE:
+            raise StreamWriterError(f"tensor {name!r}: unknown dtype {dtype!r}")
+        if not all(type(d) is int and d >= 0 for d in shape):
+            raise StreamWriterError(f"tensor {name!r}: invalid shape {shape!r}")
+        nbytes = math.prod(shape) * DTYPE_ITEMSIZE[dtype]
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text
+
+
+class _CountingSink:
+    """Passes writes through to the file, refusing to go past one tensor's byte count."""
+
+    def __init__(self, writer: SafetensorsStreamWriter, name: str, expected: int) -> None:
+        self._writer, self._name, self.expected, self.written = writer, name, expected, 0
+
+    def write(self, data: Any, /) -> int:
+        view = memoryview(data).cast("B")
+        if self.written + view.nbytes > self.expected:
+            raise StreamWriterError(
+                f"tensor {self._name!r}: more than its {self.expected} bytes written"
+            )
+        self._writer._raw_write(view)
+        self.written += view.nbytes
+        return view.nbytes
+
+
+class SafetensorsStreamWriter:
+    """Writes a safetensors file whose header is fixed up front, tensor by tensor.
+
+    The header (see `build_header`) is written at construction; tensors must then be
+    written in entry order, each with exactly its byte count, and `close()` checks that
+    all of them were. The output is opened with "xb": it never clobbers an existing file
+    (it is meant for the temporary of `atomic_output`). Data is assumed little-endian,
+    like the host (x86, ARM), which is what safetensors stores.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        entries: Sequence[Entry],
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        assert sys.byteorder == "little", "raw tensor bytes are written as the host stores them"
+        self.path = Path(path)
+        self.header = build_header(entries, metadata)
+        self.entries: list[tuple[str, str, tuple[int, ...]]] = [
+            (name, dtype, tuple(shape)) for name, dtype, shape in entries
+        ]
+        self._next = 0
+        self._file = open(self.path, "xb")  # noqa: SIM115 - closed by close()
+        try:
+            self._raw_write(memoryview(self.header))
+        except BaseException:
+            self._file.close()
+            raise
+
+    # -- protocol -----------------------------------------------------------------
+    @property
+    def next_name(self) -> str | None:
+        """The tensor the writer expects next, or None when all were written."""
+        return self.entries[self._next][0] if self._next < len(self.entries) else None
+
+    def _begin(self, name: str) -> int:
+        if self._file.closed:
+            raise StreamWriterError(f"tensor {name!r}: the writer is closed")
+        if name != self.next_name:
+            raise StreamWriterError(f"tensor {name!r} written out of order, expected {self.next_name!r}")
+        _, dtype, shape = self.entries[self._next]
+        return math.prod(shape) * DTYPE_ITEMSIZE[dtype]
+
+    def _finish(self, name: str, written: int, expected: int) -> None:
+        if written != expected:
+            raise StreamWriterError(f"tensor {name!r}: {written} bytes written, expected {expected}")
+        self._next += 1
+
+    def _raw_write(self, view: memoryview) -> None:
+        while view.nbytes:  # a raw write may be partial; a buffered one is not, but be sure
+            done = self._file.write(view)
+            view = view[done if done is not None else view.nbytes:]
+
+    # -- ways to write one tensor ---------------------------------------------------
+    def write_bytes(self, name: str, data: bytes | bytearray | memoryview) -> None:
+        """Write tensor `name` from its complete raw bytes."""
+        expected = self._begin(name)
+        view = memoryview(data).cast("B")
+        if view.nbytes != expected:
+            raise StreamWriterError(f"tensor {name!r}: got {view.nbytes} bytes, expected {expected}")
+        self._raw_write(view)
+        self._finish(name, view.nbytes, expected)
+
+    def write_chunks(self, name: str, chunks: Iterable[bytes | bytearray | memoryview]) -> None:
+        """Write tensor `name` from pieces of its raw bytes, in order."""
+
+        def copy(sink: SupportsWrite) -> None:
+            for chunk in chunks:
+                sink.write(chunk)
+
+        self.write_from(name, copy)
+
+    def write_from(self, name: str, copy_fn: Callable[[SupportsWrite], object]) -> None:
+        """Let `copy_fn(sink)` write tensor `name`'s bytes; the byte count is checked."""
+        expected = self._begin(name)
+        sink = _CountingSink(self, name, expected)
+        copy_fn(sink)
+        self._finish(name, sink.written, expected)
+
+    def copy_tensor(self, name: str, src: SafetensorsFile, src_name: str | None = None) -> None:
+        """Copy an untouched tensor's stored bytes from `src` (no decode, bounded memory)."""
+        self.write_from(name, lambda sink: copy_tensor_bytes(src, src_name or name, sink))
+
+    def write_torch(self, name: str, tensor: Any) -> None:
+        """Write a CPU torch tensor whose dtype and shape match the entry (bf16 included).
+
+        The bytes come from viewing the tensor as uint8, which numpy can hold whatever
+        the dtype; a non-contiguous tensor is made contiguous first.
+        """
+        import torch
+
+        from lora_tools.torch_dtypes import safetensors_code
+
+        self._begin(name)  # order first, so the message says what went wrong
+        _, dtype, shape = self.entries[self._next]
+        if tensor.device.type != "cpu":
+            raise StreamWriterError(f"tensor {name!r}: on {tensor.device}, move it to the CPU first")
+        try:
+            code = safetensors_code(tensor.dtype)
+        except KeyError:
+            raise StreamWriterError(f"tensor {name!r}: dtype {tensor.dtype} not supported") from None
+        if code != dtype or tuple(tensor.shape) != shape:
+            raise StreamWriterError(
+                f"tensor {name!r}: got {code} {tuple(tensor.shape)}, expected {dtype} {shape}"
+            )
+        flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)  # (nbytes,)
+        self.write_bytes(name, memoryview(flat.numpy()))
+
+    # -- end --------------------------------------------------------------------------
+    def close(self) -> None:
+        """Flush to disk (fsync: the rename that follows must not publish a hollow file)
+        and check that every tensor was written."""
+        if self._file.closed:
+            return
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        finally:
+            self._file.close()
+        if self.next_name is not None:
+            raise StreamWriterError(
+                f"{self.path}: closed with {len(self.entries) - self._next} tensors unwritten, "
+                f"next {self.next_name!r}"
+            )
+
+    def abort(self) -> None:
+        """Close without checks (the file is incomplete; the caller removes it)."""
+        self._file.close()
+
+    def __enter__(self) -> SafetensorsStreamWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        # On an exception, do not mask it with "tensors unwritten".
+        self.abort() if exc_type is not None else self.close()
+
+
+def copy_tensor_bytes(
+    src: SafetensorsFile, name: str, dst: SupportsWrite, chunk_bytes: int = 16 * 1024 * 1024
+) -> None:
+    """Copy a tensor's stored bytes to `dst` in chunks of at most `chunk_bytes`.
+
+    For tensors no adapter touches: a byte-for-byte copy with no decode, never holding
+    the whole tensor in memory. It opens its own handle rather than sharing `src`'s, so
+    several threads may copy from one file at once without racing on seek/read.
+    """
+    info = src.info(name)
+    buffer = memoryview(bytearray(min(chunk_bytes, info.nbytes)))
+    with open(src.path, "rb", buffering=0) as handle:
+        handle.seek(info.start)
+        remaining = info.nbytes
+        while remaining:
+            piece = buffer[: min(remaining, len(buffer))]
+            got = handle.readinto(piece)
+            if not got:
+                raise FormatError(src.path, f"tensor {name!r}: file ended early (truncated?)")
+            dst.write(piece[:got])
+            remaining -= got
+
+
+# -- atomic replacement of the output ------------------------------------------------
+
+def _inside(child: Path, parent: Path) -> bool:
+    return child == parent or parent in child.parents
+
+
+def check_output_path(out: Path, force: bool, inputs: Sequence[Path] = ()) -> None:
+    """Refuse an output that exists (without force) or that overlaps an input.
+
+    Overlap either way is refused: OUT inside an input would write into the model being
+    read, and an input inside OUT would be deleted by --force.
+    """
+    target = out.resolve()
+    for given in inputs:
+        source = Path(given).resolve()
+        if _inside(target, source) or _inside(source, target):
+            raise UsageError(out, f"output overlaps the input {given} (choose another output path)")
+    if not out.parent.is_dir():
+        raise UsageError(out, f"the folder {out.parent} does not exist")
+    if (out.exists() or out.is_symlink()) and not force:
+        raise UsageError(out, "already exists (use --force to replace it)")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def _sibling(out: Path, marker: str) -> Path:
+    return out.parent / f".{out.name}{marker}{secrets.token_hex(6)}"
+
+
+def _commit(tmp: Path, out: Path, force: bool) -> None:
+    """Move the finished temporary to `out`; a folder replaces an old one via a side name."""
+    if not (tmp.exists() or tmp.is_symlink()):
+        raise StreamWriterError(f"{tmp}: nothing was written to the temporary output")
+    exists = out.exists() or out.is_symlink()
+    if exists and not force:  # appeared while we worked
+        raise UsageError(out, "already exists (use --force to replace it)")
+    if not exists or (not tmp.is_dir() and not out.is_dir()):
+        os.replace(tmp, out)  # atomic, also over an old file
+    else:
+        old = _sibling(out, OLD_MARKER)
+        os.replace(out, old)
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            os.replace(old, out)  # put the old one back before reporting
+            raise
+        _remove(old)
+    with contextlib.suppress(OSError):  # make the rename itself durable, where supported
+        fd = os.open(out.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def _sigterm_raises(state: dict[str, bool]) -> Iterator[None]:
+    """While inside, SIGTERM raises `Terminated` (deferred while state["defer"] is set)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # Python lets only the main thread set handlers; there SIGTERM stays fatal
+        return
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        if state["defer"]:
+            state["pending"] = True
+        else:
+            raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def atomic_output(out: str | os.PathLike[str], force: bool = False, inputs: Sequence[Path] = ()) -> Iterator[Path]:
+    """Yield a hidden temporary sibling of `out` to fill (file or folder); publish it at the end.
+
+    On normal exit the temporary is moved to `out` with os.replace (an old folder under
+    --force is renamed aside first and deleted after, so `out` is never half-written).
+    On any exception, KeyboardInterrupt and SIGTERM included, the temporary is removed
+    and the exception re-raised; an old `out` is left untouched. SIGKILL or a power cut
+    cannot be handled: then the temporary stays behind under its hidden name
+    `.<name>.lora-tools-tmp-<random>`, never under `out`'s name.
+    The checks (exists without force, overlap with an input) run before anything is
+    written. Wrap in `wrap_write_errors(out)` to turn OSError into a LoraToolsError.
+    """
+    out = Path(out)
+    check_output_path(out, force, inputs)
+    tmp = _sibling(out, TMP_MARKER)
+    state = {"defer": False, "pending": False}
+    with _sigterm_raises(state):
+        try:
+            yield tmp
+            state["defer"] = True  # a rename half done must finish (or be undone) first
+            _commit(tmp, out, force)
+        except BaseException:
+            state["defer"] = True
+            _remove(tmp)
+            raise
+        finally:
+            state["defer"] = False
+        if state["pending"]:
+            raise Terminated()
+
+
+@contextlib.contextmanager
+def wrap_write_errors(out: str | os.PathLike[str]) -> Iterator[None]:
+    """Turn an OSError (ENOSPC, EACCES, ...) into one LoraToolsError line naming `out`."""
+    try:
+        yield
+    except OSError as exc:
+        raise LoraToolsError(out, f"cannot write: {exc.strerror or exc}") from exc
+
+
+def copy_extra_files(src_dir: Path, names: Iterable[str | os.PathLike[str]], dst_dir: Path) -> None:
+    """Copy non-weight files (config, tokenizer, README...) byte for byte, keeping relative paths.
+
+    A name that is a folder is copied whole; symlinks are copied as the files they point
+    to (a Hugging Face cache snapshot is all symlinks into its blob store).
+    """
+    for name in names:
+        source, target = Path(src_dir) / name, Path(dst_dir) / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            shutil.copytree(source, target, dirs_exist_ok=True)
+        else:
+            shutil.copy2(source, target)
