@@ -79,6 +79,126 @@ def inspect_command(
         render_inspect(report, _stdout_console(), show_all=show_all)
 
 
+class _RichProgress:
+    """A progress bar on stderr (tensors, bytes, throughput); stdout stays clean."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+        self._bar = Progress(
+            TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+            TextColumn("{task.fields[tensors]} tensors"), TimeRemainingColumn(),
+            console=Console(stderr=True), transient=True,
+        )
+        self._task: Any = None
+        self._tensors = 0
+
+    def start(self, total_tensors: int, total_bytes: int) -> None:
+        self._bar.start()
+        self._task = self._bar.add_task("merging", total=total_bytes, tensors=f"0/{total_tensors}")
+        self._total_tensors = total_tensors
+
+    def advance(self, tensors: int, nbytes: int) -> None:
+        self._tensors += tensors
+        self._bar.update(self._task, advance=nbytes, tensors=f"{self._tensors}/{self._total_tensors}")
+
+    def stop(self) -> None:
+        self._bar.stop()
+
+
+@cli.command("merge")
+@click.argument("base", type=click.Path())
+@click.argument("adapters", nargs=-1, required=True, type=click.Path())
+@click.option("-o", "--out", "out", required=True, type=click.Path(), help="Output folder (or file, for a single-file base).")
+@click.option("--weight", "weights", type=float, multiple=True, help="Weight of each adapter, in order (default 1 each).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--dtype", default="keep", show_default=True, type=click.Choice(["keep", "bf16", "fp16", "fp32"]), help="Dtype of the stored float tensors.")
+@click.option("--alpha", type=float, default=None, help="Override every layer's alpha.")
+@click.option("--verify", "run_verify", is_flag=True, help="Re-read OUT and verify it against BASE + adapters.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists (only after the merge succeeded).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary on stderr.")
+def merge_command(
+    base: str, adapters: tuple[str, ...], out: str, weights: tuple[float, ...], device: str, dtype: str,
+    alpha: float | None, run_verify: bool, force: bool, quiet: bool,
+) -> None:
+    """Fold one or several adapters into a base checkpoint: W0 + Σ wᵢ·ΔWᵢ.
+
+    Same result as PEFT's merge_and_unload, streamed tensor by tensor (memory does
+    not grow with the model), on the GPU when there is one.
+
+    \b
+    Example:
+        lora-tools merge ./base-model ./my-adapter -o ./merged
+        lora-tools merge ./base-model a b --weight 0.7 --weight 0.3 -o ./merged --verify
+    """
+    from lora_tools.merge import merge
+
+    progress = None if quiet else _RichProgress()
+    try:
+        result = merge(
+            base, list(adapters), out, weights=list(weights) or None, device=device, dtype=dtype,
+            force=force, alpha=alpha, progress=progress,
+        )
+    except LoraToolsError as error:
+        fail(error)
+    finally:
+        if progress is not None:
+            progress.stop()
+    if not quiet:
+        click.echo(
+            f"merged {result.n_layers} adapter layers into {result.n_adapted} tensors "
+            f"({result.n_copied} copied) on {result.device} in {result.seconds:.2f} s -> {result.out}",
+            err=True,
+        )
+    if run_verify:
+        _run_verify(base, list(adapters), out, list(weights), alpha, None, None, False)
+
+
+def _run_verify(
+    base: str, adapters: list[str], merged: str, weights: list[float], alpha: float | None,
+    atol: float | None, rtol: float | None, as_json: bool, show_all: bool = False,
+) -> None:
+    from lora_tools.report import render_verify, to_json_text
+    from lora_tools.verify import verify
+
+    try:
+        report = verify(base, adapters, merged, weights=weights or None, atol=atol, rtol=rtol, alpha=alpha)
+    except LoraToolsError as error:
+        fail(error)
+    if as_json:
+        click.echo(to_json_text(report.to_json()))
+    else:
+        render_verify(report, _stdout_console(), show_all=show_all)
+    if not report.equivalent:
+        sys.exit(1)
+
+
+@cli.command("verify")
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.option("--weight", "weights", type=float, multiple=True, help="Weight of each adapter, as given to merge.")
+@click.option("--atol", type=float, default=None, help="Absolute tolerance (default: about one ulp of the stored dtype).")
+@click.option("--rtol", type=float, default=None, help="Relative tolerance (default: about one ulp of the stored dtype).")
+@click.option("--alpha", type=float, default=None, help="Override every layer's alpha, as given to merge.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+@click.option("--all", "show_all", is_flag=True, help="Show every tensor, not only failures, for long models.")
+def verify_command(
+    paths: tuple[str, ...], weights: tuple[float, ...], atol: float | None, rtol: float | None,
+    alpha: float | None, as_json: bool, show_all: bool,
+) -> None:
+    """Check that MERGED equals BASE + Σ wᵢ·ΔWᵢ: BASE ADAPTER [ADAPTER ...] MERGED.
+
+    Exit status 0 when equivalent, 1 when not, 2 on bad input.
+
+    \b
+    Example:
+        lora-tools verify ./base-model ./my-adapter ./merged
+    """
+    if len(paths) < 3:
+        fail(LoraToolsError(None, "verify needs BASE, at least one ADAPTER, and MERGED"))
+    _run_verify(paths[0], list(paths[1:-1]), paths[-1], list(weights), alpha, atol, rtol, as_json, show_all)
+
+
 def main() -> None:
     """Entry point of the console script."""
     try:

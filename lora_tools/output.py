@@ -23,9 +23,10 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any, Protocol
+from typing import Any
 
-from lora_tools.errors import FormatError, LoraToolsError, UsageError
+from lora_tools.checkpoint import SupportsWrite, copy_tensor_bytes
+from lora_tools.errors import LoraToolsError, UsageError
 from lora_tools.safetensors_file import DTYPE_ITEMSIZE, SafetensorsFile
 
 # (name, safetensors dtype code, shape): all a header needs to know about a tensor.
@@ -57,12 +58,6 @@ class Terminated(SystemExit):
 
     def __init__(self) -> None:
         super().__init__(128 + signal.SIGTERM)
-
-
-class SupportsWrite(Protocol):
-    """Anything with a binary `write`, such as an open file (or the writer's byte counter)."""
-
-    def write(self, data: Any, /) -> int | None: ...
 
 
 # -- the streaming writer -------------------------------------------------------------
@@ -155,6 +150,7 @@ class SafetensorsStreamWriter:
             (name, dtype, tuple(shape)) for name, dtype, shape in entries
         ]
         self._next = 0
+        self._failed: str | None = None  # set when a write broke off: the file is unusable
         self._file = open(self.path, "xb")  # noqa: SIM115 - closed by close()
         try:
             self._raw_write(memoryview(self.header))
@@ -169,8 +165,8 @@ class SafetensorsStreamWriter:
         return self.entries[self._next][0] if self._next < len(self.entries) else None
 
     def _begin(self, name: str) -> int:
-        if self._file.closed:
-            raise StreamWriterError(f"tensor {name!r}: the writer is closed")
+        if self._file.closed or self._failed:
+            raise StreamWriterError(f"tensor {name!r}: the writer is closed or failed ({self._failed})")
         if name != self.next_name:
             raise StreamWriterError(f"tensor {name!r} written out of order, expected {self.next_name!r}")
         _, dtype, shape = self.entries[self._next]
@@ -178,6 +174,7 @@ class SafetensorsStreamWriter:
 
     def _finish(self, name: str, written: int, expected: int) -> None:
         if written != expected:
+            self._failed = f"tensor {name!r} incomplete"
             raise StreamWriterError(f"tensor {name!r}: {written} bytes written, expected {expected}")
         self._next += 1
 
@@ -209,7 +206,11 @@ class SafetensorsStreamWriter:
         """Let `copy_fn(sink)` write tensor `name`'s bytes; the byte count is checked."""
         expected = self._begin(name)
         sink = _CountingSink(self, name, expected)
-        copy_fn(sink)
+        try:
+            copy_fn(sink)
+        except BaseException:
+            self._failed = f"writing tensor {name!r} raised"
+            raise
         self._finish(name, sink.written, expected)
 
     def copy_tensor(self, name: str, src: SafetensorsFile, src_name: str | None = None) -> None:
@@ -268,29 +269,6 @@ class SafetensorsStreamWriter:
     def __exit__(self, exc_type: object, *exc: object) -> None:
         # On an exception, do not mask it with "tensors unwritten".
         self.abort() if exc_type is not None else self.close()
-
-
-def copy_tensor_bytes(
-    src: SafetensorsFile, name: str, dst: SupportsWrite, chunk_bytes: int = 16 * 1024 * 1024
-) -> None:
-    """Copy a tensor's stored bytes to `dst` in chunks of at most `chunk_bytes`.
-
-    For tensors no adapter touches: a byte-for-byte copy with no decode, never holding
-    the whole tensor in memory. It opens its own handle rather than sharing `src`'s, so
-    several threads may copy from one file at once without racing on seek/read.
-    """
-    info = src.info(name)
-    buffer = memoryview(bytearray(min(chunk_bytes, info.nbytes)))
-    with open(src.path, "rb", buffering=0) as handle:
-        handle.seek(info.start)
-        remaining = info.nbytes
-        while remaining:
-            piece = buffer[: min(remaining, len(buffer))]
-            got = handle.readinto(piece)
-            if not got:
-                raise FormatError(src.path, f"tensor {name!r}: file ended early (truncated?)")
-            dst.write(piece[:got])
-            remaining -= got
 
 
 # -- atomic replacement of the output ------------------------------------------------

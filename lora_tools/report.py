@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
 
 from lora_tools.inspect import InspectReport, LayerReport
+
+if TYPE_CHECKING:
+    from lora_tools.verify import VerifyReport
 
 # Above this many layers the table groups layers by family unless --all is given.
 MAX_ROWS = 40
@@ -115,3 +118,29 @@ def _family_table(layers: list[LayerReport], with_base: bool) -> Table:
         row.append(f"{n_flagged} flagged" if n_flagged else "")
         table.add_row(*row)
     return table
+
+
+def render_verify(report: VerifyReport, console: Console, *, show_all: bool = False) -> None:
+    """Per adapted tensor: errors, strength and verdict; failures first when long."""
+    from lora_tools.verify import describe, verify_summary_line
+
+    table = Table(title=f"{report.merged} vs {report.base} + {len(report.adapters)} adapter(s)")
+    for column in ("tensor", "dtype", "max abs err", "max rel err", "×tol", "strength k", "±6σ", "forward", "recipe", "verdict"):
+        table.add_column(column, justify="left" if column in {"tensor", "recipe", "verdict"} else "right")
+    rows = report.tensors
+    if not show_all and len(rows) > MAX_ROWS:
+        rows = [t for t in rows if t.verdict != "ok"][:MAX_ROWS] or rows[:MAX_ROWS]
+    for check in rows:
+        spread = None if check.strength_spread is None else 6 * check.strength_spread
+        style = "green" if check.verdict == "ok" else ("yellow" if check.verdict == "inconclusive" else "red")
+        table.add_row(
+            check.name, check.dtype, _g(check.max_abs_error, 3), _g(check.max_rel_error, 3), _g(check.worst_ulps, 3),
+            _g(check.strength, 6), _g(spread, 2), _g(check.forward_rel_error, 2), check.recipe or "-",
+            f"[{style}]{check.verdict}[/{style}]",
+        )
+    console.print(table)
+    if len(rows) < len(report.tensors):
+        console.print(f"{len(report.tensors) - len(rows)} more tensors not shown (--all shows every one)")
+    for line in describe(report)[:20]:
+        console.print(f"[red]{line}[/red]" if "inconclusive" not in line else f"[yellow]{line}[/yellow]")
+    console.print(verify_summary_line(report))

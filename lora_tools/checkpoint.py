@@ -1,0 +1,234 @@
+"""Base checkpoints: a Hugging Face model folder (one file or index + shards) or one file.
+
+`BaseCheckpoint.open` validates the whole layout up front (the index, every shard's
+header, and that index and shards agree tensor for tensor), so a merge fails before it
+has computed or written anything. Tensor data is read only when asked for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from lora_tools.errors import FormatError, MismatchError
+from lora_tools.safetensors_file import SafetensorsFile, TensorInfo
+
+SINGLE_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+
+CONVERT_HINT = (
+    "only .safetensors checkpoints are supported; convert with transformers: "
+    "AutoModelForCausalLM.from_pretrained(folder).save_pretrained(new_folder) "
+    "writes model.safetensors"
+)
+
+# Files holding (unmerged) weights in some other layout or format. They are not copied
+# into a merged folder: a loader that prefers them would silently load the base model.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+_WEIGHT_INDEX_SUFFIXES = (".safetensors.index.json", ".bin.index.json", ".msgpack.index.json", ".h5.index.json")
+_NOT_MODEL_FILES = ("training_args.bin",)  # a .bin that is not weights: keep it
+# Folders that describe the source folder itself, not the model (git, huggingface_hub's
+# local-dir download state): copying them would make the output claim to be the source.
+_SKIPPED_DIRS = (".git", ".cache")
+
+
+class SupportsWrite(Protocol):
+    """Anything with a binary `write`, such as an open file (or the writer's byte counter)."""
+
+    def write(self, data: Any, /) -> int | None: ...
+
+
+def _is_weight_file(name: str) -> bool:
+    if name in _NOT_MODEL_FILES:
+        return False
+    return name.endswith(_WEIGHT_SUFFIXES) or name.endswith(_WEIGHT_INDEX_SUFFIXES)
+
+
+@dataclass
+class BaseCheckpoint:
+    """A base model's tensors, spread over one or more safetensors shards.
+
+    `weight_map` maps each tensor to the shard file holding it (for a single file, that
+    file's name); `shard_names` lists the shards sorted by file name, which for Hugging
+    Face's `model-0000k-of-0000n` names is shard order.
+    """
+
+    path: Path
+    is_dir: bool
+    shard_names: list[str]
+    weight_map: dict[str, str]
+    index_metadata: dict[str, Any] = field(default_factory=dict)
+    _shards: dict[str, SafetensorsFile] = field(default_factory=dict, repr=False)
+
+    # -- opening ----------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> BaseCheckpoint:
+        """Open and validate a model folder or a single .safetensors file."""
+        path = Path(path)
+        if not path.exists():
+            raise FormatError(path, "no such file or folder")
+        if not path.is_dir():
+            if path.name.endswith(_WEIGHT_INDEX_SUFFIXES):
+                raise FormatError(path, "pass the model folder, not its index file")
+            if path.suffix in (".bin", ".pt", ".pth", ".ckpt"):
+                raise FormatError(path, CONVERT_HINT)
+            shard = SafetensorsFile(path)
+            weight_map = dict.fromkeys(shard.keys(), path.name)
+            return cls(path, False, [path.name], weight_map, {}, {path.name: shard})
+        if (path / SINGLE_NAME).is_file():  # preferred over an index, as transformers does
+            shard = SafetensorsFile(path / SINGLE_NAME)
+            weight_map = dict.fromkeys(shard.keys(), SINGLE_NAME)
+            return cls(path, True, [SINGLE_NAME], weight_map, {}, {SINGLE_NAME: shard})
+        if (path / INDEX_NAME).is_file():
+            return cls._open_index(path)
+        if any(path.glob("pytorch_model*.bin")):
+            raise FormatError(path, CONVERT_HINT)
+        hint = " (this is a PEFT adapter, not a base model)" if (path / "adapter_config.json").exists() else ""
+        raise FormatError(path, f"no {SINGLE_NAME} or {INDEX_NAME} in this folder{hint}")
+
+    @classmethod
+    def _open_index(cls, folder: Path) -> BaseCheckpoint:
+        index_path = folder / INDEX_NAME
+        try:
+            index = json.loads(index_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise FormatError(index_path, f"not valid JSON ({exc})") from None
+        except OSError as exc:
+            raise FormatError(index_path, f"cannot read: {exc.strerror or exc}") from None
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise FormatError(index_path, 'has no "weight_map" mapping tensor names to shard files')
+        metadata = index.get("metadata") or {}
+        if not isinstance(metadata, dict):
+            raise FormatError(index_path, '"metadata" is not a JSON object')
+        for tensor, shard_name in weight_map.items():
+            # A shard must be a plain file name: the merge writes shards under the same
+            # names, and "../x" would write outside the output folder.
+            if (
+                not isinstance(shard_name, str)
+                or shard_name in ("", ".", "..")
+                or "/" in shard_name
+                or "\\" in shard_name
+            ):
+                raise FormatError(index_path, f"tensor {tensor!r}: bad shard file name {shard_name!r}")
+
+        checkpoint = cls(folder, True, sorted(set(weight_map.values())), dict(weight_map), metadata)
+        for shard_name in checkpoint.shard_names:
+            shard_path = folder / shard_name
+            if not shard_path.is_file():
+                raise FormatError(shard_path, f"missing, but {INDEX_NAME} lists tensors in it")
+            checkpoint._shards[shard_name] = shard = SafetensorsFile(shard_path)
+            for tensor in shard.tensors:
+                listed = weight_map.get(tensor)
+                if listed != shard_name:
+                    where = "not in" if listed is None else f"mapped to {listed!r} by"
+                    raise FormatError(shard_path, f"holds tensor {tensor!r}, {where} {INDEX_NAME}")
+        for tensor, shard_name in weight_map.items():
+            if tensor not in checkpoint._shards[shard_name]:
+                raise FormatError(folder / shard_name, f"has no tensor {tensor!r}, which {INDEX_NAME} lists in it")
+        return checkpoint
+
+    # -- tensors ------------------------------------------------------------------------
+    def shard(self, name: str) -> SafetensorsFile:
+        """The opened shard `name` (headers are read once; data only on demand)."""
+        if name not in self._shards:
+            if name not in self.shard_names:
+                raise MismatchError(self.path, f"has no shard {name!r}")
+            self._shards[name] = SafetensorsFile(self._shard_path(name))
+        return self._shards[name]
+
+    def _shard_path(self, name: str) -> Path:
+        return self.path / name if self.is_dir else self.path
+
+    def tensor_names(self) -> list[str]:
+        """Every tensor, in storage order: shard by shard, by byte offset within a shard."""
+        names: list[str] = []
+        for shard_name in self.shard_names:
+            infos = self.shard(shard_name).tensors.values()
+            names += [i.name for i in sorted(infos, key=lambda i: (i.start, i.end))]
+        return names
+
+    def has(self, tensor: str) -> bool:
+        return tensor in self.weight_map
+
+    def shard_of(self, tensor: str) -> SafetensorsFile:
+        """The opened shard holding `tensor` (MismatchError when the base has no such tensor)."""
+        try:
+            return self.shard(self.weight_map[tensor])
+        except KeyError:
+            raise MismatchError(self.path, f"has no tensor {tensor!r}") from None
+
+    def info(self, tensor: str) -> TensorInfo:
+        return self.shard_of(tensor).info(tensor)
+
+    def numpy(self, tensor: str) -> np.ndarray:
+        """The tensor as numpy (bf16 widened exactly to float32)."""
+        return self.shard_of(tensor).numpy(tensor)
+
+    def torch(self, tensor: str) -> Any:
+        """The tensor as a CPU torch tensor in its stored dtype."""
+        return self.shard_of(tensor).torch(tensor)
+
+    def module_paths(self) -> set[str]:
+        """Module paths that have a weight: `x.y.weight` gives `x.y`."""
+        return {name[: -len(".weight")] for name in self.weight_map if name.endswith(".weight")}
+
+    def extra_files(self) -> list[Path]:
+        """Files to copy into a merged folder, relative to it, recursively, sorted.
+
+        Everything except weights: the shards and index in use, weight files of other
+        layouts or formats (pytorch_model*.bin, consolidated.safetensors, ...: they would
+        hold unmerged weights), .git and .cache, and our own leftover temporaries.
+        A single-file checkpoint has none.
+        """
+        if not self.is_dir:
+            return []
+        extras: list[Path] = []
+        for root, dirs, files in os.walk(self.path):
+            rel_root = Path(root).relative_to(self.path)
+            dirs[:] = sorted(d for d in dirs if d not in _SKIPPED_DIRS and ".lora-tools-" not in d)
+            # os.walk does not enter symlinked folders: list them whole (copytree follows them).
+            extras += [rel_root / d for d in dirs if os.path.islink(os.path.join(root, d))]
+            for name in files:
+                if not (_is_weight_file(name) or ".lora-tools-" in name):
+                    extras.append(rel_root / name)
+        return sorted(extras)
+
+    # -- lifetime -----------------------------------------------------------------------
+    def close(self) -> None:
+        for shard in self._shards.values():
+            shard.close()
+
+    def __enter__(self) -> BaseCheckpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def copy_tensor_bytes(
+    src: SafetensorsFile, name: str, dst: SupportsWrite, chunk_bytes: int = 16 * 1024 * 1024
+) -> None:
+    """Copy a tensor's stored bytes to `dst` in chunks of at most `chunk_bytes`.
+
+    For tensors no adapter touches: a byte-for-byte copy with no decode, never holding
+    the whole tensor in memory. It opens its own handle rather than sharing `src`'s, so
+    several threads may copy from one file at once without racing on seek/read.
+    """
+    info = src.info(name)
+    buffer = memoryview(bytearray(min(chunk_bytes, info.nbytes)))
+    with open(src.path, "rb", buffering=0) as handle:
+        handle.seek(info.start)
+        remaining = info.nbytes
+        while remaining:
+            piece = buffer[: min(remaining, len(buffer))]
+            got = handle.readinto(piece)
+            if not got:
+                raise FormatError(src.path, f"tensor {name!r}: file ended early (truncated?)")
+            dst.write(piece[:got])
+            remaining -= got

@@ -1,0 +1,84 @@
+"""Dense update math in torch: what merge writes and what verify recomputes.
+
+Both commands must agree on PEFT's semantics, so they share these functions, only
+with a different compute dtype (float32 for merge, float64 for verify's reference).
+The order of operations copies PEFT's (`(B @ A) * scaling`, then the add), so that an
+fp32 merge reproduces `merge_and_unload` bit for bit.
+
+Weights w of several adapters act like PEFT's `scale_layer(w)`: they multiply the
+adapter's scaling, so W' = W0 + Σ wᵢ·sᵢ·BᵢAᵢ for LoRA; for DoRA the low-rank part is
+scaled and the column norm is that of W0 + w·s·B·A, as PEFT computes it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from lora_tools.fitting import LayerTarget
+
+
+def factor_tensor(array: np.ndarray, device: Any, dtype: torch.dtype) -> torch.Tensor:
+    """A factor on `device` in `dtype`; from_numpy shares memory, the copy happens in .to()."""
+    return torch.from_numpy(np.ascontiguousarray(array)).to(device=device, dtype=dtype)
+
+
+def delta_weight(
+    target: LayerTarget, weight: float, device: Any, dtype: torch.dtype, *, absolute: bool = False
+) -> torch.Tensor:
+    """w·s·B·A shaped (and transposed) like the base weight: PEFT's get_delta_weight.
+
+    absolute=True gives |w·s|·|B|·|A| instead, the bound on |ΔW| that rounding errors
+    of the product scale with (verify's tolerance).
+    """
+    layer = target.layer
+    b = factor_tensor(layer.b_matrix, device, dtype)  # (out, r)
+    a = factor_tensor(layer.a_matrix, device, dtype)  # (r, in·k)
+    factor = layer.scale * weight
+    if absolute:
+        b, a, factor = b.abs(), a.abs(), abs(factor)
+    delta = (b @ a) * factor  # (out, in·k)
+    if target.transposed:
+        delta = delta.T
+    return delta.reshape(target.weight_shape)
+
+
+def dora_norm_dims(target: LayerTarget) -> tuple[int, ...]:
+    """Axes PEFT's DoRA norm runs over, in the stored weight's orientation.
+
+    Per output feature: rows of a Linear (out, in), every axis but 0 of a conv, and
+    columns when the weight is stored transposed (fan_in_fan_out, embeddings, whose
+    magnitude is per embedding dimension).
+    """
+    ndim = len(target.weight_shape)
+    if target.transposed:
+        return (0,)
+    return tuple(range(1, ndim))
+
+
+def apply_layer(
+    current: torch.Tensor, base: torch.Tensor, target: LayerTarget, weight: float
+) -> torch.Tensor:
+    """The weight after folding in one adapter layer.
+
+    current: the weight so far (other adapters already folded in), compute dtype.
+    base:    the original W0, compute dtype; DoRA's norm is taken of W0 + ΔW, never of
+             a weight that already holds another adapter (as PEFT's merge does).
+    """
+    delta = delta_weight(target, weight, current.device, current.dtype)
+    magnitude = target.layer.magnitude
+    if magnitude is None:
+        return current + delta
+    dims = dora_norm_dims(target)
+    norm = torch.linalg.vector_norm(base + delta, dim=dims, keepdim=True)
+    m = factor_tensor(magnitude, current.device, current.dtype).reshape(norm.shape)
+    return (m / norm) * (current + delta)
+
+
+def apply_bias(current: torch.Tensor, target: LayerTarget, weight: float) -> torch.Tensor:
+    """lora_bias: bias' = bias + w·s·lora_B.bias."""
+    assert target.layer.bias is not None
+    lora_bias = factor_tensor(target.layer.bias, current.device, current.dtype)
+    return current + lora_bias * (target.layer.scale * weight)

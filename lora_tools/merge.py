@@ -1,0 +1,225 @@
+"""`merge`: fold adapters into a base checkpoint, streaming one tensor at a time.
+
+The output has the base's layout (shard names, index, metadata, every non-weight
+file). Tensors no adapter touches are copied as raw bytes; adapted ones are computed
+in float32 on the chosen device from W0 and the factors, and rounded once to the stored
+dtype. Everything is written under a temporary sibling and renamed at the very end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from lora_tools.dense import apply_bias, apply_layer, factor_tensor
+from lora_tools.errors import LoraToolsError, UsageError
+from lora_tools.output import SafetensorsStreamWriter, atomic_output, copy_extra_files, file_layout, wrap_write_errors
+from lora_tools.pipeline import OrderedWriter, prefetched
+from lora_tools.plan import MergePlan, TensorPlan, make_plan
+from lora_tools.safetensors_file import FLOAT_DTYPES, SafetensorsFile
+from lora_tools.torch_dtypes import DTYPE_ALIASES, torch_dtype
+
+INDEX_NAME = "model.safetensors.index.json"
+
+
+class Progress(Protocol):
+    """Where a long operation reports how far it got (the CLI draws a bar)."""
+
+    def start(self, total_tensors: int, total_bytes: int) -> None: ...
+
+    def advance(self, tensors: int, nbytes: int) -> None: ...
+
+
+@dataclass
+class MergeResult:
+    out: str
+    device: str
+    n_tensors: int
+    n_adapted: int  # tensors computed from an adapter (weights, biases, replacements)
+    n_copied: int  # tensors copied byte for byte
+    n_layers: int  # adapter layers folded in
+    bytes_written: int
+    seconds: float
+
+
+def resolve_device(device: str) -> torch.device:
+    """"auto" is CUDA when present, else the CPU; "cuda:N" must exist."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise UsageError(None, f"unknown device {device!r} (use auto, cpu, cuda or cuda:N)") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(None, f"device {device!r} requested but CUDA is not available")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise UsageError(None, f"device {device!r} does not exist ({torch.cuda.device_count()} GPU(s))")
+    elif resolved.type != "cpu":
+        raise UsageError(None, f"unsupported device {device!r} (use auto, cpu, cuda or cuda:N)")
+    return resolved
+
+
+def output_dtype_code(dtype: str) -> str | None:
+    """None for "keep", else the safetensors code every float tensor is stored in."""
+    if dtype == "keep":
+        return None
+    try:
+        return DTYPE_ALIASES[dtype.lower()]
+    except KeyError:
+        raise UsageError(None, f"unknown --dtype {dtype!r} (use keep, bf16, fp16 or fp32)") from None
+
+
+def merged_tensor(plan: TensorPlan, w0: torch.Tensor, compute_dtype: torch.dtype) -> torch.Tensor:
+    """W0 with a replacement, every adapter layer and every LoRA bias folded in.
+
+    `w0` is on the compute device in its stored dtype; the result is in compute_dtype.
+    """
+    base = w0.to(compute_dtype)
+    if plan.replacement is not None:
+        tensor, weight = plan.replacement
+        full = factor_tensor(tensor, base.device, compute_dtype).reshape(base.shape)
+        base = full if weight == 1.0 else base + (full - base) * weight
+    current = base
+    for target, weight in plan.layers:
+        current = apply_layer(current, base, target, weight)
+    for target, weight in plan.biases:
+        current = apply_bias(current, target, weight)
+    return current
+
+
+def merge(
+    base_path: str | os.PathLike[str],
+    adapter_paths: list[str | os.PathLike[str]],
+    out: str | os.PathLike[str],
+    *,
+    weights: list[float] | None = None,
+    device: str = "auto",
+    dtype: str = "keep",
+    force: bool = False,
+    alpha: float | None = None,
+    progress: Progress | None = None,
+) -> MergeResult:
+    """Write BASE + Σ wᵢ·ΔWᵢ to `out` in BASE's layout; see the module docstring."""
+    started = time.perf_counter()
+    out = Path(out)
+    target_device = resolve_device(device)
+    out_code = output_dtype_code(dtype)
+    plan = make_plan(base_path, adapter_paths, weights, alpha=alpha)
+    inputs = [Path(base_path), *map(Path, adapter_paths)]
+    try:
+        streamer = _Streamer(plan, target_device, out_code, progress)
+        with wrap_write_errors(out), atomic_output(out, force, inputs) as tmp:
+            if plan.base.is_dir:
+                tmp.mkdir()
+                copy_extra_files(plan.base.path, plan.base.extra_files(), tmp)
+                for shard_name in plan.base.shard_names:
+                    streamer.write_file(plan.base.shard(shard_name), tmp / shard_name)
+                _write_index(plan, tmp, out_code)
+            else:
+                streamer.write_file(plan.base.shard(plan.base.shard_names[0]), tmp)
+    finally:
+        plan.close()
+    return MergeResult(
+        out=os.fspath(out),
+        device=str(target_device),
+        n_tensors=streamer.n_adapted + streamer.n_copied,
+        n_adapted=streamer.n_adapted,
+        n_copied=streamer.n_copied,
+        n_layers=plan.n_layers,
+        bytes_written=streamer.bytes_written,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _write_index(plan: MergePlan, tmp: Path, out_code: str | None) -> None:
+    """The index: copied as is, unless a dtype change alters total_size."""
+    source = plan.base.path / INDEX_NAME
+    if not source.exists():
+        return
+    if out_code is None:
+        copy_extra_files(plan.base.path, [INDEX_NAME], tmp)
+        return
+    index = json.loads(source.read_text(encoding="utf-8"))
+    total = sum((tmp / name).stat().st_size for name in plan.base.shard_names)
+    index.setdefault("metadata", {})["total_size"] = total
+    (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+class _Streamer:
+    """Streams the shards of one merge; counts what it did."""
+
+    def __init__(self, plan: MergePlan, device: torch.device, out_code: str | None, progress: Progress | None) -> None:
+        self.plan = plan
+        self.device = device
+        self.out_code = out_code
+        self.progress = progress
+        self.n_adapted = self.n_copied = self.bytes_written = 0
+        if progress is not None:
+            infos = [plan.base.info(name) for name in plan.base.tensor_names()]
+            progress.start(len(infos), sum(i.nbytes for i in infos))
+
+    def _stored_code(self, code: str) -> str:
+        return self.out_code if self.out_code is not None and code in FLOAT_DTYPES else code
+
+    def write_file(self, src: SafetensorsFile, dst: Path) -> None:
+        entries = [(name, self._stored_code(code), shape) for name, code, shape in file_layout(src)]
+        codes = {name: code for name, code, _ in entries}
+        compute = {
+            name for name, code, _ in entries if name in self.plan.tensors or code != src.info(name).dtype
+        }
+
+        def load(name: str) -> torch.Tensor | None:
+            return src.torch(name) if name in compute else None
+
+        with SafetensorsStreamWriter(dst, entries, src.metadata) as writer, OrderedWriter() as jobs:
+            for name, w0 in prefetched([name for name, _, _ in entries], load):
+                nbytes = src.info(name).nbytes
+                if w0 is None:
+                    jobs.submit(self._copy_job(writer, src, name, nbytes))
+                    self.n_copied += 1
+                    continue
+                result = self._compute(name, w0, torch_dtype(codes[name]))
+                jobs.submit(self._write_job(writer, name, result))
+                self.n_adapted += name in self.plan.tensors
+                self.n_copied += name not in self.plan.tensors
+
+    def _compute(self, name: str, w0: torch.Tensor, stored: torch.dtype) -> torch.Tensor:
+        w0 = w0.to(self.device, non_blocking=True)
+        plan = self.plan.tensors.get(name)
+        if plan is None:  # only a dtype change
+            return w0.to(stored).cpu()
+        merged = merged_tensor(plan, w0, torch.float32)
+        if not bool(torch.isfinite(merged).all()):
+            raise LoraToolsError(plan.sources[0], f"merging into {name!r} produced NaN or Inf")
+        return merged.to(stored).cpu()
+
+    def _copy_job(self, writer: SafetensorsStreamWriter, src: SafetensorsFile, name: str, nbytes: int) -> Callable[[], None]:
+        def job() -> None:
+            writer.copy_tensor(name, src)
+            self._advance(nbytes)
+
+        return job
+
+    def _write_job(self, writer: SafetensorsStreamWriter, name: str, tensor: torch.Tensor) -> Callable[[], None]:
+        def job() -> None:
+            writer.write_torch(name, tensor)
+            self._advance(tensor.numel() * tensor.element_size())
+
+        return job
+
+    def _advance(self, nbytes: int) -> None:
+        self.bytes_written += nbytes
+        if self.progress is not None:
+            self.progress.advance(1, nbytes)
+
+
+def merge_summary(result: MergeResult) -> dict[str, Any]:
+    return result.__dict__.copy()

@@ -1,0 +1,116 @@
+"""Binding adapters to a base checkpoint: which base tensor receives what.
+
+merge and verify both start here, so a checkpoint is judged against exactly the
+recipe that would have produced it. The plan holds only small things (factors and
+names); base tensors are read later, one at a time.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lora_tools.adapter import Adapter
+from lora_tools.checkpoint import BaseCheckpoint
+from lora_tools.errors import MismatchError, UsageError
+from lora_tools.fitting import LayerTarget, fit_to_base
+from lora_tools.formats import load_adapter
+from lora_tools.formats.resolve import resolve_names
+
+
+@dataclass
+class TensorPlan:
+    """Everything that changes one base tensor, in the order it is applied:
+    a whole replacement first (modules_to_save), then each adapter's layer, in the
+    order the adapters were given."""
+
+    name: str
+    replacement: tuple[np.ndarray, float] | None = None  # (tensor, weight)
+    layers: list[tuple[LayerTarget, float]] = field(default_factory=list)
+    biases: list[tuple[LayerTarget, float]] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)  # adapter paths, for messages
+
+
+@dataclass
+class MergePlan:
+    base: BaseCheckpoint
+    adapters: list[Adapter]
+    weights: list[float]
+    tensors: dict[str, TensorPlan]  # only the base tensors something changes
+
+    @property
+    def n_layers(self) -> int:
+        return sum(len(a.layers) for a in self.adapters)
+
+    def close(self) -> None:
+        self.base.close()
+
+
+def normalize_weights(weights: list[float] | None, n_adapters: int, where: Any) -> list[float]:
+    if not weights:
+        return [1.0] * n_adapters
+    if len(weights) != n_adapters:
+        raise UsageError(
+            where, f"got {len(weights)} --weight value(s) for {n_adapters} adapter(s); give one per adapter or none"
+        )
+    return [float(w) for w in weights]
+
+
+def _shape(base: BaseCheckpoint, key: str) -> tuple[int, ...] | None:
+    return tuple(base.info(key).shape) if base.has(key) else None
+
+
+def bind_adapters(base: BaseCheckpoint, adapters: list[Adapter], weights: list[float]) -> dict[str, TensorPlan]:
+    """Resolve names, fit shapes, and gather the per-tensor plan (errors name the adapter)."""
+    base_label = os.fspath(base.path)
+    modules = base.module_paths()
+    plans: dict[str, TensorPlan] = {}
+
+    def plan_for(key: str) -> TensorPlan:
+        return plans.setdefault(key, TensorPlan(key))
+
+    for index, (adapter, weight) in enumerate(zip(adapters, weights)):
+        adapter = resolve_names(adapter, modules, base_label)
+        adapters[index] = adapter
+        for target in fit_to_base(adapter, lambda k: _shape(base, k), base_label):
+            plan = plan_for(target.weight_key)
+            plan.layers.append((target, weight))
+            plan.sources.append(adapter.path)
+            if target.layer.bias is not None:
+                if not base.has(target.bias_key):
+                    raise MismatchError(
+                        adapter.path, f"layer {target.layer.name!r} has a LoRA bias but base {base_label} has no {target.bias_key!r}"
+                    )
+                plan_for(target.bias_key).biases.append((target, weight))
+        for key, tensor in adapter.full_tensors.items():
+            plan = plan_for(key)
+            if plan.replacement is not None:
+                raise UsageError(adapter.path, f"tensor {key!r} is replaced by more than one adapter (modules_to_save)")
+            plan.replacement = (tensor, weight)
+            plan.sources.append(adapter.path)
+    return plans
+
+
+def make_plan(
+    base_path: str | os.PathLike[str],
+    adapter_paths: list[str | os.PathLike[str]],
+    weights: list[float] | None = None,
+    *,
+    alpha: float | None = None,
+) -> MergePlan:
+    """Open the base and every adapter, and bind them; the caller closes the plan."""
+    if not adapter_paths:
+        raise UsageError(None, "no adapter given")
+    weights = normalize_weights(weights, len(adapter_paths), Path(adapter_paths[0]))
+    base = BaseCheckpoint.open(base_path)
+    try:
+        adapters = [load_adapter(p, alpha=alpha) for p in adapter_paths]
+        tensors = bind_adapters(base, adapters, weights)
+    except BaseException:
+        base.close()
+        raise
+    return MergePlan(base, adapters, weights, tensors)

@@ -1,0 +1,374 @@
+"""`inspect --plot`: one PNG page that shows what an adapter learned, layer by layer.
+
+Four panels drawn from an `InspectReport` alone (no tensors): the normalised singular
+value spectra, rank usage by module type and depth, ‖ΔW‖ by depth with the flagged
+layers marked, and a text summary. matplotlib is imported inside `save_plot` and used
+through `Figure` + the Agg canvas, never pyplot, so importing this module costs nothing
+and no global backend or figure state is touched.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from typing import TYPE_CHECKING, Any
+
+from lora_tools.errors import LoraToolsError
+
+if TYPE_CHECKING:
+    from lora_tools.inspect import InspectReport, LayerReport
+
+FIGSIZE = (16.0, 11.0)  # inches; at DPI this is 1760×1210 px, legible at 100 % zoom
+DPI = 110
+MAX_DEPTH_TICKS = 16  # beyond this, label every k-th depth column
+MAX_ANNOTATED_CELLS = 60  # small heatmaps get their numbers written in the cells
+SPECTRUM_FLOOR = 1e-6  # σᵢ/σ₁ below this is round-off, not signal: kept off the y axis
+NO_DEPTH = "-"  # column / tick label for layers whose name carries no layer number
+_RC = {
+    "font.size": 10,
+    "axes.titlesize": 12,
+    "axes.labelsize": 10,
+    "xtick.labelsize": 9,
+    "ytick.labelsize": 9,
+    "legend.fontsize": 9,
+}
+
+
+def save_plot(report: InspectReport, path: str | os.PathLike[str]) -> None:
+    """Write the report as a PNG to `path` (always PNG, whatever the extension).
+
+    Written to a temporary sibling and moved into place, so an interrupted run never
+    leaves half an image. Raises `LoraToolsError` naming `path` if it cannot be written.
+    """
+    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    path = os.fspath(path)
+    types = _module_types(report.layers)
+    colors = _type_colors(matplotlib, types)
+    with matplotlib.rc_context(_RC):
+        fig = Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
+        FigureCanvasAgg(fig)
+        (ax_spec, ax_heat), (ax_norm, ax_text) = fig.subplots(2, 2)
+        _spectra_panel(ax_spec, report.layers, colors)
+        _rank_usage_panel(fig, ax_heat, report.layers, types)
+        _norm_panel(ax_norm, report.layers, types, colors)
+        _summary_panel(ax_text, report)
+        fig.suptitle(_title(report), fontsize=15, fontweight="bold")
+        _shared_legend(fig, types, colors)
+        _write_png(fig, path)
+
+
+def _write_png(fig: Any, path: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp_name = None
+    try:
+        with tempfile.NamedTemporaryFile(
+            dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp", delete=False
+        ) as tmp:
+            tmp_name = tmp.name
+            fig.savefig(tmp, format="png", dpi=DPI)
+        os.replace(tmp_name, path)
+    except OSError as err:
+        raise LoraToolsError(path, f"cannot write plot: {err.strerror or err}") from err
+    finally:
+        if tmp_name is not None and os.path.exists(tmp_name):
+            os.remove(tmp_name)
+
+
+# ---------------------------------------------------------------- grouping and colours
+
+
+def _module_types(layers: list[LayerReport]) -> list[str]:
+    """Module types in order of first appearance (q_proj, k_proj, … as the file has them)."""
+    return list(dict.fromkeys(layer.module_type for layer in layers))
+
+
+def _type_colors(matplotlib: Any, types: list[str]) -> dict[str, Any]:
+    cmap = matplotlib.colormaps["tab10" if len(types) <= 10 else "tab20"]
+    return {t: cmap(i % cmap.N) for i, t in enumerate(types)}
+
+
+def _depth_columns(layers: list[LayerReport]) -> list[int | None]:
+    """Distinct depths ascending, then None (the "-" column) if any layer lacks one."""
+    depths: list[int | None] = sorted({l.depth for l in layers if l.depth is not None})
+    if any(l.depth is None for l in layers):
+        depths.append(None)
+    return depths
+
+
+def _depth_ticks(columns: list[int | None]) -> tuple[list[int], list[str]]:
+    """Positions and labels for every k-th column (k keeps ≤ MAX_DEPTH_TICKS); "-" always."""
+    numbered = [i for i, d in enumerate(columns) if d is not None]
+    step = max(1, math.ceil(len(numbered) / MAX_DEPTH_TICKS))
+    if step > 1:  # round to 2, 4, 5, 10 … so ticks land on familiar numbers
+        step = next(s for s in (2, 4, 5, 8, 10, 16, 20, 25, 50, 100, step) if s >= step)
+    positions = [i for i in numbered if columns[i] % step == 0] if step > 1 else numbered  # type: ignore[operator]
+    if len(numbered) > 0 and not positions:
+        positions = numbered[::step]
+    if columns and columns[-1] is None:
+        positions.append(len(columns) - 1)
+    labels = [NO_DEPTH if columns[i] is None else str(columns[i]) for i in positions]
+    return positions, labels
+
+
+def _short(label: str, width: int = 22, keep: str = "end") -> str:
+    """`label` cut to `width` characters; module types keep their distinctive tail,
+    layer names (keep="both") their head and tail."""
+    if len(label) <= width:
+        return label
+    if keep == "both":
+        head = (width - 1) // 2
+        return label[:head] + "…" + label[len(label) - (width - 1 - head):]
+    return "…" + label[len(label) - width + 1:]
+
+
+# ---------------------------------------------------------------- panels
+
+
+def _spectra_panel(ax: Any, layers: list[LayerReport], colors: dict[str, Any]) -> None:
+    """σᵢ/σ₁ against i, log y, one thin line per layer; all-zero spectra skipped."""
+    import numpy as np
+
+    max_rank, low, drawn = 1, 1.0, 0
+    n_lines = sum(1 for l in layers if l.fro_norm > 0)
+    # Few lines: draw them plainly; hundreds: thin and translucent so density shows.
+    alpha = min(0.9, max(0.2, 3.0 / math.sqrt(max(n_lines, 1))))
+    width = 1.4 if n_lines <= 20 else 0.8
+    for layer in layers:
+        sv = np.asarray(layer.singular_values, dtype=np.float64)
+        if sv.size == 0 or not np.isfinite(sv).all() or sv[0] <= 0:
+            continue
+        ratio = sv / sv[0]
+        ratio[ratio < SPECTRUM_FLOOR] = np.nan  # log axis: round-off and zeros left out
+        x = np.arange(1, sv.size + 1)
+        ax.plot(x, ratio, color=colors[layer.module_type], lw=width, alpha=alpha,
+                marker="o" if sv.size == 1 else None, ms=4)
+        max_rank = max(max_rank, sv.size)
+        if np.isfinite(ratio).any():
+            low = min(low, float(np.nanmin(ratio)))
+        drawn += 1
+    if drawn == 0:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    else:
+        from matplotlib.ticker import MaxNLocator
+
+        ax.set_yscale("log")
+        ax.set_ylim(max(min(low, 0.1), SPECTRUM_FLOOR) / 1.5, 1.5)  # at least one decade
+        ax.set_xlim(0.5, max_rank + 0.5)
+        if max_rank <= 12:
+            ax.set_xticks(range(1, max_rank + 1))
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=12))
+    ax.set_xlabel("singular value index i")
+    ax.set_ylabel("σᵢ / σ₁")
+    ax.set_title(f"Singular-value spectra ({drawn} of {len(layers)} layers; all-zero skipped)")
+    ax.grid(True, which="major", alpha=0.3)
+    if drawn == 0:
+        ax.text(0.5, 0.5, "no layer with a non-zero spectrum", transform=ax.transAxes,
+                ha="center", va="center", color="0.4")
+
+
+def _rank_usage_panel(fig: Any, ax: Any, layers: list[LayerReport], types: list[str]) -> None:
+    """Heatmap of energy_rank_90 / rank: rows module types, columns depths (mean per cell)."""
+    import matplotlib
+    import numpy as np
+
+    columns = _depth_columns(layers)
+    col_of = {d: j for j, d in enumerate(columns)}
+    row_of = {t: i for i, t in enumerate(types)}
+    total = np.zeros((len(types), max(len(columns), 1)))
+    count = np.zeros_like(total)
+    for layer in layers:
+        if layer.rank <= 0 or layer.fro_norm == 0.0:
+            continue  # no energy, no usage: the cell stays blank
+        i, j = row_of[layer.module_type], col_of[layer.depth]
+        total[i, j] += layer.energy_rank_90 / layer.rank
+        count[i, j] += 1
+    with np.errstate(invalid="ignore", divide="ignore"):
+        usage = np.where(count > 0, total / np.where(count > 0, count, 1), np.nan)
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad=(0, 0, 0, 0))
+    image = ax.imshow(usage, aspect="auto", cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest")
+    ax.set_facecolor("white")
+    ax.set_yticks(range(len(types)), [_short(t) for t in types])
+    positions, labels = _depth_ticks(columns)
+    ax.set_xticks(positions, labels)
+    ax.set_xlabel("depth (layer index)" + (f'; "{NO_DEPTH}" = no layer number' if None in columns else ""))
+    ax.set_title("Rank usage: share of rank holding 90 % of ‖ΔW‖²")
+    if not np.isfinite(usage).any():
+        ax.text(0.5, 0.5, "no layer with a non-zero update", transform=ax.transAxes,
+                ha="center", va="center", color="0.4")
+    elif usage.size <= MAX_ANNOTATED_CELLS:
+        for (i, j), value in np.ndenumerate(usage):
+            if np.isfinite(value):
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8,
+                        color="white" if value < 0.6 else "black")
+    bar = fig.colorbar(image, ax=ax, fraction=0.05, pad=0.02)
+    bar.set_label("energy_rank_90 / rank")
+
+
+def _norm_panel(ax: Any, layers: list[LayerReport], types: list[str], colors: dict[str, Any]) -> None:
+    """‖ΔW‖_F (or ‖ΔW‖/‖W0‖ with a base) by depth, one line per module type, flags marked."""
+    import numpy as np
+
+    relative = any(l.relative_norm is not None for l in layers)
+    columns = _depth_columns(layers)
+    numbered = [d for d in columns if d is not None]
+    # Depth-less layers sit in a "-" column one step right of the last numbered depth.
+    x_none = (max(numbered) + max(1, math.ceil(len(numbered) / MAX_DEPTH_TICKS))) if numbered else 0
+
+    def value(layer: LayerReport) -> float:
+        v = layer.relative_norm if relative else layer.fro_norm
+        return float(v) if v is not None and math.isfinite(v) and "dead" not in layer.flags else math.nan
+
+    def x_of(layer: LayerReport) -> float:
+        return float(x_none if layer.depth is None else layer.depth)
+
+    for t in types:
+        members = [l for l in layers if l.module_type == t]
+        # Every layer is a marker; the line joins the per-depth medians, so a type with
+        # several layers per depth (UNet blocks) reads as a trend, not a zigzag.
+        ax.plot([x_of(l) for l in members], [value(l) for l in members],
+                ls="none", color=colors[t], marker="o", ms=3.5, alpha=0.9)
+        by_depth: dict[int, list[float]] = {}
+        for l in members:
+            if l.depth is not None:
+                by_depth.setdefault(l.depth, []).append(value(l))
+        depths = sorted(by_depth)
+        medians = [_finite_median(by_depth[d]) for d in depths]
+        ax.plot(depths, medians, color=colors[t], lw=1.2, alpha=0.9)
+    values = np.array([value(l) for l in layers])
+    positive = values[np.isfinite(values) & (values > 0)]
+    if positive.size and positive.max() / positive.min() > 20:
+        from matplotlib.ticker import FuncFormatter, LogLocator
+
+        ax.set_yscale("log")
+        if positive.max() / positive.min() < 1e4:  # few decades: label 1-2-5 steps, not just 10ⁿ
+            ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    outliers = [l for l in layers if "outlier" in l.flags and math.isfinite(value(l))]
+    ax.scatter([x_of(l) for l in outliers], [value(l) for l in outliers], s=160,
+               facecolors="none", edgecolors="red", linewidths=1.6, zorder=5)
+    dead = [l for l in layers if "dead" in l.flags]
+    # Dead layers have no useful height (zero, or far below the rest): pin them to the floor.
+    ax.scatter([x_of(l) for l in dead], [0.04] * len(dead), marker="x", s=50, color="black",
+               linewidths=1.5, transform=ax.get_xaxis_transform(), zorder=5, clip_on=False)
+    if not positive.size:
+        ax.set_ylim(0, 1)
+    # The same depth ticks as the heatmap above, "-" at the depth-less column.
+    positions = _depth_ticks(columns)[0]
+    ax.set_xticks([x_none if columns[i] is None else float(columns[i]) for i in positions],  # type: ignore[arg-type]
+                  [NO_DEPTH if columns[i] is None else str(columns[i]) for i in positions])
+    lo = min(numbered) if numbered else x_none
+    hi = x_none if None in columns else (max(numbered) if numbered else 0)
+    ax.set_xlim(lo - 0.7, hi + 0.7)
+    ax.set_xlabel("depth (layer index)")
+    ax.set_ylabel("‖ΔW‖ / ‖W0‖" if relative else "‖ΔW‖_F")
+    ax.set_title("Relative update norm by depth" if relative else "Update norm ‖ΔW‖_F by depth")
+    ax.grid(True, which="major", alpha=0.3)
+
+
+def _finite_median(values: list[float]) -> float:
+    finite = sorted(v for v in values if math.isfinite(v))
+    if not finite:
+        return math.nan  # a gap in the line
+    mid = len(finite) // 2
+    return finite[mid] if len(finite) % 2 else (finite[mid - 1] + finite[mid]) / 2
+
+
+def _summary_panel(ax: Any, report: InspectReport) -> None:
+    ax.axis("off")
+    ax.set_title("Summary", loc="left")
+    ax.text(0.0, 1.0, "\n".join(_summary_lines(report)), transform=ax.transAxes,
+            va="top", ha="left", family="monospace", fontsize=10, linespacing=1.45)
+
+
+def _shared_legend(fig: Any, types: list[str], colors: dict[str, Any]) -> None:
+    """One legend for the figure: a swatch per module type plus the flag markers."""
+    from matplotlib.lines import Line2D
+
+    from lora_tools.inspect import OUTLIER_Z  # the caller built the report, so this is loaded
+
+    handles = [Line2D([], [], color=colors[t], lw=2.5, label=_short(t)) for t in types]
+    handles.append(Line2D([], [], ls="none", marker="o", ms=11, mfc="none", mec="red", mew=1.6,
+                          label=f"outlier (|norm z| > {OUTLIER_Z:g})"))
+    handles.append(Line2D([], [], ls="none", marker="x", ms=8, color="black", mew=1.5,
+                          label="dead (‖ΔW‖≈0, drawn at bottom)"))
+    # As many entries per row as fit the figure's width (≈ 200 characters of legend text).
+    width = sum(len(h.get_label()) + 6 for h in handles)
+    rows = max(1, math.ceil(width / 200))
+    ncol = math.ceil(len(handles) / rows)
+    fig.legend(handles=handles, loc="outside lower center", ncol=ncol, frameon=False,
+               handlelength=1.8, columnspacing=1.4)
+
+
+# ---------------------------------------------------------------- text
+
+
+def _title(report: InspectReport) -> str:
+    summary = report.adapter
+    return f"{_basename(summary.path)}  ·  {summary.format}  ·  {summary.n_layers} layer{'' if summary.n_layers == 1 else 's'}"
+
+
+def _basename(path: str) -> str:
+    """The file (or directory) name a user recognises; the path itself if it has none."""
+    return os.path.basename(path.rstrip("/\\")) or path
+
+
+def _compact(values: list[Any], limit: int = 8) -> str:
+    """"[4, 8, 16]", or "4 … 64 (12 distinct)" when the list is long."""
+    shown = [f"{v:g}" if isinstance(v, float) else str(v) for v in values]
+    if len(shown) <= limit:
+        return "[" + ", ".join(shown) + "]"
+    return f"{shown[0]} … {shown[-1]} ({len(shown)} distinct)"
+
+
+def _summary_lines(report: InspectReport) -> list[str]:
+    summary, layers = report.adapter, report.layers
+    dead = [l for l in layers if "dead" in l.flags]
+    outliers = [l for l in layers if "outlier" in l.flags]
+    extras = [word for word, on in (("rsLoRA", summary.use_rslora), ("DoRA", summary.use_dora),
+                                    ("fan_in_fan_out", summary.fan_in_fan_out)) if on]
+    lines = [
+        f"file        {_short(_basename(summary.path), 48)}",
+        f"format      {summary.format}" + (f"  ({', '.join(extras)})" if extras else ""),
+        f"layers      {summary.n_layers}   params {summary.n_params:,}   dtype {summary.dtype}",
+        f"ranks       {_compact(summary.ranks)}",
+        f"alphas      {_compact(summary.alphas)}",
+    ]
+    if summary.base_model:
+        lines.append(f"base model  {_short(summary.base_model, 48, keep='both')}")
+    if summary.base:
+        lines.append(f"base        {_short(_basename(summary.base), 48)}")
+    cov = summary.coverage
+    if cov.full_tensors or cov.unrecognized:
+        lines.append(f"also        {len(cov.full_tensors)} full tensors, {len(cov.unrecognized)} unrecognized")
+    lines += ["", *_per_type_lines(layers), "", f"flagged     {len(dead)} dead, {len(outliers)} outlier"]
+    shown = 10
+    for layer in (outliers + dead)[:shown]:
+        z = layer.norm_z_score
+        why = "dead" if "dead" in layer.flags else ("outlier" + (f" z={z:+.1f}" if z is not None else ""))
+        lines.append(f"  {_short(layer.name, 52, keep='both'):52s} {why}")
+    if len(outliers) + len(dead) > shown:
+        lines.append(f"  … and {len(outliers) + len(dead) - shown} more")
+    return lines
+
+
+def _per_type_lines(layers: list[LayerReport], limit: int = 8) -> list[str]:
+    """A small table: per module type, layer count and medians of ‖ΔW‖_F and rank usage."""
+    import statistics
+
+    types = _module_types(layers)
+    lines = [f"{'module type':22s} {'layers':>6s} {'med ‖ΔW‖_F':>11s} {'med r90/r':>10s}"]
+    for t in types[:limit]:
+        members = [l for l in layers if l.module_type == t]
+        norm = statistics.median(l.fro_norm for l in members)
+        usage = [l.energy_rank_90 / l.rank for l in members if l.rank > 0 and l.fro_norm > 0]
+        usage_text = f"{statistics.median(usage):.2f}" if usage else "-"
+        lines.append(f"{_short(t):22s} {len(members):6d} {norm:11.4g} {usage_text:>10s}")
+    if len(types) > limit:
+        lines.append(f"… and {len(types) - limit} more module types")
+    return lines

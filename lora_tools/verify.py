@@ -1,0 +1,310 @@
+"""`verify`: prove, tensor by tensor, that a merged checkpoint is BASE + Σ wᵢ·ΔWᵢ.
+
+Per adapted tensor: the expected weight is recomputed in float64 from W0 and the
+factors (the same `dense` code as merge, another dtype); the stored tensor must lie
+within about one unit in the last place of it. Because an element-wise test in bf16 is
+blind to a 5 % error on an update far below the weight's ulp, each tensor also gets the
+least-squares strength k = ⟨W_merged − W0, ΔW⟩ / ‖ΔW‖²_F (1 healthy, 0 not applied,
+0.5 half, −1 sign flip, ≈0 another layer's update) and the spread σ_k that rounding
+alone explains; |k − 1| beyond K_SIGMAS·σ_k fails. When even k cannot tell a merge
+from no merge, the tensor is "inconclusive", never passed. Every other tensor must be
+bit-identical. A forward check runs random inputs through the merged weight and
+through the unmerged computation.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from lora_tools.checkpoint import BaseCheckpoint
+from lora_tools.dense import delta_weight
+from lora_tools.merge import merged_tensor
+from lora_tools.plan import TensorPlan, make_plan
+from lora_tools.safetensors_file import SafetensorsFile
+
+# |k − 1| beyond this many rounding spreads is a strength error.
+K_SIGMAS = 6.0
+# Below this resolving power (6σ_k ≥ 0.5), k cannot tell "applied" from "half applied".
+INCONCLUSIVE_SPREAD = 0.5 / K_SIGMAS
+FORWARD_BATCH = 8
+COMPARE_CHUNK = 16 * 1024 * 1024
+
+_EPS = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10, torch.float64: 2.0**-52}
+
+
+@dataclass
+class TensorCheck:
+    """The verdict on one adapted tensor; the figures behind it are kept."""
+
+    name: str
+    verdict: str  # "ok", "mismatch", "wrong strength", "not applied", "inconclusive", "missing", "layout"
+    dtype: str
+    max_abs_error: float | None = None
+    max_rel_error: float | None = None  # max |error| / max |expected|
+    worst_ulps: float | None = None  # worst |error| in units of the allowed tolerance
+    strength: float | None = None
+    strength_spread: float | None = None
+    recipe: str | None = None  # which known recipe reproduces the stored bytes
+    forward_rel_error: float | None = None
+    detail: str = ""
+
+
+@dataclass
+class VerifyReport:
+    base: str
+    merged: str
+    adapters: list[str]
+    weights: list[float]
+    equivalent: bool
+    n_adapted: int
+    n_unadapted: int
+    n_unadapted_identical: int
+    tensors: list[TensorCheck]
+    changed_unadapted: list[str] = field(default_factory=list)
+    layout_problems: list[str] = field(default_factory=list)
+    atol: float | None = None
+    rtol: float | None = None
+
+    @property
+    def n_failed(self) -> int:
+        return sum(t.verdict not in {"ok", "inconclusive"} for t in self.tensors)
+
+    @property
+    def n_inconclusive(self) -> int:
+        return sum(t.verdict == "inconclusive" for t in self.tensors)
+
+    def to_json(self) -> dict[str, Any]:
+        document = asdict(self)
+        document["n_failed"] = self.n_failed
+        document["n_inconclusive"] = self.n_inconclusive
+        return document
+
+
+def _ulp(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Spacing of `dtype` at each |value| (float64 in, float64 out)."""
+    eps = _EPS[dtype]
+    tiny = torch.finfo(dtype).tiny
+    magnitude = values.abs().clamp_min(tiny)
+    return torch.exp2(torch.floor(torch.log2(magnitude))) * eps
+
+
+def default_tolerance(
+    plan: TensorPlan, base64: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """One ulp of the stored dtype, plus what float32 arithmetic may add before rounding.
+
+    A merge computed in float32 (ours, PEFT's, on a CPU or a GPU) carries product
+    errors of a few float32 eps times |w·s|·|B|·|A| before its final rounding;
+    in a bf16 checkpoint this is invisible, in an fp32 one it is what separates a
+    correct merge computed in another order from a wrong one.
+    """
+    terms = torch.zeros_like(expected)
+    for target, weight in plan.layers:
+        terms = terms + delta_weight(target, weight, "cpu", torch.float64, absolute=True)
+        if target.layer.magnitude is not None:  # the m/‖W0+ΔW‖ factor carries its own rounding
+            terms = terms + expected.abs()
+    compute_slack = 2 * _EPS[torch.float32] * terms
+    return _ulp(torch.maximum(expected.abs(), base64.abs()), dtype) + compute_slack
+
+
+def _recipes(plan: TensorPlan, w0: torch.Tensor, stored: torch.Tensor) -> str | None:
+    """Replay known merge recipes and name the one that gives the stored bytes."""
+    fp32 = merged_tensor(plan, w0, torch.float32).to(stored.dtype)
+    if torch.equal(fp32, stored):
+        return "fp32 round-once (lora-tools; PEFT with fp32 adapter weights)"
+    if not plan.replacement and all(t.layer.magnitude is None for t, _ in plan.layers) and not plan.biases:
+        # PEFT with adapter weights in the model's dtype: delta rounded, then added in that dtype.
+        current = w0.clone()
+        for target, weight in plan.layers:
+            current = current + delta_weight(target, weight, w0.device, torch.float32).to(w0.dtype)
+        if torch.equal(current, stored):
+            return f"PEFT delta in {str(w0.dtype).removeprefix('torch.')}, added in {str(w0.dtype).removeprefix('torch.')}"
+    return None
+
+
+def check_tensor(
+    plan: TensorPlan, w0: torch.Tensor, stored: torch.Tensor, atol: float | None, rtol: float | None, seed: int
+) -> TensorCheck:
+    """Compare one stored adapted tensor with its float64 expectation."""
+    dtype = stored.dtype
+    check = TensorCheck(plan.name, "ok", str(dtype).removeprefix("torch."))
+    base64 = w0.to(torch.float64)
+    expected = merged_tensor(plan, w0, torch.float64)
+    actual = stored.to(torch.float64)
+    error = (actual - expected).abs()
+    check.max_abs_error = float(error.max()) if error.numel() else 0.0
+    scale = float(expected.abs().max()) if expected.numel() else 0.0
+    check.max_rel_error = check.max_abs_error / scale if scale > 0 else 0.0
+    if atol is None and rtol is None:
+        tolerance = default_tolerance(plan, base64, expected, dtype)
+    else:
+        tolerance = (atol or 0.0) + (rtol or 0.0) * expected.abs()
+    worst = error / tolerance.clamp_min(torch.finfo(torch.float64).tiny)
+    check.worst_ulps = float(worst.max()) if worst.numel() else 0.0
+
+    update = expected - base64
+    update_sq = float((update * update).sum())
+    applied = actual - base64
+    if update_sq > 0:
+        check.strength = float((applied * update).sum()) / update_sq
+        noise = _ulp(expected, dtype) ** 2 / 12.0  # variance of rounding to the stored dtype
+        check.strength_spread = math.sqrt(float((update * update * noise).sum())) / update_sq
+    check.recipe = _recipes(plan, w0, stored)
+    check.forward_rel_error = _forward_error(plan, actual, expected, seed)
+
+    if bool(torch.equal(stored, w0.to(dtype))) and update_sq > 0 and not bool(torch.equal(expected.to(dtype), w0.to(dtype))):
+        check.verdict, check.detail = "not applied", "merged tensor equals the base"
+    elif check.worst_ulps > 1.0 and check.recipe is None:
+        check.verdict = "mismatch"
+        check.detail = f"max error {check.worst_ulps:.3g}× the tolerance"
+    elif check.strength is not None and check.strength_spread is not None:
+        if abs(check.strength - 1.0) > max(K_SIGMAS * check.strength_spread, 1e-9) and check.recipe is None:
+            check.verdict = "wrong strength"
+            check.detail = f"strength {check.strength:.4g} (1 ± {K_SIGMAS * check.strength_spread:.2g} expected)"
+        elif check.strength_spread > INCONCLUSIVE_SPREAD and check.recipe is None:
+            check.verdict = "inconclusive"
+            check.detail = "the update is below the stored dtype's rounding; a merge and no merge look alike"
+    forward_limit = 8 * _EPS[dtype]
+    if check.verdict == "ok" and check.recipe is None and (check.forward_rel_error or 0.0) > forward_limit:
+        check.verdict = "forward mismatch"
+        check.detail = f"forward relative error {check.forward_rel_error:.3g} > {forward_limit:.3g}"
+    return check
+
+
+def _forward_error(plan: TensorPlan, actual: torch.Tensor, expected: torch.Tensor, seed: int) -> float | None:
+    """Relative error of x·W_mergedᵀ against the unmerged x·W0ᵀ + s·(x·Aᵀ)·Bᵀ path.
+
+    Plain LoRA layers use the factors unmerged; DoRA and replaced tensors use the dense
+    expectation (their unmerged forward is the same product). Embeddings are lookups,
+    already covered element by element.
+    """
+    if not plan.layers or any(t.layer.kind == "embedding" for t, _ in plan.layers) or actual.ndim < 2:
+        return None
+    generator = torch.Generator().manual_seed(seed)
+    matrix = actual.reshape(actual.shape[0], -1)
+    transposed = plan.layers[0][0].transposed
+    if transposed:
+        matrix = matrix.T
+    x = torch.randn(FORWARD_BATCH, matrix.shape[1], generator=generator, dtype=torch.float64)
+    merged_out = x @ matrix.T
+    plain = plan.replacement is None and all(t.layer.magnitude is None for t, _ in plan.layers)
+    if plain:
+        base = (expected - sum(delta_weight(t, w, "cpu", torch.float64) for t, w in plan.layers)).reshape(actual.shape[0], -1)
+        reference = x @ (base.T if transposed else base).T
+        for target, weight in plan.layers:
+            a = torch.from_numpy(target.layer.a_matrix).to(torch.float64)
+            b = torch.from_numpy(target.layer.b_matrix).to(torch.float64)
+            reference = reference + ((x @ a.T) @ b.T) * (target.layer.scale * weight)
+    else:
+        full = expected.reshape(expected.shape[0], -1)
+        reference = x @ (full.T if transposed else full).T
+    scale = float(reference.abs().max())
+    return float((merged_out - reference).abs().max()) / scale if scale > 0 else 0.0
+
+
+def _bytes_equal(a: SafetensorsFile, b: SafetensorsFile, name: str) -> bool:
+    """Chunked raw comparison: never holds a whole large tensor twice."""
+    ia, ib = a.info(name), b.info(name)
+    if ia.dtype != ib.dtype or ia.shape != ib.shape:
+        return False
+    with open(a.path, "rb") as fa, open(b.path, "rb") as fb:
+        fa.seek(ia.start)
+        fb.seek(ib.start)
+        remaining = ia.nbytes
+        while remaining:
+            size = min(COMPARE_CHUNK, remaining)
+            if fa.read(size) != fb.read(size):
+                return False
+            remaining -= size
+    return True
+
+
+def verify(
+    base_path: str | os.PathLike[str],
+    adapter_paths: list[str | os.PathLike[str]],
+    merged_path: str | os.PathLike[str],
+    *,
+    weights: list[float] | None = None,
+    atol: float | None = None,
+    rtol: float | None = None,
+    alpha: float | None = None,
+    seed: int = 0,
+) -> VerifyReport:
+    """Check `merged_path` against BASE + Σ wᵢ·ΔWᵢ; see the module docstring."""
+    plan = make_plan(base_path, adapter_paths, weights, alpha=alpha)
+    try:
+        with BaseCheckpoint.open(merged_path) as merged:
+            report = VerifyReport(
+                base=os.fspath(base_path), merged=os.fspath(merged_path),
+                adapters=[os.fspath(p) for p in adapter_paths], weights=plan.weights,
+                equivalent=False, n_adapted=0, n_unadapted=0, n_unadapted_identical=0, tensors=[],
+                atol=atol, rtol=rtol,
+            )
+            base_names = plan.base.tensor_names()
+            extra = sorted(set(merged.tensor_names()) - set(base_names))
+            report.layout_problems += [f"tensor {n!r} is not in the base" for n in extra[:20]]
+            for index, name in enumerate(base_names):
+                _check_one(plan.tensors.get(name), name, plan.base, merged, report, atol, rtol, seed + index)
+    finally:
+        plan.close()
+    report.equivalent = report.n_failed == 0 and not report.changed_unadapted and not report.layout_problems
+    return report
+
+
+def _check_one(
+    plan: TensorPlan | None, name: str, base: BaseCheckpoint, merged: BaseCheckpoint,
+    report: VerifyReport, atol: float | None, rtol: float | None, seed: int,
+) -> None:
+    if not merged.has(name):
+        if plan is not None:
+            report.n_adapted += 1
+            report.tensors.append(TensorCheck(name, "missing", base.info(name).dtype, detail="absent from MERGED"))
+        else:
+            report.n_unadapted += 1
+            report.layout_problems.append(f"tensor {name!r} is missing")
+        return
+    info_base, info_merged = base.info(name), merged.info(name)
+    if info_base.shape != info_merged.shape:
+        problem = f"tensor {name!r} has shape {list(info_merged.shape)}, base has {list(info_base.shape)}"
+        if plan is not None:
+            report.n_adapted += 1
+            report.tensors.append(TensorCheck(name, "layout", info_merged.dtype, detail=problem))
+        else:
+            report.n_unadapted += 1
+            report.layout_problems.append(problem)
+        return
+    if plan is None:
+        report.n_unadapted += 1
+        if _bytes_equal(base.shard_of(name), merged.shard_of(name), name):
+            report.n_unadapted_identical += 1
+        else:
+            report.changed_unadapted.append(name)
+        return
+    report.n_adapted += 1
+    report.tensors.append(check_tensor(plan, base.torch(name), merged.torch(name), atol, rtol, seed))
+
+
+def verify_summary_line(report: VerifyReport) -> str:
+    verdict = "EQUIVALENT" if report.equivalent else "NOT EQUIVALENT"
+    return (
+        f"{verdict}: {report.n_adapted - report.n_failed - report.n_inconclusive}/{report.n_adapted} adapted tensors ok"
+        + (f", {report.n_inconclusive} inconclusive" if report.n_inconclusive else "")
+        + (f", {report.n_failed} failed" if report.n_failed else "")
+        + f"; {report.n_unadapted_identical}/{report.n_unadapted} other tensors bit-identical"
+        + (f"; {len(report.layout_problems)} layout problem(s)" if report.layout_problems else "")
+    )
+
+
+def describe(report: VerifyReport) -> list[str]:
+    """Failure lines worth reading first."""
+    lines = [f"{t.name}: {t.verdict} ({t.detail})" for t in report.tensors if t.verdict not in {"ok"}]
+    lines += [f"{name}: changed (not adapted, must be bit-identical)" for name in report.changed_unadapted]
+    lines += report.layout_problems
+    return lines
+
