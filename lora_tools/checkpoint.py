@@ -222,13 +222,20 @@ def copy_tensor_bytes(
     """
     info = src.info(name)
     buffer = memoryview(bytearray(min(chunk_bytes, info.nbytes)))
-    with open(src.path, "rb", buffering=0) as handle:
+    try:
+        handle = open(src.path, "rb", buffering=0)  # noqa: SIM115 - closed just below
+    except OSError as exc:  # reading fails: the source's fault, not the output's
+        raise FormatError(src.path, f"cannot read: {exc.strerror or exc}") from None
+    with handle:
         handle.seek(info.start)
         remaining = info.nbytes
         while remaining:
             piece = buffer[: min(remaining, len(buffer))]
-            got = handle.readinto(piece)
+            try:
+                got = handle.readinto(piece)
+            except OSError as exc:
+                raise FormatError(src.path, f"cannot read: {exc.strerror or exc}") from None
             if not got:
                 raise FormatError(src.path, f"tensor {name!r}: file ended early (truncated?)")
-            dst.write(piece[:got])
+            dst.write(piece[:got])  # a write error stays an OSError, for the caller to name
             remaining -= got

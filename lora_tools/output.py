@@ -367,13 +367,16 @@ def atomic_output(out: str | os.PathLike[str], force: bool = False, inputs: Sequ
     """
     out = Path(out)
     check_output_path(out, force, inputs)
-    tmp = _sibling(out, TMP_MARKER)
+    target = Path(os.path.abspath(out))  # "." or "x/.." have no usable name; links stay links
+    if target == target.parent:
+        raise UsageError(out, "is not a usable output path")
+    tmp = _sibling(target, TMP_MARKER)
     state = {"defer": False, "pending": False}
     with _sigterm_raises(state):
         try:
             yield tmp
             state["defer"] = True  # a rename half done must finish (or be undone) first
-            _commit(tmp, out, force)
+            _commit(tmp, target, force)
         except BaseException:
             state["defer"] = True
             _remove(tmp)

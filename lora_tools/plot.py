@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
+import secrets
 from typing import TYPE_CHECKING, Any
 
 from lora_tools.errors import LoraToolsError
@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 FIGSIZE = (16.0, 11.0)  # inches; at DPI this is 1760×1210 px, legible at 100 % zoom
 DPI = 110
 MAX_DEPTH_TICKS = 16  # beyond this, label every k-th depth column
+SUMMARY_LINES = 24  # what the text panel holds at 10 pt; longer flag lists are cut
 MAX_ANNOTATED_CELLS = 60  # small heatmaps get their numbers written in the cells
 SPECTRUM_FLOOR = 1e-6  # σᵢ/σ₁ below this is round-off, not signal: kept off the y axis
 NO_DEPTH = "-"  # column / tick label for layers whose name carries no layer number
@@ -39,43 +40,44 @@ def save_plot(report: InspectReport, path: str | os.PathLike[str]) -> None:
     """Write the report as a PNG to `path` (always PNG, whatever the extension).
 
     Written to a temporary sibling and moved into place, so an interrupted run never
-    leaves half an image. Raises `LoraToolsError` naming `path` if it cannot be written.
+    leaves half an image. Raises `LoraToolsError` naming `path` if it cannot be written;
+    the temporary is created first, so an unwritable path fails before any drawing.
     """
     import matplotlib
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
 
     path = os.fspath(path)
-    types = _module_types(report.layers)
-    colors = _type_colors(matplotlib, types)
-    with matplotlib.rc_context(_RC):
-        fig = Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
-        FigureCanvasAgg(fig)
-        (ax_spec, ax_heat), (ax_norm, ax_text) = fig.subplots(2, 2)
-        _spectra_panel(ax_spec, report.layers, colors)
-        _rank_usage_panel(fig, ax_heat, report.layers, types)
-        _norm_panel(ax_norm, report.layers, types, colors)
-        _summary_panel(ax_text, report)
-        fig.suptitle(_title(report), fontsize=15, fontweight="bold")
-        _shared_legend(fig, types, colors)
-        _write_png(fig, path)
-
-
-def _write_png(fig: Any, path: str) -> None:
     directory = os.path.dirname(os.path.abspath(path))
-    tmp_name = None
+    tmp_name = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(4)}.tmp")
     try:
-        with tempfile.NamedTemporaryFile(
-            dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp", delete=False
-        ) as tmp:
-            tmp_name = tmp.name
-            fig.savefig(tmp, format="png", dpi=DPI)
+        with open(tmp_name, "xb") as tmp, matplotlib.rc_context(_RC):  # "x": never clobber
+            # Ticks are made while drawing, so the rc sizes must hold through savefig too.
+            _figure(report).savefig(tmp, format="png", dpi=DPI)
         os.replace(tmp_name, path)
     except OSError as err:
         raise LoraToolsError(path, f"cannot write plot: {err.strerror or err}") from err
     finally:
-        if tmp_name is not None and os.path.exists(tmp_name):
+        if os.path.exists(tmp_name):
             os.remove(tmp_name)
+
+
+def _figure(report: InspectReport) -> Any:
+    """The four-panel `Figure`, on its own Agg canvas (no pyplot, no global state)."""
+    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    types = _module_types(report.layers)
+    colors = _type_colors(matplotlib, types)
+    fig = Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    (ax_spec, ax_heat), (ax_norm, ax_text) = fig.subplots(2, 2)
+    _spectra_panel(ax_spec, report.layers, colors)
+    _rank_usage_panel(fig, ax_heat, report.layers, types)
+    _norm_panel(ax_norm, report.layers, types, colors)
+    _summary_panel(ax_text, report)
+    fig.suptitle(_title(report), fontsize=15, fontweight="bold")
+    _shared_legend(fig, types, colors)
+    return fig
 
 
 # ---------------------------------------------------------------- grouping and colours
@@ -180,7 +182,7 @@ def _rank_usage_panel(fig: Any, ax: Any, layers: list[LayerReport], types: list[
     columns = _depth_columns(layers)
     col_of = {d: j for j, d in enumerate(columns)}
     row_of = {t: i for i, t in enumerate(types)}
-    total = np.zeros((len(types), max(len(columns), 1)))
+    total = np.zeros((max(len(types), 1), max(len(columns), 1)))  # (rows, columns); 1×1 if empty
     count = np.zeros_like(total)
     for layer in layers:
         if layer.rank <= 0 or layer.fro_norm == 0.0:
@@ -243,12 +245,13 @@ def _norm_panel(ax: Any, layers: list[LayerReport], types: list[str], colors: di
     values = np.array([value(l) for l in layers])
     positive = values[np.isfinite(values) & (values > 0)]
     if positive.size and positive.max() / positive.min() > 20:
-        from matplotlib.ticker import FuncFormatter, LogLocator
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
         ax.set_yscale("log")
         if positive.max() / positive.min() < 1e4:  # few decades: label 1-2-5 steps, not just 10ⁿ
             ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
             ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.yaxis.set_minor_formatter(NullFormatter())
     outliers = [l for l in layers if "outlier" in l.flags and math.isfinite(value(l))]
     ax.scatter([x_of(l) for l in outliers], [value(l) for l in outliers], s=160,
                facecolors="none", edgecolors="red", linewidths=1.6, zorder=5)
@@ -283,7 +286,7 @@ def _summary_panel(ax: Any, report: InspectReport) -> None:
     ax.axis("off")
     ax.set_title("Summary", loc="left")
     ax.text(0.0, 1.0, "\n".join(_summary_lines(report)), transform=ax.transAxes,
-            va="top", ha="left", family="monospace", fontsize=10, linespacing=1.45)
+            va="top", ha="left", family="monospace", fontsize=10, linespacing=1.35)
 
 
 def _shared_legend(fig: Any, types: list[str], colors: dict[str, Any]) -> None:
@@ -310,7 +313,8 @@ def _shared_legend(fig: Any, types: list[str], colors: dict[str, Any]) -> None:
 
 def _title(report: InspectReport) -> str:
     summary = report.adapter
-    return f"{_basename(summary.path)}  ·  {summary.format}  ·  {summary.n_layers} layer{'' if summary.n_layers == 1 else 's'}"
+    layers = f"{summary.n_layers} layer" + ("" if summary.n_layers == 1 else "s")
+    return f"{_basename(summary.path)}  ·  {summary.format}  ·  {layers}"
 
 
 def _basename(path: str) -> str:
@@ -345,15 +349,17 @@ def _summary_lines(report: InspectReport) -> list[str]:
         lines.append(f"base        {_short(_basename(summary.base), 48)}")
     cov = summary.coverage
     if cov.full_tensors or cov.unrecognized:
-        lines.append(f"also        {len(cov.full_tensors)} full tensors, {len(cov.unrecognized)} unrecognized")
+        lines.append(f"also        full tensors {len(cov.full_tensors)}, unrecognized keys {len(cov.unrecognized)}")
     lines += ["", *_per_type_lines(layers), "", f"flagged     {len(dead)} dead, {len(outliers)} outlier"]
-    shown = 10
-    for layer in (outliers + dead)[:shown]:
+    flagged = sorted(outliers, key=lambda l: -abs(l.norm_z_score or 0.0)) + dead
+    room = max(1, SUMMARY_LINES - len(lines))
+    shown = flagged if len(flagged) <= room else flagged[: room - 1]
+    for layer in shown:
         z = layer.norm_z_score
         why = "dead" if "dead" in layer.flags else ("outlier" + (f" z={z:+.1f}" if z is not None else ""))
         lines.append(f"  {_short(layer.name, 52, keep='both'):52s} {why}")
-    if len(outliers) + len(dead) > shown:
-        lines.append(f"  … and {len(outliers) + len(dead) - shown} more")
+    if len(flagged) > len(shown):
+        lines.append(f"  … and {len(flagged) - len(shown)} more")
     return lines
 
 
