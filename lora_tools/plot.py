@@ -43,20 +43,25 @@ def save_plot(report: InspectReport, path: str | os.PathLike[str]) -> None:
     leaves half an image. Raises `LoraToolsError` naming `path` if it cannot be written;
     the temporary is created first, so an unwritable path fails before any drawing.
     """
-    import matplotlib
+    import matplotlib.style
 
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     tmp_name = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(4)}.tmp")
+    created = False
     try:
-        with open(tmp_name, "xb") as tmp, matplotlib.rc_context(_RC):  # "x": never clobber
-            # Ticks are made while drawing, so the rc sizes must hold through savefig too.
-            _figure(report).savefig(tmp, format="png", dpi=DPI)
+        with open(tmp_name, "xb") as tmp:  # "x": never clobber; plain open: the umask applies
+            created = True
+            # The default style, not the user's matplotlibrc (usetex, dark themes), and held
+            # through savefig because ticks are made while drawing.
+            with matplotlib.style.context(["default", _RC]):
+                _figure(report).savefig(tmp, format="png", dpi=DPI)
         os.replace(tmp_name, path)
+        created = False
     except OSError as err:
         raise LoraToolsError(path, f"cannot write plot: {err.strerror or err}") from err
     finally:
-        if os.path.exists(tmp_name):
+        if created:
             os.remove(tmp_name)
 
 
@@ -103,13 +108,11 @@ def _depth_columns(layers: list[LayerReport]) -> list[int | None]:
 
 def _depth_ticks(columns: list[int | None]) -> tuple[list[int], list[str]]:
     """Positions and labels for every k-th column (k keeps ≤ MAX_DEPTH_TICKS); "-" always."""
-    numbered = [i for i, d in enumerate(columns) if d is not None]
+    numbered = [(i, d) for i, d in enumerate(columns) if d is not None]
     step = max(1, math.ceil(len(numbered) / MAX_DEPTH_TICKS))
     if step > 1:  # round to 2, 4, 5, 10 … so ticks land on familiar numbers
         step = next(s for s in (2, 4, 5, 8, 10, 16, 20, 25, 50, 100, step) if s >= step)
-    positions = [i for i in numbered if columns[i] % step == 0] if step > 1 else numbered  # type: ignore[operator]
-    if len(numbered) > 0 and not positions:
-        positions = numbered[::step]
+    positions = [i for i, d in numbered if d % step == 0] or [i for i, _ in numbered[::step]]
     if columns and columns[-1] is None:
         positions.append(len(columns) - 1)
     labels = [NO_DEPTH if columns[i] is None else str(columns[i]) for i in positions]
@@ -262,9 +265,8 @@ def _norm_panel(ax: Any, layers: list[LayerReport], types: list[str], colors: di
     if not positive.size:
         ax.set_ylim(0, 1)
     # The same depth ticks as the heatmap above, "-" at the depth-less column.
-    positions = _depth_ticks(columns)[0]
-    ax.set_xticks([x_none if columns[i] is None else float(columns[i]) for i in positions],  # type: ignore[arg-type]
-                  [NO_DEPTH if columns[i] is None else str(columns[i]) for i in positions])
+    positions, labels = _depth_ticks(columns)
+    ax.set_xticks([x_none if (d := columns[i]) is None else d for i in positions], labels)
     lo = min(numbered) if numbered else x_none
     hi = x_none if None in columns else (max(numbered) if numbered else 0)
     ax.set_xlim(lo - 0.7, hi + 0.7)
@@ -349,7 +351,8 @@ def _summary_lines(report: InspectReport) -> list[str]:
         lines.append(f"base        {_short(_basename(summary.base), 48)}")
     cov = summary.coverage
     if cov.full_tensors or cov.unrecognized:
-        lines.append(f"also        full tensors {len(cov.full_tensors)}, unrecognized keys {len(cov.unrecognized)}")
+        n_full, n_unknown = len(cov.full_tensors), len(cov.unrecognized)
+        lines.append(f"also        {n_full} full tensor(s), {n_unknown} unknown key(s)")
     lines += ["", *_per_type_lines(layers), "", f"flagged     {len(dead)} dead, {len(outliers)} outlier"]
     flagged = sorted(outliers, key=lambda l: -abs(l.norm_z_score or 0.0)) + dead
     room = max(1, SUMMARY_LINES - len(lines))
