@@ -17,6 +17,7 @@ import numpy as np
 
 from lora_tools import lowrank
 from lora_tools.adapter import Adapter, LoraLayer
+from lora_tools.errors import FormatError
 from lora_tools.formats import load_adapter
 
 # A layer whose ‖ΔW‖_F is below this fraction of the adapter's median is "dead".
@@ -24,6 +25,9 @@ DEAD_FRACTION = 1e-4
 # Modified z-score (Iglewicz & Hoaglin) above which a layer stands out from its family.
 OUTLIER_Z = 3.5
 MIN_FAMILY_FOR_OUTLIERS = 4
+# ...and whose norm is at least this factor away from the family's median. Without it a
+# tight family (same init, MAD of a few percent) makes a layer 15 % off an "outlier".
+OUTLIER_MIN_RATIO = 2.0
 
 _NUMBER = re.compile(r"(?<=[._])\d+(?=[._]|$)")
 
@@ -139,7 +143,8 @@ def flag_layers(layers: list[LayerReport]) -> None:
 
     Families are the same module across depth (q_proj of every block): comparing a
     layer with its peers, not with the whole adapter, keeps MLP and attention apart.
-    The modified z-score uses median and MAD, so one wild layer cannot hide itself.
+    The modified z-score uses median and MAD, so one wild layer cannot hide itself; an
+    outlier must also be OUTLIER_MIN_RATIO times larger or smaller than the median.
     """
     norms = np.array([layer.fro_norm for layer in layers], dtype=np.float64)
     median_norm = float(np.median(norms)) if norms.size else 0.0
@@ -160,7 +165,7 @@ def flag_layers(layers: list[LayerReport]) -> None:
             continue
         for member, value in zip(alive, logs):
             member.norm_z_score = 0.6745 * (float(value) - center) / mad
-            if abs(member.norm_z_score) > OUTLIER_Z:
+            if abs(member.norm_z_score) > OUTLIER_Z and abs(float(value) - center) >= math.log(OUTLIER_MIN_RATIO):
                 member.flags.append("outlier")
 
 
@@ -169,7 +174,7 @@ def summarize(adapter: Adapter, base: str | None) -> AdapterSummary:
     n_tensors = sum(len(layer.source_keys) for layer in adapter.layers)
     n_tensors += len(adapter.full_tensors) + len(adapter.unrecognized_keys)
     dtypes = adapter.dtypes
-    target_modules = config.get("target_modules") or sorted({re.split(r"[._]", l.name)[-1] for l in adapter.layers})
+    target_modules = config.get("target_modules") or sorted({module_type(layer.name) for layer in adapter.layers})
     if isinstance(target_modules, str):
         target_modules = [target_modules]
     return AdapterSummary(
@@ -211,8 +216,14 @@ def inspect_adapter(
     base_norms: dict[str, float] = {}
     if base_path is not None:
         adapter, base_norms = _against_base(adapter, base_path)
-    layers = [layer_report(layer) for layer in adapter.layers]
+    with np.errstate(all="ignore"):  # overflow shows as inf below and is reported once
+        layers = [layer_report(layer) for layer in adapter.layers]
     for report in layers:
+        figures = [report.scale, report.fro_norm, report.effective_rank, *report.singular_values]
+        if not all(math.isfinite(x) for x in figures):  # finite factors, but 1e200·1e200 is not
+            raise FormatError(
+                adapter.path, f"layer {report.name!r}: s·B·A overflows float64 (scale {report.scale:g}), no figures"
+            )
         if report.name in base_norms:
             report.base_fro_norm = base_norms[report.name]
             report.relative_norm = report.fro_norm / report.base_fro_norm if report.base_fro_norm > 0 else None
@@ -233,4 +244,7 @@ def _against_base(adapter: Adapter, base_path: str | os.PathLike[str]) -> tuple[
             t.layer.name: float(np.linalg.norm(base.numpy(t.weight_key).astype(np.float64).ravel()))
             for t in targets
         }
+    for target in targets:
+        if not math.isfinite(norms[target.layer.name]):  # a NaN in W0 would poison ‖ΔW‖/‖W0‖
+            raise FormatError(base_path, f"tensor {target.weight_key!r} contains NaN or Inf")
     return adapter, norms

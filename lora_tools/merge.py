@@ -23,7 +23,7 @@ from lora_tools.errors import LoraToolsError, UsageError
 from lora_tools.output import SafetensorsStreamWriter, atomic_output, copy_extra_files, file_layout, wrap_write_errors
 from lora_tools.pipeline import OrderedWriter, prefetched
 from lora_tools.plan import MergePlan, TensorPlan, make_plan
-from lora_tools.safetensors_file import FLOAT_DTYPES, SafetensorsFile
+from lora_tools.safetensors_file import DTYPE_ITEMSIZE, FLOAT_DTYPES, SafetensorsFile
 from lora_tools.torch_dtypes import DTYPE_ALIASES, torch_dtype
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -140,7 +140,10 @@ def merge(
 
 
 def _write_index(plan: MergePlan, tmp: Path, out_code: str | None) -> None:
-    """The index: copied as is, unless a dtype change alters total_size."""
+    """The index: copied as is, unless a dtype change alters total_size.
+
+    total_size is what transformers writes: the bytes of the tensors, headers excluded.
+    """
     source = plan.base.path / INDEX_NAME
     if not source.exists():
         return
@@ -148,7 +151,11 @@ def _write_index(plan: MergePlan, tmp: Path, out_code: str | None) -> None:
         copy_extra_files(plan.base.path, [INDEX_NAME], tmp)
         return
     index = json.loads(source.read_text(encoding="utf-8"))
-    total = sum((tmp / name).stat().st_size for name in plan.base.shard_names)
+    total = 0
+    for name in plan.base.tensor_names():
+        info = plan.base.info(name)
+        code = out_code if info.dtype in FLOAT_DTYPES else info.dtype
+        total += info.numel * DTYPE_ITEMSIZE[code]
     index.setdefault("metadata", {})["total_size"] = total
     (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
@@ -196,7 +203,10 @@ class _Streamer:
         plan = self.plan.tensors.get(name)
         if plan is None:  # only a dtype change
             return w0.to(stored).cpu()
-        merged = merged_tensor(plan, w0, torch.float32)
+        # float32 accumulates every narrower dtype exactly enough; a float64 weight would
+        # lose 29 bits of every element to it.
+        compute = torch.float64 if torch.float64 in (w0.dtype, stored) else torch.float32
+        merged = merged_tensor(plan, w0, compute)
         if not bool(torch.isfinite(merged).all()):
             raise LoraToolsError(plan.sources[0], f"merging into {name!r} produced NaN or Inf")
         return merged.to(stored).cpu()

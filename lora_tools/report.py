@@ -11,6 +11,7 @@ from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from lora_tools.inspect import InspectReport, LayerReport
@@ -34,7 +35,9 @@ def _g(value: float | None, digits: int = 4) -> str:
 def render_inspect(report: InspectReport, console: Console, *, show_all: bool = False) -> None:
     summary = report.adapter
     cov = summary.coverage
-    console.print(f"[bold]{summary.path}[/bold]  format [cyan]{summary.format}[/cyan]")
+    # Paths, keys, metadata and layer names come from the user's files: "[v2]" or "[/]" in
+    # them is text, not Rich markup (unescaped, it vanishes or raises MarkupError).
+    console.print(f"[bold]{escape(summary.path)}[/bold]  format [cyan]{escape(summary.format)}[/cyan]")
     console.print(
         f"{summary.n_layers} layers, {summary.n_params:,} parameters, dtype {summary.dtype}, "
         f"ranks {summary.ranks}, alphas {[_g(a) for a in summary.alphas]}"
@@ -51,13 +54,13 @@ def render_inspect(report: InspectReport, console: Console, *, show_all: bool = 
     )
     console.print(coverage)
     for key in cov.unrecognized[:10]:
-        console.print(f"  [red]not understood:[/red] {key}")
+        console.print(f"  [red]not understood:[/red] {escape(key)}")
     if len(cov.unrecognized) > 10:
         console.print(f"  … and {len(cov.unrecognized) - 10} more")
     if summary.base_model:
-        console.print(f"base model (from config): {summary.base_model}")
+        console.print(f"base model (from config): {escape(summary.base_model)}")
     for key, value in list(summary.training_metadata.items())[:12]:
-        console.print(f"  {key} = {value[:100]}")
+        console.print(f"  {escape(key)} = {escape(value[:100])}")
     with_base = any(layer.relative_norm is not None for layer in report.layers)
     if show_all or len(report.layers) <= MAX_ROWS:
         console.print(_layer_table(report.layers, with_base))
@@ -78,7 +81,7 @@ def _layer_table(layers: list[LayerReport], with_base: bool, title: str | None =
     table.add_column("flags")
     for layer in layers:
         row = [
-            layer.name, "×".join(map(str, layer.shape)), str(layer.rank), _g(layer.alpha), _g(layer.scale),
+            escape(layer.name), "×".join(map(str, layer.shape)), str(layer.rank), _g(layer.alpha), _g(layer.scale),
             _g(layer.fro_norm), _g(layer.spectral_norm), str(layer.energy_rank_90), str(layer.energy_rank_99),
             f"{layer.effective_rank:.2f}",
         ]
@@ -107,7 +110,7 @@ def _family_table(layers: list[LayerReport], with_base: bool) -> Table:
     for family, members in families.items():
         ranks = sorted({m.rank for m in members})
         row = [
-            family, str(len(members)), ",".join(map(str, ranks)),
+            escape(family), str(len(members)), ",".join(map(str, ranks)),
             spread([m.fro_norm for m in members]), spread([m.spectral_norm for m in members]),
             spread([float(m.energy_rank_90) for m in members]), spread([m.effective_rank for m in members]),
         ]
@@ -144,3 +147,85 @@ def render_verify(report: VerifyReport, console: Console, *, show_all: bool = Fa
     for line in describe(report)[:20]:
         console.print(f"[red]{line}[/red]" if "inconclusive" not in line else f"[yellow]{line}[/yellow]")
     console.print(verify_summary_line(report))
+
+
+if TYPE_CHECKING:
+    from lora_tools.blend import BlendReport
+
+
+def render_blend(report: BlendReport, console: Console, *, show_all: bool = False) -> None:
+    """Inputs and weights, per-layer ranks / cosines / energy kept, and the totals."""
+    import re
+
+    from rich.markup import escape as esc
+
+    console.print(
+        f"[bold]blend {report.method}[/bold] of {len(report.inputs)} adapter(s) -> {esc(report.out)} "
+        f"([cyan]{report.format}[/cyan], {report.dtype})"
+    )
+    for i, source in enumerate(report.inputs):
+        console.print(f"  \\[{i}] w = {source.weight:g}  {esc(source.path)}  ({source.format}, {source.n_layers} layers, ranks {source.ranks})")
+    details = [f"rank {report.rank}" if report.rank is not None else None,
+               f"energy target {report.energy:g}" if report.energy is not None else None,
+               f"density {report.density:g}" if report.density is not None else None,
+               f"seed {report.seed}" if report.seed is not None else None,
+               f"normalize {report.normalize}" if report.normalize is not None else None,
+               f"on {report.device}" if report.device else None]
+    if any(details):
+        console.print("  " + ", ".join(d for d in details if d))
+
+    def cos_text(matrix: list[list[float | None]]) -> str:
+        pairs = [v for i, row in enumerate(matrix) for v in row[i + 1:] if v is not None]
+        if not pairs:
+            return "-"
+        return " ".join(f"{v:+.3f}" for v in pairs) if len(pairs) <= 3 else f"{min(pairs):+.3f}…{max(pairs):+.3f}"
+
+    def kept_text(value: float | None) -> str:
+        return "-" if value is None else f"{100 * value:.2f}%"
+
+    layers = report.layers
+    if show_all or len(layers) <= MAX_ROWS:
+        table = Table()
+        for column in ("layer", "shape", "r in", "r out", "cos", "‖ΣwΔW‖_F", "energy kept", "residual", "rel.err"):
+            table.add_column(column, justify="left" if column == "layer" else "right", no_wrap=column != "layer")
+        for layer in layers:
+            table.add_row(
+                esc(layer.name), "×".join(map(str, layer.shape)), "+".join("-" if r is None else str(r) for r in layer.ranks_in),
+                str(layer.rank_out), cos_text(layer.cosine_similarity), _g(layer.fro_norm_sum), kept_text(layer.energy_kept),
+                _g(layer.residual_fro, 3), _g(layer.relative_error, 3),
+            )
+    else:
+        families: dict[str, list[Any]] = defaultdict(list)
+        for layer in layers:
+            families[re.sub(r"(?<=[._])\d+(?=[._]|$)", "*", layer.name)].append(layer)
+        table = Table(title="layers grouped by module (min / median / max over depth)")
+        for column in ("module", "layers", "r in", "r out", "cos", "energy kept", "max rel.err"):
+            table.add_column(column, justify="left" if column == "module" else "right")
+
+        def spread(values: list[float], fmt: Any) -> str:
+            ordered = sorted(values)
+            return "-" if not ordered else " / ".join(fmt(v) for v in (ordered[0], ordered[len(ordered) // 2], ordered[-1]))
+
+        for family, members in families.items():
+            ranks_in = sorted({"+".join("-" if r is None else str(r) for r in m.ranks_in) for m in members})
+            cosines = [v for m in members for i, row in enumerate(m.cosine_similarity) for v in row[i + 1:] if v is not None]
+            kept = [m.energy_kept for m in members if m.energy_kept is not None]
+            table.add_row(
+                esc(family), str(len(members)), ",".join(ranks_in), ",".join(map(str, sorted({m.rank_out for m in members}))),
+                spread(cosines, lambda v: f"{v:+.3f}"), spread(kept, kept_text),
+                _g(max(m.relative_error for m in members), 3),
+            )
+    console.print(table)
+    if not show_all and len(layers) > MAX_ROWS:
+        console.print(f"{len(layers)} layers grouped by module; --all shows every layer")
+    console.print(
+        f"{report.n_layers} layers, {report.n_params:,} parameters; energy kept {kept_text(report.energy_kept)}"
+        + (f" (min {kept_text(report.min_energy_kept)})" if report.min_energy_kept is not None else "")
+        + f"; relative error vs Σ wᵢ·ΔWᵢ {report.relative_error:.3g}; {report.seconds:.2f} s"
+    )
+    if report.full_tensors:
+        console.print(f"full tensors (modules_to_save) blended: {', '.join(report.full_tensors)}")
+    if report.dropped_layers:
+        console.print(f"{len(report.dropped_layers)} layers dropped (all their weights are 0): {', '.join(report.dropped_layers[:5])}")
+    for note in report.notes:
+        console.print(f"[yellow]note:[/yellow] {esc(note)}")

@@ -114,6 +114,8 @@ class SafetensorsFile:
             raise self._fail("header is not UTF-8 (not a safetensors file?)") from None
         except ValueError as exc:
             raise self._fail(f"header is not valid JSON ({exc})") from None
+        except RecursionError:  # "[[[[…" a million deep
+            raise self._fail("header is not valid JSON (nested too deeply)") from None
         if not isinstance(header, dict):
             raise self._fail("header is not a JSON object")
 
@@ -137,7 +139,7 @@ class SafetensorsFile:
         dtype = entry.get("dtype")
         shape = entry.get("shape")
         offsets = entry.get("data_offsets")
-        if dtype not in DTYPE_ITEMSIZE:
+        if not isinstance(dtype, str) or dtype not in DTYPE_ITEMSIZE:
             raise self._fail(f"tensor {name!r}: unknown dtype {dtype!r}")
         if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
             raise self._fail(f"tensor {name!r}: invalid shape {shape!r}")

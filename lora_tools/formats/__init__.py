@@ -5,6 +5,7 @@ Key-name conventions live in this package and nowhere else.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from lora_tools.errors import FormatError
 from lora_tools.formats.diffusers import load_diffusers, looks_like_diffusers, looks_like_legacy_diffusers
 from lora_tools.formats.kohya import load_kohya, looks_like_kohya
 from lora_tools.formats.peft import load_peft, looks_like_peft, read_config
-from lora_tools.formats.source import open_source
+from lora_tools.formats.source import TensorSource, open_source
 
 __all__ = ["load_adapter"]
 
@@ -30,8 +31,8 @@ def load_adapter(path: str | os.PathLike[str], *, alpha: float | None = None) ->
     path = Path(path)
     if not path.exists():
         raise FormatError(path, "no such file or directory")
-    if alpha is not None and not alpha > 0:
-        raise FormatError(path, f"--alpha must be positive, got {alpha}")
+    if alpha is not None and not 0 < alpha < math.inf:
+        raise FormatError(path, f"--alpha must be a positive finite number, got {alpha}")
     if path.is_dir():
         return _load_directory(path, alpha)
     if not os.access(path, os.R_OK):
@@ -45,7 +46,11 @@ def _load_directory(path: Path, alpha: float | None) -> Adapter:
         for name in PEFT_WEIGHTS:
             if (path / name).is_file():
                 config = read_config(config_path)
-                return load_peft(open_source(path / name), config, adapter_path=path, alpha_override=alpha)
+                source = open_source(path / name)
+                try:  # readers copy every tensor they keep, so the file can close after
+                    return load_peft(source, config, adapter_path=path, alpha_override=alpha)
+                finally:
+                    source.close()
         raise FormatError(path, f"has {PEFT_CONFIG} but no {' or '.join(PEFT_WEIGHTS)}")
     if (path / DIFFUSERS_WEIGHTS).is_file():
         return _load_file(path / DIFFUSERS_WEIGHTS, alpha)
@@ -54,13 +59,23 @@ def _load_directory(path: Path, alpha: float | None) -> Adapter:
 
 def _load_file(path: Path, alpha: float | None) -> Adapter:
     source = open_source(path)
+    try:  # readers copy every tensor they keep, so the file can close after
+        return _read_source(path, source, alpha)
+    finally:
+        source.close()
+
+
+def _read_source(path: Path, source: TensorSource, alpha: float | None) -> Adapter:
     keys = source.keys()
+    sibling = path.parent / PEFT_CONFIG
+    # PEFT keys saved without `base_model.model.` can start like a diffusers component
+    # (GPT-2's `transformer.h.0…`); a sibling adapter_config.json says which they are.
+    peft_with_config = looks_like_peft(keys) and sibling.is_file() and "lora_adapter_metadata" not in source.metadata
     if looks_like_kohya(keys):
         return load_kohya(source, alpha_override=alpha)
-    if looks_like_legacy_diffusers(keys) or looks_like_diffusers(keys, source.metadata):
+    if not peft_with_config and (looks_like_legacy_diffusers(keys) or looks_like_diffusers(keys, source.metadata)):
         return load_diffusers(source, alpha_override=alpha)
     if looks_like_peft(keys):
-        sibling = path.parent / PEFT_CONFIG
         config = read_config(sibling) if sibling.is_file() else {"lora_alpha": None}
         return load_peft(source, config, adapter_path=path, alpha_override=alpha)
     if not keys:

@@ -6,6 +6,7 @@ reads the tensors, checks that the factors fit together, and builds the layers.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -14,6 +15,9 @@ import numpy as np
 from lora_tools.adapter import LoraLayer
 from lora_tools.errors import FormatError
 from lora_tools.formats.source import TensorSource, finite_factor
+
+# Integer alphas are real: diffusers' convert_state_dict_to_kohya writes torch.tensor(rank), an int64.
+_ALPHA_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U64", "U32", "U16", "U8"})
 
 # Roles a key can play for one module.
 A, B, EMB_A, EMB_B, BIAS, MAGNITUDE, ALPHA = "A", "B", "emb_A", "emb_B", "bias", "magnitude", "alpha"
@@ -88,10 +92,36 @@ def build_layers(
     return layers
 
 
+def finite_number(value: object) -> float | None:
+    """`value` as a float if it is a finite JSON number (not a bool), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # a 400-digit integer
+        return None
+    return number if math.isfinite(number) else None
+
+
+def scalar_alpha(source: TensorSource, key: str) -> float:
+    """A per-module `.alpha` tensor: one finite number, stored as any float or int dtype."""
+    if source.dtype(key) not in _ALPHA_DTYPES:
+        raise FormatError(source.path, f"tensor {key!r}: alpha has non-numeric dtype {source.dtype(key)}")
+    value = np.asarray(source.numpy(key), dtype=np.float64)
+    if value.size != 1:
+        raise FormatError(source.path, f"tensor {key!r}: alpha must be a scalar, has shape {value.shape}")
+    alpha = float(value.reshape(()))
+    if not np.isfinite(alpha):
+        raise FormatError(source.path, f"tensor {key!r}: alpha is {alpha}")
+    return alpha
+
+
 def check_factor_shapes(source: TensorSource, module: str, a: np.ndarray, b: np.ndarray, embedding: bool) -> None:
     """A is (r, in, ...) and B is (out, r, 1, ...): the two r must agree."""
     if a.ndim < 2 or b.ndim < 2:
         raise FormatError(source.path, f"module {module!r}: factors must be at least 2-D, got {a.shape} and {b.shape}")
+    if a.shape[0] == 0:
+        raise FormatError(source.path, f"module {module!r}: rank 0 (factors {tuple(a.shape)} and {tuple(b.shape)})")
     if b.shape[1] != a.shape[0]:
         raise FormatError(
             source.path,

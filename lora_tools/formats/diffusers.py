@@ -16,13 +16,13 @@ import json
 import re
 from typing import Any
 
-import numpy as np
-
 from lora_tools.adapter import Adapter
 from lora_tools.errors import FormatError
-from lora_tools.formats.common import A, ALPHA, B, DuplicateRole, KeyGroups, build_layers
+from lora_tools.formats.common import (
+    A, ALPHA, B, DuplicateRole, KeyGroups, build_layers, finite_number, scalar_alpha,
+)
 from lora_tools.formats.peft import group_peft_keys, pattern_value
-from lora_tools.formats.source import TensorSource, finite_factor
+from lora_tools.formats.source import TensorSource
 
 COMPONENTS = ("unet.", "text_encoder.", "text_encoder_2.", "text_encoder_3.", "transformer.", "prior.")
 
@@ -55,7 +55,7 @@ def adapter_metadata(source: TensorSource) -> dict[str, Any]:
         return {}
     try:
         parsed = json.loads(raw)
-    except json.JSONDecodeError as exc:
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, 5000-digit ints, deep nesting
         raise FormatError(source.path, f"header lora_adapter_metadata is not JSON ({exc})") from None
     if not isinstance(parsed, dict):
         raise FormatError(source.path, "header lora_adapter_metadata is not a JSON object")
@@ -86,8 +86,10 @@ def load_diffusers(source: TensorSource, *, alpha_override: float | None = None)
                 groups.add(_legacy_module(legacy), A if legacy.group("role") == "down" else B, key)
             elif key.endswith(".alpha"):
                 alpha_match = _LEGACY_ALPHA.match(key)
-                assert alpha_match is not None
-                alpha_keys[_legacy_module(alpha_match)] = key
+                if alpha_match is None:  # ".alpha" alone names no module
+                    groups.unclaimed.append(key)
+                else:
+                    alpha_keys[_legacy_module(alpha_match)] = key
     except DuplicateRole as exc:
         raise FormatError(source.path, str(exc)) from None
     for module, key in alpha_keys.items():
@@ -100,16 +102,22 @@ def load_diffusers(source: TensorSource, *, alpha_override: float | None = None)
         if alpha_override is not None:
             return alpha_override
         if ALPHA in roles:
-            return float(np.asarray(finite_factor(source, roles[ALPHA]), dtype=np.float64).reshape(()))
+            return scalar_alpha(source, roles[ALPHA])
         config = _config_for(metadata, module)
         bare = module.split(".", 1)[1] if module.startswith(COMPONENTS) else module
-        default = config.get("lora_alpha", rank)
-        return float(pattern_value(config.get("alpha_pattern") or {}, bare, default))
+        default = finite_number(config.get("lora_alpha", rank))
+        if default is None:
+            problem = f"lora_alpha {config.get('lora_alpha')!r} is not a number"
+            raise FormatError(source.path, f"header lora_adapter_metadata: {problem}")
+        pattern = config.get("alpha_pattern") or {}
+        if not isinstance(pattern, dict) or any(finite_number(v) is None for v in pattern.values()):
+            problem = "alpha_pattern must map module patterns to numbers"
+            raise FormatError(source.path, f"header lora_adapter_metadata: {problem}")
+        return float(pattern_value(pattern, bare, default))
 
-    use_rslora = bool(metadata.get("use_rslora")) or any(
-        isinstance(v, dict) and v.get("use_rslora") for v in metadata.values()
-    )
-    layers = build_layers(source, groups, alpha_for, use_rslora=use_rslora)
+    layers = build_layers(source, groups, alpha_for)
+    for layer in layers:  # rsLoRA is per component ("unet.use_rslora"), like every other field
+        layer.use_rslora = bool(_config_for(metadata, layer.name).get("use_rslora"))
     if not layers:
         raise FormatError(source.path, "no diffusers LoRA tensors found")
     return Adapter(

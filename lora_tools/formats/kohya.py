@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import re
 
-import numpy as np
-
 from lora_tools.adapter import Adapter
 from lora_tools.errors import FormatError
-from lora_tools.formats.common import A, ALPHA, B, DuplicateRole, KeyGroups, build_layers
-from lora_tools.formats.source import TensorSource, finite_factor
+from lora_tools.formats.common import A, ALPHA, B, DuplicateRole, KeyGroups, build_layers, scalar_alpha
+from lora_tools.formats.source import TensorSource
 
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_transformer_")
 
@@ -49,10 +47,7 @@ def load_kohya(source: TensorSource, *, alpha_override: float | None = None) -> 
             return alpha_override
         if ALPHA not in roles:
             return float(rank)
-        value = finite_factor(source, roles[ALPHA])
-        if value.size != 1:
-            raise FormatError(source.path, f"tensor {roles[ALPHA]!r}: alpha must be a scalar, has shape {value.shape}")
-        alpha = float(np.asarray(value, dtype=np.float64).reshape(()))
+        alpha = scalar_alpha(source, roles[ALPHA])
         return alpha if alpha != 0 else float(rank)
 
     layers = build_layers(source, groups, alpha_for)

@@ -20,7 +20,7 @@ from typing import Any
 from lora_tools.adapter import Adapter
 from lora_tools.errors import FormatError
 from lora_tools.formats.common import (
-    A, B, BIAS, EMB_A, EMB_B, MAGNITUDE, DuplicateRole, KeyGroups, build_layers,
+    A, B, BIAS, EMB_A, EMB_B, MAGNITUDE, DuplicateRole, KeyGroups, build_layers, finite_number,
 )
 from lora_tools.formats.source import TensorSource, finite_factor
 
@@ -72,7 +72,7 @@ def read_config(path: Path) -> dict[str, Any]:
         raise FormatError(path, f"cannot read: {exc}") from None
     try:
         config = json.loads(text)
-    except json.JSONDecodeError as exc:
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, 5000-digit ints, deep nesting
         raise FormatError(path, f"invalid JSON ({exc})") from None
     if not isinstance(config, dict):
         raise FormatError(path, "adapter config is not a JSON object")
@@ -83,22 +83,27 @@ def read_config(path: Path) -> dict[str, Any]:
         if field_name not in config:
             raise FormatError(path, f"missing {field_name!r}")
         value = config[field_name]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        number = finite_number(value)
+        if number is None or number <= 0:
             raise FormatError(path, f"{field_name!r} must be a positive number, got {value!r}")
     for field_name in ("rank_pattern", "alpha_pattern"):
         pattern = config.get(field_name) or {}
         if not isinstance(pattern, dict) or not all(
-            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) for k, v in pattern.items()
+            isinstance(k, str) and finite_number(v) is not None for k, v in pattern.items()
         ):
             raise FormatError(path, f"{field_name!r} must map module patterns to numbers")
         config[field_name] = pattern
     for flag in ("use_rslora", "use_dora", "fan_in_fan_out", "lora_bias"):
         if not isinstance(config.get(flag) or False, bool):
             raise FormatError(path, f"{flag!r} must be true or false, got {config[flag]!r}")
+    if not isinstance(config.get("bias") or "none", str):
+        raise FormatError(path, f"'bias' must be \"none\", \"all\" or \"lora_only\", got {config['bias']!r}")
+    for field_name in ("modules_to_save", "target_modules"):  # a name (or regex), a list of names, or absent
+        names = config.get(field_name) or []
+        if not isinstance(names, str) and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+            raise FormatError(path, f"{field_name!r} must be a module name or a list of them, got {names!r}")
     modules_to_save = config.get("modules_to_save") or []
-    if isinstance(modules_to_save, str):
-        modules_to_save = [modules_to_save]
-    config["modules_to_save"] = list(modules_to_save)
+    config["modules_to_save"] = [modules_to_save] if isinstance(modules_to_save, str) else list(modules_to_save)
     return config
 
 

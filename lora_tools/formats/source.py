@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -28,6 +29,8 @@ class TensorSource(Protocol):
     def shape(self, key: str) -> tuple[int, ...]: ...
 
     def numpy(self, key: str) -> np.ndarray: ...
+
+    def close(self) -> None: ...
 
 
 class SafetensorsSource:
@@ -50,6 +53,9 @@ class SafetensorsSource:
     def numpy(self, key: str) -> np.ndarray:
         return self.file.numpy(key)
 
+    def close(self) -> None:
+        self.file.close()
+
 
 class TorchPickleSource:
     """A legacy `adapter_model.bin`, loaded with `torch.load(weights_only=True)` only.
@@ -66,15 +72,16 @@ class TorchPickleSource:
         self.path = path
         self.metadata: dict[str, str] = {}
         try:
-            state = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch warns about pickle protocols on stderr
+                warnings.simplefilter("ignore")
+                state = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
         except FileNotFoundError:
             raise FormatError(path, "no such file") from None
         except PermissionError:
             raise FormatError(path, "permission denied") from None
         except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, TypeError) as exc:
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise FormatError(
-                path, f"refused to load pickle (weights_only=True): {first_line[:200]}"
+                path, f"refused to load pickle (weights_only=True): {_pickle_problem(exc)}"
             ) from None
         except Exception as exc:  # noqa: BLE001 - anything else a hostile pickle may raise
             raise FormatError(path, f"cannot load pickle: {type(exc).__name__}") from None
@@ -82,27 +89,56 @@ class TorchPickleSource:
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
         ):
             raise FormatError(path, "not a state dict of named tensors")
-        self._arrays: dict[str, np.ndarray] = {}
+        self._tensors: dict[str, Any] = {}
         self._dtypes: dict[str, str] = {}
         for key, tensor in state.items():
+            if tensor.layout != torch.strided:  # sparse or quantized: never LoRA factors
+                raise FormatError(path, f"tensor {key!r}: unsupported layout {tensor.layout}")
             try:
                 self._dtypes[key] = safetensors_code(tensor.dtype)
             except KeyError:
                 raise FormatError(path, f"tensor {key!r}: unsupported dtype {tensor.dtype}") from None
-            widened = tensor.float() if tensor.dtype == torch.bfloat16 else tensor
-            self._arrays[key] = widened.detach().contiguous().numpy()
+            self._tensors[key] = tensor.detach()
 
     def keys(self) -> list[str]:
-        return list(self._arrays)
+        return list(self._tensors)
 
     def dtype(self, key: str) -> str:
         return self._dtypes[key]
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._arrays[key].shape)
+        return tuple(self._tensors[key].shape)
 
     def numpy(self, key: str) -> np.ndarray:
-        return self._arrays[key]
+        """The tensor as numpy; bf16 widened exactly to float32, like SafetensorsFile."""
+        import torch
+
+        tensor = self._tensors[key]
+        if tensor.dtype == torch.bfloat16:
+            tensor = tensor.float()
+        try:
+            return tensor.contiguous().numpy()
+        except (TypeError, RuntimeError):  # float8 and other dtypes numpy cannot hold
+            problem = f"tensor {key!r}: dtype {self._dtypes[key]} cannot be read as numbers here"
+            raise FormatError(self.path, problem) from None
+
+    def close(self) -> None:
+        """Nothing to close: torch.load read the whole file."""
+
+
+def _pickle_problem(exc: BaseException) -> str:
+    """The informative line of a torch.load error.
+
+    torch's weights_only errors open with a paragraph on re-running with
+    weights_only=False (advice we must not pass on for a stranger's file); the line that
+    says what was refused ("Unsupported global: GLOBAL posix.system ...") comes later.
+    """
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    telling = [
+        line for line in lines
+        if not line.startswith(("Weights only load failed", "Please file an issue", "Check the documentation"))
+    ]
+    return telling[0][:200] if telling else type(exc).__name__
 
 
 def open_source(path: Path) -> TensorSource:

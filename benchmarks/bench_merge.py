@@ -1,0 +1,345 @@
+"""Benchmark `lora-tools merge` against an I/O floor and PEFT, and check it against PEFT.
+
+A synthetic Llama checkpoint (1B shapes by default, bf16, ≤ 1 GB shards) and a PEFT
+adapter (r=16 on all seven projections of every layer) are generated, then each
+variant runs in its own subprocess:
+
+  floor: safetensors      per shard: safetensors.torch.load_file, then save_file into a
+                          new folder (read every tensor once, write it once)
+  cp -r                   a plain byte copy of the folder, for scale
+  lora-tools merge cpu    python -m lora_tools merge BASE ADAPTER -o OUT --device cpu -q
+  lora-tools merge cuda   the same with --device cuda (only when torch sees a GPU)
+  PEFT                    AutoModelForCausalLM.from_pretrained(BASE, bf16) →
+                          PeftModel.from_pretrained → merge_and_unload → save_pretrained
+                          (max_shard_size as the base's)
+
+Fairness: before every variant the base shards are read once (warm page cache for all),
+and pending writes are flushed with sync; after it, sync is timed again, so the
+"wall+sync" column charges every variant for getting its output onto the disk (lora-tools
+fsyncs its shards itself; save_file and save_pretrained do not). Memory is polled from
+/proc/<pid>/status every 20 ms (VmRSS, RssAnon; VmHWM and wait4's ru_maxrss as kernel
+cross-checks). "anon / largest" is peak anonymous memory over the largest tensor (the
+embedding: 128256×2048 bf16 = 525 MB at 1B): a streaming merge should stay at a few.
+
+Correctness: a few adapted tensors of lora-tools' output are compared with PEFT's (and
+both with a float64 W0 + s·B·A), in units of the bf16 spacing at each element; a few
+unadapted tensors must be bit-identical.
+
+    PYTHONPATH=. python3 benchmarks/bench_merge.py                 # 1B, CPU (+ CUDA if present)
+    PYTHONPATH=. python3 benchmarks/bench_merge.py --shape 8b --skip-peft
+    PYTHONPATH=. python3 benchmarks/bench_merge.py --flatness --skip-peft   # peak memory 1B vs 8B
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchutil as bu  # noqa: E402
+import synthetic  # noqa: E402
+
+FLOOR_SCRIPT = textwrap.dedent('''
+    import os, sys
+    from safetensors.torch import load_file, save_file
+    src, dst = sys.argv[1], sys.argv[2]
+    os.makedirs(dst)
+    for name in sorted(os.listdir(src)):
+        if name.endswith(".safetensors"):
+            tensors = load_file(os.path.join(src, name))
+            save_file(tensors, os.path.join(dst, name), metadata={"format": "pt"})
+            del tensors
+''')
+
+PEFT_SCRIPT = textwrap.dedent('''
+    import json, sys, time
+    t0 = time.perf_counter()
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM
+    from peft import PeftModel
+    base, adapter, out, shard = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    t1 = time.perf_counter()
+    major_minor = tuple(int(p) for p in transformers.__version__.split(".")[:2])
+    dtype_kw = "dtype" if major_minor >= (4, 56) else "torch_dtype"
+    model = AutoModelForCausalLM.from_pretrained(base, **{dtype_kw: torch.bfloat16})
+    t2 = time.perf_counter()
+    model = PeftModel.from_pretrained(model, adapter)
+    t3 = time.perf_counter()
+    model = model.merge_and_unload()
+    t4 = time.perf_counter()
+    model.save_pretrained(out, max_shard_size=shard)
+    t5 = time.perf_counter()
+    print(json.dumps({"import_s": t1 - t0, "load_base_s": t2 - t1, "load_adapter_s": t3 - t2,
+                      "merge_and_unload_s": t4 - t3, "save_pretrained_s": t5 - t4}))
+''')
+
+
+# -- reading tensors by name ------------------------------------------------------------------
+
+def shard_for(folder: Path, name: str) -> Path:
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        return folder / json.loads(index.read_text())["weight_map"][name]
+    return folder / "model.safetensors"
+
+
+def read_tensor(folder: Path, name: str) -> Any:
+    from safetensors import safe_open
+
+    with safe_open(str(shard_for(folder, name)), framework="pt") as handle:
+        return handle.get_tensor(name)
+
+
+def bf16_ulps(a: Any, b: Any, w0: Any = None) -> tuple[float, int]:
+    """max |a − b| in units of the bf16 spacing at max(|a|, |b|, |W0|), and how many elements differ.
+
+    |W0| is in the scale (as in lora-tools verify): where W0 + ΔW nearly cancels, a float32
+    sum carries an error of about eps32·|W0|, which is far below W0's own bf16 spacing but
+    can be many spacings of the tiny result.
+    """
+    import torch
+
+    a64, b64 = a.to(torch.float64), b.to(torch.float64)
+    diff = (a64 - b64).abs()
+    magnitude = torch.maximum(a64.abs(), b64.abs())
+    if w0 is not None:
+        magnitude = torch.maximum(magnitude, w0.to(torch.float64).abs())
+    magnitude = magnitude.clamp_min(torch.finfo(torch.bfloat16).tiny)
+    ulp = torch.exp2(torch.floor(torch.log2(magnitude)) - 7)
+    return float((diff / ulp).max()), int((a != b).sum())
+
+
+def exact_merged(base: Path, adapter: Path, module: str, scale: float) -> Any:
+    """float64 W0 + s·B·A from the stored values."""
+    import torch
+    from safetensors import safe_open
+
+    w0 = read_tensor(base, f"{module}.weight").to(torch.float64)
+    with safe_open(str(adapter / "adapter_model.safetensors"), framework="pt") as handle:
+        a = handle.get_tensor(f"base_model.model.{module}.lora_A.weight").to(torch.float64)
+        b = handle.get_tensor(f"base_model.model.{module}.lora_B.weight").to(torch.float64)
+    return w0 + scale * (b @ a)
+
+
+def compare_outputs(base: Path, adapter: Path, outputs: dict[str, Path], spec: synthetic.LlamaShape,
+                    scale: float) -> list[dict[str, Any]]:
+    """Per checked tensor: each output against float64 exact, and each pair of outputs."""
+    last = spec.num_hidden_layers - 1
+    adapted = [synthetic.module_path(layer, proj) for layer in dict.fromkeys((0, last // 2, last))
+               for proj in ("q_proj", "v_proj", "down_proj")]
+    unadapted = ["model.embed_tokens.weight", "model.layers.0.input_layernorm.weight", "model.norm.weight"]
+    import torch
+
+    labels = list(outputs)
+    rows: list[dict[str, Any]] = []
+    for module in adapted:
+        name = f"{module}.weight"
+        exact = exact_merged(base, adapter, module, scale)
+        w0 = read_tensor(base, name)
+        tensors = {label: read_tensor(folder, name) for label, folder in outputs.items()}
+        row: dict[str, Any] = {"tensor": name, "adapted": True}
+        for label in labels:
+            row[f"{label} vs fp64 (ulps)"] = bf16_ulps(tensors[label], exact, w0)[0]
+        for i, first in enumerate(labels):
+            for second in labels[i + 1:]:
+                ulps, ndiff = bf16_ulps(tensors[first], tensors[second], w0)
+                row[f"{first} vs {second} (ulps)"] = ulps
+                row[f"{first} vs {second} (elements differing)"] = ndiff
+        rows.append(row)
+    for name in unadapted:
+        w0 = read_tensor(base, name)
+        row = {"tensor": name, "adapted": False}
+        for label, folder in outputs.items():
+            stored = read_tensor(folder, name)
+            row[f"{label} bit-identical to base"] = bool(torch.equal(stored.view(torch.int16), w0.view(torch.int16)))
+        rows.append(row)
+    return rows
+
+
+# -- variants ----------------------------------------------------------------------------------
+
+def run_variant(label: str, cmd: list[str], base: Path, *, timeout_s: float | None = None) -> dict[str, Any]:
+    warm = synthetic.cat_to_devnull(base)
+    bu.sync_seconds()
+    print(f"- {label}: warm-up read of the base {warm:.1f} s, running ...", flush=True)
+    m = bu.measure(cmd, timeout_s=timeout_s)
+    sync = bu.sync_seconds()
+    result = {"variant": label, **m.as_dict(), "sync_s": sync, "wall_sync_s": m.wall_s + sync, "warmup_read_s": warm}
+    if m.rc != 0:
+        print(f"  FAILED (exit status {m.rc}):\n{textwrap.indent(m.stderr[-3000:], '    ')}")
+    else:
+        print(f"  {m.wall_s:.1f} s (+{sync:.1f} s sync), peak RSS {bu.fmt(m.peak_mb)} MB, "
+              f"peak anon {bu.fmt(m.peak_anon_mb)} MB", flush=True)
+    return result
+
+
+def prepare_inputs(work: Path, shape: str, adapter_dtype: str, rank: int, max_shard_bytes: int) -> tuple[Path, Path, dict, dict]:
+    spec = synthetic.get_shape(shape)
+    base = work / f"base-{spec.name}"
+    base_info = bu.cached(base, {"shape": spec.name, "seed": 0, "max_shard_bytes": max_shard_bytes},
+                          lambda p: synthetic.write_base(p, spec, max_shard_bytes=max_shard_bytes))
+    adapter = work / f"adapter-{spec.name}-r{rank}-{adapter_dtype}"
+    adapter_info = bu.cached(adapter, {"shape": spec.name, "rank": rank, "dtype": adapter_dtype, "seed": 1},
+                             lambda p: synthetic.write_adapter(p, spec, rank=rank, dtype=adapter_dtype))
+    adapter_info.pop("modules", None)
+    made = "reused" if base_info["reused"] else "generated in {:.1f} s".format(base_info["seconds"])
+    print(f"base {base}: {base_info['n_params'] / 1e9:.2f} B params, {base_info['total_bytes'] / 1e9:.2f} GB in "
+          f"{len(base_info['shards'])} shards ({made}); largest tensor {base_info['largest_tensor']} "
+          f"{base_info['largest_tensor_bytes'] / 1e6:.0f} MB")
+    print(f"adapter {adapter}: {adapter_info['n_modules']} modules, r={rank}, {adapter_dtype}")
+    return base, adapter, base_info, adapter_info
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    bu.common_arguments(parser)
+    parser.add_argument("--skip-peft", action="store_true", help="do not run PEFT (it holds the whole model in memory)")
+    parser.add_argument("--skip-cuda", action="store_true", help="do not run lora-tools with --device cuda")
+    parser.add_argument("--skip-floor", action="store_true", help="do not run the safetensors and cp floors")
+    parser.add_argument("--flatness", action="store_true",
+                        help="also merge at the other of 1b/8b with lora-tools (cpu) and compare peak memory")
+    parser.add_argument("--adapter-dtype", default="bf16", choices=["bf16", "fp32"])
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--max-shard-bytes", type=int, default=synthetic.DEFAULT_SHARD_BYTES)
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds before a variant is killed")
+    args = parser.parse_args(argv)
+    spec = synthetic.get_shape(args.shape)
+    try:
+        import torch
+
+        has_cuda = bool(torch.cuda.is_available())
+    except Exception:  # pragma: no cover
+        has_cuda = False
+
+    results: dict[str, Any] = {"benchmark": "merge", "command": bu.command_line(), "machine": bu.machine_info(),
+                               "shape": spec.name, "adapter_dtype": args.adapter_dtype, "rank": args.rank,
+                               "notes": "warm page cache before every variant; wall+sync includes flushing the output"}
+    with bu.workdir(args.workdir, args.keep, "lora-bench-merge-") as work:
+        base, adapter, base_info, adapter_info = prepare_inputs(work, spec.name, args.adapter_dtype, args.rank,
+                                                               args.max_shard_bytes)
+        results["base"], results["adapter"] = base_info, adapter_info
+        largest_mb = base_info["largest_tensor_bytes"] / bu.MB
+        scale = adapter_info["alpha"] / args.rank
+        runs: list[dict[str, Any]] = []
+        keep_outputs: dict[str, Path] = {}
+
+        def variant(label: str, cmd: list[str], out: Path, keep_for_compare: bool = False) -> dict[str, Any]:
+            bu.remove(out, keep=False)
+            run = run_variant(label, cmd, base, timeout_s=args.timeout)
+            runs.append(run)
+            if keep_for_compare and run["rc"] == 0:
+                keep_outputs[label] = out
+            else:
+                bu.remove(out, args.keep)
+            return run
+
+        if not args.skip_floor:
+            variant("floor: safetensors load_file+save_file", [sys.executable, "-c", FLOOR_SCRIPT, base, work / "out-floor"],
+                    work / "out-floor")
+            variant("cp -r (byte copy)", ["cp", "-r", base, work / "out-cp"], work / "out-cp")
+        variant("lora-tools merge --device cpu",
+                bu.lora_tools("merge", base, adapter, "-o", work / "out-lt-cpu", "--device", "cpu", "-q"),
+                work / "out-lt-cpu", keep_for_compare=True)
+        if has_cuda and not args.skip_cuda:
+            variant("lora-tools merge --device cuda",
+                    bu.lora_tools("merge", base, adapter, "-o", work / "out-lt-cuda", "--device", "cuda", "-q"),
+                    work / "out-lt-cuda", keep_for_compare=True)
+        if not args.skip_peft:
+            run = variant("PEFT merge_and_unload",
+                          [sys.executable, "-c", PEFT_SCRIPT, base, adapter, work / "out-peft", str(args.max_shard_bytes)],
+                          work / "out-peft", keep_for_compare=True)
+            if run["rc"] == 0:
+                try:
+                    run["phases"] = json.loads(run["stdout"].strip().splitlines()[-1])
+                except (ValueError, IndexError):
+                    pass
+
+        floor = next((r for r in runs if r["variant"].startswith("floor") and r["rc"] == 0), None)
+        rows = []
+        for r in runs:
+            ok = r["rc"] == 0
+            rows.append([
+                r["variant"] + ("" if ok else f" (FAILED rc={r['rc']})"),
+                r["wall_s"], r["sync_s"], r["wall_sync_s"],
+                r["wall_sync_s"] / floor["wall_sync_s"] if floor and ok else None,
+                r["peak_rss_mb"], r["peak_mb"], r["peak_anon_mb"],
+                r["peak_anon_mb"] / largest_mb if r["peak_anon_mb"] else None,
+            ])
+        title = (f"merge: {spec.name} shapes ({base_info['total_bytes'] / 1e9:.2f} GB bf16, {len(base_info['shards'])} "
+                 f"shards), adapter r={args.rank} {args.adapter_dtype} on {adapter_info['n_modules']} modules; "
+                 f"largest tensor {largest_mb:.0f} MB")
+        print()
+        print(bu.table(["variant", "wall s", "sync s", "wall+sync s", "× floor", "peak RSS MB (polled)",
+                        "peak RSS MB (kernel)", "peak anon MB", "anon / largest"], rows, title=title))
+        peft_run = next((r for r in runs if r["variant"].startswith("PEFT") and r.get("phases")), None)
+        if peft_run:
+            print("\nPEFT phases (s): " + ", ".join(f"{k.removesuffix('_s')} {v:.1f}" for k, v in peft_run["phases"].items()))
+        results["runs"] = runs
+
+        # -- correctness ---------------------------------------------------------------------------
+        if keep_outputs:
+            short = {"lora-tools merge --device cpu": "lt-cpu", "lora-tools merge --device cuda": "lt-cuda",
+                     "PEFT merge_and_unload": "peft"}
+            outputs = {short[k]: v for k, v in keep_outputs.items()}
+            comparison = compare_outputs(base, adapter, outputs, spec, scale)
+            results["correctness"] = comparison
+            adapted = [c for c in comparison if c["adapted"]]
+            columns = [k for k in adapted[0] if k not in ("tensor", "adapted")]
+            print()
+            print(bu.table(["tensor", *columns], [[c["tensor"].removeprefix("model."), *[c[k] for k in columns]]
+                                                  for c in adapted],
+                           title="correctness: adapted tensors (max error in bf16 ulps of max(|W0|, |W|) per element; 0 = bit-identical)"))
+            plain = [c for c in comparison if not c["adapted"]]
+            columns = [k for k in plain[0] if k not in ("tensor", "adapted")]
+            print()
+            print(bu.table(["tensor", *columns], [[c["tensor"], *[c[k] for k in columns]] for c in plain],
+                           title="correctness: unadapted tensors"))
+            for out in keep_outputs.values():
+                bu.remove(out, args.keep)
+
+        # -- flatness ------------------------------------------------------------------------------
+        if args.flatness:
+            other = "8b" if spec.name != "8b" else "1b"
+            lt = next((r for r in runs if r["variant"] == "lora-tools merge --device cpu"), None)
+            flat_rows = []
+            flat = {spec.name: (base_info, lt)}
+            print(f"\nflatness: lora-tools merge --device cpu at {other} shapes")
+            o_base, o_adapter, o_base_info, _ = prepare_inputs(work, other, args.adapter_dtype, args.rank,
+                                                               args.max_shard_bytes)
+            out = work / f"out-lt-cpu-{other}"
+            bu.remove(out, keep=False)
+            o_run = run_variant(f"lora-tools merge --device cpu ({other})",
+                                bu.lora_tools("merge", o_base, o_adapter, "-o", out, "--device", "cpu", "-q"),
+                                o_base, timeout_s=args.timeout)
+            bu.remove(out, args.keep)
+            flat[other] = (o_base_info, o_run)
+            for name in ("1b", "8b"):
+                info, run = flat[name]
+                if run is None:
+                    continue
+                largest = info["largest_tensor_bytes"] / bu.MB
+                flat_rows.append([name, info["total_bytes"] / 1e9, largest, run["wall_s"], run["peak_anon_mb"],
+                                  run["peak_mb"], run["peak_anon_mb"] / largest if run["peak_anon_mb"] else None,
+                                  run["peak_anon_mb"] / (info["total_bytes"] / bu.MB) if run["peak_anon_mb"] else None])
+            print()
+            print(bu.table(["shape", "model GB", "largest tensor MB", "wall s", "peak anon MB", "peak RSS MB",
+                            "anon / largest", "anon / model"], flat_rows,
+                           title="flatness: lora-tools peak memory vs model size"))
+            if len(flat_rows) == 2 and flat_rows[0][4] and flat_rows[1][4]:
+                ratio = flat_rows[1][4] / flat_rows[0][4]
+                print(f"\npeak anon 8B / 1B = {ratio:.2f} (model size ratio {flat_rows[1][1] / flat_rows[0][1]:.1f}, "
+                      f"largest-tensor ratio {flat_rows[1][2] / flat_rows[0][2]:.1f})")
+                results["flatness"] = {"rows": flat_rows, "anon_ratio_8b_1b": ratio}
+            results["flatness_runs"] = [o_run]
+    bu.write_json(args.json_out, results)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,318 @@
+"""verify (issue #4): accepts correct merges (ours and PEFT's own), and catches, in fp32
+and in bf16, every classic way a merge goes wrong, naming the tensor and what is wrong.
+
+Broken checkpoints are written here, independently of lora_tools: W0 + k·ΔW computed in
+float64 from the raw base and adapter tensors, rounded to the stored dtype, saved with
+safetensors into a copy of the base folder.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+from builders import DiffusersCase, KohyaCase, PeftCase
+from lora_tools.cli import cli
+
+PEFT_PREFIX = "base_model.model."
+Q0 = "model.layers.0.self_attn.q_proj.weight"
+Q1 = "model.layers.1.self_attn.q_proj.weight"
+UNADAPTED = "lm_head.weight"
+
+
+def run_cli(*args: object) -> tuple[int, str, str]:
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.stdout, result.stderr
+
+
+def verify_json(*args: object) -> tuple[int, dict]:
+    """Exit code and the one JSON document `verify --json` prints."""
+    code, out, err = run_cli("verify", *args, "--json")
+    assert code in (0, 1), err
+    return code, json.loads(out)  # the whole of stdout is one document
+
+
+def plain_lora_deltas(adapter_dir: Path) -> dict[str, torch.Tensor]:
+    """ΔW = (alpha/r)·B·A in float64 per base weight key, for a plain PEFT LoRA folder."""
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    assert not (config.get("use_rslora") or config.get("use_dora") or config.get("rank_pattern")
+                or config.get("alpha_pattern") or config.get("fan_in_fan_out"))
+    raw = load_file(adapter_dir / "adapter_model.safetensors")
+    deltas = {}
+    for key, a in raw.items():
+        if key.endswith(".lora_A.weight"):
+            module = key.removeprefix(PEFT_PREFIX).removesuffix(".lora_A.weight")
+            b = raw[key.replace(".lora_A.", ".lora_B.")]
+            deltas[module + ".weight"] = (config["lora_alpha"] / a.shape[0]) * (b.double() @ a.double())
+    return deltas
+
+
+def write_checkpoint(base_dir: Path, out: Path, tensors: dict[str, torch.Tensor]) -> Path:
+    """A copy of the base folder whose weights are `tensors`."""
+    shutil.copytree(base_dir, out)
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+# --------------------------------------------------------------------------- accepting
+
+@pytest.fixture(scope="session")
+def our_merge(tmp_path_factory: pytest.TempPathFactory,
+              peft_case_factory: Callable[[str], PeftCase]) -> Callable[[str], Path]:
+    root = tmp_path_factory.mktemp("verify-ours")
+    done: dict[str, Path] = {}
+
+    def get(kind: str) -> Path:
+        if kind not in done:
+            case = peft_case_factory(kind)
+            code, _, err = run_cli("merge", case.base_dir, case.adapter_dir, "-o", root / kind, "--quiet")
+            assert code == 0, err
+            done[kind] = root / kind
+        return done[kind]
+
+    return get
+
+
+def test_verify_accepts_our_merge(peft_case: PeftCase, our_merge: Callable[[str], Path]) -> None:
+    code, report = verify_json(peft_case.base_dir, peft_case.adapter_dir, our_merge(peft_case.name))
+    assert code == 0, [t for t in report["tensors"] if t["verdict"] != "ok"]
+    assert report["equivalent"] is True
+    assert report["n_failed"] == 0 and report["n_inconclusive"] == 0
+    assert report["n_unadapted_identical"] == report["n_unadapted"] > 0
+    assert {t["verdict"] for t in report["tensors"]} == {"ok"}
+    assert any(t["recipe"] for t in report["tensors"])  # round-once in fp32, replayed bit for bit
+
+
+@pytest.mark.parametrize("autocast", [True, False], ids=["fp32-factors", "native-factors"])
+def test_verify_accepts_peft_own_merge(peft_case: PeftCase, autocast: bool, tmp_path: Path) -> None:
+    """PEFT's merge_and_unload, saved with save_pretrained, verifies as equivalent.
+
+    autocast=False only differs for llama_bf16 (bf16 factors merged in bf16: ΔW rounded
+    to bf16, then added in bf16), which verify must recognise as a correct recipe too.
+    """
+    if not autocast and peft_case.base_dtype != torch.bfloat16:
+        pytest.skip("fp32 factors: autocast changes nothing")
+    merged = peft_case.peft_model(autocast_adapter_dtype=autocast).merge_and_unload()
+    merged.save_pretrained(tmp_path / "peft-merged")
+    code, report = verify_json(peft_case.base_dir, peft_case.adapter_dir, tmp_path / "peft-merged")
+    assert code == 0, [t for t in report["tensors"] if t["verdict"] != "ok"]
+    assert {t["verdict"] for t in report["tensors"]} == {"ok"}
+    assert not report["changed_unadapted"] and not report["layout_problems"]
+
+
+def test_verify_accepts_weighted_merge_and_needs_the_weights(
+    peft_case_factory: Callable[[str], PeftCase], tmp_path: Path
+) -> None:
+    plain, rslora = peft_case_factory("llama_plain"), peft_case_factory("llama_rslora")
+    out = tmp_path / "merged"
+    weights = ("--weight", 0.7, "--weight", -0.3)
+    code, _, err = run_cli("merge", plain.base_dir, plain.adapter_dir, rslora.adapter_dir, *weights, "-o", out, "-q")
+    assert code == 0, err
+    code, report = verify_json(plain.base_dir, plain.adapter_dir, rslora.adapter_dir, out, *weights)
+    assert code == 0 and report["weights"] == [0.7, -0.3]
+    # Verified as weights 1, 1: where only the plain adapter acts, 0.7·ΔW is a wrong
+    # strength; where both act, the change is no multiple of ΔW₁ + ΔW₂: a mismatch.
+    code, report = verify_json(plain.base_dir, plain.adapter_dir, rslora.adapter_dir, out)
+    assert code == 1
+    both = {f"model.layers.{i}.{m}.weight" for i in (0, 1) for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")}
+    for check in report["tensors"]:
+        if check["name"] in both:
+            assert check["verdict"] == "mismatch", check
+        else:
+            assert check["verdict"] == "wrong strength" and check["strength"] == pytest.approx(0.7), check
+
+
+def test_verify_accepts_kohya_and_diffusers_merges(
+    kohya_case: KohyaCase, diffusers_case: DiffusersCase, tmp_path: Path
+) -> None:
+    for name, base, lora in [("kohya", kohya_case.base_file, kohya_case.lora_file),
+                             (diffusers_case.name, diffusers_case.base_file, diffusers_case.lora_file)]:
+        out = tmp_path / f"{name}.safetensors"
+        code, _, err = run_cli("merge", base, lora, "-o", out, "-q")
+        assert code == 0, err
+        code, report = verify_json(base, lora, out)
+        assert code == 0, (name, [t for t in report["tensors"] if t["verdict"] != "ok"])
+
+
+def test_verify_accepts_a_dtype_converted_merge(llama_plain_case: PeftCase, tmp_path: Path) -> None:
+    """merge --dtype bf16 --verify: the unadapted tensors are the base rounded to bf16."""
+    out = tmp_path / "merged"
+    code, stdout, err = run_cli("merge", llama_plain_case.base_dir, llama_plain_case.adapter_dir, "-o", out,
+                                "--dtype", "bf16", "--verify", "-q")
+    assert code == 0, stdout + err
+    code, report = verify_json(llama_plain_case.base_dir, llama_plain_case.adapter_dir, out)
+    assert code == 0
+    assert {t["dtype"] for t in report["tensors"]} == {"bfloat16"}
+
+
+# --------------------------------------------------------------------------- catching
+
+@dataclass(frozen=True)
+class Setting:
+    """A base, a plain LoRA on it, its ΔW, and where broken checkpoints go."""
+
+    case: PeftCase
+    base: dict[str, torch.Tensor]
+    deltas: dict[str, torch.Tensor]
+    root: Path
+
+    def merged(self, strength: float = 1.0, **strengths: float) -> dict[str, torch.Tensor]:
+        """W0 + k·ΔW for every adapted tensor, computed in float64 and rounded once."""
+        out = {}
+        for name, w0 in self.base.items():
+            if name in self.deltas:
+                out[name] = (w0.double() + strength * self.deltas[name]).to(w0.dtype)
+            else:
+                out[name] = w0.clone()
+        return out
+
+
+@pytest.fixture(scope="module", params=["llama_plain", "llama_bf16"], ids=["fp32", "bf16"])
+def setting(request: pytest.FixtureRequest, peft_case_factory: Callable[[str], PeftCase],
+            tmp_path_factory: pytest.TempPathFactory) -> Setting:
+    case = peft_case_factory(request.param)
+    base = load_file(case.base_dir / "model.safetensors")
+    return Setting(case, base, plain_lora_deltas(case.adapter_dir), tmp_path_factory.mktemp(f"broken-{case.name}"))
+
+
+def _not_applied(s: Setting) -> dict[str, torch.Tensor]:
+    return s.merged(0.0)
+
+
+def _swapped(s: Setting) -> dict[str, torch.Tensor]:
+    tensors = s.merged()
+    tensors[Q0] = (s.base[Q0].double() + s.deltas[Q1]).to(s.base[Q0].dtype)
+    tensors[Q1] = (s.base[Q1].double() + s.deltas[Q0]).to(s.base[Q1].dtype)
+    return tensors
+
+
+def _bumped(name: str) -> Callable[[Setting], dict[str, torch.Tensor]]:
+    def build(s: Setting) -> dict[str, torch.Tensor]:
+        tensors = s.merged()
+        w = tensors[name].double()
+        w[3, 5] += 1e-2 * float(s.base[name].abs().max())
+        tensors[name] = w.to(s.base[name].dtype)
+        return tensors
+
+    return build
+
+
+ALL = "every adapted tensor"
+# name -> (builder, tensors that must fail, their verdict, the strength k they must show)
+CORRUPTIONS: dict[str, tuple[Callable[[Setting], dict[str, torch.Tensor]], str | list[str], str, float | None]] = {
+    "not_applied": (_not_applied, ALL, "not applied", 0.0),
+    "half": (lambda s: s.merged(0.5), ALL, "wrong strength", 0.5),
+    "double": (lambda s: s.merged(2.0), ALL, "wrong strength", 2.0),
+    "sign_flipped": (lambda s: s.merged(-1.0), ALL, "wrong strength", -1.0),
+    "five_percent_strong": (lambda s: s.merged(1.05), ALL, "wrong strength", 1.05),
+    "layers_swapped": (_swapped, [Q0, Q1], "mismatch", None),
+    "adapted_element_moved": (_bumped(Q0), [Q0], "mismatch", 1.0),
+    "unadapted_element_moved": (_bumped(UNADAPTED), [], "", None),
+}
+
+
+@pytest.mark.parametrize("corruption", list(CORRUPTIONS))
+def test_verify_catches(corruption: str, setting: Setting, record_property: Callable[[str, object], None]) -> None:
+    build, failing, verdict, strength = CORRUPTIONS[corruption]
+    merged = write_checkpoint(setting.case.base_dir, setting.root / corruption, build(setting))
+    code, report = verify_json(setting.case.base_dir, setting.case.adapter_dir, merged)
+    assert code == 1
+    assert report["equivalent"] is False
+
+    expected_failing = sorted(setting.deltas) if failing == ALL else sorted(failing)
+    bad = {t["name"]: t for t in report["tensors"] if t["verdict"] != "ok"}
+    assert sorted(bad) == expected_failing, {n: (t["verdict"], t["detail"]) for n, t in bad.items()}
+    assert report["n_adapted"] == len(setting.deltas)
+    ks = {}
+    for name, check in bad.items():
+        assert check["verdict"] == verdict, (name, check["verdict"], check["detail"])
+        assert check["max_abs_error"] > 0
+        ks[name] = check["strength"]
+        if strength is not None:
+            # The fitted strength: exact up to rounding (bf16: ~1e-4).
+            assert check["strength"] == pytest.approx(strength, abs=2e-3), name
+    if corruption == "layers_swapped":  # the update of another layer: k far from 1 (about 0)
+        assert all(abs(k) < 0.2 for k in ks.values()), ks
+    if corruption == "adapted_element_moved":
+        moved = 1e-2 * float(setting.base[Q0].abs().max())
+        assert 0.5 * moved <= bad[Q0]["max_abs_error"] <= 1.5 * moved  # moved, then rounded (bf16)
+        assert "[3, 5]" in bad[Q0]["detail"]
+    if corruption == "unadapted_element_moved":
+        assert report["changed_unadapted"] == [UNADAPTED]
+    else:
+        assert report["changed_unadapted"] == []
+    record_property("strengths", ks)
+    print(f"{setting.case.name} {corruption}: k = " + ", ".join(f"{n}: {k:.6g}" for n, k in sorted(ks.items())))
+
+    # The human report names the culprit too, and says what is wrong with it.
+    code, stdout, _ = run_cli("verify", setting.case.base_dir, setting.case.adapter_dir, merged)
+    assert code == 1
+    culprit = (expected_failing or [UNADAPTED])[0]
+    assert culprit in stdout
+    assert (verdict or "changed") in stdout
+    assert "NOT EQUIVALENT" in stdout
+
+
+def test_update_below_bf16_resolution_is_inconclusive(
+    llama_bf16_base_dir: Path, peft_case_factory: Callable[[str], PeftCase], tmp_path: Path
+) -> None:
+    """B scaled by 1e-6: no bf16 weight can show the update, so neither a correct merge
+    nor no merge at all can be told apart from a 5 % error: never "ok"."""
+    case = peft_case_factory("llama_bf16")
+    tiny = tmp_path / "tiny-adapter"
+    tiny.mkdir()
+    shutil.copy(case.adapter_dir / "adapter_config.json", tiny)
+    factors = load_file(case.adapter_file)
+    save_file({k: (v.double() * 1e-6).to(v.dtype) if ".lora_B." in k else v for k, v in factors.items()},
+              tiny / "adapter_model.safetensors")
+    out = tmp_path / "merged"
+    code, _, err = run_cli("merge", llama_bf16_base_dir, tiny, "-o", out, "-q")
+    assert code == 0, err
+    code, report = verify_json(llama_bf16_base_dir, tiny, out)
+    assert {t["verdict"] for t in report["tensors"]} == {"inconclusive"}
+    assert report["n_inconclusive"] == report["n_adapted"] == 14
+    assert all(t["strength_spread"] > 0.1 for t in report["tensors"])
+    code, stdout, _ = run_cli("verify", llama_bf16_base_dir, tiny, out)
+    assert "inconclusive" in stdout
+    # An inconclusive tensor is not a failed one (exit 0), but is never counted as ok.
+    assert code == 0
+    assert "0/14 adapted tensors ok" in stdout and "14 inconclusive" in stdout
+
+
+def test_verify_json_is_one_document_with_per_tensor_figures(
+    llama_plain_case: PeftCase, our_merge: Callable[[str], Path]
+) -> None:
+    code, out, err = run_cli("verify", llama_plain_case.base_dir, llama_plain_case.adapter_dir,
+                             our_merge("llama_plain"), "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert out.strip().startswith("{") and out.strip().endswith("}")
+    for key in ("base", "merged", "adapters", "weights", "equivalent", "n_adapted", "n_unadapted",
+                "n_unadapted_identical", "n_failed", "n_inconclusive", "tensors", "changed_unadapted"):
+        assert key in report, key
+    assert report["n_adapted"] == len(report["tensors"]) == 14
+    for check in report["tensors"]:
+        for key in ("name", "verdict", "dtype", "max_abs_error", "max_rel_error", "worst_ulps", "strength",
+                    "strength_spread", "forward_rel_error"):
+            assert key in check, key
+        assert check["dtype"] == "float32"
+        assert 0 <= check["max_abs_error"] < 1e-6
+        assert check["strength"] == pytest.approx(1.0, abs=1e-6)
+
+    # max_abs_error is |stored − (W0 + ΔW)|, computed here from the files.
+    deltas = plain_lora_deltas(llama_plain_case.adapter_dir)
+    base = load_file(llama_plain_case.base_dir / "model.safetensors")
+    merged = load_file(our_merge("llama_plain") / "model.safetensors")
+    q0 = next(t for t in report["tensors"] if t["name"] == Q0)
+    error = float((merged[Q0].double() - (base[Q0].double() + deltas[Q0])).abs().max())
+    assert q0["max_abs_error"] == pytest.approx(error, rel=1e-6)
