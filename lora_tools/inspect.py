@@ -37,7 +37,8 @@ class LayerReport:
     """Figures for one adapted module; field names are the JSON keys of the contract."""
 
     name: str
-    shape: list[int]
+    shape: list[int]  # (out, in) of the update as PEFT names them, kernel dims appended for conv
+    weight_shape: list[int]  # the base weight as stored: (in, out) for Conv1D, (vocab, dim) for embeddings
     kind: str
     rank: int
     alpha: float
@@ -118,7 +119,8 @@ def layer_report(layer: LoraLayer) -> LayerReport:
     depth_match = _NUMBER.search(name) or re.search(r"\d+", name)
     return LayerReport(
         name=name,
-        shape=list(layer.weight_shape),
+        shape=[int(layer.b.shape[0]), int(layer.a.shape[1]), *layer.kernel_size],
+        weight_shape=list(layer.weight_shape),
         kind=layer.kind,
         rank=layer.rank,
         alpha=layer.alpha,

@@ -135,7 +135,8 @@ def test_json_document(llama_plain_case: PeftCase) -> None:
     for layer in document["layers"]:
         ref = refs[layer["name"]]
         sv = np.linalg.svd(ref.product(), compute_uv=False)[: ref.rank]
-        assert layer["shape"] == list(ref.dense().shape)
+        assert layer["shape"] == [ref.b.shape[0], ref.a.shape[1]]  # (out, in)
+        assert layer["weight_shape"] == list(ref.dense().shape)
         assert (layer["rank"], layer["alpha"], layer["scale"]) == (4, 8, 2.0)
         assert isinstance(layer["rank"], int) and isinstance(layer["energy_rank_90"], int)
         np.testing.assert_allclose(layer["singular_values"], sv, rtol=1e-9)

@@ -93,7 +93,8 @@ def assert_figures(layer, ref: RefLayer) -> None:
     assert layer.alpha == pytest.approx(ref.alpha, rel=1e-12)
     assert layer.scale == pytest.approx(ref.scale, rel=1e-12)
     assert layer.kind == ref.kind
-    assert list(layer.shape) == list(dense.shape)
+    assert list(layer.shape) == [ref.b.shape[0], *ref.a.shape[1:]]  # CONTRACT: (out, in)
+    assert list(layer.weight_shape) == list(dense.shape)
     assert len(layer.singular_values) == ref.rank
     got = np.array(layer.singular_values)
     assert np.all(np.diff(got) <= 0), "singular values must be descending"
@@ -135,7 +136,7 @@ def test_inspect_with_base_adds_relative_norm(any_case) -> None:
         ref = refs[layer.name]
         assert_figures(layer, ref)
         w0 = weights[f"{layer.name}.weight"]
-        assert list(layer.shape) == list(w0.shape)  # shape is the base weight's, as stored
+        assert list(layer.weight_shape) == list(w0.shape)  # the base weight's shape, as stored
         assert layer.base_fro_norm == pytest.approx(np.linalg.norm(w0), rel=1e-10)
         assert layer.relative_norm == pytest.approx(np.linalg.norm(ref.dense()) / np.linalg.norm(w0), rel=1e-9)
 

@@ -34,7 +34,7 @@ def make_layer(name: str, sv: np.ndarray, *, depth: int | None, shape=(64, 64), 
     sv = np.sort(np.asarray(sv, dtype=np.float64))[::-1]
     fro = float(np.sqrt(np.sum(sv**2)))
     return LayerReport(
-        name=name, shape=list(shape), kind="linear", rank=sv.size, alpha=alpha, scale=alpha / sv.size,
+        name=name, shape=list(shape), weight_shape=list(shape), kind="linear", rank=sv.size, alpha=alpha, scale=alpha / sv.size,
         fro_norm=fro, spectral_norm=float(sv[0]), singular_values=[float(s) for s in sv],
         energy_rank_90=lowrank.energy_rank(sv, 0.90), energy_rank_99=lowrank.energy_rank(sv, 0.99),
         effective_rank=lowrank.effective_rank(sv), stable_rank=lowrank.stable_rank(sv),
