@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from lora_tools.checkpoint import BaseCheckpoint
-from lora_tools.dense import delta_weight
+from lora_tools.dense import delta_weight, factor_tensor
+from lora_tools.fitting import LayerTarget
 from lora_tools.merge import merged_tensor
 from lora_tools.plan import TensorPlan, make_plan
 from lora_tools.safetensors_file import FLOAT_DTYPES, SafetensorsFile
@@ -123,13 +124,32 @@ def _recipes(plan: TensorPlan, w0: torch.Tensor, stored: torch.Tensor) -> str | 
     if torch.equal(fp32, stored):
         return "fp32 round-once (lora-tools; PEFT with fp32 adapter weights)"
     if not plan.replacement and all(t.layer.magnitude is None for t, _ in plan.layers) and not plan.biases:
-        # PEFT with adapter weights in the model's dtype: delta rounded, then added in that dtype.
-        current = w0.clone()
+        # PEFT with adapter weights in the model's dtype: delta rounded, then added in that
+        # dtype. On a CPU PEFT computes B·A·s in fp32 and rounds once; on a GPU a bf16/fp16
+        # GEMM rounds B·A, and the scaling rounds again.
+        name = str(w0.dtype).removeprefix("torch.")
+        current, gpu = w0.clone(), w0.clone()
         for target, weight in plan.layers:
             current = current + delta_weight(target, weight, w0.device, torch.float32).to(w0.dtype)
+            if w0.dtype in (torch.bfloat16, torch.float16):
+                gpu = gpu + _delta_rounded_twice(target, weight, w0.dtype)
         if torch.equal(current, stored):
-            return f"PEFT delta in {str(w0.dtype).removeprefix('torch.')}, added in {str(w0.dtype).removeprefix('torch.')}"
+            return f"PEFT delta in {name}, added in {name}"
+        if w0.dtype in (torch.bfloat16, torch.float16) and torch.equal(gpu, stored):
+            return f"PEFT on a GPU: B·A and its scaling rounded to {name}, added in {name}"
     return None
+
+
+def _delta_rounded_twice(target: LayerTarget, weight: float, dtype: torch.dtype) -> torch.Tensor:
+    """w·s·B·A as a half-precision GEMM gives it: B·A accumulated in fp32 and rounded to
+    `dtype`, then multiplied by w·s and rounded again."""
+    b = factor_tensor(target.layer.b_matrix, "cpu", torch.float32)  # (out, r)
+    a = factor_tensor(target.layer.a_matrix, "cpu", torch.float32)  # (r, in·k)
+    product = (b @ a).to(dtype)
+    delta = (product.to(torch.float32) * (target.layer.scale * weight)).to(dtype)
+    if target.transposed:
+        delta = delta.T
+    return delta.reshape(target.weight_shape)
 
 
 def check_tensor(
@@ -228,9 +248,11 @@ def _fits_strength(
 def _strength_detail(strength: float, allowance: float) -> str:
     hints = {0.5: "half strength", 2.0: "double strength", -1.0: "sign flipped", 0.0: "not applied"}
     hint = next((h for k, h in hints.items() if abs(strength - k) <= 0.01), None)
-    if hint is None:
-        hint = f"sign flipped, {abs(strength):.3g}× strength" if strength < 0 else f"{strength:.3g}× strength"
-    return f"strength {strength:.4g}, expected 1 ± {allowance:.2g}: {hint}"
+    if hint is None and strength < 0:
+        hint = f"sign flipped, {abs(strength):.3g}× strength"
+    elif hint is None:
+        hint = f"{strength:.3g}× strength" if abs(strength - 1) >= 1e-3 else f"off by {strength - 1:+.2g}"
+    return f"strength {strength:.6g}, expected 1 ± {allowance:.2g}: {hint}"
 
 
 def _forward_error(plan: TensorPlan, actual: torch.Tensor, expected: torch.Tensor, seed: int) -> float | None:

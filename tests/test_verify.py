@@ -19,7 +19,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from builders import DiffusersCase, KohyaCase, PeftCase
+from builders import PEFT_CASE_KINDS, DiffusersCase, KohyaCase, PeftCase
 from lora_tools.cli import cli
 
 PEFT_PREFIX = "base_model.model."
@@ -42,19 +42,26 @@ def verify_json(*args: object) -> tuple[int, dict]:
     return code, json.loads(out)  # the whole of stdout is one document
 
 
-def plain_lora_deltas(adapter_dir: Path) -> dict[str, torch.Tensor]:
-    """ΔW = (alpha/r)·B·A in float64 per base weight key, for a plain PEFT LoRA folder."""
+def lora_factors(adapter_dir: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """(B, A, s) per base weight key of a PEFT LoRA folder without DoRA or patterns;
+    s = alpha/r, or alpha/√r under rsLoRA."""
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    assert not (config.get("use_rslora") or config.get("use_dora") or config.get("rank_pattern")
-                or config.get("alpha_pattern") or config.get("fan_in_fan_out"))
+    assert not (config.get("use_dora") or config.get("rank_pattern") or config.get("alpha_pattern")
+                or config.get("fan_in_fan_out"))
     raw = load_file(adapter_dir / "adapter_model.safetensors")
-    deltas = {}
+    factors = {}
     for key, a in raw.items():
         if key.endswith(".lora_A.weight"):
             module = key.removeprefix(PEFT_PREFIX).removesuffix(".lora_A.weight")
-            b = raw[key.replace(".lora_A.", ".lora_B.")]
-            deltas[module + ".weight"] = (config["lora_alpha"] / a.shape[0]) * (b.double() @ a.double())
-    return deltas
+            rank = a.shape[0]
+            scale = config["lora_alpha"] / (rank**0.5 if config.get("use_rslora") else rank)
+            factors[module + ".weight"] = (raw[key.replace(".lora_A.", ".lora_B.")], a, scale)
+    return factors
+
+
+def plain_lora_deltas(adapter_dir: Path) -> dict[str, torch.Tensor]:
+    """ΔW = s·B·A in float64 per base weight key."""
+    return {k: s * (b.double() @ a.double()) for k, (b, a, s) in lora_factors(adapter_dir).items()}
 
 
 def write_checkpoint(base_dir: Path, out: Path, tensors: dict[str, torch.Tensor]) -> Path:
@@ -90,24 +97,77 @@ def test_verify_accepts_our_merge(peft_case: PeftCase, our_merge: Callable[[str]
     assert report["n_failed"] == 0 and report["n_inconclusive"] == 0
     assert report["n_unadapted_identical"] == report["n_unadapted"] > 0
     assert {t["verdict"] for t in report["tensors"]} == {"ok"}
-    assert any(t["recipe"] for t in report["tensors"])  # round-once in fp32, replayed bit for bit
+    if not torch.cuda.is_available():  # merged on the CPU: replayed bit for bit (fp32 round-once)
+        assert all(t["recipe"] for t in report["tensors"])
 
 
-@pytest.mark.parametrize("autocast", [True, False], ids=["fp32-factors", "native-factors"])
-def test_verify_accepts_peft_own_merge(peft_case: PeftCase, autocast: bool, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("kind", "autocast"),
+    [(kind, True) for kind in PEFT_CASE_KINDS] + [("llama_bf16", False)],
+    ids=[*PEFT_CASE_KINDS, "llama_bf16-native-factors"],
+)
+def test_verify_accepts_peft_own_merge(
+    kind: str, autocast: bool, peft_case_factory: Callable[[str], PeftCase], tmp_path: Path
+) -> None:
     """PEFT's merge_and_unload, saved with save_pretrained, verifies as equivalent.
 
-    autocast=False only differs for llama_bf16 (bf16 factors merged in bf16: ΔW rounded
-    to bf16, then added in bf16), which verify must recognise as a correct recipe too.
+    By default PEFT merges bf16 factors as fp32 (autocast); with autocast off it rounds
+    ΔW to bf16 and adds in bf16, which verify must recognise as a correct recipe too.
     """
-    if not autocast and peft_case.base_dtype != torch.bfloat16:
-        pytest.skip("fp32 factors: autocast changes nothing")
-    merged = peft_case.peft_model(autocast_adapter_dtype=autocast).merge_and_unload()
+    case = peft_case_factory(kind)
+    merged = case.peft_model(autocast_adapter_dtype=autocast).merge_and_unload()
     merged.save_pretrained(tmp_path / "peft-merged")
-    code, report = verify_json(peft_case.base_dir, peft_case.adapter_dir, tmp_path / "peft-merged")
+    code, report = verify_json(case.base_dir, case.adapter_dir, tmp_path / "peft-merged")
     assert code == 0, [t for t in report["tensors"] if t["verdict"] != "ok"]
     assert {t["verdict"] for t in report["tensors"]} == {"ok"}
     assert not report["changed_unadapted"] and not report["layout_problems"]
+
+
+def test_verify_accepts_a_correct_fp32_merge_made_another_way(
+    peft_case_factory: Callable[[str], PeftCase], tmp_path: Path
+) -> None:
+    """Not every correct fp32 merge rounds like ours: here B·A is exact before it is
+    rounded (as a fused GPU kernel may do) and scaled by s rounded to fp32. With rsLoRA
+    s = 16/√8 is no fp32 number, which moves the fitted strength k by ~1.7e-8: far above
+    the rounding noise of k in fp32 (~5e-9), far below anything wrong. No recipe replays
+    it, so only the tolerances decide: a GPU merge of this adapter looks just like it."""
+    case = peft_case_factory("llama_rslora")
+    base = load_file(case.base_dir / "model.safetensors")
+    factors = lora_factors(case.adapter_dir)
+    tensors = dict(base)
+    for name, (b, a, scale) in factors.items():
+        product = (b.double() @ a.double()).float()  # exact, rounded once
+        tensors[name] = base[name] + product * torch.tensor(scale, dtype=torch.float32)
+    merged = write_checkpoint(case.base_dir, tmp_path / "merged", tensors)
+    code, report = verify_json(case.base_dir, case.adapter_dir, merged)
+    assert code == 0, [(t["name"], t["verdict"], t["detail"]) for t in report["tensors"] if t["verdict"] != "ok"]
+    assert all(t["recipe"] is None for t in report["tensors"])
+    assert max(abs(t["strength"] - 1) for t in report["tensors"]) > 6 * max(t["strength_spread"] for t in report["tensors"])
+
+
+def test_verify_accepts_peft_native_bf16_merge_as_a_gpu_computes_it(
+    peft_case_factory: Callable[[str], PeftCase], tmp_path: Path
+) -> None:
+    """PEFT with bf16 factors (autocast off) on a GPU: the bf16 GEMM rounds B·A, the
+    scaling rounds it again, then the add rounds. On the CPU PEFT upcasts instead, so
+    this is written here by hand, with alpha 7 (s = 1.75) so that the second rounding
+    bites. Up to 1.5 bf16 ulp from the truth: verify must know the recipe."""
+    case = peft_case_factory("llama_bf16")
+    adapter = tmp_path / "adapter"
+    shutil.copytree(case.adapter_dir, adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps(config | {"lora_alpha": 7}))
+    base = load_file(case.base_dir / "model.safetensors")
+    tensors = dict(base)
+    for name, (b, a, scale) in lora_factors(adapter).items():
+        product = (b.float() @ a.float()).to(torch.bfloat16)  # bf16 GEMM: fp32 accumulation, one rounding
+        tensors[name] = base[name] + product * scale  # bf16 ops: each rounds its result
+        assert tensors[name].dtype == torch.bfloat16
+    merged = write_checkpoint(case.base_dir, tmp_path / "merged", tensors)
+    code, report = verify_json(case.base_dir, adapter, merged)
+    assert code == 0, [(t["name"], t["verdict"], t["detail"]) for t in report["tensors"] if t["verdict"] != "ok"]
+    assert {t["recipe"] for t in report["tensors"]} == {"PEFT on a GPU: B·A and its scaling rounded to bfloat16, added in bfloat16"}
+    assert max(t["worst_ulps"] for t in report["tensors"]) > 1  # the plain tolerance alone would refuse it
 
 
 def test_verify_accepts_weighted_merge_and_needs_the_weights(
