@@ -48,7 +48,7 @@ def cli() -> None:
 @click.argument("adapter", type=click.Path())
 @click.option("--base", "base", type=click.Path(), default=None, help="Base checkpoint: adds ‖ΔW‖/‖W0‖ and checks the adapter fits.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout instead of tables.")
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, help="Write spectra, rank-usage and norm plots to this PNG.")
+@click.option("--plot", "plot_path", type=click.Path(), default=None, help="Write spectra, rank-usage and norm plots to this PNG.")
 @click.option("--alpha", type=float, default=None, help="Override every layer's alpha (scale = alpha / r).")
 @click.option("--all", "show_all", is_flag=True, help="Show every layer instead of grouping long adapters by module.")
 def inspect_command(
@@ -93,18 +93,26 @@ class _RichProgress:
         )
         self._task: Any = None
         self._tensors = 0
+        self._started = False
 
     def start(self, total_tensors: int, total_bytes: int) -> None:
+        if not self._bar.console.is_terminal:  # a log file gets the summary line, not a bar
+            return
+        self._started = True
         self._bar.start()
         self._task = self._bar.add_task("merging", total=total_bytes, tensors=f"0/{total_tensors}")
         self._total_tensors = total_tensors
 
     def advance(self, tensors: int, nbytes: int) -> None:
+        if not self._started:
+            return
         self._tensors += tensors
         self._bar.update(self._task, advance=nbytes, tensors=f"{self._tensors}/{self._total_tensors}")
 
     def stop(self) -> None:
-        self._bar.stop()
+        if self._started:
+            self._started = False
+            self._bar.stop()
 
 
 @cli.command("merge")
@@ -202,7 +210,7 @@ def verify_command(
 @cli.command("blend")
 @click.argument("adapters", nargs=-1, required=True, type=click.Path())
 @click.option("-o", "--out", "out", required=True, type=click.Path(), help="Output: a PEFT adapter folder (or a kohya .safetensors file).")
-@click.option("--weight", "weights", type=float, multiple=True, required=True, help="One per adapter (Σ wᵢ·ΔWᵢ), or one t for two adapters: (1 − t)·A + t·B.")
+@click.option("--weight", "weights", type=float, multiple=True, help="One per adapter (Σ wᵢ·ΔWᵢ), or one t for two adapters: (1 − t)·A + t·B. Required.")
 @click.option("--method", default="svd", show_default=True, type=click.Choice(["cat", "svd", "linear", "ties", "dare_linear", "dare_ties"]), help="cat: exact; svd: best rank-R; linear: PEFT's; ties/dare: dense, re-factored.")
 @click.option("--rank", type=int, default=None, help="Output rank R (svd, ties, dare); default: the largest input rank.")
 @click.option("--energy", type=float, default=None, help="Per layer, the smallest rank keeping this share of the energy (e.g. 0.99); --rank caps it.")
@@ -233,12 +241,6 @@ def blend_command(
         lora-tools blend a/ b/ c/ --weight 1 --weight 1 --weight -0.5 --method cat -o sum/
         lora-tools blend a/ b/ --weight 0.5 --energy 0.99 -o small/
     """
-    import os
-
-    # The factored blend is thousands of small matrix products, for which OpenBLAS threads
-    # cost more than they save (3x slower on a busy 2-core machine). Only effective
-    # before numpy's first import, which in the CLI happens just below.
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     from lora_tools.blend import blend
     from lora_tools.report import render_blend, to_json_text
 
@@ -257,9 +259,36 @@ def blend_command(
 
 
 def main() -> None:
-    """Entry point of the console script."""
-    try:
-        cli.main(prog_name="lora-tools", standalone_mode=True)
-    except KeyboardInterrupt:  # pragma: no cover - interactive
+    """Entry point of the console script.
+
+    Click's standalone mode would turn Ctrl-C into "Aborted!" with status 1, which is
+    verify's "not equivalent"; here an interrupt is status 130 and SIGTERM 143, each with
+    one line. Anything unexpected is one line too (LORA_TOOLS_DEBUG=1 shows the traceback).
+    """
+    import os
+
+    from lora_tools.errors import Terminated
+
+    try:  # cli.main() would print a blank line on Ctrl-C: invoke the group directly
+        with cli.make_context("lora-tools", sys.argv[1:]) as context:
+            cli.invoke(context)
+    except click.exceptions.Exit as done:
+        sys.exit(done.exit_code)
+    except click.ClickException as error:
+        error.show()
+        sys.exit(error.exit_code)
+    except (KeyboardInterrupt, click.exceptions.Abort):
         click.echo("Error: interrupted", err=True)
         sys.exit(130)
+    except Terminated:
+        click.echo("Error: terminated", err=True)
+        sys.exit(143)
+    except BrokenPipeError:  # `lora-tools inspect ... | head`
+        sys.exit(0)
+    except Exception as error:  # noqa: BLE001 - a bug: still one line, and a way to see more
+        if os.environ.get("LORA_TOOLS_DEBUG"):
+            raise
+        message = str(error).splitlines()[0] if str(error) else ""
+        click.echo(f"Error: internal error: {type(error).__name__}: {message} (set LORA_TOOLS_DEBUG=1 for details)", err=True)
+        sys.exit(1)
+    sys.exit(0)

@@ -7,6 +7,7 @@ of the file at fault, so the CLI can print it as one line and exit with status 2
 from __future__ import annotations
 
 import os
+import signal
 
 
 class LoraToolsError(Exception):
@@ -28,3 +29,14 @@ class MismatchError(LoraToolsError):
 
 class UsageError(LoraToolsError):
     """The request itself is inconsistent (e.g. wrong number of weights)."""
+
+
+class Terminated(SystemExit):
+    """SIGTERM arrived while writing output: unwinds like an exception, exits with 143.
+
+    A SystemExit so that `except Exception` blocks do not swallow it and Python exits
+    without a traceback, with the status a shell reports for a SIGTERM-killed process.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(128 + signal.SIGTERM)

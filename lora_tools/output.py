@@ -26,7 +26,7 @@ from types import FrameType
 from typing import Any
 
 from lora_tools.checkpoint import SupportsWrite, copy_tensor_bytes
-from lora_tools.errors import LoraToolsError, UsageError
+from lora_tools.errors import LoraToolsError, Terminated, UsageError
 from lora_tools.safetensors_file import DTYPE_ITEMSIZE, SafetensorsFile
 
 # (name, safetensors dtype code, shape): all a header needs to know about a tensor.
@@ -47,17 +47,6 @@ OLD_MARKER = ".lora-tools-old-"
 
 class StreamWriterError(RuntimeError):
     """The writer was used against its protocol: a bug in lora-tools, not in the user's files."""
-
-
-class Terminated(SystemExit):
-    """SIGTERM arrived inside `atomic_output`: unwinds like an exception, exits with 143.
-
-    A SystemExit so that `except Exception` blocks do not swallow it and Python exits
-    without a traceback, with the status a shell reports for a SIGTERM-killed process.
-    """
-
-    def __init__(self) -> None:
-        super().__init__(128 + signal.SIGTERM)
 
 
 # -- the streaming writer -------------------------------------------------------------
