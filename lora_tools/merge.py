@@ -123,6 +123,7 @@ def merge(
                 for shard_name in plan.base.shard_names:
                     streamer.write_file(plan.base.shard(shard_name), tmp / shard_name)
                 _write_index(plan, tmp, out_code)
+                _update_config_dtype(tmp, out_code)
             else:
                 streamer.write_file(plan.base.shard(plan.base.shard_names[0]), tmp)
     finally:
@@ -137,6 +138,31 @@ def merge(
         bytes_written=streamer.bytes_written,
         seconds=time.perf_counter() - started,
     )
+
+
+_CONFIG_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+
+
+def _update_config_dtype(tmp: Path, out_code: str | None) -> None:
+    """After --dtype, config.json must say the dtype the weights now have.
+
+    transformers reads `torch_dtype` (`dtype` since v5) to pick the load dtype with
+    dtype="auto"; a stale float32 there would upcast a bf16 merge on load.
+    """
+    config_path = tmp / "config.json"
+    if out_code is None or not config_path.is_file():
+        return
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return  # not ours to judge: it was copied byte for byte
+    if not isinstance(config, dict):
+        return
+    name = _CONFIG_DTYPE_NAMES[out_code]
+    keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]
+    for key in keys:
+        config[key] = name
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def _write_index(plan: MergePlan, tmp: Path, out_code: str | None) -> None:

@@ -16,7 +16,7 @@ import numpy as np
 
 from lora_tools.adapter import Adapter
 from lora_tools.checkpoint import BaseCheckpoint
-from lora_tools.errors import MismatchError, UsageError
+from lora_tools.errors import FormatError, MismatchError, UsageError
 from lora_tools.fitting import LayerTarget, fit_to_base
 from lora_tools.formats import load_adapter
 from lora_tools.formats.resolve import resolve_names
@@ -74,6 +74,12 @@ def bind_adapters(base: BaseCheckpoint, adapters: list[Adapter], weights: list[f
         return plans.setdefault(key, TensorPlan(key))
 
     for index, (adapter, weight) in enumerate(zip(adapters, weights)):
+        if adapter.unrecognized_keys:
+            raise FormatError(
+                adapter.path,
+                f"{len(adapter.unrecognized_keys)} tensor(s) not understood (first {adapter.unrecognized_keys[0]!r}); "
+                "refusing to merge only part of an adapter",
+            )
         adapter = resolve_names(adapter, modules, base_label)
         adapters[index] = adapter
         for target in fit_to_base(adapter, lambda k: _shape(base, k), base_label):

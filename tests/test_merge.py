@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,6 +31,8 @@ from safetensors.torch import load_file
 
 from builders import PEFT_CASE_KINDS, VOCAB, DiffusersCase, KohyaCase, PeftCase
 from lora_tools.cli import cli
+from lora_tools.errors import LoraToolsError
+from lora_tools.merge import merge
 
 PEFT_PREFIX = "base_model.model."
 
@@ -604,3 +607,26 @@ def test_float64_base_is_merged_in_float64(
         assert float((ours[name] - expected).abs().max()) <= 1e-14 * float(expected.abs().max()), name
     code, _, err = run_cli("verify", base, llama_plain_case.adapter_dir, out)
     assert code == 0, err
+
+
+def test_dtype_change_updates_config_dtype(llama_plain_case, tmp_path) -> None:
+    """A bf16 merge of an fp32 base must not claim float32 in config.json."""
+    out = tmp_path / "bf16"
+    merge(llama_plain_case.base_dir, [llama_plain_case.adapter_dir], out, dtype="bf16", device="cpu")
+    config = json.loads((out / "config.json").read_text())
+    assert "bfloat16" in {config.get("torch_dtype"), config.get("dtype")}
+    assert load_file(out / "model.safetensors")["model.layers.0.self_attn.q_proj.weight"].dtype == torch.bfloat16
+
+
+def test_adapter_with_tensors_not_understood_is_refused(llama_plain_case, tmp_path) -> None:
+    """Merging the LoRA part of an adapter and silently dropping the rest would be wrong."""
+    from safetensors.torch import save_file
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(llama_plain_case.adapter_dir, adapter)
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    tensors["base_model.model.model.layers.0.self_attn.q_proj.hada_w1_a"] = torch.ones(64, 4)
+    save_file(tensors, adapter / "adapter_model.safetensors")
+    with pytest.raises(LoraToolsError, match="not understood"):
+        merge(llama_plain_case.base_dir, [adapter], tmp_path / "out", device="cpu")
+    assert not (tmp_path / "out").exists()
