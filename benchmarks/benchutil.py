@@ -324,14 +324,16 @@ def machine_info() -> dict[str, Any]:
         with contextlib.suppress(Exception):
             info[module] = __import__(module).__version__
     with contextlib.suppress(Exception):  # read-only git queries (no index refresh)
-        info["git_commit"] = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10,
-        ).stdout.strip() or None
-        changed = subprocess.run(
-            ["git", "--no-optional-locks", "status", "--porcelain", "--untracked-files=no", "lora_tools"],
-            cwd=REPO_ROOT, capture_output=True, text=True, timeout=10,
-        ).stdout.splitlines()
-        info["lora_tools_uncommitted_files"] = len(changed)
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                              text=True, timeout=10)
+        if head.returncode == 0:
+            info["git_commit"] = head.stdout.strip()
+            changed = subprocess.run(
+                ["git", "--no-optional-locks", "status", "--porcelain", "--untracked-files=no", "lora_tools"],
+                cwd=REPO_ROOT, capture_output=True, text=True, timeout=10,
+            )
+            if changed.returncode == 0:
+                info["lora_tools_uncommitted_files"] = len(changed.stdout.splitlines())
     return info
 
 

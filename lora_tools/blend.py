@@ -19,6 +19,7 @@ rsLoRA), which every consumer reads the same way.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -34,7 +35,7 @@ from lora_tools.adapter import Adapter, LoraLayer
 from lora_tools.blend_inputs import (
     DENSE_METHODS, DTYPES, align_layers, base_copies, blend_full_tensors, check_inputs, check_options, resolve_weights,
 )
-from lora_tools.blend_math import blend_factored
+from lora_tools.blend_math import Term, blend_factored, single_threaded_blas
 from lora_tools.errors import LoraToolsError, UsageError
 
 # PEFT config fields that decide which modules an adapter creates: copied to the
@@ -48,7 +49,8 @@ class LayerBlendReport:
 
     name: str
     kind: str
-    shape: list[int]  # the base weight's shape
+    shape: list[int]  # (out, in) of the update as PEFT names them, kernel dims appended for conv
+    weight_shape: list[int]  # the base weight as stored: (in, out) for Conv1D, (vocab, dim) for embeddings
     ranks_in: list[int | None]  # per input, None where it does not adapt this module
     rank_out: int
     cosine_similarity: list[list[float | None]]  # between the inputs' updates ΔWᵢ, n×n
@@ -125,6 +127,22 @@ def _shaped(template: LoraLayer, b: np.ndarray, a: np.ndarray) -> tuple[np.ndarr
     return b, a
 
 
+@dataclass
+class _Recipe:
+    """What every layer is blended with (resolved options)."""
+
+    method: str
+    rank: int | None  # None: the energy target alone decides
+    energy: float | None
+    density: float
+    seed: int
+    normalize: bool
+    paths: list[str]  # the inputs', for error messages
+    dense: Any = None  # the blend_dense module, for TIES/DARE
+    device: Any = None  # torch.device, for TIES/DARE
+    compute_dtype: str = "float32"
+
+
 def blend_adapters(
     adapters: Sequence[Adapter],
     weights: Sequence[float],
@@ -145,62 +163,68 @@ def blend_adapters(
     full = blend_full_tensors(adapters, weights)
     if rank is None and energy is None:
         rank = default_rank(adapters)  # with --energy alone, the energy decides
-    dense: Any = None
-    torch_device = None
+    recipe = _Recipe(method, rank, energy, float(density or 1.0), seed, bool(normalize), [a.path for a in adapters],
+                     compute_dtype=compute_dtype)
     if method in DENSE_METHODS:
-        from lora_tools import blend_dense as dense
+        from lora_tools import blend_dense
 
-        torch_device = dense.resolve_device(device)
-        normalize = dense.DEFAULT_NORMALIZE[method] if normalize is None else normalize
-    result = BlendResult([], [], full, base_copies(adapters), device=None if torch_device is None else str(torch_device),
-                         normalize=normalize)
-    n = len(adapters)
-    for name, terms in groups.items():
-        template = terms[0].layer
-        if all(t.coefficient == 0.0 for t in terms):
-            result.dropped.append(name)
-            continue
-        if method == "linear" and len({t.layer.rank for t in terms}) != 1:
-            raise UsageError(adapters[terms[-1].index].path, f"layer {name!r}: --method linear needs equal ranks, got "
-                             f"{[t.layer.rank for t in terms]} (PEFT's linear sums A's and B's; use svd or cat)")
-        mixed = blend_factored(terms, "cat" if dense is not None else method, rank, energy)  # cosines, norms, exact sum
-        target_norm, error_vs_sum = mixed.sum_norm, mixed.residual_fro
-        b, a, kept, residual, out_norm = mixed.b, mixed.a, mixed.energy_kept, mixed.residual_fro, mixed.out_norm
-        if dense is not None:
-            import torch
-
-            live = [t for t in terms if t.coefficient != 0.0]
-            layer_result = dense.blend_layer_dense(
-                name, [dense.DenseTerm(t.index, t.weight, t.layer.scale, t.b, t.a) for t in live], method,
-                rank=rank, energy=energy, density=float(density or 1.0), normalize=bool(normalize), seed=seed,
-                device=torch_device, dtype=getattr(torch, compute_dtype),
-            )
-            b, a, kept, residual = layer_result.b, layer_result.a, layer_result.energy_kept, layer_result.residual_fro
-            target_norm, error_vs_sum = layer_result.target_norm, layer_result.error_vs_sum
-            out_norm = layer_result.out_norm
-        bias = None
-        if any(t.layer.bias is not None for t in terms):
-            bias = sum(t.coefficient * np.asarray(t.layer.bias, dtype=np.float64) for t in terms if t.layer.bias is not None)
-        b_out, a_out = _shaped(template, b, a)
-        result.layers.append(
-            LoraLayer(name=name, a=a_out, b=b_out, alpha=float(a.shape[0]), kind=template.kind,
-                      fan_in_fan_out=template.fan_in_fan_out, bias=bias, dtype="F64")
-        )
-        cosines = [[None if i != j or i not in mixed.norms else 1.0 for j in range(n)] for i in range(n)]
-        for (i, j), cos in mixed.cosines.items():
-            cosines[i][j] = cosines[j][i] = cos
-        result.reports.append(
-            LayerBlendReport(
-                name=name, kind=template.kind, shape=list(template.weight_shape),
-                ranks_in=[next((t.layer.rank for t in terms if t.index == i), None) for i in range(n)],
-                rank_out=int(a.shape[0]), cosine_similarity=cosines,
-                fro_norm_in=[mixed.norms.get(i) for i in range(n)],
-                fro_norm_sum=mixed.sum_norm, fro_norm_target=target_norm, fro_norm_out=out_norm,
-                energy_kept=kept, residual_fro=residual,
-                relative_error=error_vs_sum / mixed.sum_norm if mixed.sum_norm > 0 else 0.0,
-            )
-        )
+        recipe.dense, recipe.device = blend_dense, blend_dense.resolve_device(device)
+        recipe.normalize = blend_dense.DEFAULT_NORMALIZE[method] if normalize is None else normalize
+    result = BlendResult([], [], full, base_copies(adapters), device=None if recipe.device is None else str(recipe.device),
+                         normalize=recipe.normalize if recipe.dense is not None else None)
+    threads = recipe.dense.cpu_threads(recipe.device) if recipe.dense is not None else contextlib.nullcontext()
+    with single_threaded_blas(), threads:  # set once: thread pools are resized on every change
+        for name, terms in groups.items():
+            if all(t.coefficient == 0.0 for t in terms):
+                result.dropped.append(name)
+            else:
+                layer, report = _blend_layer(name, terms, recipe)
+                result.layers.append(layer)
+                result.reports.append(report)
     return result
+
+
+def _blend_layer(name: str, terms: list[Term], recipe: _Recipe) -> tuple[LoraLayer, LayerBlendReport]:
+    """One module's blended layer (scale folded, alpha = r) and its report."""
+    template, n = terms[0].layer, len(recipe.paths)
+    if recipe.method == "linear" and len({t.layer.rank for t in terms}) != 1:
+        raise UsageError(recipe.paths[terms[-1].index], f"layer {name!r}: --method linear needs equal ranks, got "
+                         f"{[t.layer.rank for t in terms]} (PEFT's linear sums A's and B's; use svd or cat)")
+    # the cosines, the norms and ‖Σ wᵢΔWᵢ‖ come from here for every method
+    mixed = blend_factored(terms, "cat" if recipe.dense is not None else recipe.method, recipe.rank, recipe.energy)
+    b, a, kept, residual, out_norm = mixed.b, mixed.a, mixed.energy_kept, mixed.residual_fro, mixed.out_norm
+    target_norm, error_vs_sum = mixed.sum_norm, mixed.residual_fro
+    if recipe.dense is not None:
+        import torch
+
+        dense = recipe.dense.blend_layer_dense(
+            name, [recipe.dense.DenseTerm(t.index, t.weight, t.layer.scale, t.b, t.a) for t in terms if t.coefficient != 0.0],
+            recipe.method, rank=recipe.rank, energy=recipe.energy, density=recipe.density, normalize=recipe.normalize,
+            seed=recipe.seed, device=recipe.device, dtype=getattr(torch, recipe.compute_dtype),
+        )
+        b, a, kept, residual, out_norm = dense.b, dense.a, dense.energy_kept, dense.residual_fro, dense.out_norm
+        target_norm, error_vs_sum = dense.target_norm, dense.error_vs_sum
+    bias = None
+    if any(t.layer.bias is not None for t in terms):
+        bias = sum(t.coefficient * np.asarray(t.layer.bias, dtype=np.float64) for t in terms if t.layer.bias is not None)
+    b_out, a_out = _shaped(template, b, a)
+    layer = LoraLayer(name=name, a=a_out, b=b_out, alpha=float(a.shape[0]), kind=template.kind,
+                      fan_in_fan_out=template.fan_in_fan_out, bias=bias, dtype="F64")
+    cosines: list[list[float | None]] = [[1.0 if i == j and i in mixed.norms else None for j in range(n)] for i in range(n)]
+    for (i, j), cos in mixed.cosines.items():
+        cosines[i][j] = cosines[j][i] = cos
+    report = LayerBlendReport(
+        name=name, kind=template.kind,
+        shape=[int(template.b.shape[0]), int(template.a.shape[1]), *template.kernel_size],
+        weight_shape=list(template.weight_shape),
+        ranks_in=[next((t.layer.rank for t in terms if t.index == i), None) for i in range(n)],
+        rank_out=int(a.shape[0]), cosine_similarity=cosines,
+        fro_norm_in=[mixed.norms.get(i) for i in range(n)],
+        fro_norm_sum=mixed.sum_norm, fro_norm_target=target_norm, fro_norm_out=out_norm,
+        energy_kept=kept, residual_fro=residual,
+        relative_error=error_vs_sum / mixed.sum_norm if mixed.sum_norm > 0 else 0.0,
+    )
+    return layer, report
 
 
 # -- the command --------------------------------------------------------------------

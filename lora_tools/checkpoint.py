@@ -96,8 +96,10 @@ class BaseCheckpoint:
         index_path = folder / INDEX_NAME
         try:
             index = json.loads(index_path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, ValueError) as exc:
+        except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError, 5000-digit ints
             raise FormatError(index_path, f"not valid JSON ({exc})") from None
+        except RecursionError:  # "[[[[…" a hundred thousand deep
+            raise FormatError(index_path, "not valid JSON (nested too deeply)") from None
         except OSError as exc:
             raise FormatError(index_path, f"cannot read: {exc.strerror or exc}") from None
         weight_map = index.get("weight_map") if isinstance(index, dict) else None

@@ -246,7 +246,7 @@ def _against_base(adapter: Adapter, base_path: str | os.PathLike[str]) -> tuple[
             t.layer.name: float(np.linalg.norm(base.numpy(t.weight_key).astype(np.float64).ravel()))
             for t in targets
         }
-    for target in targets:
-        if not math.isfinite(norms[target.layer.name]):  # a NaN in W0 would poison ‖ΔW‖/‖W0‖
-            raise FormatError(base_path, f"tensor {target.weight_key!r} contains NaN or Inf")
+        for target in targets:
+            if not math.isfinite(norms[target.layer.name]):  # a NaN in W0 would poison ‖ΔW‖/‖W0‖
+                raise FormatError(base.shard_of(target.weight_key).path, f"tensor {target.weight_key!r} contains NaN or Inf")
     return adapter, norms

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import torch
 
 from lora_tools.dense import apply_bias, apply_layer, factor_tensor
-from lora_tools.errors import LoraToolsError, UsageError
+from lora_tools.errors import FormatError, LoraToolsError, UsageError
 from lora_tools.output import SafetensorsStreamWriter, atomic_output, copy_extra_files, file_layout, wrap_write_errors
 from lora_tools.pipeline import OrderedWriter, prefetched
 from lora_tools.plan import MergePlan, TensorPlan, make_plan
@@ -154,7 +154,7 @@ def _update_config_dtype(tmp: Path, out_code: str | None) -> None:
         return
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, ValueError, RecursionError):  # JSONDecodeError, 5000-digit ints, deep nesting
         return  # not ours to judge: it was copied byte for byte
     if not isinstance(config, dict):
         return
@@ -234,6 +234,8 @@ class _Streamer:
         compute = torch.float64 if torch.float64 in (w0.dtype, stored) else torch.float32
         merged = merged_tensor(plan, w0, compute)
         if not bool(torch.isfinite(merged).all()):
+            if not bool(torch.isfinite(w0).all()):  # the base's fault, not the adapter's
+                raise FormatError(self.plan.base.shard_of(name).path, f"tensor {name!r} contains NaN or Inf")
             raise LoraToolsError(plan.sources[0], f"merging into {name!r} produced NaN or Inf")
         return merged.to(stored).cpu()
 

@@ -26,7 +26,7 @@ from types import FrameType
 from typing import Any
 
 from lora_tools.checkpoint import SupportsWrite, copy_tensor_bytes
-from lora_tools.errors import LoraToolsError, Terminated, UsageError
+from lora_tools.errors import FormatError, LoraToolsError, Terminated, UsageError
 from lora_tools.safetensors_file import DTYPE_ITEMSIZE, SafetensorsFile
 
 # (name, safetensors dtype code, shape): all a header needs to know about a tensor.
@@ -396,5 +396,10 @@ def copy_extra_files(src_dir: Path, names: Iterable[str | os.PathLike[str]], dst
         target.parent.mkdir(parents=True, exist_ok=True)
         if source.is_dir():
             shutil.copytree(source, target, dirs_exist_ok=True)
-        else:
+            continue
+        try:
             shutil.copy2(source, target)
+        except OSError as exc:  # reading the source failed: name it, not the output
+            if exc.filename is not None and os.fspath(exc.filename) == os.fspath(source):
+                raise FormatError(source, f"cannot read: {exc.strerror or exc}") from None
+            raise

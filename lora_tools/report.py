@@ -127,7 +127,8 @@ def render_verify(report: VerifyReport, console: Console, *, show_all: bool = Fa
     """Per adapted tensor: errors, strength and verdict; failures first when long."""
     from lora_tools.verify import describe, verify_summary_line
 
-    table = Table(title=f"{report.merged} vs {report.base} + {len(report.adapters)} adapter(s)")
+    # Paths and tensor names come from the user's files: text, not Rich markup (see render_inspect).
+    table = Table(title=f"{escape(report.merged)} vs {escape(report.base)} + {len(report.adapters)} adapter(s)")
     for column in ("tensor", "dtype", "max abs err", "max rel err", "×tol", "strength k", "±6σ", "forward", "recipe", "verdict"):
         table.add_column(column, justify="left" if column in {"tensor", "recipe", "verdict"} else "right")
     rows = report.tensors
@@ -137,7 +138,7 @@ def render_verify(report: VerifyReport, console: Console, *, show_all: bool = Fa
         spread = None if check.strength_spread is None else 6 * check.strength_spread
         style = "green" if check.verdict == "ok" else ("yellow" if check.verdict == "inconclusive" else "red")
         table.add_row(
-            check.name, check.dtype, _g(check.max_abs_error, 3), _g(check.max_rel_error, 3), _g(check.worst_ulps, 3),
+            escape(check.name), check.dtype, _g(check.max_abs_error, 3), _g(check.max_rel_error, 3), _g(check.worst_ulps, 3),
             _g(check.strength, 6), _g(spread, 2), _g(check.forward_rel_error, 2), check.recipe or "-",
             f"[{style}]{check.verdict}[/{style}]",
         )
@@ -145,7 +146,7 @@ def render_verify(report: VerifyReport, console: Console, *, show_all: bool = Fa
     if len(rows) < len(report.tensors):
         console.print(f"{len(report.tensors) - len(rows)} more tensors not shown (--all shows every one)")
     for line in describe(report)[:20]:
-        console.print(f"[red]{line}[/red]" if "inconclusive" not in line else f"[yellow]{line}[/yellow]")
+        console.print(f"[red]{escape(line)}[/red]" if "inconclusive" not in line else f"[yellow]{escape(line)}[/yellow]")
     console.print(verify_summary_line(report))
 
 

@@ -27,6 +27,7 @@ import torch
 
 from lora_tools.checkpoint import BaseCheckpoint
 from lora_tools.dense import delta_weight, factor_tensor
+from lora_tools.errors import FormatError, LoraToolsError
 from lora_tools.fitting import LayerTarget
 from lora_tools.merge import merged_tensor
 from lora_tools.plan import TensorPlan, make_plan
@@ -85,10 +86,22 @@ class VerifyReport:
         return sum(t.verdict == "inconclusive" for t in self.tensors)
 
     def to_json(self) -> dict[str, Any]:
-        document = asdict(self)
+        """The report as JSON values: a figure that is not finite (an Inf stored in MERGED,
+        an error against a zero tolerance) is null; its verdict and detail say why."""
+        document = _finite_or_none(asdict(self))
         document["n_failed"] = self.n_failed
         document["n_inconclusive"] = self.n_inconclusive
         return document
+
+
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_finite_or_none(item) for item in value]
+    return value
 
 
 def _ulp(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -160,7 +173,15 @@ def check_tensor(
     check = TensorCheck(plan.name, "ok", str(dtype).removeprefix("torch."))
     base64 = w0.to(torch.float64)
     expected = merged_tensor(plan, w0, torch.float64)
+    if not bool(torch.isfinite(expected).all()):  # W0 is finite (checked by the caller): the update overflows
+        raise LoraToolsError(plan.sources[0], f"merging into {plan.name!r} produced NaN or Inf")
     actual = stored.to(torch.float64)
+    if not bool(torch.isfinite(actual).all()):
+        # Every comparison with NaN is false: without this, NaN would pass every test below.
+        where = [int(i) for i in (~torch.isfinite(actual)).nonzero()[0]]
+        check.verdict, check.detail = "mismatch", f"MERGED holds NaN or Inf (first at {where})"
+        check.max_abs_error = check.max_rel_error = check.worst_ulps = math.inf
+        return check
     error = (actual - expected).abs()
     check.max_abs_error = float(error.max()) if error.numel() else 0.0
     scale = float(expected.abs().max()) if expected.numel() else 0.0
@@ -377,7 +398,10 @@ def _check_one(
             report.changed_unadapted.append(name)
         return
     report.n_adapted += 1
-    report.tensors.append(check_tensor(plan, base.torch(name), merged.torch(name), atol, rtol, seed))
+    w0 = base.torch(name)
+    if not bool(torch.isfinite(w0).all()):  # no expectation can be computed from it
+        raise FormatError(base.shard_of(name).path, f"tensor {name!r} contains NaN or Inf")
+    report.tensors.append(check_tensor(plan, w0, merged.torch(name), atol, rtol, seed))
 
 
 def verify_summary_line(report: VerifyReport) -> str:

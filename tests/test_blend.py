@@ -352,8 +352,9 @@ def test_randomized_svd_is_near_optimal() -> None:
     limit = dense.EXACT_SVD_MAX_DIM
     dense.EXACT_SVD_MAX_DIM = 16
     try:
-        b, a, kept = refactor(matrix, 8, None, seed=3)
-        b2, a2, _ = refactor(matrix, 8, None, seed=3)
+        with dense.cpu_threads("cpu"):
+            b, a, kept = refactor(matrix, 8, None, seed=3)
+            b2, a2, _ = refactor(matrix, 8, None, seed=3)
     finally:
         dense.EXACT_SVD_MAX_DIM = limit
     assert kept == pytest.approx(optimal, rel=1e-6)
@@ -363,7 +364,9 @@ def test_randomized_svd_is_near_optimal() -> None:
 def test_dare_seed_changes_the_masks(inputs: dict[str, Path]) -> None:
     adapters = [load_adapter(inputs["A"]), load_adapter(inputs["A2"])]
     run = functools.partial(blend_adapters, adapters, [0.5, 0.5], method="dare_linear", density=0.5, device="cpu")
+    threads = torch.get_num_threads()
     first, again, other = run(seed=1), run(seed=1), run(seed=2)
+    assert torch.get_num_threads() == threads  # the CPU thread policy is undone
     assert all(np.array_equal(x.a, y.a) for x, y in zip(first.layers, again.layers))
     assert not np.allclose(first.layers[0].b @ first.layers[0].a, other.layers[0].b @ other.layers[0].a)
 
@@ -471,6 +474,7 @@ def test_dora_is_refused(peft_case_factory: Callable[[str], PeftCase], inputs: d
 
 
 @pytest.mark.parametrize("args,message", [
+    ([], "got 0 --weight for 2 adapters"),
     (["--weight", "0.5", "--weight", "0.5", "--weight", "1"], "3 --weight for 2 adapters"),
     (["--weight", "0.5", "--method", "ties"], "needs --density"),
     (["--weight", "0.5", "--method", "cat", "--rank", "4"], "--rank and --energy apply"),
@@ -513,8 +517,9 @@ def test_kohya_in_kohya_out(kohya_case, tmp_path: Path) -> None:
 
 def test_factored_path_never_imports_torch(inputs: dict[str, Path], tmp_path: Path) -> None:
     """The real console script, and a check that cat/svd/linear ran without importing torch."""
-    exe = Path(sys.executable).parent / "lora-tools"
-    done = subprocess.run([str(exe), "blend", str(inputs["A"]), str(inputs["B"]), "--weight", "0.5", "-o", str(tmp_path / "o"), "--json"],
+    exe = Path(sys.executable).parent / "lora-tools"  # the installed entry point, else the module
+    command = [str(exe)] if exe.exists() else [sys.executable, "-m", "lora_tools"]
+    done = subprocess.run([*command, "blend", str(inputs["A"]), str(inputs["B"]), "--weight", "0.5", "-o", str(tmp_path / "o"), "--json"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["n_layers"] == 15
@@ -556,3 +561,21 @@ def test_bf16_rounding_matches_torch(values: list[float]) -> None:
     x = np.asarray(values, dtype=np.float32)
     expected = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
     np.testing.assert_array_equal(float32_to_bf16_bits(x), expected)
+
+
+def test_single_threaded_blas_restores_the_thread_count() -> None:
+    """The factored blend runs OpenBLAS on one thread and gives the setting back (where it can)."""
+    import ctypes
+
+    from lora_tools.blend_math import single_threaded_blas
+
+    paths = sorted({line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines()
+                    if "openblas" in line.lower() and ".so" in line}) if Path("/proc/self/maps").exists() else []
+    getters = [getattr(ctypes.CDLL(p), "scipy_openblas_get_num_threads64_", None) for p in paths]
+    getters = [g for g in getters if g is not None]
+    if not getters:
+        pytest.skip("numpy does not use a scipy-openblas this test can query")
+    before = [g() for g in getters]
+    with single_threaded_blas():
+        assert [g() for g in getters] == [1] * len(getters)
+    assert [g() for g in getters] == before

@@ -34,6 +34,8 @@ def load_adapter(path: str | os.PathLike[str], *, alpha: float | None = None) ->
     if alpha is not None and not 0 < alpha < math.inf:
         raise FormatError(path, f"--alpha must be a positive finite number, got {alpha}")
     if path.is_dir():
+        if not os.access(path, os.R_OK | os.X_OK):  # else its files would look absent
+            raise FormatError(path, "permission denied")
         return _load_directory(path, alpha)
     if not os.access(path, os.R_OK):
         raise FormatError(path, "permission denied")

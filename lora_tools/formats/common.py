@@ -127,6 +127,10 @@ def check_factor_shapes(source: TensorSource, module: str, a: np.ndarray, b: np.
             source.path,
             f"module {module!r}: ranks disagree (A {tuple(a.shape)} has r={a.shape[0]}, B {tuple(b.shape)} has r={b.shape[1]})",
         )
+    if a.size == 0 or b.size == 0:  # r would be unbounded by the file's size (A of shape (2**40, 0))
+        raise FormatError(
+            source.path, f"module {module!r}: empty factors (A {tuple(a.shape)}, B {tuple(b.shape)} have a zero dimension)"
+        )
     if embedding and (a.ndim != 2 or b.ndim != 2):
         raise FormatError(source.path, f"module {module!r}: embedding factors must be 2-D")
     if b.ndim > 2 and any(d != 1 for d in b.shape[2:]):

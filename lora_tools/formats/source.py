@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Protocol
@@ -57,6 +58,17 @@ class SafetensorsSource:
         self.file.close()
 
 
+# Before torch 2.6, torch.load(weights_only=True) could still be made to run code
+# (CVE-2025-32434): with an older torch, pickles are refused, not loaded.
+SAFE_WEIGHTS_ONLY_TORCH = (2, 6)
+
+
+def torch_release(version: str) -> tuple[int, int]:
+    """(major, minor) of a torch version string such as "2.5.1+cu121"."""
+    numbers = re.findall(r"\d+", version)[:2]
+    return (int(numbers[0]), int(numbers[1])) if len(numbers) == 2 else (0, 0)
+
+
 class TorchPickleSource:
     """A legacy `adapter_model.bin`, loaded with `torch.load(weights_only=True)` only.
 
@@ -71,6 +83,12 @@ class TorchPickleSource:
 
         self.path = path
         self.metadata: dict[str, str] = {}
+        if torch_release(str(torch.__version__)) < SAFE_WEIGHTS_ONLY_TORCH:
+            raise FormatError(
+                path,
+                f"refused to load pickle: torch {torch.__version__} cannot load it safely (weights_only=True "
+                "is bypassable before torch 2.6, CVE-2025-32434); upgrade torch or convert the adapter to safetensors",
+            )
         try:
             with warnings.catch_warnings():  # torch warns about pickle protocols on stderr
                 warnings.simplefilter("ignore")

@@ -98,10 +98,11 @@ def _number(value: float) -> int | float:
 
 
 def _pattern_key(name: str) -> str:
-    """A rank/alpha_pattern key matching exactly this module. PEFT matches keys with
-    re.match(rf"(.*\\.)?({key})$", path); a plain dotted path only matches itself (a "."
-    matching any character cannot make it match another real module path), so it is
-    written as is for readability, and escaped only when it holds other characters."""
+    """A rank/alpha_pattern key for exactly this module. PEFT matches keys with
+    re.match(rf"(.*\\.)?({key})$", path) (peft.utils.other.get_pattern_key): a full dotted
+    path matches itself, and another path only if it differed in the very characters
+    its dots stand for, which module paths never do. So it is written as is (readable,
+    and right for tools that compare keys as strings), escaped only if it holds others."""
     return name if _PLAIN_NAME.match(name) else re.escape(name)
 
 
