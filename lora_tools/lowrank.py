@@ -31,11 +31,39 @@ def _factors(b: np.ndarray, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return b, a
 
 
+# CholeskyQR's R is exact for the computed Gram matrix, whose rounding (≈ eps·‖X‖²)
+# perturbs σ(X)² by eps·σ₁²: fine while κ(XᵀX) stays below this, else Householder.
+_CHOLESKY_MAX_CONDITION = 1e6
+
+
+def _r_factor(x: np.ndarray) -> np.ndarray:
+    """R of a reduced QR x = Q·R (x (m, r) → R (min(m, r), r)).
+
+    From the Gram matrix when x is well conditioned (CholeskyQR: XᵀX = LLᵀ, R = Lᵀ;
+    one level-3 product, ~10× faster than LAPACK's Householder QR on 8192×16 factors,
+    which dominated `inspect` on real adapters), else by Householder QR.
+    """
+    m, r = x.shape
+    if m >= r:
+        gram = x.T @ x  # (r, r)
+        diag = np.diag(gram)
+        if diag.min() > 0 and diag.max() / diag.min() < _CHOLESKY_MAX_CONDITION:
+            try:
+                lower = np.linalg.cholesky(gram)
+            except np.linalg.LinAlgError:
+                lower = None
+            if lower is not None:
+                pivots = np.abs(np.diag(lower))
+                if (pivots.max() / pivots.min()) ** 2 < _CHOLESKY_MAX_CONDITION:
+                    return lower.T
+    return np.linalg.qr(x, mode="r")
+
+
 def _core(b: np.ndarray, a: np.ndarray) -> np.ndarray:
     """R_B·R_Aᵀ, (min(m,r), min(n,r)): with B = Q_B·R_B and Aᵀ = Q_A·R_A (reduced QR),
     B·A = Q_B·(R_B·R_Aᵀ)·Q_Aᵀ and the Q's are orthonormal, so the core has BA's
     singular values and Frobenius norm. Needs m, n, r ≥ 1. O((m+n)·r²)."""
-    return np.linalg.qr(b, mode="r") @ np.linalg.qr(a.T, mode="r").T
+    return _r_factor(b) @ _r_factor(a.T).T
 
 
 def factored_svd(
