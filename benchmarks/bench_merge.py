@@ -274,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
         title = (f"merge: {spec.name} shapes ({base_info['total_bytes'] / 1e9:.2f} GB bf16, {len(base_info['shards'])} "
                  f"shards), adapter r={args.rank} {args.adapter_dtype} on {adapter_info['n_modules']} modules; "
                  f"largest tensor {largest_mb:.0f} MB")
-        print()
+        print("\nEvery variant started after a read of the whole base (warm page cache) and a sync; "
+              "'sync s' flushes its output afterwards, and × floor compares wall+sync.\n")
         print(bu.table(["variant", "wall s", "sync s", "wall+sync s", "× floor", "peak RSS MB (polled)",
                         "peak RSS MB (kernel)", "peak anon MB", "anon / largest"], rows, title=title))
         peft_run = next((r for r in runs if r["variant"].startswith("PEFT") and r.get("phases")), None)

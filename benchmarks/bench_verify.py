@@ -216,7 +216,8 @@ def corruption_cases(base: Path, adapter: Path, spec: synthetic.LlamaShape, scal
 
 
 def caught_names(expect: list[str], flagged: list[str]) -> bool:
-    return all(any(item.startswith(name) or name in item for item in flagged) for name in expect)
+    """Every expected tensor/module is named by a flagged line ("<name>: <verdict>...")."""
+    return all(any(item.split(":", 1)[0].strip() == name for item in flagged) for name in expect)
 
 
 # -- main --------------------------------------------------------------------------------------
@@ -325,10 +326,20 @@ def main(argv: list[str] | None = None) -> int:
                     dl_cell = "–"
                 else:
                     rc = d["deltalint"]["rc"]
+                    flagged = d["deltalint"].get("flagged") or []
                     if healthy:
-                        dl_cell = {0: "ok", 1: "FALSE ALARM", 3: "inconclusive"}.get(rc, "error") + f" (exit {rc})"
+                        dl_cell = {0: "ok", 1: "FALSE ALARM", 3: "inconclusive"}.get(rc, "error") + f" (exit {rc}"
+                        dl_cell += f", flags {len(flagged)} layers)" if flagged else ")"
                     else:
-                        dl_cell = {0: "MISSED", 1: "caught", 3: "inconclusive"}.get(rc, "error") + f" (exit {rc})"
+                        modules = [name.removesuffix(".weight") for name in d["expect"]]
+                        named = caught_names(modules, flagged)
+                        extra = sum(item.split(":", 1)[0].strip() not in modules for item in flagged)
+                        dl_cell = {0: "MISSED", 1: "caught", 3: "inconclusive"}.get(rc, "error") + f" (exit {rc}"
+                        if rc == 1:
+                            dl_cell += ", names it" if named else ", does not name it"
+                            if extra > 0:
+                                dl_cell += f", +{extra} healthy layers flagged"
+                        dl_cell += ")"
                 detail = "; ".join((d["lora_tools"].get("flagged") or [])[:2])
                 det_rows.append([d["label"], lt_cell, dl_cell, d["lora_tools"]["wall_s"],
                                  d["deltalint"]["wall_s"] if d["deltalint"] else None, detail[:110]])

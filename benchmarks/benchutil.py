@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -57,9 +58,15 @@ def workdir(path: Path | None, keep: bool, prefix: str) -> Iterator[Path]:
         path.mkdir(parents=True)
         created = True
     path = path.resolve()
+
+    def terminated(signum: int, frame: Any) -> None:  # unwind (and clean up) on SIGTERM too
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, terminated)
     try:
         yield path
     finally:
+        signal.signal(signal.SIGTERM, previous)
         if created and not keep:
             shutil.rmtree(path, ignore_errors=True)
         else:
