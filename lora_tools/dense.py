@@ -45,6 +45,27 @@ def delta_weight(
     return delta.reshape(target.weight_shape)
 
 
+def accumulate_delta(
+    target: LayerTarget, weight: float, w0: torch.Tensor, dtype: torch.dtype, work: torch.Tensor | None = None
+) -> torch.Tensor:
+    """W0 + w·s·B·A in `work` (or a new tensor): the merge's hot path, in place.
+
+    Same operations as `delta_weight(...) + w0` — the product, the scaling, then the add
+    with W0 widened exactly — so the bits are PEFT's, without the temporaries.
+    """
+    layer = target.layer
+    b = factor_tensor(layer.b_matrix, w0.device, dtype)  # (out, r)
+    a = factor_tensor(layer.a_matrix, w0.device, dtype)  # (r, in·k)
+    product_shape = (b.shape[0], a.shape[1])
+    if work is None or target.transposed or work.dtype != dtype:
+        delta = delta_weight(target, weight, w0.device, dtype)
+        return delta.add_(w0) if delta.is_contiguous() else delta + w0
+    out = work.view(product_shape)  # contiguous: conv kernels flatten row-major
+    torch.matmul(b, a, out=out)
+    out.mul_(layer.scale * weight)
+    return work.add_(w0)
+
+
 def dora_norm_dims(target: LayerTarget) -> tuple[int, ...]:
     """Axes PEFT's DoRA norm runs over, in the stored weight's orientation.
 

@@ -18,10 +18,10 @@ from typing import Any, Protocol
 
 import torch
 
-from lora_tools.dense import apply_bias, apply_layer, factor_tensor
+from lora_tools.dense import accumulate_delta, apply_bias, apply_layer, delta_weight, factor_tensor
 from lora_tools.errors import FormatError, LoraToolsError, UsageError
 from lora_tools.output import SafetensorsStreamWriter, atomic_output, copy_extra_files, file_layout, wrap_write_errors
-from lora_tools.pipeline import OrderedWriter, prefetched
+from lora_tools.pipeline import BufferRing, OrderedWriter, prefetched
 from lora_tools.plan import MergePlan, TensorPlan, make_plan
 from lora_tools.safetensors_file import DTYPE_ITEMSIZE, FLOAT_DTYPES, SafetensorsFile
 from lora_tools.torch_dtypes import DTYPE_ALIASES, torch_dtype
@@ -77,11 +77,35 @@ def output_dtype_code(dtype: str) -> str | None:
         raise UsageError(None, f"unknown --dtype {dtype!r} (use keep, bf16, fp16 or fp32)") from None
 
 
-def merged_tensor(plan: TensorPlan, w0: torch.Tensor, compute_dtype: torch.dtype) -> torch.Tensor:
+def _is_plain(plan: TensorPlan) -> bool:
+    """Only LoRA layers to add: no replacement and no DoRA, whose norms need W0 apart."""
+    return plan.replacement is None and all(t.layer.magnitude is None for t, _ in plan.layers)
+
+
+def merged_tensor(
+    plan: TensorPlan, w0: torch.Tensor, compute_dtype: torch.dtype, work: torch.Tensor | None = None
+) -> torch.Tensor:
     """W0 with a replacement, every adapter layer and every LoRA bias folded in.
 
     `w0` is on the compute device in its stored dtype; the result is in compute_dtype.
+    `work`, a compute_dtype buffer of the weight's shape, is used (and returned) instead
+    of fresh temporaries on the plain path: a merge reuses one per shape rather than
+    faulting in new pages for every tensor.
     """
+    if _is_plain(plan):
+        # W0 + d₁ + d₂ … accumulated in place: the same sums in the same order as PEFT's
+        # `weight += delta` (w0 is widened exactly inside the add), with no widened copy.
+        current: torch.Tensor | None = None
+        for target, weight in plan.layers:
+            if current is None:
+                current = accumulate_delta(target, weight, w0, compute_dtype, work)
+            else:
+                current.add_(delta_weight(target, weight, current.device, compute_dtype))
+        if current is None:
+            current = w0.to(compute_dtype)
+        for target, weight in plan.biases:
+            current = apply_bias(current, target, weight)
+        return current
     base = w0.to(compute_dtype)
     if plan.replacement is not None:
         tensor, weight = plan.replacement
@@ -195,6 +219,10 @@ class _Streamer:
         self.out_code = out_code
         self.progress = progress
         self.n_adapted = self.n_copied = self.bytes_written = 0
+        # Reused buffers: one compute buffer per shape, and output buffers enough for the
+        # writer's queue (depth 2, one being written) plus the one being filled.
+        self.work = BufferRing(device, slots=1)
+        self.outputs = BufferRing(torch.device("cpu"), slots=4)
         if progress is not None:
             infos = [plan.base.info(name) for name in plan.base.tensor_names()]
             progress.start(len(infos), sum(i.nbytes for i in infos))
@@ -225,19 +253,23 @@ class _Streamer:
                 self.n_copied += name not in self.plan.tensors
 
     def _compute(self, name: str, w0: torch.Tensor, stored: torch.dtype) -> torch.Tensor:
+        """The merged tensor, in its stored dtype, in a CPU buffer the writer may keep."""
         w0 = w0.to(self.device, non_blocking=True)
         plan = self.plan.tensors.get(name)
-        if plan is None:  # only a dtype change
+        if plan is None:  # only a dtype change (embeddings too: no ring of 500 MB buffers)
             return w0.to(stored).cpu()
+        out = self.outputs.get(tuple(w0.shape), stored)
         # float32 accumulates every narrower dtype exactly enough; a float64 weight would
         # lose 29 bits of every element to it.
         compute = torch.float64 if torch.float64 in (w0.dtype, stored) else torch.float32
-        merged = merged_tensor(plan, w0, compute)
-        if not bool(torch.isfinite(merged).all()):
+        merged = merged_tensor(plan, w0, compute, self.work.get(tuple(w0.shape), compute))
+        # one reduction instead of an element-wise isfinite pass; only when it is not
+        # finite is the tensor searched (a finite sum can overflow only for absurd weights)
+        if not bool(torch.isfinite(merged.sum())) and not bool(torch.isfinite(merged).all()):
             if not bool(torch.isfinite(w0).all()):  # the base's fault, not the adapter's
                 raise FormatError(self.plan.base.shard_of(name).path, f"tensor {name!r} contains NaN or Inf")
             raise LoraToolsError(plan.sources[0], f"merging into {name!r} produced NaN or Inf")
-        return merged.to(stored).cpu()
+        return out.copy_(merged)  # the one rounding to the stored dtype (and the copy off the GPU)
 
     def _copy_job(self, writer: SafetensorsStreamWriter, src: SafetensorsFile, name: str, nbytes: int) -> Callable[[], None]:
         def job() -> None:
