@@ -45,25 +45,47 @@ def delta_weight(
     return delta.reshape(target.weight_shape)
 
 
-def accumulate_delta(
-    target: LayerTarget, weight: float, w0: torch.Tensor, dtype: torch.dtype, work: torch.Tensor | None = None
+def merge_rows_into(
+    out: torch.Tensor,
+    w0: torch.Tensor,
+    layers: list[tuple[LayerTarget, float]],
+    chunk_rows: int,
+    work: torch.Tensor,
+    widened: torch.Tensor,
 ) -> torch.Tensor:
-    """W0 + w·s·B·A in `work` (or a new tensor): the merge's hot path, in place.
+    """out = round(W0 + Σ w·s·B·A), one block of rows at a time; returns Σ of the block
+    sums (finite iff every merged element is, barring overflow of the sum itself).
 
-    Same operations as `delta_weight(...) + w0` — the product, the scaling, then the add
-    with W0 widened exactly — so the bits are PEFT's, without the temporaries.
+    The merge's hot path for plain, untransposed layers. Per element it does exactly
+    what PEFT does — the rank-r product, the scaling, the add in float32 (W0 widened
+    exactly), then one rounding — on row blocks whose buffers are reused, so no pass
+    faults in fresh pages and the blocks stay warm between the passes.
+    out/w0: (m, n) views of the stored and the base weight; work/widened: (chunk_rows, n)
+    buffers in the compute dtype.
     """
-    layer = target.layer
-    b = factor_tensor(layer.b_matrix, w0.device, dtype)  # (out, r)
-    a = factor_tensor(layer.a_matrix, w0.device, dtype)  # (r, in·k)
-    product_shape = (b.shape[0], a.shape[1])
-    if work is None or target.transposed or work.dtype != dtype:
-        delta = delta_weight(target, weight, w0.device, dtype)
-        return delta.add_(w0) if delta.is_contiguous() else delta + w0
-    out = work.view(product_shape)  # contiguous: conv kernels flatten row-major
-    torch.matmul(b, a, out=out)
-    out.mul_(layer.scale * weight)
-    return work.add_(w0)
+    dtype = work.dtype
+    factors = [
+        (factor_tensor(t.layer.b_matrix, w0.device, dtype), factor_tensor(t.layer.a_matrix, w0.device, dtype),
+         t.layer.scale * weight)
+        for t, weight in layers
+    ]  # (m, r), (r, n), w·s
+    rows = w0.shape[0]
+    total = torch.zeros((), dtype=dtype, device=w0.device)
+    for lo in range(0, rows, chunk_rows):
+        hi = min(lo + chunk_rows, rows)
+        acc, base = work[: hi - lo], widened[: hi - lo]
+        base.copy_(w0[lo:hi])
+        for index, (b, a, factor) in enumerate(factors):
+            delta = acc if index == 0 else torch.empty_like(acc)
+            torch.matmul(b[lo:hi], a, out=delta)
+            delta.mul_(factor)
+            if index == 0:
+                acc.add_(base)  # W0 + d₁, as PEFT's weight += delta
+            else:
+                acc.add_(delta)
+        total += acc.sum()
+        out[lo:hi].copy_(acc)  # the one rounding to the stored dtype
+    return total
 
 
 def dora_norm_dims(target: LayerTarget) -> tuple[int, ...]:
