@@ -60,8 +60,10 @@ def merge_rows_into(
     what PEFT does — the rank-r product, the scaling, the add in float32 (W0 widened
     exactly), then one rounding — on row blocks whose buffers are reused, so no pass
     faults in fresh pages and the blocks stay warm between the passes.
-    out/w0: (m, n) views of the stored and the base weight; work/widened: (chunk_rows, n)
-    buffers in the compute dtype.
+    out/w0: (m, n) views of the stored and the base weight; work/widened: (chunk_rows + 1,
+    n) buffers in the compute dtype (the last block may take one row more). Blocks have
+    at least two rows: a matrix-vector product sums in another order than the matrix
+    product PEFT computes, one matrix product per block gives PEFT's bits exactly.
     """
     dtype = work.dtype
     factors = [
@@ -70,9 +72,11 @@ def merge_rows_into(
         for t, weight in layers
     ]  # (m, r), (r, n), w·s
     rows = w0.shape[0]
+    starts = list(range(0, rows, chunk_rows))
+    if len(starts) > 1 and rows - starts[-1] == 1:
+        starts.pop()  # a 1-row block would go through gemv, whose sums differ from gemm's
     total = torch.zeros((), dtype=dtype, device=w0.device)
-    for lo in range(0, rows, chunk_rows):
-        hi = min(lo + chunk_rows, rows)
+    for lo, hi in zip(starts, [*starts[1:], rows]):
         acc, base = work[: hi - lo], widened[: hi - lo]
         base.copy_(w0[lo:hi])
         for index, (b, a, factor) in enumerate(factors):

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from lora_tools.adapter import Adapter, LoraLayer
 from lora_tools.errors import MismatchError
+from lora_tools.safetensors_file import FLOAT_DTYPES
 
 
 @dataclass(frozen=True)
@@ -55,10 +56,12 @@ def fit_to_base(
     adapter: Adapter,
     weight_shape: Callable[[str], tuple[int, ...] | None],
     base_path: str,
+    weight_dtype: Callable[[str], str] | None = None,
 ) -> list[LayerTarget]:
     """Bind every layer to its base weight; the first layer that does not fit is an error.
 
-    `weight_shape(key)` gives a base tensor's shape, or None when the base lacks it.
+    `weight_shape(key)` gives a base tensor's shape, or None when the base lacks it;
+    `weight_dtype(key)` its safetensors dtype code: a LoRA update needs a float weight.
     """
     targets = []
     for layer in adapter.layers:
@@ -66,6 +69,11 @@ def fit_to_base(
         shape = weight_shape(key)
         if shape is None:
             raise MismatchError(adapter.path, f"layer {layer.name!r} has no weight {key!r} in base {base_path}")
+        dtype = weight_dtype(key) if weight_dtype is not None else "F32"
+        if dtype not in FLOAT_DTYPES:  # the update would be truncated to integers
+            raise MismatchError(
+                adapter.path, f"layer {layer.name!r}: base weight {key!r} in {base_path} is {dtype}, not a float tensor"
+            )
         transposed = orientation(layer, shape)
         if transposed is None:
             out_dim, in_dim = layer.update_matrix_shape

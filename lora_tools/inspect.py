@@ -125,7 +125,7 @@ def layer_report(layer: LoraLayer) -> LayerReport:
         rank=layer.rank,
         alpha=layer.alpha,
         scale=scale,
-        fro_norm=float(math.sqrt(float(np.sum(sv**2)))),
+        fro_norm=math.hypot(*sv),  # scaled: Σσ² would underflow (σ ~ 1e-160) or overflow (1e160)
         spectral_norm=float(sv[0]) if sv.size else 0.0,
         singular_values=[float(s) for s in sv],
         energy_rank_90=lowrank.energy_rank(sv, 0.90),
@@ -241,7 +241,9 @@ def _against_base(adapter: Adapter, base_path: str | os.PathLike[str]) -> tuple[
 
     with BaseCheckpoint.open(base_path) as base:
         adapter = resolve_names(adapter, base.module_paths(), os.fspath(base_path))
-        targets = fit_to_base(adapter, lambda k: base.info(k).shape if base.has(k) else None, os.fspath(base_path))
+        targets = fit_to_base(
+            adapter, lambda k: base.info(k).shape if base.has(k) else None, os.fspath(base_path), lambda k: base.info(k).dtype
+        )
         norms = {
             t.layer.name: float(np.linalg.norm(base.numpy(t.weight_key).astype(np.float64).ravel()))
             for t in targets

@@ -259,12 +259,13 @@ class _Streamer:
         compute = torch.float64 if torch.float64 in (w0.dtype, stored) else torch.float32
         if _is_plain(plan):
             rows = w0.shape[0]
-            chunk = rows if self.device.type == "cuda" else max(1, min(rows, CPU_CHUNK_ELEMENTS // max(1, w0[0].numel())))
             width = w0[0].numel()
+            chunk = rows if self.device.type == "cuda" else max(2, min(rows, CPU_CHUNK_ELEMENTS // max(1, width)))
             target = out if self.device.type == "cpu" else torch.empty_like(w0, dtype=stored)
             total = merge_rows_into(
                 target.view(rows, width), w0.view(rows, width), plan.layers, chunk,
-                self.work.get((chunk, width), compute), self.widened.get((chunk, width), compute),
+                self.work.get((min(rows, chunk + 1), width), compute),
+                self.widened.get((min(rows, chunk + 1), width), compute),
             )
             if not bool(torch.isfinite(total)):
                 self._refuse_non_finite(name, plan, w0)

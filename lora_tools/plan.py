@@ -20,6 +20,7 @@ from lora_tools.errors import FormatError, MismatchError, UsageError
 from lora_tools.fitting import LayerTarget, fit_to_base
 from lora_tools.formats import load_adapter
 from lora_tools.formats.resolve import resolve_names
+from lora_tools.safetensors_file import FLOAT_DTYPES
 
 
 @dataclass
@@ -82,7 +83,7 @@ def bind_adapters(base: BaseCheckpoint, adapters: list[Adapter], weights: list[f
             )
         adapter = resolve_names(adapter, modules, base_label)
         adapters[index] = adapter
-        for target in fit_to_base(adapter, lambda k: _shape(base, k), base_label):
+        for target in fit_to_base(adapter, lambda k: _shape(base, k), base_label, lambda k: base.info(k).dtype):
             plan = plan_for(target.weight_key)
             plan.layers.append((target, weight))
             plan.sources.append(adapter.path)
@@ -90,6 +91,11 @@ def bind_adapters(base: BaseCheckpoint, adapters: list[Adapter], weights: list[f
                 if not base.has(target.bias_key):
                     raise MismatchError(
                         adapter.path, f"layer {target.layer.name!r} has a LoRA bias but base {base_label} has no {target.bias_key!r}"
+                    )
+                if base.info(target.bias_key).dtype not in FLOAT_DTYPES:
+                    raise MismatchError(
+                        adapter.path, f"layer {target.layer.name!r}: base bias {target.bias_key!r} in {base_label} "
+                        f"is {base.info(target.bias_key).dtype}, not a float tensor"
                     )
                 plan_for(target.bias_key).biases.append((target, weight))
         for key, tensor in adapter.full_tensors.items():

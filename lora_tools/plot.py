@@ -12,9 +12,10 @@ from __future__ import annotations
 import math
 import os
 import secrets
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lora_tools.errors import LoraToolsError
+from lora_tools.errors import LoraToolsError, UsageError
 
 if TYPE_CHECKING:
     from lora_tools.inspect import InspectReport, LayerReport
@@ -46,6 +47,7 @@ def save_plot(report: InspectReport, path: str | os.PathLike[str]) -> None:
     import matplotlib.style
 
     path = os.fspath(path)
+    _refuse_overwriting_an_input(report, path)
     directory = os.path.dirname(os.path.abspath(path))
     tmp_name = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(4)}.tmp")
     created = False
@@ -63,6 +65,26 @@ def save_plot(report: InspectReport, path: str | os.PathLike[str]) -> None:
     finally:
         if created:
             os.remove(tmp_name)
+
+
+def _refuse_overwriting_an_input(report: InspectReport, path: str) -> None:
+    """`--plot` must never replace what inspect reads: the adapter or base itself, or a
+    file inside them that is not an earlier plot (adapter_model.safetensors, a config)."""
+    target = Path(path).resolve()
+    for given in (report.adapter.path, report.adapter.base):
+        if given is None:
+            continue
+        source = Path(given).resolve()
+        if target == source or (source in target.parents and target.exists() and not _is_png(target)):
+            raise UsageError(path, f"would overwrite the input {given} (choose another --plot path)")
+
+
+def _is_png(path: Path) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(8) == b"\x89PNG\r\n\x1a\n"
+    except OSError:
+        return False
 
 
 def _figure(report: InspectReport) -> Any:

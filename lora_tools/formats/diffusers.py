@@ -117,7 +117,11 @@ def load_diffusers(source: TensorSource, *, alpha_override: float | None = None)
 
     layers = build_layers(source, groups, alpha_for)
     for layer in layers:  # rsLoRA is per component ("unet.use_rslora"), like every other field
-        layer.use_rslora = bool(_config_for(metadata, layer.name).get("use_rslora"))
+        use_rslora = _config_for(metadata, layer.name).get("use_rslora") or False
+        if not isinstance(use_rslora, bool):  # "false" is a true string: never guess a scale rule
+            problem = f"use_rslora must be true or false, got {use_rslora!r}"
+            raise FormatError(source.path, f"header lora_adapter_metadata: {problem}")
+        layer.use_rslora = use_rslora
     if not layers:
         raise FormatError(source.path, "no diffusers LoRA tensors found")
     return Adapter(

@@ -98,6 +98,8 @@ def read_config(path: Path) -> dict[str, Any]:
             raise FormatError(path, f"{flag!r} must be true or false, got {config[flag]!r}")
     if not isinstance(config.get("bias") or "none", str):
         raise FormatError(path, f"'bias' must be \"none\", \"all\" or \"lora_only\", got {config['bias']!r}")
+    if "bias" in config:  # [] or {} read as "none", and must not reach a set lookup unhashable
+        config["bias"] = config["bias"] or "none"
     for field_name in ("modules_to_save", "target_modules"):  # a name (or regex), a list of names, or absent
         names = config.get(field_name) or []
         if not isinstance(names, str) and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
