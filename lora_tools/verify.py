@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from lora_tools.checkpoint import BaseCheckpoint
-from lora_tools.dense import delta_weight, factor_tensor
+from lora_tools.dense import delta_weight, factor_tensor, merge_rows_into
 from lora_tools.errors import FormatError, LoraToolsError
 from lora_tools.fitting import LayerTarget
 from lora_tools.merge import merged_tensor
@@ -105,14 +105,17 @@ def _finite_or_none(value: Any) -> Any:
 
 
 def _ulp(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Spacing of `dtype` at each |value| (float64 in, float64 out)."""
+    """Spacing of `dtype` at each |value| (float32 out: it is a tolerance, and halving
+    the memory traffic of these passes halves verify's time on a 1B model).
+
+    |v| = m·2^e with m in [0.5, 1): the spacing is eps·2^(e−1). frexp is exact and two
+    orders of magnitude faster than exp2(floor(log2(·))). Values below the dtype's
+    smallest normal get that normal's spacing.
+    """
     eps = _EPS[dtype]
-    tiny = torch.finfo(dtype).tiny
-    magnitude = values.abs().clamp_min(tiny)
-    # |v| = m·2^e with m in [0.5, 1): the spacing is eps·2^(e−1). frexp is exact and
-    # two orders of magnitude faster than exp2(floor(log2(·))) on float64 CPU tensors.
+    magnitude = values.abs().to(torch.float32).clamp_min_(torch.finfo(dtype).tiny)
     _, exponent = torch.frexp(magnitude)
-    return torch.ldexp(torch.full_like(magnitude, eps / 2), exponent)
+    return torch.ldexp(magnitude.fill_(eps / 2), exponent)
 
 
 def compute_slack(plan: TensorPlan, expected: torch.Tensor) -> torch.Tensor:
@@ -123,34 +126,50 @@ def compute_slack(plan: TensorPlan, expected: torch.Tensor) -> torch.Tensor:
     invisible, in an fp32 one it is what separates a correct merge computed in another
     order from a wrong one.
     """
-    terms = torch.zeros_like(expected)
+    terms = torch.zeros(expected.shape, dtype=torch.float32)
     for target, weight in plan.layers:
-        terms = terms + delta_weight(target, weight, "cpu", torch.float64, absolute=True)
+        terms += delta_weight(target, weight, "cpu", torch.float32, absolute=True)
         if target.layer.magnitude is not None:  # the m/‖W0+ΔW‖ factor carries its own rounding
-            terms = terms + expected.abs()
-    return 2 * _EPS[torch.float32] * terms
+            terms += expected.abs()
+    return terms.mul_(2 * _EPS[torch.float32])
 
 
 def _recipes(plan: TensorPlan, w0: torch.Tensor, stored: torch.Tensor) -> str | None:
     """Replay known merge recipes and name the one that gives the stored bytes."""
-    fp32 = merged_tensor(plan, w0, torch.float32).to(stored.dtype)
-    if torch.equal(fp32, stored):
+    if torch.equal(_lora_tools_merge(plan, w0, stored.dtype), stored):
         return "fp32 round-once (lora-tools; PEFT with fp32 adapter weights)"
     if not plan.replacement and all(t.layer.magnitude is None for t, _ in plan.layers) and not plan.biases:
         # PEFT with adapter weights in the model's dtype: delta rounded, then added in that
         # dtype. On a CPU PEFT computes B·A·s in fp32 and rounds once; on a GPU a bf16/fp16
         # GEMM rounds B·A, and the scaling rounds again.
         name = str(w0.dtype).removeprefix("torch.")
-        current, gpu = w0.clone(), w0.clone()
+        current = w0.clone()
         for target, weight in plan.layers:
-            current = current + delta_weight(target, weight, w0.device, torch.float32).to(w0.dtype)
-            if w0.dtype in (torch.bfloat16, torch.float16):
-                gpu = gpu + _delta_rounded_twice(target, weight, w0.dtype)
+            current += delta_weight(target, weight, w0.device, torch.float32).to(w0.dtype)
         if torch.equal(current, stored):
             return f"PEFT delta in {name}, added in {name}"
-        if w0.dtype in (torch.bfloat16, torch.float16) and torch.equal(gpu, stored):
-            return f"PEFT on a GPU: B·A and its scaling rounded to {name}, added in {name}"
+        if w0.dtype in (torch.bfloat16, torch.float16):
+            current = w0.clone()
+            for target, weight in plan.layers:
+                current += _delta_rounded_twice(target, weight, w0.dtype)
+            if torch.equal(current, stored):
+                return f"PEFT on a GPU: B·A and its scaling rounded to {name}, added in {name}"
     return None
+
+
+def _lora_tools_merge(plan: TensorPlan, w0: torch.Tensor, stored: torch.dtype) -> torch.Tensor:
+    """What `lora-tools merge` writes for this tensor (its own hot path where it takes it)."""
+    from lora_tools.merge import _is_plain
+
+    compute = torch.float64 if torch.float64 in (w0.dtype, stored) else torch.float32
+    if not _is_plain(plan):
+        return merged_tensor(plan, w0, compute).to(stored)
+    rows = w0.shape[0]
+    width = w0[0].numel()
+    out = torch.empty(w0.shape, dtype=stored)
+    buffers = [torch.empty((rows, width), dtype=compute) for _ in range(2)]
+    merge_rows_into(out.view(rows, width), w0.view(rows, width), plan.layers, rows, *buffers)
+    return out
 
 
 def _delta_rounded_twice(target: LayerTarget, weight: float, dtype: torch.dtype) -> torch.Tensor:
@@ -173,41 +192,47 @@ def check_tensor(
     check = TensorCheck(plan.name, "ok", str(dtype).removeprefix("torch."))
     base64 = w0.to(torch.float64)
     expected = merged_tensor(plan, w0, torch.float64)
-    if not bool(torch.isfinite(expected).all()):  # W0 is finite (checked by the caller): the update overflows
+    # one reduction each instead of element-wise isfinite passes (a sum of finite
+    # float64 weights cannot overflow)
+    if not bool(torch.isfinite(expected.sum())):  # W0 is finite (checked by the caller): the update overflows
         raise LoraToolsError(plan.sources[0], f"merging into {plan.name!r} produced NaN or Inf")
     actual = stored.to(torch.float64)
-    if not bool(torch.isfinite(actual).all()):
+    if not bool(torch.isfinite(actual.sum())):
         # Every comparison with NaN is false: without this, NaN would pass every test below.
         where = [int(i) for i in (~torch.isfinite(actual)).nonzero()[0]]
         check.verdict, check.detail = "mismatch", f"MERGED holds NaN or Inf (first at {where})"
         check.max_abs_error = check.max_rel_error = check.worst_ulps = math.inf
         return check
-    error = (actual - expected).abs()
+    diff = actual - expected  # (the stored error, signed)
+    error = diff.abs()
     check.max_abs_error = float(error.max()) if error.numel() else 0.0
     scale = float(expected.abs().max()) if expected.numel() else 0.0
     check.max_rel_error = check.max_abs_error / scale if scale > 0 else 0.0
     slack = compute_slack(plan, expected)
+    ulp = _ulp(torch.maximum(expected.abs(), base64.abs()), dtype)  # float32
     if atol is None and rtol is None:  # one ulp of the stored dtype, plus float32's slack
-        tolerance = _ulp(torch.maximum(expected.abs(), base64.abs()), dtype) + slack
+        tolerance = (ulp + slack).to(torch.float64)
     else:
         tolerance = (atol or 0.0) + (rtol or 0.0) * expected.abs()
-    worst = error / tolerance.clamp_min(torch.finfo(torch.float64).tiny)
+    worst = error.div_(tolerance.clamp_min_(torch.finfo(torch.float64).tiny))
     check.worst_ulps = float(worst.max()) if worst.numel() else 0.0
 
-    update = expected - base64
-    update_sq = float((update * update).sum())
-    applied = actual - base64
+    update = (expected - base64).view(-1)
+    update_sq = float(torch.dot(update, update))
     strength_allowance = 0.0
     if update_sq > 0:
-        check.strength = float((applied * update).sum()) / update_sq
-        noise = _ulp(expected, dtype) ** 2 / 12.0  # variance of rounding to the stored dtype
-        check.strength_spread = math.sqrt(float((update * update * noise).sum())) / update_sq
+        # k = ⟨W_merged − W0, ΔW⟩/‖ΔW‖² = 1 + ⟨W_merged − E, ΔW⟩/‖ΔW‖²
+        check.strength = 1.0 + float(torch.dot(diff.view(-1), update)) / update_sq
+        # rounding to the stored dtype: variance ulp²/12 per element
+        spread = update * ulp.view(-1)
+        check.strength_spread = math.sqrt(float(torch.dot(spread, spread)) / 12.0) / update_sq
         # float32 arithmetic before the rounding (w·s itself rounded, DoRA's norm, the
         # product) may shift every element the same way: at most ⟨slack, |ΔW|⟩/‖ΔW‖².
         # Invisible next to bf16 rounding; in fp32 it is what a correct GPU merge shows.
-        strength_allowance = max(K_SIGMAS * check.strength_spread, float((slack * update.abs()).sum()) / update_sq)
+        slack_shift = float(torch.dot(slack.view(-1).to(torch.float64), update.abs())) / update_sq
+        strength_allowance = max(K_SIGMAS * check.strength_spread, slack_shift)
     check.recipe = _recipes(plan, w0, stored)
-    check.forward_rel_error = _forward_error(plan, actual, expected, seed)
+    check.forward_rel_error = _forward_error(plan, actual, expected, base64, seed)
 
     # Below this resolving power k cannot tell "applied" from "half applied" or "not
     # applied", whatever the bytes say: even a replayed recipe that matches bit for bit
@@ -276,7 +301,9 @@ def _strength_detail(strength: float, allowance: float) -> str:
     return f"strength {strength:.6g}, expected 1 ± {allowance:.2g}: {hint}"
 
 
-def _forward_error(plan: TensorPlan, actual: torch.Tensor, expected: torch.Tensor, seed: int) -> float | None:
+def _forward_error(
+    plan: TensorPlan, actual: torch.Tensor, expected: torch.Tensor, base64: torch.Tensor, seed: int
+) -> float | None:
     """Relative error of x·W_mergedᵀ against the unmerged x·W0ᵀ + s·(x·Aᵀ)·Bᵀ path.
 
     Plain LoRA layers use the factors unmerged; DoRA and replaced tensors use the dense
@@ -294,7 +321,7 @@ def _forward_error(plan: TensorPlan, actual: torch.Tensor, expected: torch.Tenso
     merged_out = x @ matrix.T
     plain = plan.replacement is None and all(t.layer.magnitude is None for t, _ in plan.layers)
     if plain:
-        base = (expected - sum(delta_weight(t, w, "cpu", torch.float64) for t, w in plan.layers)).reshape(actual.shape[0], -1)
+        base = base64.reshape(actual.shape[0], -1)
         reference = x @ (base.T if transposed else base).T
         for target, weight in plan.layers:
             a = torch.from_numpy(target.layer.a_matrix).to(torch.float64)
