@@ -118,7 +118,7 @@ def _ulp(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.ldexp(magnitude.fill_(eps / 2), exponent)
 
 
-def compute_slack(plan: TensorPlan, expected: torch.Tensor) -> torch.Tensor:
+def compute_slack(plan: TensorPlan, expected_abs: torch.Tensor) -> torch.Tensor:
     """What float32 arithmetic may add to a merge before its final rounding.
 
     A merge computed in float32 (ours, PEFT's, on a CPU or a GPU) carries product
@@ -126,11 +126,11 @@ def compute_slack(plan: TensorPlan, expected: torch.Tensor) -> torch.Tensor:
     invisible, in an fp32 one it is what separates a correct merge computed in another
     order from a wrong one.
     """
-    terms = torch.zeros(expected.shape, dtype=torch.float32)
+    terms = torch.zeros(expected_abs.shape, dtype=torch.float32)
     for target, weight in plan.layers:
         terms += delta_weight(target, weight, "cpu", torch.float32, absolute=True)
         if target.layer.magnitude is not None:  # the m/‖W0+ΔW‖ factor carries its own rounding
-            terms += expected.abs()
+            terms += expected_abs
     return terms.mul_(2 * _EPS[torch.float32])
 
 
@@ -206,14 +206,15 @@ def check_tensor(
     diff = actual - expected  # (the stored error, signed)
     error = diff.abs()
     check.max_abs_error = float(error.max()) if error.numel() else 0.0
-    scale = float(expected.abs().max()) if expected.numel() else 0.0
+    expected_abs = expected.abs()
+    scale = float(expected_abs.max()) if expected.numel() else 0.0
     check.max_rel_error = check.max_abs_error / scale if scale > 0 else 0.0
-    slack = compute_slack(plan, expected)
-    ulp = _ulp(torch.maximum(expected.abs(), base64.abs()), dtype)  # float32
+    slack = compute_slack(plan, expected_abs)
+    ulp = _ulp(torch.maximum(expected_abs, base64.abs()), dtype)  # float32
     if atol is None and rtol is None:  # one ulp of the stored dtype, plus float32's slack
         tolerance = (ulp + slack).to(torch.float64)
     else:
-        tolerance = (atol or 0.0) + (rtol or 0.0) * expected.abs()
+        tolerance = (atol or 0.0) + (rtol or 0.0) * expected_abs
     worst = error.div_(tolerance.clamp_min_(torch.finfo(torch.float64).tiny))
     check.worst_ulps = float(worst.max()) if worst.numel() else 0.0
 
@@ -286,7 +287,7 @@ def _fits_strength(
     fitted = base64 + strength * (expected - base64)
     if atol is None and rtol is None:
         magnitude = torch.maximum(torch.maximum(fitted.abs(), actual.abs()), base64.abs())
-        tolerance = _ulp(magnitude, dtype) + max(1.0, abs(strength)) * compute_slack(plan, expected)
+        tolerance = _ulp(magnitude, dtype) + max(1.0, abs(strength)) * compute_slack(plan, expected.abs())
     residual = (actual - fitted).abs() / tolerance.clamp_min(torch.finfo(torch.float64).tiny)
     return bool(residual.numel() == 0 or float(residual.max()) <= 1.0)
 
@@ -426,7 +427,7 @@ def _check_one(
         return
     report.n_adapted += 1
     w0 = base.torch(name)
-    if not bool(torch.isfinite(w0).all()):  # no expectation can be computed from it
+    if not bool(torch.isfinite(w0.sum(dtype=torch.float64))):  # no expectation can be computed from it
         raise FormatError(base.shard_of(name).path, f"tensor {name!r} contains NaN or Inf")
     report.tensors.append(check_tensor(plan, w0, merged.torch(name), atol, rtol, seed))
 
