@@ -125,7 +125,7 @@ def layer_report(layer: LoraLayer) -> LayerReport:
         rank=layer.rank,
         alpha=layer.alpha,
         scale=scale,
-        fro_norm=math.hypot(*sv),  # scaled: Σσ² would underflow (σ ~ 1e-160) or overflow (1e160)
+        fro_norm=float(math.sqrt(float(np.sum(sv**2)))),
         spectral_norm=float(sv[0]) if sv.size else 0.0,
         singular_values=[float(s) for s in sv],
         energy_rank_90=lowrank.energy_rank(sv, 0.90),

@@ -44,10 +44,11 @@ def save_plot(report: InspectReport, path: str | os.PathLike[str]) -> None:
     leaves half an image. Raises `LoraToolsError` naming `path` if it cannot be written;
     the temporary is created first, so an unwritable path fails before any drawing.
     """
-    import matplotlib.style
-
     path = os.fspath(path)
     _refuse_overwriting_an_input(report, path)
+
+    import matplotlib.style
+
     directory = os.path.dirname(os.path.abspath(path))
     tmp_name = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(4)}.tmp")
     created = False
