@@ -191,7 +191,17 @@ def _blend_layer(name: str, terms: list[Term], recipe: _Recipe) -> tuple[LoraLay
         raise UsageError(recipe.paths[terms[-1].index], f"layer {name!r}: --method linear needs equal ranks, got "
                          f"{[t.layer.rank for t in terms]} (PEFT's linear sums A's and B's; use svd or cat)")
     # the cosines, the norms and ‖Σ wᵢΔWᵢ‖ come from here for every method
-    mixed = blend_factored(terms, "cat" if recipe.dense is not None else recipe.method, recipe.rank, recipe.energy)
+    try:
+        with np.errstate(over="raise", invalid="raise"):
+            mixed = blend_factored(terms, "cat" if recipe.dense is not None else recipe.method, recipe.rank, recipe.energy)
+            if not (np.isfinite(mixed.b).all() and np.isfinite(mixed.a).all()):
+                raise FloatingPointError
+    except (FloatingPointError, np.linalg.LinAlgError):
+        # finite factors whose products overflow float64: the input is absurd, not OUT
+        culprit = max(terms, key=lambda t: float(np.abs(t.b).max(initial=0.0)) * float(np.abs(t.a).max(initial=0.0)))
+        raise LoraToolsError(
+            recipe.paths[culprit.index], f"layer {name!r}: the update overflows float64 (factors too large to blend)"
+        ) from None
     b, a, kept, residual, out_norm = mixed.b, mixed.a, mixed.energy_kept, mixed.residual_fro, mixed.out_norm
     target_norm, error_vs_sum = mixed.sum_norm, mixed.residual_fro
     if recipe.dense is not None:

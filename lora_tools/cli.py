@@ -14,6 +14,10 @@ import click
 from lora_tools.errors import LoraToolsError
 
 
+# A bug in lora-tools: neither 1 (a verify check failed) nor 2 (the user's input).
+INTERNAL_ERROR = 3
+
+
 class InputError(click.ClickException):
     """Bad input or usage detected by the library: one stderr line, exit status 2."""
 
@@ -45,10 +49,10 @@ def cli() -> None:
 
 
 @cli.command("inspect")
-@click.argument("adapter", type=click.Path())
-@click.option("--base", "base", type=click.Path(), default=None, help="Base checkpoint: adds ‖ΔW‖/‖W0‖ and checks the adapter fits.")
+@click.argument("adapter", type=click.Path(readable=False))
+@click.option("--base", "base", type=click.Path(readable=False), default=None, help="Base checkpoint: adds ‖ΔW‖/‖W0‖ and checks the adapter fits.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout instead of tables.")
-@click.option("--plot", "plot_path", type=click.Path(), default=None, help="Write spectra, rank-usage and norm plots to this PNG.")
+@click.option("--plot", "plot_path", type=click.Path(readable=False), default=None, help="Write spectra, rank-usage and norm plots to this PNG.")
 @click.option("--alpha", type=float, default=None, help="Override every layer's alpha (scale = alpha / r).")
 @click.option("--all", "show_all", is_flag=True, help="Show every layer instead of grouping long adapters by module.")
 def inspect_command(
@@ -116,9 +120,9 @@ class _RichProgress:
 
 
 @cli.command("merge")
-@click.argument("base", type=click.Path())
-@click.argument("adapters", nargs=-1, required=True, type=click.Path())
-@click.option("-o", "--out", "out", required=True, type=click.Path(), help="Output folder (or file, for a single-file base).")
+@click.argument("base", type=click.Path(readable=False))
+@click.argument("adapters", nargs=-1, required=True, type=click.Path(readable=False))
+@click.option("-o", "--out", "out", required=True, type=click.Path(readable=False), help="Output folder (or file, for a single-file base).")
 @click.option("--weight", "weights", type=float, multiple=True, help="Weight of each adapter, in order (default 1 each).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--dtype", default="keep", show_default=True, type=click.Choice(["keep", "bf16", "fp16", "fp32"]), help="Dtype of the stored float tensors.")
@@ -183,7 +187,7 @@ def _run_verify(
 
 
 @cli.command("verify")
-@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.argument("paths", nargs=-1, required=True, type=click.Path(readable=False))
 @click.option("--weight", "weights", type=float, multiple=True, help="Weight of each adapter, as given to merge.")
 @click.option("--atol", type=float, default=None, help="Absolute tolerance (default: about one ulp of the stored dtype).")
 @click.option("--rtol", type=float, default=None, help="Relative tolerance (default: about one ulp of the stored dtype).")
@@ -208,8 +212,8 @@ def verify_command(
 
 
 @cli.command("blend")
-@click.argument("adapters", nargs=-1, required=True, type=click.Path())
-@click.option("-o", "--out", "out", required=True, type=click.Path(), help="Output: a PEFT adapter folder (or a kohya .safetensors file).")
+@click.argument("adapters", nargs=-1, required=True, type=click.Path(readable=False))
+@click.option("-o", "--out", "out", required=True, type=click.Path(readable=False), help="Output: a PEFT adapter folder (or a kohya .safetensors file).")
 @click.option("--weight", "weights", type=float, multiple=True, help="One per adapter (Σ wᵢ·ΔWᵢ), or one t for two adapters: (1 − t)·A + t·B. Required.")
 @click.option("--method", default="svd", show_default=True, type=click.Choice(["cat", "svd", "linear", "ties", "dare_linear", "dare_ties"]), help="cat: exact; svd: best rank-R; linear: PEFT's; ties/dare: dense, re-factored.")
 @click.option("--rank", type=int, default=None, help="Output rank R (svd, ties, dare); default: the largest input rank.")
@@ -290,5 +294,5 @@ def main() -> None:
             raise
         message = str(error).splitlines()[0] if str(error) else ""
         click.echo(f"Error: internal error: {type(error).__name__}: {message} (set LORA_TOOLS_DEBUG=1 for details)", err=True)
-        sys.exit(1)
+        sys.exit(INTERNAL_ERROR)
     sys.exit(0)

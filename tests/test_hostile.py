@@ -728,10 +728,6 @@ def test_diffusers_metadata_with_a_string_flag(diffusers_current_case, tmp_path:
     refused("merge", diffusers_current_case.base_file, path, "-o", out, culprit=path, says=("use_rslora",), out=out)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "blend (blend_math/blend.py, formats/writers.py): factors whose product overflows float64 end in "
-    "numpy RuntimeWarnings on stderr and LinAlgError (svd, an internal error) or a WriteError naming OUT "
-    "with the advice 'use F32' for an F32 output (cat); the input should be named, as inspect does"))
 @pytest.mark.parametrize("method", ["svd", "cat"])
 def test_blend_of_factors_whose_product_overflows(world: World, tmp_path: Path, method: str) -> None:
     culprit = _adapter_file(tmp_path / "huge", _q(np.full((4, 64), 1e200), np.full((64, 4), 1e200)))
@@ -1004,9 +1000,7 @@ def _unreadable_cases(world: World, root: Path, direct: bool) -> list[tuple[list
 
 @pytest.mark.parametrize("direct", [
     False,
-    pytest.param(True, marks=pytest.mark.xfail(strict=True, reason=(
-        "cli.py: click.Path() checks readability itself (readable=True by default) and prints a 4-line "
-        "usage block; needs click.Path(readable=False) so the reader's one line is printed"))),
+    True,
 ], ids=["inside", "direct"])
 def test_unreadable_inputs(world: World, tmp_path: Path, direct: bool) -> None:
     """chmod 000 (or an output folder without write permission): one line naming the file,
