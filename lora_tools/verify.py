@@ -191,7 +191,7 @@ def check_tensor(
     dtype = stored.dtype
     check = TensorCheck(plan.name, "ok", str(dtype).removeprefix("torch."))
     base64 = w0.to(torch.float64)
-    expected = merged_tensor(plan, w0, torch.float64)
+    expected = merged_tensor(plan, base64, torch.float64)  # widened once, not twice
     # one reduction each instead of element-wise isfinite passes (a sum of finite
     # float64 weights cannot overflow)
     if not bool(torch.isfinite(expected.sum())):  # W0 is finite (checked by the caller): the update overflows
@@ -210,9 +210,10 @@ def check_tensor(
     scale = float(expected_abs.max()) if expected.numel() else 0.0
     check.max_rel_error = check.max_abs_error / scale if scale > 0 else 0.0
     slack = compute_slack(plan, expected_abs)
-    ulp = _ulp(torch.maximum(expected_abs, base64.abs()), dtype)  # float32
+    ulp = _ulp(torch.maximum(expected_abs, base64.abs()), dtype).to(torch.float64)  # mixed-dtype ops are slow
+    slack = slack.to(torch.float64)
     if atol is None and rtol is None:  # one ulp of the stored dtype, plus float32's slack
-        tolerance = (ulp + slack).to(torch.float64)
+        tolerance = ulp + slack
     else:
         tolerance = (atol or 0.0) + (rtol or 0.0) * expected_abs
     worst = error.div_(tolerance.clamp_min_(torch.finfo(torch.float64).tiny))
@@ -230,7 +231,7 @@ def check_tensor(
         # float32 arithmetic before the rounding (w·s itself rounded, DoRA's norm, the
         # product) may shift every element the same way: at most ⟨slack, |ΔW|⟩/‖ΔW‖².
         # Invisible next to bf16 rounding; in fp32 it is what a correct GPU merge shows.
-        slack_shift = float(torch.dot(slack.view(-1).to(torch.float64), update.abs())) / update_sq
+        slack_shift = float(torch.dot(slack.view(-1), update.abs())) / update_sq
         strength_allowance = max(K_SIGMAS * check.strength_spread, slack_shift)
     check.recipe = _recipes(plan, w0, stored)
     check.forward_rel_error = _forward_error(plan, actual, expected, base64, seed)
