@@ -19,7 +19,7 @@ from typing import Any
 from lora_tools.adapter import Adapter
 from lora_tools.errors import FormatError
 from lora_tools.formats.common import (
-    A, ALPHA, B, DuplicateRole, KeyGroups, build_layers, finite_number, scalar_alpha,
+    A, ALPHA, B, DuplicateRole, build_layers, finite_number, scalar_alpha,
 )
 from lora_tools.formats.peft import group_peft_keys, pattern_value
 from lora_tools.formats.source import TensorSource
