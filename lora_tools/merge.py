@@ -266,6 +266,7 @@ class _Streamer:
                 target.view(rows, width), w0.view(rows, width), plan.layers, chunk,
                 self.work.get((min(rows, chunk + 1), width), compute),
                 self.widened.get((min(rows, chunk + 1), width), compute),
+                fuse=self.device.type == "cpu",
             )
             if not bool(torch.isfinite(total)) and not bool(torch.isfinite(target).all()):
                 self._refuse_non_finite(name, plan, w0)

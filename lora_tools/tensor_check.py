@@ -110,7 +110,7 @@ def _lora_tools_merge(plan: TensorPlan, w0: torch.Tensor, stored: torch.dtype) -
     width = w0[0].numel()
     out = torch.empty(w0.shape, dtype=stored)
     buffers = [torch.empty((rows, width), dtype=compute) for _ in range(2)]
-    merge_rows_into(out.view(rows, width), w0.view(rows, width), plan.layers, rows, *buffers)
+    merge_rows_into(out.view(rows, width), w0.view(rows, width), plan.layers, rows, *buffers, fuse=True)
     return out
 
 
