@@ -82,7 +82,13 @@ def output_dtype_code(dtype: str) -> str | None:
         raise UsageError(None, f"unknown --dtype {dtype!r} (use keep, bf16, fp16 or fp32)") from None
 
 
-def _is_plain(plan: TensorPlan) -> bool:
+def accumulation_dtype(w0: torch.dtype, stored: torch.dtype) -> torch.dtype:
+    """float32 accumulates every narrower dtype exactly enough; a float64 weight (or
+    output) would lose 29 bits of every element to it."""
+    return torch.float64 if torch.float64 in (w0, stored) else torch.float32
+
+
+def is_plain(plan: TensorPlan) -> bool:
     """Only untransposed LoRA layers to add: no replacement, no DoRA (whose norms need W0
     whole), no bias, no transposed update (rows of ΔW would not be rows of W)."""
     return (
@@ -254,10 +260,8 @@ class _Streamer:
         if plan is None:  # only a dtype change (embeddings too: no ring of 500 MB buffers)
             return w0.to(stored).cpu()
         out = self.outputs.get(tuple(w0.shape), stored)
-        # float32 accumulates every narrower dtype exactly enough; a float64 weight would
-        # lose 29 bits of every element to it.
-        compute = torch.float64 if torch.float64 in (w0.dtype, stored) else torch.float32
-        if _is_plain(plan):
+        compute = accumulation_dtype(w0.dtype, stored)
+        if is_plain(plan):
             rows = w0.shape[0]
             width = w0[0].numel()
             chunk = rows if self.device.type == "cuda" else max(2, min(rows, CPU_CHUNK_ELEMENTS // max(1, width)))

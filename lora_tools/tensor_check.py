@@ -17,7 +17,7 @@ import torch
 from lora_tools.dense import delta_weight, factor_tensor, merge_rows_into
 from lora_tools.errors import LoraToolsError
 from lora_tools.fitting import LayerTarget
-from lora_tools.merge import merged_tensor
+from lora_tools.merge import accumulation_dtype, is_plain, merged_tensor
 from lora_tools.plan import TensorPlan
 
 # |k − 1| beyond this many rounding spreads is a strength error.
@@ -101,10 +101,8 @@ def _recipes(plan: TensorPlan, w0: torch.Tensor, stored: torch.Tensor) -> str | 
 
 def _lora_tools_merge(plan: TensorPlan, w0: torch.Tensor, stored: torch.dtype) -> torch.Tensor:
     """What `lora-tools merge` writes for this tensor (its own hot path where it takes it)."""
-    from lora_tools.merge import _is_plain
-
-    compute = torch.float64 if torch.float64 in (w0.dtype, stored) else torch.float32
-    if not _is_plain(plan):
+    compute = accumulation_dtype(w0.dtype, stored)
+    if not is_plain(plan):
         return merged_tensor(plan, w0, compute).to(stored)
     rows = w0.shape[0]
     width = w0[0].numel()
