@@ -10,6 +10,7 @@ checkpoint and calls `check_tensor` per adapted tensor.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,8 @@ K_SIGMAS = 6.0
 # Below this resolving power (6σ_k ≥ 0.5), k cannot tell "applied" from "half applied".
 INCONCLUSIVE_SPREAD = 0.5 / K_SIGMAS
 FORWARD_BATCH = 8
+
+RECIPE_FP32_ROUND_ONCE = "fp32 round-once (lora-tools; PEFT with fp32 adapter weights)"
 
 _EPS = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10, torch.float64: 2.0**-52}
 
@@ -79,7 +82,7 @@ def compute_slack(plan: TensorPlan, expected_abs: torch.Tensor) -> torch.Tensor:
 def _recipes(plan: TensorPlan, w0: torch.Tensor, stored: torch.Tensor) -> str | None:
     """Replay known merge recipes and name the one that gives the stored bytes."""
     if torch.equal(_lora_tools_merge(plan, w0, stored.dtype), stored):
-        return "fp32 round-once (lora-tools; PEFT with fp32 adapter weights)"
+        return RECIPE_FP32_ROUND_ONCE
     if not plan.replacement and all(t.layer.magnitude is None for t, _ in plan.layers) and not plan.biases:
         # PEFT with adapter weights in the model's dtype: delta rounded, then added in that
         # dtype. On a CPU PEFT computes B·A·s in fp32 and rounds once; on a GPU a bf16/fp16
@@ -89,14 +92,22 @@ def _recipes(plan: TensorPlan, w0: torch.Tensor, stored: torch.Tensor) -> str | 
         for target, weight in plan.layers:
             current += delta_weight(target, weight, w0.device, torch.float32).to(w0.dtype)
         if torch.equal(current, stored):
-            return f"PEFT delta in {name}, added in {name}"
+            return recipe_peft_native(name)
         if w0.dtype in (torch.bfloat16, torch.float16):
             current = w0.clone()
             for target, weight in plan.layers:
                 current += _delta_rounded_twice(target, weight, w0.dtype)
             if torch.equal(current, stored):
-                return f"PEFT on a GPU: B·A and its scaling rounded to {name}, added in {name}"
+                return recipe_peft_gpu(name)
     return None
+
+
+def recipe_peft_native(dtype_name: str) -> str:
+    return f"PEFT delta in {dtype_name}, added in {dtype_name}"
+
+
+def recipe_peft_gpu(dtype_name: str) -> str:
+    return f"PEFT on a GPU: B·A and its scaling rounded to {dtype_name}, added in {dtype_name}"
 
 
 def _lora_tools_merge(plan: TensorPlan, w0: torch.Tensor, stored: torch.dtype) -> torch.Tensor:
@@ -176,26 +187,47 @@ def check_tensor(
     check.recipe = _recipes(plan, w0, stored)
     check.forward_rel_error = _forward_error(plan, actual, expected, base64, seed)
 
+    def worst_at() -> list[int]:
+        return [int(i) for i in torch.unravel_index(worst.argmax(), worst.shape)] if worst.ndim else []
+
+    return decide(
+        check, update_sq, strength_allowance, dtype,
+        stored_is_base=lambda: bool(torch.equal(stored, w0.to(dtype))),
+        expected_rounds_to_base=lambda: bool(torch.equal(expected.to(dtype), w0.to(dtype))),
+        fits_strength=lambda: _fits_strength(plan, base64, expected, actual, check.strength or 0.0, tolerance, atol, rtol, dtype),
+        worst_at=worst_at,
+    )
+
+
+def decide(
+    check: TensorCheck, update_sq: float, strength_allowance: float, dtype: torch.dtype, *,
+    stored_is_base: Callable[[], bool], expected_rounds_to_base: Callable[[], bool],
+    fits_strength: Callable[[], bool], worst_at: Callable[[], list[int]],
+) -> TensorCheck:
+    """The verdict from a tensor's figures; shared by the whole-tensor and the row-block
+    check. The callables answer the few questions that need the tensors again; each is
+    asked only when the verdict depends on it (they may cost a pass over the tensor).
+    """
     # Below this resolving power k cannot tell "applied" from "half applied" or "not
     # applied", whatever the bytes say: even a replayed recipe that matches bit for bit
     # would match most strengths as well. Only elements that miss their tolerance (small
     # weights, where the update does show) can still prove something wrong.
+    assert check.worst_ulps is not None
     resolvable = check.strength_spread is None or check.strength_spread <= INCONCLUSIVE_SPREAD
     strength_off = check.strength is not None and abs(check.strength - 1.0) > max(strength_allowance, 1e-9)
     if (
-        update_sq > 0 and (resolvable or check.worst_ulps > 1.0) and bool(torch.equal(stored, w0.to(dtype)))
-        and not bool(torch.equal(expected.to(dtype), w0.to(dtype)))
+        update_sq > 0 and (resolvable or check.worst_ulps > 1.0) and stored_is_base()
+        and not expected_rounds_to_base()
     ):
         check.verdict, check.detail = "not applied", "merged tensor equals the base"
     elif check.worst_ulps > 1.0 and check.recipe is None:
-        if strength_off and _fits_strength(plan, base64, expected, actual, check.strength, tolerance, atol, rtol, dtype):
+        if strength_off and fits_strength():
             assert check.strength is not None
             check.verdict = "wrong strength"
             check.detail = _strength_detail(check.strength, strength_allowance)
         else:
             check.verdict = "mismatch"
-            where = tuple(int(i) for i in torch.unravel_index(worst.argmax(), worst.shape)) if worst.ndim else ()
-            check.detail = f"max error {check.worst_ulps:.3g}× the tolerance, worst at {list(where)}"
+            check.detail = f"max error {check.worst_ulps:.3g}× the tolerance, worst at {worst_at()}"
             if check.strength is not None and abs(check.strength) < 0.5:
                 check.detail += f"; the change is not this layer's update (strength {check.strength:.3g})"
             elif check.strength is not None:

@@ -27,12 +27,11 @@ import torch
 from lora_tools.checkpoint import BaseCheckpoint
 from lora_tools.errors import FormatError
 from lora_tools.plan import TensorPlan, make_plan
-from lora_tools.safetensors_file import FLOAT_DTYPES, SafetensorsFile
 from lora_tools.tensor_check import K_SIGMAS, TensorCheck, check_tensor
+from lora_tools.verify_blocks import BlockReader, bytes_equal, check_plain_tensor, converted_equal
+from lora_tools.verify_math import Workspace
 
 __all__ = ["K_SIGMAS", "TensorCheck", "VerifyReport", "check_tensor", "describe", "verify", "verify_summary_line"]
-
-COMPARE_CHUNK = 16 * 1024 * 1024
 
 
 @dataclass
@@ -79,30 +78,12 @@ def _finite_or_none(value: Any) -> Any:
     return value
 
 
-def _bytes_equal(a: SafetensorsFile, b: SafetensorsFile, name: str) -> bool:
-    """Chunked raw comparison: never holds a whole large tensor twice."""
-    ia, ib = a.info(name), b.info(name)
-    if ia.dtype != ib.dtype or ia.shape != ib.shape:
-        return False
-    with open(a.path, "rb") as fa, open(b.path, "rb") as fb:
-        fa.seek(ia.start)
-        fb.seek(ib.start)
-        remaining = ia.nbytes
-        while remaining:
-            size = min(COMPARE_CHUNK, remaining)
-            if fa.read(size) != fb.read(size):
-                return False
-            remaining -= size
-    return True
+@dataclass
+class _Streams:
+    """Buffers one verify reuses for every tensor: raw reads and the block arithmetic."""
 
-
-def _converted_equal(base: BaseCheckpoint, merged: BaseCheckpoint, name: str) -> bool:
-    """A float tensor stored in another float dtype: is it exactly the base rounded to it?"""
-    ia, ib = base.info(name), merged.info(name)
-    if ia.dtype == ib.dtype or ia.dtype not in FLOAT_DTYPES or ib.dtype not in FLOAT_DTYPES:
-        return False
-    stored = merged.torch(name)
-    return bool(torch.equal(base.torch(name).to(stored.dtype), stored))
+    reader: BlockReader = field(default_factory=BlockReader)
+    workspace: Workspace = field(default_factory=Workspace)
 
 
 def verify(
@@ -129,8 +110,9 @@ def verify(
             base_names = plan.base.tensor_names()
             extra = sorted(set(merged.tensor_names()) - set(base_names))
             report.layout_problems += [f"tensor {n!r} is not in the base" for n in extra[:20]]
+            streams = _Streams()
             for index, name in enumerate(base_names):
-                _check_one(plan.tensors.get(name), name, plan.base, merged, report, atol, rtol, seed + index)
+                _check_one(plan.tensors.get(name), name, plan.base, merged, report, atol, rtol, seed + index, streams)
     finally:
         plan.close()
     report.equivalent = report.n_failed == 0 and not report.changed_unadapted and not report.layout_problems
@@ -139,7 +121,7 @@ def verify(
 
 def _check_one(
     plan: TensorPlan | None, name: str, base: BaseCheckpoint, merged: BaseCheckpoint,
-    report: VerifyReport, atol: float | None, rtol: float | None, seed: int,
+    report: VerifyReport, atol: float | None, rtol: float | None, seed: int, streams: _Streams,
 ) -> None:
     if not merged.has(name):
         if plan is not None:
@@ -161,15 +143,21 @@ def _check_one(
         return
     if plan is None:
         report.n_unadapted += 1
-        if _bytes_equal(base.shard_of(name), merged.shard_of(name), name):
+        base_shard, merged_shard = base.shard_of(name), merged.shard_of(name)
+        if bytes_equal(streams.reader, base_shard, merged_shard, name):
             report.n_unadapted_identical += 1
-        elif _converted_equal(base, merged, name):  # merge --dtype: the base rounded once
+        elif converted_equal(streams.reader, base_shard, merged_shard, name):  # merge --dtype: the base rounded once
             report.n_unadapted_identical += 1
             report.n_unadapted_converted += 1
         else:
             report.changed_unadapted.append(name)
         return
     report.n_adapted += 1
+    fast = check_plain_tensor(plan, base.shard_of(name), merged.shard_of(name), streams.reader, streams.workspace, atol, rtol, seed)
+    if fast is not None:
+        report.tensors.append(fast)
+        return
+    # Not plain LoRA, another dtype, or a NaN/Inf somewhere: the whole-tensor check.
     w0 = base.torch(name)
     if not bool(torch.isfinite(w0.sum(dtype=torch.float64))):  # no expectation can be computed from it
         raise FormatError(base.shard_of(name).path, f"tensor {name!r} contains NaN or Inf")

@@ -1,0 +1,182 @@
+"""verify's streaming side: tensors read by row blocks into reused buffers.
+
+Why not `SafetensorsFile.torch`: it allocates a fresh buffer per tensor, and on this
+kind of VM the page faults of fresh allocations cost more than reading the bytes.
+`BlockReader` reads row ranges with positional reads (`os.preadv` on the shard's own
+descriptor) into buffers that live for the whole verify, so a 1B verify touches a few
+MiB of memory instead of gigabytes, and each block arrives in cache right before its
+passes. `check_plain_tensor` drives `verify_math` over the blocks and hands the figures
+to the verdict shared with the whole-tensor check (`tensor_check.decide`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterator
+
+import torch
+
+from lora_tools.errors import FormatError
+from lora_tools.merge import is_plain
+from lora_tools.plan import TensorPlan
+from lora_tools.safetensors_file import FLOAT_DTYPES, SafetensorsFile, TensorInfo
+from lora_tools.tensor_check import (
+    K_SIGMAS, RECIPE_FP32_ROUND_ONCE, TensorCheck, decide, recipe_peft_gpu, recipe_peft_native,
+)
+from lora_tools.torch_dtypes import torch_dtype
+from lora_tools.verify_math import (
+    FAST_DTYPES, FORWARD_BATCH, Factors, Sums, Workspace, fits_block, forward_error, judge_block,
+    max_block_rows, prepare_factors, replay_peft_block, row_blocks,
+)
+
+Blocks = Callable[[], Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]]  # (lo, hi, W0 rows, stored rows)
+
+# Raw comparisons of unadapted tensors go this many bytes at a time.
+COMPARE_CHUNK = 4 * 1024 * 1024
+
+
+class BlockReader:
+    """Positional reads into byte buffers reused across tensors (one per slot)."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[int, tuple[torch.Tensor, memoryview]] = {}
+
+    def _buffer(self, slot: int, nbytes: int) -> tuple[torch.Tensor, memoryview]:
+        held = self._buffers.get(slot)
+        if held is None or held[0].numel() < nbytes:
+            raw = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+            held = (raw, memoryview(raw.numpy()))
+            self._buffers[slot] = held
+        return held
+
+    def read(self, shard: SafetensorsFile, info: TensorInfo, first: int, nbytes: int, slot: int) -> torch.Tensor:
+        """Bytes [first, first + nbytes) of the tensor's data, as a uint8 view of slot's buffer."""
+        raw, view = self._buffer(slot, nbytes)
+        fd, offset, done = shard.fileno(), info.start + first, 0
+        while done < nbytes:
+            try:
+                got = os.preadv(fd, [view[done:nbytes]], offset + done)
+            except OSError as exc:
+                raise FormatError(shard.path, f"cannot read: {exc.strerror or exc}") from None
+            if got == 0:
+                raise FormatError(shard.path, f"tensor {info.name!r}: file ended early (truncated?)")
+            done += got
+        return raw[:nbytes]
+
+    def rows(self, shard: SafetensorsFile, info: TensorInfo, lo: int, hi: int, width: int, slot: int) -> torch.Tensor:
+        """Rows [lo, hi) of a tensor viewed as (rows, width), in its stored dtype."""
+        itemsize = torch_dtype(info.dtype).itemsize
+        raw = self.read(shard, info, lo * width * itemsize, (hi - lo) * width * itemsize, slot)
+        return raw.view(torch_dtype(info.dtype)).view(hi - lo, width)
+
+
+def bytes_equal(reader: BlockReader, a: SafetensorsFile, b: SafetensorsFile, name: str) -> bool:
+    """Chunked raw comparison of one tensor in two files, in reused buffers."""
+    ia, ib = a.info(name), b.info(name)
+    if ia.dtype != ib.dtype or ia.shape != ib.shape:
+        return False
+    for first in range(0, ia.nbytes, COMPARE_CHUNK):
+        size = min(COMPARE_CHUNK, ia.nbytes - first)
+        if not torch.equal(reader.read(a, ia, first, size, 0), reader.read(b, ib, first, size, 1)):
+            return False
+    return True
+
+
+def converted_equal(reader: BlockReader, a: SafetensorsFile, b: SafetensorsFile, name: str) -> bool:
+    """A float tensor stored in another float dtype: is it exactly the base rounded to it?
+    Compared a chunk of elements at a time."""
+    ia, ib = a.info(name), b.info(name)
+    if ia.dtype == ib.dtype or ia.dtype not in FLOAT_DTYPES or ib.dtype not in FLOAT_DTYPES:
+        return False
+    da, db = torch_dtype(ia.dtype), torch_dtype(ib.dtype)
+    step = COMPARE_CHUNK // max(da.itemsize, db.itemsize)
+    for first in range(0, ia.numel, step):
+        count = min(step, ia.numel - first)
+        base = reader.read(a, ia, first * da.itemsize, count * da.itemsize, 0).view(da)
+        stored = reader.read(b, ib, first * db.itemsize, count * db.itemsize, 1).view(db)
+        if not torch.equal(base.to(db), stored):
+            return False
+    return True
+
+
+def check_plain_tensor(
+    plan: TensorPlan, base: SafetensorsFile, merged: SafetensorsFile, reader: BlockReader, ws: Workspace,
+    atol: float | None, rtol: float | None, seed: int,
+) -> TensorCheck | None:
+    """The row-block check of one plain LoRA tensor, or None where it does not apply
+    (not plain, another dtype, a NaN or an Inf anywhere): the caller then runs the
+    whole-tensor check, whose messages and errors are the reference."""
+    info_base, info_merged = base.info(plan.name), merged.info(plan.name)
+    dtypes = (torch_dtype(info_base.dtype), torch_dtype(info_merged.dtype))
+    shape = info_merged.shape
+    if not is_plain(plan) or any(d not in FAST_DTYPES for d in dtypes) or len(shape) < 2 or not info_merged.numel:
+        return None
+    rows, width = shape[0], info_merged.numel // shape[0]
+    ws.reserve((max_block_rows(rows, width)) * width)
+    factors = prepare_factors(plan.layers, width, seed)
+    sums = Sums()
+    forward_merged = torch.empty((rows, FORWARD_BATCH), dtype=torch.float64)
+    forward_base = torch.empty((rows, FORWARD_BATCH), dtype=torch.float64)
+
+    def blocks() -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
+        for lo, hi in row_blocks(rows, width):
+            yield lo, hi, reader.rows(base, info_base, lo, hi, width, 0), reader.rows(merged, info_merged, lo, hi, width, 1)
+
+    for lo, hi, w0, stored in blocks():
+        judge_block(ws, factors, lo, hi, w0, stored, sums, forward_merged, forward_base, atol, rtol)
+        if not sums.finite:
+            return None
+    dtype = dtypes[1]
+    check = TensorCheck(plan.name, "ok", str(dtype).removeprefix("torch."))
+    allowance = _figures(check, sums)
+    check.recipe = _recipe(sums, factors, ws, blocks, dtypes[0])
+    check.forward_rel_error = forward_error(factors, forward_merged, forward_base)
+
+    def fits_strength() -> bool:
+        assert check.strength is not None
+        return all(
+            fits_block(ws, factors, lo, hi, w0, stored, check.strength, atol, rtol) <= 1.0
+            for lo, hi, w0, stored in blocks()
+        )
+
+    def worst_at() -> list[int]:
+        assert sums.worst_at is not None
+        return [int(i) for i in torch.unravel_index(torch.tensor(sums.worst_at), shape)]
+
+    return decide(
+        check, sums.update_sq, allowance, dtype,
+        stored_is_base=lambda: sums.stored_is_base, expected_rounds_to_base=lambda: sums.expected_rounds_to_base,
+        fits_strength=fits_strength, worst_at=worst_at,
+    )
+
+
+def _figures(check: TensorCheck, sums: Sums) -> float:
+    """Fill in the check's figures from the block sums; returns the strength allowance."""
+    check.max_abs_error = sums.max_abs_error
+    check.max_rel_error = sums.max_abs_error / sums.max_expected if sums.max_expected > 0 else 0.0
+    check.worst_ulps = sums.worst
+    if sums.update_sq <= 0:
+        return 0.0
+    check.strength = 1.0 + sums.diff_dot_update / sums.update_sq
+    check.strength_spread = math.sqrt(sums.spread_sq / 12.0) / sums.update_sq
+    slack_shift = sums.slack_dot_update / sums.update_sq
+    return max(K_SIGMAS * check.strength_spread, slack_shift)
+
+
+def _recipe(sums: Sums, factors: Factors, ws: Workspace, blocks: Blocks, base_dtype: torch.dtype) -> str | None:
+    """Which known recipe gives the stored bytes (`tensor_check._recipes`, same order).
+    merge's own was replayed with the first pass; PEFT's take another, only when that
+    one failed, and stop at the first block that differs."""
+    if sums.fp32_round_once:
+        return RECIPE_FP32_ROUND_ONCE
+    name = str(base_dtype).removeprefix("torch.")
+    candidates = [(False, recipe_peft_native(name))]
+    if base_dtype in (torch.bfloat16, torch.float16):
+        candidates.append((True, recipe_peft_gpu(name)))
+    for twice, recipe in candidates:
+        if all(replay_peft_block(ws, factors, lo, hi, w0, stored, twice) for lo, hi, w0, stored in blocks()):
+            return recipe
+    return None
+
+

@@ -1,0 +1,313 @@
+"""Row-block math of verify's fast path: one plain LoRA tensor judged block by block.
+
+Why blocks: the whole-tensor check (`tensor_check.check_tensor`) makes about thirty
+float64 passes, each over a fresh full-size temporary; at 1B shapes the page faults of
+those allocations cost more than the arithmetic (40 M+ minor faults, most of verify's
+time in the kernel). Here every pass runs over one block of rows (~64 K elements) in
+buffers allocated once (`Workspace`), so a block stays in cache through all of them,
+and B·A is computed once per block instead of once per check.
+
+The figures are those of the whole-tensor check: the expectation is W0 + Σ wᵢ·sᵢ·BᵢAᵢ
+in float64 (rounding to the stored dtype is judged with a tolerance of one ulp of
+that dtype plus float32's slack), k and σ_k are the same sums taken block by block,
+the ulp is bit for bit `tensor_check._ulp`'s. They differ only in float64 rounding
+(the products are summed per block, w·s is folded into A), far below any tolerance.
+The recipe replay is float32 and bit-exact: it repeats `merge`'s own operations
+(`dense.merge_rows_into`, at least two rows per GEMM) and PEFT's, only per block.
+
+Only plain layers take this path (`merge.is_plain`: untransposed LoRA, no DoRA, bias
+or replacement), stored and base in bf16, fp16 or fp32; everything else, and any
+tensor holding a NaN or an Inf, goes through the whole-tensor check.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from lora_tools.dense import _is_power_of_two, factor_tensor
+from lora_tools.fitting import LayerTarget
+
+# Row blocks of about this many elements: six float64 buffers of 1 MiB stay in the
+# caches through every pass; smaller blocks pay more Python per element (measured at
+# 1B shapes on two cores).
+BLOCK_ELEMENTS = 128 * 1024
+FORWARD_BATCH = 8  # must match tensor_check.FORWARD_BATCH: the same random inputs
+
+FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_EPS = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
+_EXPONENT_BITS = 0x7FF0000000000000
+# Adding this to a float64's bits carries into the exponent exactly when rounding it
+# to float32 (nearest, ties to even) rounds it up to the next power of two.
+_FLOAT32_ROUND_UP = 1 << 28
+_TINY64 = torch.finfo(torch.float64).tiny
+
+
+def row_blocks(rows: int, width: int, block_elements: int = BLOCK_ELEMENTS) -> list[tuple[int, int]]:
+    """[lo, hi) row ranges of about `block_elements` each, never a 1-row block (a GEMM
+    with one row is a GEMV, whose sums differ from the matrix product merge computed)."""
+    step = max(2, block_elements // max(width, 1))
+    starts = list(range(0, rows, step))
+    if len(starts) > 1 and rows - starts[-1] == 1:
+        starts.pop()
+    return list(zip(starts, [*starts[1:], rows]))
+
+
+def max_block_rows(rows: int, width: int, block_elements: int = BLOCK_ELEMENTS) -> int:
+    return max(hi - lo for lo, hi in row_blocks(rows, width, block_elements)) if rows else 0
+
+
+def ulp_into(magnitude: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """In place: float64 magnitudes (≥ 0) become the spacing of `dtype` there.
+
+    Bit for bit `tensor_check._ulp(magnitude, dtype)`, which rounds to float32 first,
+    without the float32 round trip: clamp to the dtype's smallest normal, round the
+    exponent up where float32 rounding would, keep only the exponent (2^⌊log2⌋), × eps.
+    Four cheap passes instead of eight.
+    """
+    magnitude.clamp_min_(torch.finfo(dtype).tiny)
+    bits = magnitude.view(torch.int64)
+    bits.add_(_FLOAT32_ROUND_UP)
+    bits.bitwise_and_(_EXPONENT_BITS)
+    return magnitude.mul_(_EPS[dtype])
+
+
+@dataclass
+class Workspace:
+    """Buffers reused by every block of every tensor: allocated once, grown when a
+    wider tensor needs more, so no pass faults in fresh pages."""
+
+    capacity: int = 0
+    f64: list[torch.Tensor] = field(default_factory=list)
+    f32: list[torch.Tensor] = field(default_factory=list)
+    narrow: dict[torch.dtype, list[torch.Tensor]] = field(default_factory=dict)
+
+    def reserve(self, elements: int) -> None:
+        if elements > self.capacity:
+            self.capacity = elements
+            self.f64 = [torch.empty(elements, dtype=torch.float64) for _ in range(6)]
+            self.f32 = [torch.empty(elements, dtype=torch.float32) for _ in range(3)]
+            self.narrow = {}
+
+    def float64(self, index: int, rows: int, width: int) -> torch.Tensor:
+        return self.f64[index][: rows * width].view(rows, width)
+
+    def float32(self, index: int, rows: int, width: int) -> torch.Tensor:
+        return self.f32[index][: rows * width].view(rows, width)
+
+    def stored(self, dtype: torch.dtype, index: int, rows: int, width: int) -> torch.Tensor:
+        if dtype not in self.narrow:
+            self.narrow[dtype] = [torch.empty(self.capacity, dtype=dtype) for _ in range(2)]
+        return self.narrow[dtype][index][: rows * width].view(rows, width)
+
+
+@dataclass
+class Factors:
+    """Everything per tensor that the blocks share, prepared once.
+
+    b64/a64: ΔW = b64 @ a64 in float64, every layer side by side (w·s folded into A);
+    b_abs/a_abs: the slack bound Σ 2·eps32·|w·s|·|B|·|A| as one product;
+    replay: float32 factors per layer (B, A, what merge multiplies B by: f·A when it
+            folds a power-of-two f, else A; f; folded?);
+    x_t: the forward check's random inputs, transposed (width, batch).
+    """
+
+    layers: list[tuple[LayerTarget, float]]
+    b64: torch.Tensor
+    a64: torch.Tensor
+    b_abs: torch.Tensor
+    a_abs: torch.Tensor
+    replay: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, bool]]
+    x_t: torch.Tensor
+
+
+def prepare_factors(layers: list[tuple[LayerTarget, float]], width: int, seed: int) -> Factors:
+    b64, a64, b_abs, a_abs, replay = [], [], [], [], []
+    for target, weight in layers:
+        factor = target.layer.scale * weight
+        b = factor_tensor(target.layer.b_matrix, "cpu", torch.float64)
+        a = factor_tensor(target.layer.a_matrix, "cpu", torch.float64).reshape(-1, width)
+        b64.append(b)
+        a64.append(a * factor)
+        b_abs.append(b.abs())
+        a_abs.append(a.abs() * (2 * _EPS[torch.float32] * abs(factor)))
+        b32 = factor_tensor(target.layer.b_matrix, "cpu", torch.float32)
+        a32 = factor_tensor(target.layer.a_matrix, "cpu", torch.float32).reshape(-1, width)
+        fused = _is_power_of_two(factor)
+        replay.append((b32, a32, a32 * factor if fused else a32, factor, fused))
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(FORWARD_BATCH, width, generator=generator, dtype=torch.float64)
+    return Factors(
+        layers, torch.cat(b64, 1), torch.cat(a64, 0), torch.cat(b_abs, 1), torch.cat(a_abs, 0), replay,
+        x.T.contiguous(),
+    )
+
+
+@dataclass
+class Sums:
+    """What the blocks add up to; `finish` turns it into the check's figures."""
+
+    max_abs_error: float = 0.0
+    max_expected: float = 0.0
+    worst: float = 0.0
+    worst_at: int | None = None  # flat index of the first worst element
+    diff_dot_update: float = 0.0
+    update_sq: float = 0.0
+    spread_sq: float = 0.0  # Σ (ΔW·ulp)²
+    slack_dot_update: float = 0.0
+    finite: bool = True
+    fp32_round_once: bool = True  # merge's recipe reproduces every block so far
+    stored_is_base: bool = True
+    expected_rounds_to_base: bool = True
+
+
+def expected_into(ws: Workspace, f: Factors, lo: int, hi: int, w0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """W (float64 base), E = W + ΔW and the update E − W exactly as the whole-tensor
+    check takes it (E − W, not ΔW: an update below W's float64 spacing counts as none)."""
+    rows, width = w0.shape
+    base, update, expected = (ws.float64(i, rows, width) for i in range(3))
+    base.copy_(w0)
+    torch.matmul(f.b64[lo:hi], f.a64, out=update)
+    torch.add(base, update, out=expected)
+    torch.sub(expected, base, out=update)
+    return base, update, expected
+
+
+def judge_block(
+    ws: Workspace, f: Factors, lo: int, hi: int, w0: torch.Tensor, stored: torch.Tensor, sums: Sums,
+    forward_merged: torch.Tensor, forward_base: torch.Tensor, atol: float | None, rtol: float | None,
+) -> None:
+    """Every element-wise figure of one block of rows; w0/stored: (rows, width) views.
+
+    forward_merged/forward_base: (all rows, batch) outputs of the forward check, this
+    block's rows filled in. Stops early (sums.finite False) at a NaN or an Inf.
+    """
+    rows, width = stored.shape
+    dtype = stored.dtype
+    base, update, expected = expected_into(ws, f, lo, hi, w0)
+    actual, magnitude, scratch = (ws.float64(i, rows, width) for i in range(3, 6))
+    if sums.stored_is_base:
+        _track_base(ws, sums, w0, stored, expected)
+    actual.copy_(stored)
+    torch.matmul(actual, f.x_t, out=forward_merged[lo:hi])
+    torch.matmul(base, f.x_t, out=forward_base[lo:hi])
+    diff = actual.sub_(expected)
+    error = torch.abs(diff, out=scratch)
+    block_error = float(error.max())
+    torch.abs(expected, out=magnitude)
+    block_expected = float(magnitude.max())
+    if not (math.isfinite(block_error) and math.isfinite(block_expected)):
+        sums.finite = False
+        return
+    sums.max_abs_error = max(sums.max_abs_error, block_error)
+    sums.max_expected = max(sums.max_expected, block_expected)
+    sums.diff_dot_update += float(torch.dot(diff.view(-1), update.view(-1)))
+    sums.update_sq += float(torch.dot(update.view(-1), update.view(-1)))
+    tolerance = None
+    if atol is not None or rtol is not None:  # before |E| becomes the ulp
+        tolerance = torch.mul(magnitude, rtol or 0.0, out=expected).add_(atol or 0.0).clamp_min_(_TINY64)
+    torch.maximum(magnitude, torch.abs(base, out=actual), out=magnitude)
+    ulp = ulp_into(magnitude, dtype)
+    spread = torch.mul(update, ulp, out=actual)
+    sums.spread_sq += float(torch.dot(spread.view(-1), spread.view(-1)))
+    slack = torch.matmul(f.b_abs[lo:hi], f.a_abs, out=base)
+    sums.slack_dot_update += float(torch.dot(slack.view(-1), torch.abs(update, out=actual).view(-1)))
+    if tolerance is None:
+        tolerance = ulp.add_(slack)  # one ulp of the stored dtype, plus float32's slack
+    worst = error.div_(tolerance)
+    block_worst = float(worst.max())
+    if block_worst > sums.worst or sums.worst_at is None:
+        sums.worst = block_worst
+        sums.worst_at = lo * width + int(worst.argmax())
+    if sums.fp32_round_once:
+        sums.fp32_round_once = replay_fp32_round_once(ws, f, lo, hi, w0, stored)
+
+
+def _track_base(ws: Workspace, sums: Sums, w0: torch.Tensor, stored: torch.Tensor, expected: torch.Tensor) -> None:
+    """"not applied" needs: MERGED equals the base rounded to its dtype, and the
+    expectation does not. Checked only while the first still holds (one block, usually)."""
+    rows, width = stored.shape
+    base_rounded = w0 if w0.dtype == stored.dtype else ws.stored(stored.dtype, 0, rows, width).copy_(w0)
+    sums.stored_is_base = bool(torch.equal(stored, base_rounded))
+    if sums.stored_is_base and sums.expected_rounds_to_base:
+        rounded = ws.stored(stored.dtype, 1, rows, width).copy_(expected)
+        sums.expected_rounds_to_base = bool(torch.equal(rounded, base_rounded))
+
+
+def replay_fp32_round_once(ws: Workspace, f: Factors, lo: int, hi: int, w0: torch.Tensor, stored: torch.Tensor) -> bool:
+    """Does `merge`'s float32 recipe give these rows' stored bytes? The same operations
+    as `dense.merge_rows_into(fuse=True)`, on this block."""
+    rows, width = stored.shape
+    widened, acc, spare = (ws.float32(i, rows, width) for i in range(3))
+    widened.copy_(w0)
+    for index, (b, _, a, factor, fused) in enumerate(f.replay):
+        if fused:
+            torch.addmm(widened if index == 0 else acc, b[lo:hi], a, out=acc)
+            continue
+        delta = acc if index == 0 else spare
+        torch.matmul(b[lo:hi], a, out=delta)
+        delta.mul_(factor)
+        acc.add_(widened if index == 0 else delta)
+    rounded = ws.stored(stored.dtype, 0, rows, width).copy_(acc)
+    return bool(torch.equal(rounded, stored))
+
+
+def replay_peft_block(
+    ws: Workspace, f: Factors, lo: int, hi: int, w0: torch.Tensor, stored: torch.Tensor, twice: bool
+) -> bool:
+    """PEFT with factors in the model's dtype, on these rows (`tensor_check._recipes`).
+
+    twice=False: ΔW = (B·A)·s in float32, rounded to W0's dtype, added in that dtype.
+    twice=True (a GPU): B·A rounded to W0's dtype, its scaling rounded again, added.
+    """
+    rows, width = stored.shape
+    narrow = w0.dtype
+    current = ws.stored(narrow, 0, rows, width).copy_(w0)
+    product, delta = ws.float32(0, rows, width), ws.stored(narrow, 1, rows, width)
+    for (b, a, _, _, _), (target, weight) in zip(f.replay, f.layers):
+        torch.matmul(b[lo:hi], a, out=product)
+        if twice:
+            delta.copy_(product)
+            product.copy_(delta).mul_(target.layer.scale * weight)
+        else:
+            product.mul_(target.layer.scale * weight)
+        current.add_(delta.copy_(product))
+    return bool(torch.equal(current, stored))
+
+
+def fits_block(
+    ws: Workspace, f: Factors, lo: int, hi: int, w0: torch.Tensor, stored: torch.Tensor, strength: float,
+    atol: float | None, rtol: float | None,
+) -> float:
+    """Worst |stored − (W0 + k·ΔW)| over its tolerance in these rows (`_fits_strength`)."""
+    rows, width = stored.shape
+    base, update, expected = expected_into(ws, f, lo, hi, w0)
+    actual, magnitude, scratch = (ws.float64(i, rows, width) for i in range(3, 6))
+    actual.copy_(stored)
+    fitted = torch.add(base, update, alpha=strength, out=scratch)
+    if atol is None and rtol is None:
+        torch.maximum(torch.abs(fitted, out=magnitude), torch.abs(actual, out=update), out=magnitude)
+        torch.maximum(magnitude, torch.abs(base, out=update), out=magnitude)
+        tolerance = ulp_into(magnitude, stored.dtype)
+        slack = torch.matmul(f.b_abs[lo:hi], f.a_abs, out=update)
+        tolerance.add_(slack, alpha=max(1.0, abs(strength)))
+    else:
+        tolerance = torch.abs(expected, out=magnitude).mul_(rtol or 0.0).add_(atol or 0.0)
+    tolerance.clamp_min_(_TINY64)
+    residual = actual.sub_(fitted).abs_().div_(tolerance)
+    return float(residual.max()) if residual.numel() else 0.0
+
+
+def forward_error(f: Factors, forward_merged: torch.Tensor, forward_base: torch.Tensor) -> float:
+    """max |x·W_mergedᵀ − (x·W0ᵀ + Σ s·(x·Aᵀ)·Bᵀ)| / max |reference| from the per-block
+    outputs (`tensor_check._forward_error`, plain layers)."""
+    x = f.x_t.T
+    reference = forward_base.T
+    for target, weight in f.layers:
+        a = factor_tensor(target.layer.a_matrix, "cpu", torch.float64).reshape(-1, x.shape[1])
+        b = factor_tensor(target.layer.b_matrix, "cpu", torch.float64)
+        reference = reference + ((x @ a.T) @ b.T) * (target.layer.scale * weight)
+    scale = float(reference.abs().max())
+    return float((forward_merged.T - reference).abs().max()) / scale if scale > 0 else 0.0
