@@ -211,33 +211,3 @@ class BaseCheckpoint:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def copy_tensor_bytes(
-    src: SafetensorsFile, name: str, dst: SupportsWrite, chunk_bytes: int = 16 * 1024 * 1024
-) -> None:
-    """Copy a tensor's stored bytes to `dst` in chunks of at most `chunk_bytes`.
-
-    For tensors no adapter touches: a byte-for-byte copy with no decode, never holding
-    the whole tensor in memory. It opens its own handle rather than sharing `src`'s, so
-    several threads may copy from one file at once without racing on seek/read.
-    """
-    info = src.info(name)
-    buffer = memoryview(bytearray(min(chunk_bytes, info.nbytes)))
-    try:
-        handle = open(src.path, "rb", buffering=0)  # noqa: SIM115 - closed just below
-    except OSError as exc:  # reading fails: the source's fault, not the output's
-        raise FormatError(src.path, f"cannot read: {exc.strerror or exc}") from None
-    with handle:
-        handle.seek(info.start)
-        remaining = info.nbytes
-        while remaining:
-            piece = buffer[: min(remaining, len(buffer))]
-            try:
-                got = handle.readinto(piece)
-            except OSError as exc:
-                raise FormatError(src.path, f"cannot read: {exc.strerror or exc}") from None
-            if not got:
-                raise FormatError(src.path, f"tensor {name!r}: file ended early (truncated?)")
-            dst.write(piece[:got])  # a write error stays an OSError, for the caller to name
-            remaining -= got

@@ -8,10 +8,11 @@ dtype. Everything is written under a temporary sibling and renamed at the very e
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -24,14 +25,45 @@ from lora_tools.output import SafetensorsStreamWriter, atomic_output, copy_extra
 from lora_tools.pipeline import BufferRing, OrderedWriter, prefetched
 from lora_tools.plan import MergePlan, TensorPlan, make_plan
 from lora_tools.safetensors_file import DTYPE_ITEMSIZE, FLOAT_DTYPES, SafetensorsFile
+from lora_tools.staging import staging_for
 from lora_tools.torch_dtypes import DTYPE_ALIASES, torch_dtype
 
 INDEX_NAME = "model.safetensors.index.json"
-# Row blocks of about this many elements (16 MiB of float32) on the CPU: large enough
-# that torch's per-operation thread hand-offs cost nothing, small enough that the five
-# passes of a merge reuse warm buffers (measured at 1B shapes on two cores: 8.5 s with
-# 2-4 M, 12 s with whole tensors, 14-24 s with 256 K-1 M). On a GPU a tensor is one block.
-CPU_CHUNK_ELEMENTS = 4 * 1024 * 1024
+# Row blocks of about this many elements (4 MiB of float32) on the CPU: small enough
+# that a block's passes stay in cache, large enough that the per-operation overhead
+# (and, with several compute threads, their hand-offs) is paid rarely. Measured at 1B
+# shapes with one compute thread: 2.1 s of compute with 128 K-1 M, 2.4 s with 4 M,
+# 3.5 s with 32 K. On a GPU a tensor is one block.
+CPU_CHUNK_ELEMENTS = 1024 * 1024
+# Tensors loaded ahead of the one being computed, and results queued for the writer.
+READ_AHEAD = 2
+WRITE_BEHIND = 2
+
+
+@contextlib.contextmanager
+def compute_threads(device: torch.device) -> Iterator[None]:
+    """On the CPU, leave one core to the reader and writer threads while merging.
+
+    torch's intra-op threads busy-wait for work, so with all cores given to them the
+    I/O threads (which need a core for their copies into and out of the page cache)
+    are starved; on 2 cores that made a merge CPU-bound at twice the I/O floor.
+    """
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(before, _usable_cpus() - 1)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 class Progress(Protocol):
@@ -211,7 +243,12 @@ def _write_index(plan: MergePlan, tmp: Path, out_code: str | None) -> None:
 
 
 class _Streamer:
-    """Streams the shards of one merge; counts what it did."""
+    """Streams the shards of one merge; counts what it did.
+
+    Three threads: the reader loads the tensors to compute (up to READ_AHEAD ahead), the
+    calling thread computes, the writer writes results and copies the untouched tensors
+    (in the kernel). The staging (see `staging`) decides where tensors live meanwhile.
+    """
 
     def __init__(self, plan: MergePlan, device: torch.device, out_code: str | None, progress: Progress | None) -> None:
         self.plan = plan
@@ -219,11 +256,12 @@ class _Streamer:
         self.out_code = out_code
         self.progress = progress
         self.n_adapted = self.n_copied = self.bytes_written = 0
-        # Reused buffers: one compute buffer per shape, and output buffers enough for the
-        # writer's queue (depth 2, one being written) plus the one being filled.
+        # Loads alive at once: READ_AHEAD queued or being read, one being computed.
+        # Results alive: WRITE_BEHIND queued or being written, one being computed.
+        self.staging = staging_for(device, READ_AHEAD + 1, WRITE_BEHIND + 1)
+        # Row-block buffers of the CPU path, one per width, reused for every tensor.
         self.work = BufferRing(device, slots=1)
         self.widened = BufferRing(device, slots=1)
-        self.outputs = BufferRing(torch.device("cpu"), slots=4)
         if progress is not None:
             infos = [plan.base.info(name) for name in plan.base.tensor_names()]
             progress.start(len(infos), sum(i.nbytes for i in infos))
@@ -239,10 +277,18 @@ class _Streamer:
         }
 
         def load(name: str) -> torch.Tensor | None:
-            return src.torch(name) if name in compute else None
+            if name not in compute:
+                return None
+            if name not in self.plan.tensors:  # a dtype change only: no ring of 500 MB embeddings
+                return src.torch(name).to(self.device)
+            return self.staging.load(src, name)
 
-        with SafetensorsStreamWriter(dst, entries, src.metadata) as writer, OrderedWriter() as jobs:
-            for name, w0 in prefetched([name for name, _, _ in entries], load):
+        with (
+            compute_threads(self.device),
+            SafetensorsStreamWriter(dst, entries, src.metadata) as writer,
+            OrderedWriter(WRITE_BEHIND) as jobs,
+        ):
+            for name, w0 in prefetched([name for name, _, _ in entries], load, READ_AHEAD):
                 nbytes = src.info(name).nbytes
                 if w0 is None:
                     jobs.submit(self._copy_job(writer, src, name, nbytes))
@@ -254,32 +300,30 @@ class _Streamer:
                 self.n_copied += name not in self.plan.tensors
 
     def _compute(self, name: str, w0: torch.Tensor, stored: torch.dtype) -> torch.Tensor:
-        """The merged tensor, in its stored dtype, in a CPU buffer the writer may keep."""
-        w0 = w0.to(self.device, non_blocking=True)
+        """The merged tensor in its stored dtype, in a buffer the writer may keep."""
         plan = self.plan.tensors.get(name)
-        if plan is None:  # only a dtype change (embeddings too: no ring of 500 MB buffers)
-            return w0.to(stored).cpu()
-        out = self.outputs.get(tuple(w0.shape), stored)
+        if plan is None:  # only a dtype change
+            return w0.to(stored)
+        out = self.staging.result_buffer(tuple(w0.shape), stored)
         compute = accumulation_dtype(w0.dtype, stored)
         if is_plain(plan):
             rows = w0.shape[0]
             width = w0[0].numel()
             chunk = rows if self.device.type == "cuda" else max(2, min(rows, CPU_CHUNK_ELEMENTS // max(1, width)))
-            target = out if self.device.type == "cpu" else torch.empty_like(w0, dtype=stored)
             total = merge_rows_into(
-                target.view(rows, width), w0.view(rows, width), plan.layers, chunk,
+                out.view(rows, width), w0.view(rows, width), plan.layers, chunk,
                 self.work.get((min(rows, chunk + 1), width), compute),
                 self.widened.get((min(rows, chunk + 1), width), compute),
                 fuse=self.device.type == "cpu",
             )
-            if not bool(torch.isfinite(total)) and not bool(torch.isfinite(target).all()):
+            if not bool(torch.isfinite(total)) and not bool(torch.isfinite(out).all()):
                 self._refuse_non_finite(name, plan, w0)
-            return target if target is out else out.copy_(target)
+            return out
         merged = merged_tensor(plan, w0, compute)
         # one reduction instead of an element-wise isfinite pass
         if not bool(torch.isfinite(merged.sum())) and not bool(torch.isfinite(merged).all()):
             self._refuse_non_finite(name, plan, w0)
-        return out.copy_(merged)  # the one rounding to the stored dtype (and the copy off the GPU)
+        return out.copy_(merged)  # the one rounding to the stored dtype
 
     def _refuse_non_finite(self, name: str, plan: TensorPlan, w0: torch.Tensor) -> None:
         if not bool(torch.isfinite(w0).all()):  # the base's fault, not the adapter's
@@ -295,7 +339,10 @@ class _Streamer:
 
     def _write_job(self, writer: SafetensorsStreamWriter, name: str, tensor: torch.Tensor) -> Callable[[], None]:
         def job() -> None:
-            writer.write_torch(name, tensor)
+            if tensor.device.type == "cpu":
+                writer.write_torch(name, tensor)
+            else:
+                self.staging.write(writer, name, tensor)
             self._advance(tensor.numel() * tensor.element_size())
 
         return job

@@ -25,8 +25,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from lora_tools.checkpoint import SupportsWrite, copy_tensor_bytes
+from lora_tools.checkpoint import SupportsWrite
 from lora_tools.errors import FormatError, LoraToolsError, Terminated, UsageError
+from lora_tools.filesink import OutputFile, SourceReadError
 from lora_tools.safetensors_file import DTYPE_ITEMSIZE, SafetensorsFile
 
 # (name, safetensors dtype code, shape): all a header needs to know about a tensor.
@@ -140,11 +141,11 @@ class SafetensorsStreamWriter:
         ]
         self._next = 0
         self._failed: str | None = None  # set when a write broke off: the file is unusable
-        self._file = open(self.path, "xb")  # noqa: SIM115 - closed by close()
+        self._file = OutputFile(self.path)
         try:
             self._raw_write(memoryview(self.header))
         except BaseException:
-            self._file.close()
+            self._file.abort()
             raise
 
     # -- protocol -----------------------------------------------------------------
@@ -168,9 +169,7 @@ class SafetensorsStreamWriter:
         self._next += 1
 
     def _raw_write(self, view: memoryview) -> None:
-        while view.nbytes:  # a raw write may be partial; a buffered one is not, but be sure
-            done = self._file.write(view)
-            view = view[done if done is not None else view.nbytes:]
+        self._file.write(view)
 
     # -- ways to write one tensor ---------------------------------------------------
     def write_bytes(self, name: str, data: bytes | bytearray | memoryview) -> None:
@@ -203,8 +202,27 @@ class SafetensorsStreamWriter:
         self._finish(name, sink.written, expected)
 
     def copy_tensor(self, name: str, src: SafetensorsFile, src_name: str | None = None) -> None:
-        """Copy an untouched tensor's stored bytes from `src` (no decode, bounded memory)."""
-        self.write_from(name, lambda sink: copy_tensor_bytes(src, src_name or name, sink))
+        """Copy an untouched tensor's stored bytes from `src`: no decode, bounded memory.
+
+        In the kernel (copy_file_range) where it can, so the bytes never enter this
+        process; through a small buffer otherwise. A source that ends early is the
+        source's fault (FormatError naming it); a write error stays an OSError.
+        """
+        info = src.info(src_name or name)
+        expected = self._begin(name)
+        if info.nbytes != expected:
+            raise StreamWriterError(f"tensor {name!r}: source has {info.nbytes} bytes, expected {expected}")
+        try:
+            self._file.copy_from(src.fileno(), info.start, expected)
+        except SourceReadError as exc:
+            self._failed = f"copying tensor {name!r} failed"
+            if exc.cause is None:
+                raise FormatError(src.path, f"tensor {info.name!r}: file ended early (truncated?)") from None
+            raise FormatError(src.path, f"cannot read: {exc.cause.strerror or exc.cause}") from None
+        except BaseException:
+            self._failed = f"copying tensor {name!r} raised"
+            raise
+        self._finish(name, expected, expected)
 
     def write_torch(self, name: str, tensor: Any) -> None:
         """Write a CPU torch tensor whose dtype and shape match the entry (bf16 included).
@@ -237,11 +255,7 @@ class SafetensorsStreamWriter:
         and check that every tensor was written."""
         if self._file.closed:
             return
-        try:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-        finally:
-            self._file.close()
+        self._file.close()
         if self.next_name is not None:
             raise StreamWriterError(
                 f"{self.path}: closed with {len(self.entries) - self._next} tensors unwritten, "
@@ -250,7 +264,7 @@ class SafetensorsStreamWriter:
 
     def abort(self) -> None:
         """Close without checks (the file is incomplete; the caller removes it)."""
-        self._file.close()
+        self._file.abort()
 
     def __enter__(self) -> SafetensorsStreamWriter:
         return self

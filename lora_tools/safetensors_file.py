@@ -12,9 +12,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 
@@ -78,7 +79,8 @@ class SafetensorsFile:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
-        self._handle: BinaryIO | None = None
+        self._fd: int | None = None
+        self._fd_lock = threading.Lock()
         self.header_size, self.tensors, self.metadata = self._read_header()
 
     # -- header -------------------------------------------------------------------
@@ -182,15 +184,25 @@ class SafetensorsFile:
         except KeyError:
             raise self._fail(f"no tensor named {name!r}") from None
 
-    def _file(self) -> BinaryIO:
-        if self._handle is None:
-            self._handle = open(self.path, "rb")  # noqa: SIM115 - kept open for lazy reads
-        return self._handle
+    def _descriptor(self) -> int:
+        with self._fd_lock:
+            if self._fd is None:
+                try:
+                    self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                except OSError as exc:
+                    raise self._fail(f"cannot read: {exc.strerror or exc}") from None
+            return self._fd
+
+    def fileno(self) -> int:
+        """A read-only descriptor of the file (kept open until `close`), for positional
+        reads and in-kernel copies."""
+        return self._descriptor()
 
     def close(self) -> None:
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
+        with self._fd_lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
 
     def __enter__(self) -> SafetensorsFile:
         return self
@@ -198,15 +210,32 @@ class SafetensorsFile:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def read_bytes(self, name: str) -> bytearray:
-        """The tensor's raw little-endian bytes, exactly as stored."""
+    def read_into(self, name: str, buffer: Any, offset: int = 0) -> None:
+        """Fill `buffer` (writable) with the tensor's stored bytes from `offset` on.
+
+        Positional reads (pread) need no shared file offset, so threads may read from one
+        file at once; a caller that reuses its buffers spares the page faults a fresh
+        allocation costs for every tensor.
+        """
         info = self.info(name)
-        buffer = bytearray(info.nbytes)
-        handle = self._file()
-        handle.seek(info.start)
-        got = handle.readinto(buffer)
-        if got != info.nbytes:
-            raise self._fail(f"tensor {name!r}: file ended early (truncated?)")
+        view = memoryview(buffer).cast("B")
+        if offset < 0 or offset + view.nbytes > info.nbytes:
+            raise ValueError(f"tensor {name!r} has {info.nbytes} bytes, asked for {view.nbytes} from {offset}")
+        fd = self._descriptor()
+        done = 0
+        while done < view.nbytes:
+            try:
+                got = os.preadv(fd, [view[done:]], info.start + offset + done)
+            except OSError as exc:
+                raise self._fail(f"cannot read tensor {name!r}: {exc.strerror or exc}") from None
+            if got == 0:
+                raise self._fail(f"tensor {name!r}: file ended early (truncated?)")
+            done += got
+
+    def read_bytes(self, name: str) -> bytearray:
+        """The tensor's raw little-endian bytes, exactly as stored, in a new buffer."""
+        buffer = bytearray(self.info(name).nbytes)
+        self.read_into(name, buffer)
         return buffer
 
     def numpy(self, name: str) -> np.ndarray:
@@ -226,14 +255,22 @@ class SafetensorsFile:
             raise self._fail(f"tensor {name!r}: dtype {info.dtype} cannot be read as numbers here")
         return array.reshape(info.shape)
 
-    def torch(self, name: str) -> Any:
-        """The tensor as a CPU torch tensor in its stored dtype (imports torch lazily)."""
+    def torch(self, name: str, buffer: Any = None) -> Any:
+        """The tensor as a CPU torch tensor in its stored dtype (imports torch lazily).
+
+        With `buffer` (a torch uint8 tensor of at least the tensor's byte count, pinned
+        memory included) the bytes are read into it and the result is a view of it.
+        """
         from lora_tools.torch_dtypes import torch_dtype
 
         import torch
 
         info = self.info(name)
-        raw = self.read_bytes(name)
+        dtype = torch_dtype(info.dtype)
         if info.numel == 0:
-            return torch.empty(info.shape, dtype=torch_dtype(info.dtype))
-        return torch.frombuffer(raw, dtype=torch_dtype(info.dtype)).reshape(info.shape)
+            return torch.empty(info.shape, dtype=dtype)
+        if buffer is None:
+            return torch.frombuffer(self.read_bytes(name), dtype=dtype).reshape(info.shape)
+        raw = buffer[: info.nbytes]
+        self.read_into(name, raw.numpy())
+        return raw.view(dtype).reshape(info.shape)

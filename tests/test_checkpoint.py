@@ -3,8 +3,8 @@ layout error named with its file, and raw byte copies of untouched tensors."""
 
 from __future__ import annotations
 
-import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +12,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lora_tools.checkpoint import BaseCheckpoint, copy_tensor_bytes
+from lora_tools import filesink
+from lora_tools.checkpoint import BaseCheckpoint
 from lora_tools.errors import FormatError, LoraToolsError, MismatchError
 from lora_tools.output import SafetensorsStreamWriter, file_layout
 from lora_tools.safetensors_file import SafetensorsFile
@@ -255,38 +256,44 @@ def test_corrupt_shard_is_named(sharded: Path) -> None:
 
 # -- raw copies ------------------------------------------------------------------------
 
-class _RecordingSink:
-    def __init__(self) -> None:
-        self.chunks: list[bytes] = []
+@pytest.fixture(params=["direct", "in_kernel", "buffered"])
+def copy_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a copy test through each way the output file copies: an aligned stage for
+    direct I/O, copy_file_range, and a small buffer (tiny chunks: many reads)."""
+    if request.param != "direct":
+        monkeypatch.setattr(filesink, "_set_direct", lambda fd, on: False)
+    if request.param == "buffered":
+        monkeypatch.delattr(os, "copy_file_range", raising=False)
+        monkeypatch.setattr(filesink, "COPY_CHUNK_BYTES", 7)
+    elif request.param == "in_kernel" and not hasattr(os, "copy_file_range"):
+        pytest.skip("no copy_file_range on this platform")
+    return str(request.param)
 
-    def write(self, data: memoryview) -> int:
-        self.chunks.append(bytes(data))
-        return len(data)
+
+def _copy_all(src: SafetensorsFile, dst: Path) -> None:
+    with SafetensorsStreamWriter(dst, file_layout(src), src.metadata) as writer:
+        for name, _, _ in file_layout(src):
+            writer.copy_tensor(name, src)
 
 
-def test_copy_tensor_bytes_in_chunks(single_file: Path) -> None:
+def test_copy_tensor_reproduces_the_file(single_file: Path, tmp_path: Path, copy_path: str) -> None:
     with SafetensorsFile(single_file) as src:
-        name = "model.embed.weight"  # 16*8 bf16 = 256 bytes
-        sink = _RecordingSink()
-        copy_tensor_bytes(src, name, sink, chunk_bytes=7)
-        assert b"".join(sink.chunks) == bytes(src.read_bytes(name))
-        assert len(sink.chunks) == -(-256 // 7) and max(map(len, sink.chunks)) == 7
-        out = io.BytesIO()
-        copy_tensor_bytes(src, "lm_head.weight", out)
-        assert out.getvalue() == bytes(src.read_bytes("lm_head.weight"))
+        _copy_all(src, tmp_path / "copy.safetensors")
+    assert (tmp_path / "copy.safetensors").read_bytes() == single_file.read_bytes()
 
 
-def test_copy_tensor_bytes_empty_tensor(tmp_path: Path) -> None:
-    save_file({"e": torch.zeros(0, 3)}, tmp_path / "e.safetensors")
-    out = io.BytesIO()
-    copy_tensor_bytes(SafetensorsFile(tmp_path / "e.safetensors"), "e", out)
-    assert out.getvalue() == b""
+def test_copy_tensor_empty_tensor(tmp_path: Path, copy_path: str) -> None:
+    save_file({"e": torch.zeros(0, 3), "f": torch.ones(2)}, tmp_path / "e.safetensors", metadata={"format": "pt"})
+    with SafetensorsFile(tmp_path / "e.safetensors") as src:
+        _copy_all(src, tmp_path / "copy.safetensors")
+    assert (tmp_path / "copy.safetensors").read_bytes() == (tmp_path / "e.safetensors").read_bytes()
 
 
-def test_copy_tensor_bytes_file_truncated_after_open(single_file: Path) -> None:
+def test_copy_tensor_file_truncated_after_open(single_file: Path, tmp_path: Path, copy_path: str) -> None:
     src = SafetensorsFile(single_file)
     last = max(src.tensors.values(), key=lambda i: i.end)
     single_file.write_bytes(single_file.read_bytes()[: last.start + 3])
     with pytest.raises(FormatError) as caught:
-        copy_tensor_bytes(src, last.name, io.BytesIO(), chunk_bytes=2)
-    assert str(caught.value).startswith(f"{single_file}: ") and "ended early" in str(caught.value)
+        _copy_all(src, tmp_path / "copy.safetensors")
+    assert str(caught.value) == f"{single_file}: tensor {last.name!r}: file ended early (truncated?)"
+    src.close()

@@ -31,6 +31,7 @@ from typing import Any
 
 import pytest
 
+import lora_tools.filesink
 import lora_tools.output
 from builders import KohyaCase, PeftCase
 from lora_tools.cli import main
@@ -138,12 +139,12 @@ class _FileOnDisk:
 
 
 def _full_disk(monkeypatch: pytest.MonkeyPatch, disk: _Disk) -> None:
-    """Route the output module's `open` (the streaming writer's) through `disk`."""
+    """Route the `open` of the module that opens the streaming writer's files through `disk`."""
 
     def opened(*args: Any, **kwargs: Any) -> Any:
         return _FileOnDisk(open(*args, **kwargs), disk)
 
-    monkeypatch.setattr(lora_tools.output, "open", opened, raising=False)
+    monkeypatch.setattr(lora_tools.filesink, "open", opened, raising=False)
 
 
 @pytest.fixture(scope="module")
@@ -317,7 +318,6 @@ def paused(self, view):
     write(self, view)
     calls[0] += 1
     if calls[0] == 2:
-        self._file.flush()
         open(ready, "w").close()
         time.sleep(120)
 
