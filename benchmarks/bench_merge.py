@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import textwrap
 from pathlib import Path
@@ -178,6 +179,33 @@ def run_variant(label: str, cmd: list[str], base: Path, *, timeout_s: float | No
     return result
 
 
+def summary_rows(runs: list[dict[str, Any]], largest_mb: float) -> list[list[Any]]:
+    """One row per variant: medians over its successful rounds; × floor is the median of
+    the ratios to the floor of the same round (a paired ratio shrugs off slow rounds)."""
+    floors = {r["round"]: r for r in runs if r["variant"].startswith("floor") and r["rc"] == 0}
+    rows = []
+    for label in dict.fromkeys(r["variant"] for r in runs):
+        mine = [r for r in runs if r["variant"] == label]
+        ok = [r for r in mine if r["rc"] == 0]
+        failed = len(mine) - len(ok)
+        name = label + (f" ({failed} FAILED, rc={mine[-1]['rc']})" if failed else "")
+        if not ok:
+            rows.append([name, len(mine), *[None] * 9])
+            continue
+        walls = [r["wall_sync_s"] for r in ok]
+        ratios = [r["wall_sync_s"] / floors[r["round"]]["wall_sync_s"] for r in ok if r["round"] in floors]
+        peak_anon = max((r["peak_anon_mb"] for r in ok if r["peak_anon_mb"]), default=None)
+        rows.append([
+            name, len(ok), statistics.median(r["wall_s"] for r in ok), statistics.median(r["sync_s"] for r in ok),
+            statistics.median(walls), f"{min(walls):.1f}-{max(walls):.1f}",
+            statistics.median(ratios) if ratios else None,
+            max((r["peak_rss_mb"] for r in ok if r["peak_rss_mb"]), default=None),
+            max((r["peak_mb"] for r in ok if r["peak_mb"]), default=None),
+            peak_anon, peak_anon / largest_mb if peak_anon else None,
+        ])
+    return rows
+
+
 def prepare_inputs(work: Path, shape: str, adapter_dtype: str, rank: int, max_shard_bytes: int) -> tuple[Path, Path, dict, dict]:
     spec = synthetic.get_shape(shape)
     base = work / f"base-{spec.name}"
@@ -207,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--max-shard-bytes", type=int, default=synthetic.DEFAULT_SHARD_BYTES)
     parser.add_argument("--timeout", type=float, default=3600, help="seconds before a variant is killed")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="rounds of floor, cp and lora-tools, interleaved (PEFT runs in the first only); "
+                             "medians are reported, since page-cache and disk timings of a VM vary a lot")
     args = parser.parse_args(argv)
     spec = synthetic.get_shape(args.shape)
     try:
@@ -228,9 +259,10 @@ def main(argv: list[str] | None = None) -> int:
         runs: list[dict[str, Any]] = []
         keep_outputs: dict[str, Path] = {}
 
-        def variant(label: str, cmd: list[str], out: Path, keep_for_compare: bool = False) -> dict[str, Any]:
+        def variant(label: str, cmd: list[str], out: Path, round_index: int, keep_for_compare: bool = False) -> dict[str, Any]:
             bu.remove(out, keep=False)
             run = run_variant(label, cmd, base, timeout_s=args.timeout)
+            run["round"] = round_index
             runs.append(run)
             if keep_for_compare and run["rc"] == 0:
                 keep_outputs[label] = out
@@ -238,45 +270,41 @@ def main(argv: list[str] | None = None) -> int:
                 bu.remove(out, args.keep)
             return run
 
-        if not args.skip_floor:
-            variant("floor: safetensors load_file+save_file", [sys.executable, "-c", FLOOR_SCRIPT, base, work / "out-floor"],
-                    work / "out-floor")
-            variant("cp -r (byte copy)", ["cp", "-r", base, work / "out-cp"], work / "out-cp")
-        variant("lora-tools merge --device cpu",
-                bu.lora_tools("merge", base, adapter, "-o", work / "out-lt-cpu", "--device", "cpu", "-q"),
-                work / "out-lt-cpu", keep_for_compare=True)
-        if has_cuda and not args.skip_cuda:
-            variant("lora-tools merge --device cuda",
-                    bu.lora_tools("merge", base, adapter, "-o", work / "out-lt-cuda", "--device", "cuda", "-q"),
-                    work / "out-lt-cuda", keep_for_compare=True)
-        if not args.skip_peft:
-            run = variant("PEFT merge_and_unload",
-                          [sys.executable, "-c", PEFT_SCRIPT, base, adapter, work / "out-peft", str(args.max_shard_bytes)],
-                          work / "out-peft", keep_for_compare=True)
-            if run["rc"] == 0:
-                try:
-                    run["phases"] = json.loads(run["stdout"].strip().splitlines()[-1])
-                except (ValueError, IndexError):
-                    pass
+        for round_index in range(args.repeat):
+            last = round_index == args.repeat - 1
+            if args.repeat > 1:
+                print(f"round {round_index + 1} of {args.repeat}")
+            if not args.skip_floor:
+                variant("floor: safetensors load_file+save_file",
+                        [sys.executable, "-c", FLOOR_SCRIPT, base, work / "out-floor"], work / "out-floor", round_index)
+                variant("cp -r (byte copy)", ["cp", "-r", base, work / "out-cp"], work / "out-cp", round_index)
+            variant("lora-tools merge --device cpu",
+                    bu.lora_tools("merge", base, adapter, "-o", work / "out-lt-cpu", "--device", "cpu", "-q"),
+                    work / "out-lt-cpu", round_index, keep_for_compare=last)
+            if has_cuda and not args.skip_cuda:
+                variant("lora-tools merge --device cuda",
+                        bu.lora_tools("merge", base, adapter, "-o", work / "out-lt-cuda", "--device", "cuda", "-q"),
+                        work / "out-lt-cuda", round_index, keep_for_compare=last)
+            if not args.skip_peft and round_index == 0:  # minutes and the whole model in memory: once
+                run = variant("PEFT merge_and_unload",
+                              [sys.executable, "-c", PEFT_SCRIPT, base, adapter, work / "out-peft", str(args.max_shard_bytes)],
+                              work / "out-peft", round_index, keep_for_compare=True)
+                if run["rc"] == 0:
+                    try:
+                        run["phases"] = json.loads(run["stdout"].strip().splitlines()[-1])
+                    except (ValueError, IndexError):
+                        pass
 
-        floor = next((r for r in runs if r["variant"].startswith("floor") and r["rc"] == 0), None)
-        rows = []
-        for r in runs:
-            ok = r["rc"] == 0
-            rows.append([
-                r["variant"] + ("" if ok else f" (FAILED rc={r['rc']})"),
-                r["wall_s"], r["sync_s"], r["wall_sync_s"],
-                r["wall_sync_s"] / floor["wall_sync_s"] if floor and ok else None,
-                r["peak_rss_mb"], r["peak_mb"], r["peak_anon_mb"],
-                r["peak_anon_mb"] / largest_mb if r["peak_anon_mb"] else None,
-            ])
+        rows = summary_rows(runs, largest_mb)
         title = (f"merge: {spec.name} shapes ({base_info['total_bytes'] / 1e9:.2f} GB bf16, {len(base_info['shards'])} "
                  f"shards), adapter r={args.rank} {args.adapter_dtype} on {adapter_info['n_modules']} modules; "
-                 f"largest tensor {largest_mb:.0f} MB")
+                 f"largest tensor {largest_mb:.0f} MB; {args.repeat} round(s)")
         print("\nEvery variant started after a read of the whole base (warm page cache) and a sync; "
-              "'sync s' flushes its output afterwards, and × floor compares wall+sync.\n")
-        print(bu.table(["variant", "wall s", "sync s", "wall+sync s", "× floor", "peak RSS MB (polled)",
-                        "peak RSS MB (kernel)", "peak anon MB", "anon / largest"], rows, title=title))
+              "'sync s' flushes its output afterwards, and × floor compares wall+sync with the floor's of the "
+              "same round (median over rounds; wall+sync is the median, min-max beside it).\n")
+        print(bu.table(["variant", "runs", "wall s", "sync s", "wall+sync s", "min-max", "× floor",
+                        "peak RSS MB (polled)", "peak RSS MB (kernel)", "peak anon MB", "anon / largest"],
+                       rows, title=title))
         peft_run = next((r for r in runs if r["variant"].startswith("PEFT") and r.get("phases")), None)
         if peft_run:
             print("\nPEFT phases (s): " + ", ".join(f"{k.removesuffix('_s')} {v:.1f}" for k, v in peft_run["phases"].items()))

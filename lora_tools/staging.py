@@ -123,9 +123,9 @@ class _PinnedChunk:
 class CudaStaging:
     """GPU merges: chunks through pinned memory, overlapping disk and PCIe transfers."""
 
-    def __init__(self, device: torch.device, chunk_bytes: int = CUDA_CHUNK_BYTES) -> None:
+    def __init__(self, device: torch.device, chunk_bytes: int | None = None) -> None:
         self.device = device
-        self.chunk_bytes = chunk_bytes
+        self.chunk_bytes = chunk_bytes or CUDA_CHUNK_BYTES
         # Two per direction: one being filled (or written) while the other is copied.
         self._inbound = [self._pinned() for _ in range(2)]
         self._outbound = [self._pinned() for _ in range(2)]

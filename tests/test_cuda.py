@@ -65,3 +65,32 @@ def test_cuda_merge_matches_peft_on_cuda_and_cpu_merge(kind: str, peft_case_fact
 def test_auto_device_picks_cuda(llama_plain_case, tmp_path: Path) -> None:
     result = merge(llama_plain_case.base_dir, [llama_plain_case.adapter_dir], tmp_path / "out", device="auto")
     assert result.device.startswith("cuda")
+
+
+def _tree_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.name.endswith(".safetensors")}
+
+
+@pytest.mark.parametrize("dtype", ["keep", "bf16"])
+def test_small_pinned_chunks_give_the_same_bytes(
+    llama_plain_case, llama_sharded_base_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: str
+) -> None:
+    """Tensors that take many chunks through the two pinned buffers each way (reused
+    while the GPU still copies from them) come out as with one chunk per tensor, and on
+    a sharded base, with --dtype (a conversion only) as well."""
+    from lora_tools import staging
+
+    adapter = [llama_plain_case.adapter_dir]
+    merge(llama_sharded_base_dir, adapter, tmp_path / "big", device="cuda", dtype=dtype)
+    monkeypatch.setattr(staging, "CUDA_CHUNK_BYTES", 4096)
+    merge(llama_sharded_base_dir, adapter, tmp_path / "small", device="cuda", dtype=dtype)
+    merge(llama_sharded_base_dir, adapter, tmp_path / "cpu", device="cpu", dtype=dtype)
+    big, small = _tree_bytes(tmp_path / "big"), _tree_bytes(tmp_path / "small")
+    assert len(big) > 1 and big == small
+    cpu = {name: load_file(tmp_path / "cpu" / name) for name in big}
+    for name in big:
+        gpu = load_file(tmp_path / "big" / name)
+        assert gpu.keys() == cpu[name].keys()
+        worst = max((_ulps(gpu[k], cpu[name][k]) for k in gpu if gpu[k].is_floating_point()), default=0)
+        assert worst <= 1, f"{name}: CPU and CUDA differ by {worst} ulp"
+    assert verify(llama_sharded_base_dir, adapter, tmp_path / "small").equivalent
