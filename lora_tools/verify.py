@@ -111,8 +111,9 @@ def verify(
             extra = sorted(set(merged.tensor_names()) - set(base_names))
             report.layout_problems += [f"tensor {n!r} is not in the base" for n in extra[:20]]
             streams = _Streams()
-            for index, name in enumerate(base_names):
-                _check_one(plan.tensors.get(name), name, plan.base, merged, report, atol, rtol, seed + index, streams)
+            with streams.reader:
+                for index, name in enumerate(base_names):
+                    _check_one(plan.tensors.get(name), name, plan.base, merged, report, atol, rtol, seed + index, streams)
     finally:
         plan.close()
     report.equivalent = report.n_failed == 0 and not report.changed_unadapted and not report.layout_problems

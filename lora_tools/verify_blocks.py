@@ -37,10 +37,34 @@ COMPARE_CHUNK = 4 * 1024 * 1024
 
 
 class BlockReader:
-    """Positional reads into byte buffers reused across tensors (one per slot)."""
+    """Positional reads into byte buffers reused across tensors (one per slot).
+
+    Keeps its own read-only descriptor per file (closed by `close`): the shard's own
+    handle is the I/O layer's business, and positional reads need no shared offset.
+    """
 
     def __init__(self) -> None:
         self._buffers: dict[int, tuple[torch.Tensor, memoryview]] = {}
+        self._fds: dict[str, int] = {}
+
+    def _descriptor(self, shard: SafetensorsFile) -> int:
+        key = os.fspath(shard.path)
+        if key not in self._fds:
+            try:
+                self._fds[key] = os.open(key, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            except OSError as exc:
+                raise FormatError(shard.path, f"cannot read: {exc.strerror or exc}") from None
+        return self._fds[key]
+
+    def close(self) -> None:
+        while self._fds:
+            os.close(self._fds.popitem()[1])
+
+    def __enter__(self) -> BlockReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _buffer(self, slot: int, nbytes: int) -> tuple[torch.Tensor, memoryview]:
         held = self._buffers.get(slot)
@@ -53,7 +77,7 @@ class BlockReader:
     def read(self, shard: SafetensorsFile, info: TensorInfo, first: int, nbytes: int, slot: int) -> torch.Tensor:
         """Bytes [first, first + nbytes) of the tensor's data, as a uint8 view of slot's buffer."""
         raw, view = self._buffer(slot, nbytes)
-        fd, offset, done = shard.fileno(), info.start + first, 0
+        fd, offset, done = self._descriptor(shard), info.start + first, 0
         while done < nbytes:
             try:
                 got = os.preadv(fd, [view[done:nbytes]], offset + done)
@@ -65,10 +89,10 @@ class BlockReader:
         return raw[:nbytes]
 
     def rows(self, shard: SafetensorsFile, info: TensorInfo, lo: int, hi: int, width: int, slot: int) -> torch.Tensor:
-        """Rows [lo, hi) of a tensor viewed as (rows, width), in its stored dtype."""
+        """Rows [lo, hi) of a tensor of `width` elements per row, flat, in its stored dtype."""
         itemsize = torch_dtype(info.dtype).itemsize
         raw = self.read(shard, info, lo * width * itemsize, (hi - lo) * width * itemsize, slot)
-        return raw.view(torch_dtype(info.dtype)).view(hi - lo, width)
+        return raw.view(torch_dtype(info.dtype))
 
 
 def bytes_equal(reader: BlockReader, a: SafetensorsFile, b: SafetensorsFile, name: str) -> bool:
@@ -116,8 +140,8 @@ def check_plain_tensor(
     ws.reserve((max_block_rows(rows, width)) * width)
     factors = prepare_factors(plan.layers, width, seed)
     sums = Sums()
-    forward_merged = torch.empty((rows, FORWARD_BATCH), dtype=torch.float64)
-    forward_base = torch.empty((rows, FORWARD_BATCH), dtype=torch.float64)
+    forward_merged = torch.empty((FORWARD_BATCH, rows), dtype=torch.float64)
+    forward_base = torch.empty((FORWARD_BATCH, rows), dtype=torch.float64)
 
     def blocks() -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
         for lo, hi in row_blocks(rows, width):

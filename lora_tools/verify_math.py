@@ -25,15 +25,17 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from lora_tools.dense import _is_power_of_two, factor_tensor
 from lora_tools.fitting import LayerTarget
 
-# Row blocks of about this many elements: six float64 buffers of 1 MiB stay in the
-# caches through every pass; smaller blocks pay more Python per element (measured at
-# 1B shapes on two cores).
-BLOCK_ELEMENTS = 128 * 1024
+# Row blocks of about this many elements. Each block costs ~170 µs of fixed overhead
+# (about forty torch calls) and its six float64 buffers should stay in cache between
+# passes: measured at 1B shapes on two cores, 64 K: 11.9 ns/element, 128 K: 10.5,
+# 256 K-1 M: 9.6-10.
+BLOCK_ELEMENTS = 256 * 1024
 FORWARD_BATCH = 8  # must match tensor_check.FORWARD_BATCH: the same random inputs
 
 FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -43,6 +45,7 @@ _EXPONENT_BITS = 0x7FF0000000000000
 # to float32 (nearest, ties to even) rounds it up to the next power of two.
 _FLOAT32_ROUND_UP = 1 << 28
 _TINY64 = torch.finfo(torch.float64).tiny
+_SAME_SIZE_INTEGER = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def row_blocks(rows: int, width: int, block_elements: int = BLOCK_ELEMENTS) -> list[tuple[int, int]]:
@@ -59,48 +62,89 @@ def max_block_rows(rows: int, width: int, block_elements: int = BLOCK_ELEMENTS) 
     return max(hi - lo for lo, hi in row_blocks(rows, width, block_elements)) if rows else 0
 
 
-def ulp_into(magnitude: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """In place: float64 magnitudes (≥ 0) become the spacing of `dtype` there.
+def power_of_two_into(magnitude: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """In place: float64 magnitudes (≥ 0) become the ulp of `dtype` there divided by
+    the dtype's eps, so that the ulp is this × eps (an exact scaling, folded by the
+    callers into a later pass).
 
-    Bit for bit `tensor_check._ulp(magnitude, dtype)`, which rounds to float32 first,
-    without the float32 round trip: clamp to the dtype's smallest normal, round the
-    exponent up where float32 rounding would, keep only the exponent (2^⌊log2⌋), × eps.
-    Four cheap passes instead of eight.
+    Bit for bit `tensor_check._ulp(magnitude, dtype) / eps`, which rounds to float32
+    first, without the float32 round trip: clamp to the dtype's smallest normal, round
+    the exponent up where float32 rounding would, keep only the exponent (2^⌊log2⌋).
     """
     magnitude.clamp_min_(torch.finfo(dtype).tiny)
     bits = magnitude.view(torch.int64)
     bits.add_(_FLOAT32_ROUND_UP)
     bits.bitwise_and_(_EXPONENT_BITS)
-    return magnitude.mul_(_EPS[dtype])
+    return magnitude
+
+
+def ulp_into(magnitude: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """In place: float64 magnitudes (≥ 0) become the spacing of `dtype` there, bit for
+    bit `tensor_check._ulp` (see `power_of_two_into`)."""
+    return power_of_two_into(magnitude, dtype).mul_(_EPS[dtype])
+
+
+@dataclass
+class Buffers:
+    """One block's views of the workspace: flat (element-wise passes, dots) and
+    (rows, width) (GEMM operands), made once per block shape, not once per pass."""
+
+    flat64: list[torch.Tensor]
+    mat64: list[torch.Tensor]
+    flat32: list[torch.Tensor]
+    mat32: list[torch.Tensor]
+    narrow: dict[torch.dtype, list[torch.Tensor]]
+    forward: torch.Tensor  # (batch, rows): x·Wᵀ of this block
 
 
 @dataclass
 class Workspace:
     """Buffers reused by every block of every tensor: allocated once, grown when a
-    wider tensor needs more, so no pass faults in fresh pages."""
+    larger block needs more, so no pass faults in fresh pages."""
 
     capacity: int = 0
     f64: list[torch.Tensor] = field(default_factory=list)
     f32: list[torch.Tensor] = field(default_factory=list)
-    narrow: dict[torch.dtype, list[torch.Tensor]] = field(default_factory=dict)
+    _views: dict[tuple[int, int], Buffers] = field(default_factory=dict)
+    _narrow: dict[torch.dtype, list[torch.Tensor]] = field(default_factory=dict)
 
     def reserve(self, elements: int) -> None:
         if elements > self.capacity:
             self.capacity = elements
             self.f64 = [torch.empty(elements, dtype=torch.float64) for _ in range(6)]
             self.f32 = [torch.empty(elements, dtype=torch.float32) for _ in range(3)]
-            self.narrow = {}
+            self._views, self._narrow = {}, {}
 
-    def float64(self, index: int, rows: int, width: int) -> torch.Tensor:
-        return self.f64[index][: rows * width].view(rows, width)
+    def block(self, rows: int, width: int) -> Buffers:
+        views = self._views.get((rows, width))
+        if views is None:
+            count = rows * width
+            flat64, flat32 = [t[:count] for t in self.f64], [t[:count] for t in self.f32]
+            views = Buffers(
+                flat64, [t.view(rows, width) for t in flat64], flat32, [t.view(rows, width) for t in flat32], {},
+                torch.empty((FORWARD_BATCH, rows), dtype=torch.float64),
+            )
+            self._views[(rows, width)] = views
+        return views
 
-    def float32(self, index: int, rows: int, width: int) -> torch.Tensor:
-        return self.f32[index][: rows * width].view(rows, width)
+    def narrow(self, views: Buffers, dtype: torch.dtype) -> list[torch.Tensor]:
+        """Two flat buffers in a stored dtype (bf16, fp16, fp32) for this block shape."""
+        if dtype not in views.narrow:
+            if dtype not in self._narrow:
+                self._narrow[dtype] = [torch.empty(self.capacity, dtype=dtype) for _ in range(2)]
+            views.narrow[dtype] = [t[: views.flat64[0].numel()] for t in self._narrow[dtype]]
+        return views.narrow[dtype]
 
-    def stored(self, dtype: torch.dtype, index: int, rows: int, width: int) -> torch.Tensor:
-        if dtype not in self.narrow:
-            self.narrow[dtype] = [torch.empty(self.capacity, dtype=dtype) for _ in range(2)]
-        return self.narrow[dtype][index][: rows * width].view(rows, width)
+
+def same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """torch.equal(a, b) for two flat tensors of one dtype, bitwise first: identical bits
+    are equal values (the tensors on this path are finite), and numpy compares integer
+    views several times faster than torch.equal compares bf16. Only when the bits
+    differ does torch.equal decide (−0.0 equals +0.0)."""
+    integer = _SAME_SIZE_INTEGER[a.element_size()]
+    if a.dtype == b.dtype and np.array_equal(a.view(integer).numpy(), b.view(integer).numpy()):
+        return True
+    return bool(torch.equal(a, b))
 
 
 @dataclass
@@ -111,7 +155,7 @@ class Factors:
     b_abs/a_abs: the slack bound Σ 2·eps32·|w·s|·|B|·|A| as one product;
     replay: float32 factors per layer (B, A, what merge multiplies B by: f·A when it
             folds a power-of-two f, else A; f; folded?);
-    x_t: the forward check's random inputs, transposed (width, batch).
+    x: the forward check's random inputs (batch, width).
     """
 
     layers: list[tuple[LayerTarget, float]]
@@ -120,7 +164,7 @@ class Factors:
     b_abs: torch.Tensor
     a_abs: torch.Tensor
     replay: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, bool]]
-    x_t: torch.Tensor
+    x: torch.Tensor
 
 
 def prepare_factors(layers: list[tuple[LayerTarget, float]], width: int, seed: int) -> Factors:
@@ -141,7 +185,7 @@ def prepare_factors(layers: list[tuple[LayerTarget, float]], width: int, seed: i
     x = torch.randn(FORWARD_BATCH, width, generator=generator, dtype=torch.float64)
     return Factors(
         layers, torch.cat(b64, 1), torch.cat(a64, 0), torch.cat(b_abs, 1), torch.cat(a_abs, 0), replay,
-        x.T.contiguous(),
+        x,
     )
 
 
@@ -163,85 +207,87 @@ class Sums:
     expected_rounds_to_base: bool = True
 
 
-def expected_into(ws: Workspace, f: Factors, lo: int, hi: int, w0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """W (float64 base), E = W + ΔW and the update E − W exactly as the whole-tensor
-    check takes it (E − W, not ΔW: an update below W's float64 spacing counts as none)."""
-    rows, width = w0.shape
-    base, update, expected = (ws.float64(i, rows, width) for i in range(3))
+def expected_into(f: Factors, lo: int, hi: int, w0: torch.Tensor, views: Buffers) -> None:
+    """Buffers 0-2 become W (float64 base), the update E − W and E = W + ΔW; the update
+    exactly as the whole-tensor check takes it (E − W, not ΔW: an update below W's
+    float64 spacing counts as none). w0: this block's rows, flat."""
+    base, update, expected = views.flat64[:3]
     base.copy_(w0)
-    torch.matmul(f.b64[lo:hi], f.a64, out=update)
+    torch.matmul(f.b64[lo:hi], f.a64, out=views.mat64[1])  # faster than addmm in float64
     torch.add(base, update, out=expected)
     torch.sub(expected, base, out=update)
-    return base, update, expected
 
 
 def judge_block(
     ws: Workspace, f: Factors, lo: int, hi: int, w0: torch.Tensor, stored: torch.Tensor, sums: Sums,
     forward_merged: torch.Tensor, forward_base: torch.Tensor, atol: float | None, rtol: float | None,
 ) -> None:
-    """Every element-wise figure of one block of rows; w0/stored: (rows, width) views.
+    """Every element-wise figure of one block of rows; w0/stored: the rows, flat.
 
-    forward_merged/forward_base: (all rows, batch) outputs of the forward check, this
+    forward_merged/forward_base: (batch, all rows) outputs of the forward check, this
     block's rows filled in. Stops early (sums.finite False) at a NaN or an Inf.
     """
-    rows, width = stored.shape
+    rows = hi - lo
+    width = stored.numel() // rows
     dtype = stored.dtype
-    base, update, expected = expected_into(ws, f, lo, hi, w0)
-    actual, magnitude, scratch = (ws.float64(i, rows, width) for i in range(3, 6))
+    views = ws.block(rows, width)
+    expected_into(f, lo, hi, w0, views)
+    base, update, expected, actual, magnitude, scratch = views.flat64
     if sums.stored_is_base:
-        _track_base(ws, sums, w0, stored, expected)
+        _track_base(ws, views, sums, w0, stored, expected)
     actual.copy_(stored)
-    torch.matmul(actual, f.x_t, out=forward_merged[lo:hi])
-    torch.matmul(base, f.x_t, out=forward_base[lo:hi])
+    forward_merged[:, lo:hi] = torch.matmul(f.x, views.mat64[3].T, out=views.forward)
+    forward_base[:, lo:hi] = torch.matmul(f.x, views.mat64[0].T, out=views.forward)
     diff = actual.sub_(expected)
     error = torch.abs(diff, out=scratch)
-    block_error = float(error.max())
+    block_error = float(torch.amax(error))  # amax: twice as fast as max(), NaN propagates too
     torch.abs(expected, out=magnitude)
-    block_expected = float(magnitude.max())
+    block_expected = float(torch.amax(magnitude))
     if not (math.isfinite(block_error) and math.isfinite(block_expected)):
         sums.finite = False
         return
     sums.max_abs_error = max(sums.max_abs_error, block_error)
     sums.max_expected = max(sums.max_expected, block_expected)
-    sums.diff_dot_update += float(torch.dot(diff.view(-1), update.view(-1)))
-    sums.update_sq += float(torch.dot(update.view(-1), update.view(-1)))
+    sums.diff_dot_update += float(torch.dot(diff, update))
+    sums.update_sq += float(torch.dot(update, update))
     tolerance = None
     if atol is not None or rtol is not None:  # before |E| becomes the ulp
         tolerance = torch.mul(magnitude, rtol or 0.0, out=expected).add_(atol or 0.0).clamp_min_(_TINY64)
     torch.maximum(magnitude, torch.abs(base, out=actual), out=magnitude)
-    ulp = ulp_into(magnitude, dtype)
-    spread = torch.mul(update, ulp, out=actual)
-    sums.spread_sq += float(torch.dot(spread.view(-1), spread.view(-1)))
-    slack = torch.matmul(f.b_abs[lo:hi], f.a_abs, out=base)
-    sums.slack_dot_update += float(torch.dot(slack.view(-1), torch.abs(update, out=actual).view(-1)))
-    if tolerance is None:
-        tolerance = ulp.add_(slack)  # one ulp of the stored dtype, plus float32's slack
+    eps = _EPS[dtype]
+    spacing = power_of_two_into(magnitude, dtype)  # the ulp is eps × this
+    spread = torch.mul(update, spacing, out=actual)
+    sums.spread_sq += float(torch.dot(spread, spread)) * (eps * eps)
+    slack = torch.matmul(f.b_abs[lo:hi], f.a_abs, out=views.mat64[0]).view(-1)
+    sums.slack_dot_update += float(torch.dot(slack, torch.abs(update, out=actual)))
+    if tolerance is None:  # one ulp of the stored dtype, plus float32's slack
+        tolerance = torch.add(slack, spacing, alpha=eps, out=spacing)
     worst = error.div_(tolerance)
-    block_worst = float(worst.max())
+    block_worst = float(torch.amax(worst))
     if block_worst > sums.worst or sums.worst_at is None:
         sums.worst = block_worst
         sums.worst_at = lo * width + int(worst.argmax())
     if sums.fp32_round_once:
-        sums.fp32_round_once = replay_fp32_round_once(ws, f, lo, hi, w0, stored)
+        sums.fp32_round_once = replay_fp32_round_once(ws, views, f, lo, hi, w0, stored)
 
 
-def _track_base(ws: Workspace, sums: Sums, w0: torch.Tensor, stored: torch.Tensor, expected: torch.Tensor) -> None:
+def _track_base(ws: Workspace, views: Buffers, sums: Sums, w0: torch.Tensor, stored: torch.Tensor, expected: torch.Tensor) -> None:
     """"not applied" needs: MERGED equals the base rounded to its dtype, and the
     expectation does not. Checked only while the first still holds (one block, usually)."""
-    rows, width = stored.shape
-    base_rounded = w0 if w0.dtype == stored.dtype else ws.stored(stored.dtype, 0, rows, width).copy_(w0)
-    sums.stored_is_base = bool(torch.equal(stored, base_rounded))
+    first, second = ws.narrow(views, stored.dtype)
+    base_rounded = w0 if w0.dtype == stored.dtype else first.copy_(w0)
+    sums.stored_is_base = same_values(stored, base_rounded)
     if sums.stored_is_base and sums.expected_rounds_to_base:
-        rounded = ws.stored(stored.dtype, 1, rows, width).copy_(expected)
-        sums.expected_rounds_to_base = bool(torch.equal(rounded, base_rounded))
+        sums.expected_rounds_to_base = same_values(second.copy_(expected), base_rounded)
 
 
-def replay_fp32_round_once(ws: Workspace, f: Factors, lo: int, hi: int, w0: torch.Tensor, stored: torch.Tensor) -> bool:
+def replay_fp32_round_once(
+    ws: Workspace, views: Buffers, f: Factors, lo: int, hi: int, w0: torch.Tensor, stored: torch.Tensor
+) -> bool:
     """Does `merge`'s float32 recipe give these rows' stored bytes? The same operations
     as `dense.merge_rows_into(fuse=True)`, on this block."""
-    rows, width = stored.shape
-    widened, acc, spare = (ws.float32(i, rows, width) for i in range(3))
-    widened.copy_(w0)
+    widened, acc, spare = views.mat32
+    views.flat32[0].copy_(w0)
     for index, (b, _, a, factor, fused) in enumerate(f.replay):
         if fused:
             torch.addmm(widened if index == 0 else acc, b[lo:hi], a, out=acc)
@@ -250,8 +296,8 @@ def replay_fp32_round_once(ws: Workspace, f: Factors, lo: int, hi: int, w0: torc
         torch.matmul(b[lo:hi], a, out=delta)
         delta.mul_(factor)
         acc.add_(widened if index == 0 else delta)
-    rounded = ws.stored(stored.dtype, 0, rows, width).copy_(acc)
-    return bool(torch.equal(rounded, stored))
+    rounded = ws.narrow(views, stored.dtype)[0].copy_(views.flat32[1])
+    return same_values(rounded, stored)
 
 
 def replay_peft_block(
@@ -262,12 +308,13 @@ def replay_peft_block(
     twice=False: ΔW = (B·A)·s in float32, rounded to W0's dtype, added in that dtype.
     twice=True (a GPU): B·A rounded to W0's dtype, its scaling rounded again, added.
     """
-    rows, width = stored.shape
-    narrow = w0.dtype
-    current = ws.stored(narrow, 0, rows, width).copy_(w0)
-    product, delta = ws.float32(0, rows, width), ws.stored(narrow, 1, rows, width)
+    rows = hi - lo
+    views = ws.block(rows, stored.numel() // rows)
+    current, delta = ws.narrow(views, w0.dtype)
+    current.copy_(w0)
+    product = views.flat32[0]
     for (b, a, _, _, _), (target, weight) in zip(f.replay, f.layers):
-        torch.matmul(b[lo:hi], a, out=product)
+        torch.matmul(b[lo:hi], a, out=views.mat32[0])
         if twice:
             delta.copy_(product)
             product.copy_(delta).mul_(target.layer.scale * weight)
@@ -282,16 +329,17 @@ def fits_block(
     atol: float | None, rtol: float | None,
 ) -> float:
     """Worst |stored − (W0 + k·ΔW)| over its tolerance in these rows (`_fits_strength`)."""
-    rows, width = stored.shape
-    base, update, expected = expected_into(ws, f, lo, hi, w0)
-    actual, magnitude, scratch = (ws.float64(i, rows, width) for i in range(3, 6))
+    rows = hi - lo
+    views = ws.block(rows, stored.numel() // rows)
+    expected_into(f, lo, hi, w0, views)
+    base, update, expected, actual, magnitude, scratch = views.flat64
     actual.copy_(stored)
     fitted = torch.add(base, update, alpha=strength, out=scratch)
     if atol is None and rtol is None:
-        torch.maximum(torch.abs(fitted, out=magnitude), torch.abs(actual, out=update), out=magnitude)
-        torch.maximum(magnitude, torch.abs(base, out=update), out=magnitude)
+        torch.maximum(torch.abs(fitted, out=magnitude), torch.abs(actual, out=expected), out=magnitude)
+        torch.maximum(magnitude, torch.abs(base, out=expected), out=magnitude)
         tolerance = ulp_into(magnitude, stored.dtype)
-        slack = torch.matmul(f.b_abs[lo:hi], f.a_abs, out=update)
+        slack = torch.matmul(f.b_abs[lo:hi], f.a_abs, out=views.mat64[2]).view(-1)
         tolerance.add_(slack, alpha=max(1.0, abs(strength)))
     else:
         tolerance = torch.abs(expected, out=magnitude).mul_(rtol or 0.0).add_(atol or 0.0)
@@ -303,11 +351,11 @@ def fits_block(
 def forward_error(f: Factors, forward_merged: torch.Tensor, forward_base: torch.Tensor) -> float:
     """max |x·W_mergedᵀ − (x·W0ᵀ + Σ s·(x·Aᵀ)·Bᵀ)| / max |reference| from the per-block
     outputs (`tensor_check._forward_error`, plain layers)."""
-    x = f.x_t.T
-    reference = forward_base.T
+    x = f.x
+    reference = forward_base
     for target, weight in f.layers:
         a = factor_tensor(target.layer.a_matrix, "cpu", torch.float64).reshape(-1, x.shape[1])
         b = factor_tensor(target.layer.b_matrix, "cpu", torch.float64)
         reference = reference + ((x @ a.T) @ b.T) * (target.layer.scale * weight)
     scale = float(reference.abs().max())
-    return float((forward_merged.T - reference).abs().max()) / scale if scale > 0 else 0.0
+    return float((forward_merged - reference).abs().max()) / scale if scale > 0 else 0.0
