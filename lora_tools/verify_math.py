@@ -48,18 +48,19 @@ _TINY64 = torch.finfo(torch.float64).tiny
 _SAME_SIZE_INTEGER = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def row_blocks(rows: int, width: int, block_elements: int = BLOCK_ELEMENTS) -> list[tuple[int, int]]:
-    """[lo, hi) row ranges of about `block_elements` each, never a 1-row block (a GEMM
-    with one row is a GEMV, whose sums differ from the matrix product merge computed)."""
-    step = max(2, block_elements // max(width, 1))
+def row_blocks(rows: int, width: int, block_elements: int | None = None) -> list[tuple[int, int]]:
+    """[lo, hi) row ranges of about `block_elements` (default BLOCK_ELEMENTS, read at
+    call time so that tests can make blocks small) each, never a 1-row block: a GEMM
+    with one row is a GEMV, whose sums differ from the matrix product merge computed."""
+    step = max(2, (block_elements or BLOCK_ELEMENTS) // max(width, 1))
     starts = list(range(0, rows, step))
     if len(starts) > 1 and rows - starts[-1] == 1:
         starts.pop()
     return list(zip(starts, [*starts[1:], rows]))
 
 
-def max_block_rows(rows: int, width: int, block_elements: int = BLOCK_ELEMENTS) -> int:
-    return max(hi - lo for lo, hi in row_blocks(rows, width, block_elements)) if rows else 0
+def max_block_rows(rows: int, width: int, block_elements: int | None = None) -> int:
+    return max((hi - lo for lo, hi in row_blocks(rows, width, block_elements)), default=0)
 
 
 def power_of_two_into(magnitude: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -151,40 +152,39 @@ def same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
 class Factors:
     """Everything per tensor that the blocks share, prepared once.
 
-    b64/a64: ΔW = b64 @ a64 in float64, every layer side by side (w·s folded into A);
-    b_abs/a_abs: the slack bound Σ 2·eps32·|w·s|·|B|·|A| as one product;
+    expected: per layer float64 (B, A or f·A, f, folded?): ΔWᵢ = (B·A)·f as `dense.apply_layer`
+              computes it, f folded into A only when a power of two (the same bits);
+    slack: per layer |B|, |A| and 2·eps32·|w·s| in float32, for the bound
+           Σ 2·eps32·|w·s|·|B|·|A| computed as `tensor_check.compute_slack` does;
     replay: float32 factors per layer (B, A, what merge multiplies B by: f·A when it
             folds a power-of-two f, else A; f; folded?);
     x: the forward check's random inputs (batch, width).
     """
 
     layers: list[tuple[LayerTarget, float]]
-    b64: torch.Tensor
-    a64: torch.Tensor
-    b_abs: torch.Tensor
-    a_abs: torch.Tensor
+    expected: list[tuple[torch.Tensor, torch.Tensor, float, bool]]
+    slack: list[tuple[torch.Tensor, torch.Tensor, float]]
     replay: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, bool]]
     x: torch.Tensor
 
 
 def prepare_factors(layers: list[tuple[LayerTarget, float]], width: int, seed: int) -> Factors:
-    b64, a64, b_abs, a_abs, replay = [], [], [], [], []
+    expected, slack, replay = [], [], []
     for target, weight in layers:
         factor = target.layer.scale * weight
         b = factor_tensor(target.layer.b_matrix, "cpu", torch.float64)
         a = factor_tensor(target.layer.a_matrix, "cpu", torch.float64).reshape(-1, width)
-        b64.append(b)
-        a64.append(a * factor)
-        b_abs.append(b.abs())
-        a_abs.append(a.abs() * (2 * _EPS[torch.float32] * abs(factor)))
+        fused = _is_power_of_two(factor)
+        expected.append((b, a * factor if fused else a, factor, fused))
         b32 = factor_tensor(target.layer.b_matrix, "cpu", torch.float32)
         a32 = factor_tensor(target.layer.a_matrix, "cpu", torch.float32).reshape(-1, width)
-        fused = _is_power_of_two(factor)
+        # (|B|·|A|)·|f| then ·2eps in float32 is (|B|·|A|)·(|f|·2eps): 2eps is a power of two
+        slack.append((b32.abs(), a32.abs(), abs(factor) * 2 * _EPS[torch.float32]))
         replay.append((b32, a32, a32 * factor if fused else a32, factor, fused))
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(FORWARD_BATCH, width, generator=generator, dtype=torch.float64)
     return Factors(
-        layers, torch.cat(b64, 1), torch.cat(a64, 0), torch.cat(b_abs, 1), torch.cat(a_abs, 0), replay,
+        layers, expected, slack, replay,
         x,
     )
 
@@ -213,8 +213,15 @@ def expected_into(f: Factors, lo: int, hi: int, w0: torch.Tensor, views: Buffers
     float64 spacing counts as none). w0: this block's rows, flat."""
     base, update, expected = views.flat64[:3]
     base.copy_(w0)
-    torch.matmul(f.b64[lo:hi], f.a64, out=views.mat64[1])  # faster than addmm in float64
-    torch.add(base, update, out=expected)
+    for index, (b, a, factor, folded) in enumerate(f.expected):  # W0 + ΔW₁ + ΔW₂ …, in order
+        delta = views.mat64[1 if index == 0 else 5]
+        torch.matmul(b[lo:hi], a, out=delta)  # (matmul, then add: faster than addmm in float64)
+        if not folded:
+            delta.mul_(factor)
+        if index == 0:
+            torch.add(base, update, out=expected)
+        else:
+            expected.add_(views.flat64[5])
     torch.sub(expected, base, out=update)
 
 
@@ -258,7 +265,7 @@ def judge_block(
     spacing = power_of_two_into(magnitude, dtype)  # the ulp is eps × this
     spread = torch.mul(update, spacing, out=actual)
     sums.spread_sq += float(torch.dot(spread, spread)) * (eps * eps)
-    slack = torch.matmul(f.b_abs[lo:hi], f.a_abs, out=views.mat64[0]).view(-1)
+    slack = views.flat64[0].copy_(slack_into(f, lo, hi, views))
     sums.slack_dot_update += float(torch.dot(slack, torch.abs(update, out=actual)))
     if tolerance is None:  # one ulp of the stored dtype, plus float32's slack
         tolerance = torch.add(slack, spacing, alpha=eps, out=spacing)
@@ -269,6 +276,20 @@ def judge_block(
         sums.worst_at = lo * width + int(worst.argmax())
     if sums.fp32_round_once:
         sums.fp32_round_once = replay_fp32_round_once(ws, views, f, lo, hi, w0, stored)
+
+
+def slack_into(f: Factors, lo: int, hi: int, views: Buffers) -> torch.Tensor:
+    """What float32 arithmetic may add to these rows of a merge (float32, flat), bit for
+    bit `tensor_check.compute_slack`: Σ (|B|·|A|)·(2·eps32·|w·s|), summed in float32.
+    Uses float32 buffers 1 and 2."""
+    total, term = views.mat32[1], views.mat32[2]
+    for index, (b, a, factor) in enumerate(f.slack):
+        product = total if index == 0 else term
+        torch.matmul(b[lo:hi], a, out=product)
+        product.mul_(factor)
+        if index:
+            total.add_(term)
+    return views.flat32[1]
 
 
 def _track_base(ws: Workspace, views: Buffers, sums: Sums, w0: torch.Tensor, stored: torch.Tensor, expected: torch.Tensor) -> None:
@@ -338,9 +359,9 @@ def fits_block(
     if atol is None and rtol is None:
         torch.maximum(torch.abs(fitted, out=magnitude), torch.abs(actual, out=expected), out=magnitude)
         torch.maximum(magnitude, torch.abs(base, out=expected), out=magnitude)
-        tolerance = ulp_into(magnitude, stored.dtype)
-        slack = torch.matmul(f.b_abs[lo:hi], f.a_abs, out=views.mat64[2]).view(-1)
-        tolerance.add_(slack, alpha=max(1.0, abs(strength)))
+        # as _fits_strength: ulp + max(1, |k|)·slack, each step rounded in float32
+        slack = slack_into(f, lo, hi, views).mul_(max(1.0, abs(strength)))
+        tolerance = magnitude.copy_(views.flat32[0].copy_(ulp_into(magnitude, stored.dtype)).add_(slack))
     else:
         tolerance = torch.abs(expected, out=magnitude).mul_(rtol or 0.0).add_(atol or 0.0)
     tolerance.clamp_min_(_TINY64)

@@ -376,3 +376,143 @@ def test_verify_json_is_one_document_with_per_tensor_figures(
     q0 = next(t for t in report["tensors"] if t["name"] == Q0)
     error = float((merged[Q0].double() - (base[Q0].double() + deltas[Q0])).abs().max())
     assert q0["max_abs_error"] == pytest.approx(error, rel=1e-6)
+
+
+# --------------------------------------------------------------------------- row blocks
+# verify checks plain LoRA tensors by row blocks (verify_math / verify_blocks) and
+# everything else with the whole-tensor check. The test models are so small that a
+# tensor is one block at the real block size: here blocks are made a few rows high, so
+# every tensor spans many blocks (and a 1-row tail is folded into the last block), and
+# both paths must reach the same verdicts, recipes, details and figures.
+
+SMALL_BLOCK = 200  # elements: 3 rows of a 64-wide weight, so 64 rows = 20 blocks + one of 4
+
+
+def _both_paths(monkeypatch: pytest.MonkeyPatch, *args: object, **kwargs: object) -> tuple[object, object, int]:
+    """(report by row blocks, report by the whole-tensor check, tensors the blocks judged)."""
+    from lora_tools import verify as verify_module
+    from lora_tools import verify_math
+
+    judged = []
+    real = verify_module.check_plain_tensor
+
+    def counting(*a: object, **k: object) -> object:
+        result = real(*a, **k)
+        judged.append(result is not None)
+        return result
+
+    with monkeypatch.context() as patch:
+        patch.setattr(verify_math, "BLOCK_ELEMENTS", SMALL_BLOCK)
+        patch.setattr(verify_module, "check_plain_tensor", counting)
+        blocked = verify_module.verify(*args, **kwargs)
+    with monkeypatch.context() as patch:
+        patch.setattr(verify_module, "check_plain_tensor", lambda *a, **k: None)
+        whole = verify_module.verify(*args, **kwargs)
+    return blocked, whole, sum(judged)
+
+
+def _assert_same_reports(blocked: object, whole: object) -> None:
+    assert blocked.equivalent == whole.equivalent
+    assert [t.name for t in blocked.tensors] == [t.name for t in whole.tensors]
+    for b, w in zip(blocked.tensors, whole.tensors):
+        assert (b.verdict, b.recipe, b.dtype) == (w.verdict, w.recipe, w.dtype), (b, w)
+        for figure in ("max_abs_error", "max_rel_error", "worst_ulps", "strength", "strength_spread", "forward_rel_error"):
+            got, want = getattr(b, figure), getattr(w, figure)
+            assert (got is None) == (want is None), (b.name, figure, got, want)
+            if want is not None:
+                assert got == pytest.approx(want, rel=1e-9, abs=1e-300), (b.name, figure)
+        if b.verdict != "ok":  # the details quote figures to 3-6 digits: identical
+            assert b.detail == w.detail, (b, w)
+
+
+@pytest.mark.parametrize("corruption", ["healthy", *CORRUPTIONS])
+def test_row_blocks_agree_with_the_whole_tensor_check(
+    corruption: str, setting: Setting, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    build = (lambda s: s.merged()) if corruption == "healthy" else CORRUPTIONS[corruption][0]
+    merged = write_checkpoint(setting.case.base_dir, setting.root / f"blocks-{corruption}", build(setting))
+    blocked, whole, judged = _both_paths(monkeypatch, setting.case.base_dir, [setting.case.adapter_dir], merged)
+    assert judged == len(setting.deltas)  # every tensor of a plain LoRA went by row blocks
+    _assert_same_reports(blocked, whole)
+    if corruption != "healthy":
+        assert not blocked.equivalent
+
+
+def test_row_blocks_agree_with_explicit_tolerances(setting: Setting, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, strength in [("tol-healthy", 1.0), ("tol-half", 0.5)]:
+        merged = write_checkpoint(setting.case.base_dir, setting.root / name, setting.merged(strength))
+        for atol, rtol in [(1e-6, None), (None, 1e-2), (0.0, 0.0)]:
+            blocked, whole, judged = _both_paths(
+                monkeypatch, setting.case.base_dir, [setting.case.adapter_dir], merged, atol=atol, rtol=rtol
+            )
+            assert judged == len(setting.deltas)
+            _assert_same_reports(blocked, whole)
+
+
+def test_row_blocks_agree_on_gpu_recipe_weights_and_dtype_conversion(
+    peft_case_factory: Callable[[str], PeftCase], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The PEFT replays (a bf16 GPU merge), two adapters with weights that are no power
+    of two (merge's unfused replay), and an fp32 base stored as bf16."""
+    bf16 = peft_case_factory("llama_bf16")
+    adapter = tmp_path / "adapter"
+    shutil.copytree(bf16.adapter_dir, adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps(config | {"lora_alpha": 7}))
+    base = load_file(bf16.base_dir / "model.safetensors")
+    tensors = dict(base)
+    for name, (b, a, scale) in lora_factors(adapter).items():
+        tensors[name] = base[name] + (b.float() @ a.float()).to(torch.bfloat16) * scale
+    gpu = write_checkpoint(bf16.base_dir, tmp_path / "gpu", tensors)
+    blocked, whole, judged = _both_paths(monkeypatch, bf16.base_dir, [adapter], gpu)
+    assert judged > 0 and {t.recipe for t in blocked.tensors} == {
+        "PEFT on a GPU: B·A and its scaling rounded to bfloat16, added in bfloat16"}
+    _assert_same_reports(blocked, whole)
+
+    plain, rslora = peft_case_factory("llama_plain"), peft_case_factory("llama_rslora")
+    weighted = tmp_path / "weighted"
+    code, _, err = run_cli("merge", plain.base_dir, plain.adapter_dir, rslora.adapter_dir,
+                           "--weight", 0.7, "--weight", -0.3, "-o", weighted, "-q")
+    assert code == 0, err
+    adapters = [plain.adapter_dir, rslora.adapter_dir]
+    for weights in ([0.7, -0.3], None):  # right weights: ok and replayed; none given: failures
+        blocked, whole, judged = _both_paths(monkeypatch, plain.base_dir, adapters, weighted, weights=weights)
+        assert judged == len(blocked.tensors) > 0
+        _assert_same_reports(blocked, whole)
+        assert blocked.equivalent is (weights is not None)
+    assert all(t.recipe for t in _both_paths(monkeypatch, plain.base_dir, adapters, weighted, weights=[0.7, -0.3])[0].tensors)
+
+    converted = tmp_path / "converted"
+    code, _, err = run_cli("merge", plain.base_dir, plain.adapter_dir, "-o", converted, "--dtype", "bf16", "-q")
+    assert code == 0, err
+    blocked, whole, judged = _both_paths(monkeypatch, plain.base_dir, [plain.adapter_dir], converted)
+    assert judged == len(blocked.tensors) > 0 and blocked.equivalent
+    _assert_same_reports(blocked, whole)
+
+
+def test_row_blocks_leave_other_layers_to_the_whole_tensor_check(
+    peft_case: PeftCase, our_merge: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DoRA, embeddings, fan_in_fan_out, biases and modules_to_save go the whole-tensor
+    way; whatever went by blocks agrees with it."""
+    blocked, whole, _ = _both_paths(monkeypatch, peft_case.base_dir, [peft_case.adapter_dir], our_merge(peft_case.name))
+    _assert_same_reports(blocked, whole)
+    assert blocked.equivalent
+
+
+def test_block_ulp_is_tensor_check_ulp_bit_for_bit() -> None:
+    """The float64 bit trick reproduces _ulp's float32 rounding, at binade edges too."""
+    from lora_tools.tensor_check import _ulp
+    from lora_tools.verify_math import row_blocks, ulp_into
+
+    powers = torch.exp2(torch.arange(-150, 20, dtype=torch.float64))
+    edges = torch.cat([powers * f for f in (1.0, 1 - 2.0**-25, 1 - 2.0**-24, (1 - 2.0**-25) * (1 + 2.0**-40),
+                                             (1 - 2.0**-25) * (1 - 2.0**-40), 1 + 2.0**-30)])
+    values = torch.cat([edges, -edges, torch.zeros(3, dtype=torch.float64), torch.randn(10_000, dtype=torch.float64)])
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        assert torch.equal(ulp_into(values.abs(), dtype), _ulp(values, dtype).to(torch.float64)), dtype
+    for rows in range(1, 40):
+        blocks = row_blocks(rows, 64, 200)
+        assert blocks[0][0] == 0 and blocks[-1][1] == rows and all(hi - lo >= 2 for lo, hi in blocks[:-1] if rows > 1)
+        assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))
+        assert rows == 1 or all(hi - lo >= 2 for lo, hi in blocks)
