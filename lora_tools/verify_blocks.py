@@ -36,6 +36,21 @@ Blocks = Callable[[], Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]]  # 
 COMPARE_CHUNK = 4 * 1024 * 1024
 
 
+def _pread_into(fd: int, view: memoryview, offset: int) -> int:
+    """One positional read into `view`; seek + readinto where os.preadv is missing
+    (Windows). The descriptor is this reader's own, so the seek disturbs no one."""
+    if hasattr(os, "preadv"):
+        return os.preadv(fd, [view], offset)
+    os.lseek(fd, offset, os.SEEK_SET)
+    return os.readv(fd, [view]) if hasattr(os, "readv") else _read_into(fd, view)
+
+
+def _read_into(fd: int, view: memoryview) -> int:
+    data = os.read(fd, len(view))
+    view[: len(data)] = data
+    return len(data)
+
+
 class BlockReader:
     """Positional reads into byte buffers reused across tensors (one per slot).
 
@@ -51,7 +66,7 @@ class BlockReader:
         key = os.fspath(shard.path)
         if key not in self._fds:
             try:
-                self._fds[key] = os.open(key, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                self._fds[key] = os.open(key, os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0))
             except OSError as exc:
                 raise FormatError(shard.path, f"cannot read: {exc.strerror or exc}") from None
         return self._fds[key]
@@ -80,7 +95,7 @@ class BlockReader:
         fd, offset, done = self._descriptor(shard), info.start + first, 0
         while done < nbytes:
             try:
-                got = os.preadv(fd, [view[done:nbytes]], offset + done)
+                got = _pread_into(fd, view[done:nbytes], offset + done)
             except OSError as exc:
                 raise FormatError(shard.path, f"cannot read: {exc.strerror or exc}") from None
             if got == 0:

@@ -516,3 +516,22 @@ def test_block_ulp_is_tensor_check_ulp_bit_for_bit() -> None:
         assert blocks[0][0] == 0 and blocks[-1][1] == rows and all(hi - lo >= 2 for lo, hi in blocks[:-1] if rows > 1)
         assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))
         assert rows == 1 or all(hi - lo >= 2 for lo, hi in blocks)
+
+
+def test_block_reader_names_a_file_cut_short_after_it_was_opened(tmp_path: Path) -> None:
+    """The header promised the bytes; a file truncated since is a FormatError naming it."""
+    from lora_tools.errors import FormatError
+    from lora_tools.safetensors_file import SafetensorsFile
+    from lora_tools.verify_blocks import BlockReader
+
+    path = tmp_path / "w.safetensors"
+    save_file({"w": torch.arange(64 * 8, dtype=torch.float32).reshape(64, 8)}, path)
+    shard = SafetensorsFile(path)
+    with BlockReader() as reader:
+        assert torch.equal(reader.rows(shard, shard.info("w"), 2, 5, 8, 0), torch.arange(16, 40, dtype=torch.float32))
+        with open(path, "r+b") as handle:
+            handle.truncate(path.stat().st_size - 100)
+        with pytest.raises(FormatError, match="file ended early") as caught:
+            reader.rows(shard, shard.info("w"), 60, 64, 8, 0)
+        assert str(path) in str(caught.value)
+    shard.close()
