@@ -169,6 +169,8 @@ class Factors:
 
 
 def prepare_factors(layers: list[tuple[LayerTarget, float]], width: int, seed: int) -> Factors:
+    """Convert the factors once per tensor, not once per block; x is drawn exactly as
+    `tensor_check._forward_error` draws it (same seed, shape and dtype)."""
     expected, slack, replay = [], [], []
     for target, weight in layers:
         factor = target.layer.scale * weight
@@ -183,15 +185,12 @@ def prepare_factors(layers: list[tuple[LayerTarget, float]], width: int, seed: i
         replay.append((b32, a32, a32 * factor if fused else a32, factor, fused))
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(FORWARD_BATCH, width, generator=generator, dtype=torch.float64)
-    return Factors(
-        layers, expected, slack, replay,
-        x,
-    )
+    return Factors(layers, expected, slack, replay, x)
 
 
 @dataclass
 class Sums:
-    """What the blocks add up to; `finish` turns it into the check's figures."""
+    """What the blocks add up to; `verify_blocks._figures` turns it into the check's figures."""
 
     max_abs_error: float = 0.0
     max_expected: float = 0.0
