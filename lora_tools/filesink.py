@@ -24,6 +24,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from lora_tools.safetensors_file import pread_into
+
 # Direct I/O needs buffer address, file offset and length aligned to the device's logical
 # block size; 4 KiB covers every common disk.
 ALIGNMENT = 4096
@@ -230,7 +232,7 @@ class OutputFile:
 def _pread(fd: int, into: memoryview, offset: int) -> int:
     """One positional read of at least a byte; SourceReadError on failure or at the end."""
     try:
-        got = os.preadv(fd, [into], offset)
+        got = pread_into(fd, into, offset)
     except OSError as exc:
         raise SourceReadError(exc) from None
     if not got:

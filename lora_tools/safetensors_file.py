@@ -42,6 +42,24 @@ _NUMPY_DTYPE: dict[str, str] = {
 }
 
 
+_SEEK_LOCK = threading.Lock()
+
+
+def pread_into(fd: int, view: memoryview, offset: int) -> int:
+    """One positional read into `view` (0 at the end of the file).
+
+    pread needs no shared file offset, so threads may read one descriptor at once. Where
+    os.preadv is missing (Windows) it is seek + read under a lock, which is as safe.
+    """
+    if hasattr(os, "preadv"):
+        return int(os.preadv(fd, [view], offset))
+    with _SEEK_LOCK:
+        os.lseek(fd, offset, os.SEEK_SET)
+        data = os.read(fd, len(view))
+    view[: len(data)] = data
+    return len(data)
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     """Where one tensor lives in the file: absolute byte range, dtype code, shape."""
@@ -188,7 +206,8 @@ class SafetensorsFile:
         with self._fd_lock:
             if self._fd is None:
                 try:
-                    self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                    flags = os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
+                    self._fd = os.open(self.path, flags)
                 except OSError as exc:
                     raise self._fail(f"cannot read: {exc.strerror or exc}") from None
             return self._fd
@@ -213,9 +232,8 @@ class SafetensorsFile:
     def read_into(self, name: str, buffer: Any, offset: int = 0) -> None:
         """Fill `buffer` (writable) with the tensor's stored bytes from `offset` on.
 
-        Positional reads (pread) need no shared file offset, so threads may read from one
-        file at once; a caller that reuses its buffers spares the page faults a fresh
-        allocation costs for every tensor.
+        Threads may read from one file at once (`pread_into`); a caller that reuses its
+        buffers spares the page faults a fresh allocation costs for every tensor.
         """
         info = self.info(name)
         view = memoryview(buffer).cast("B")
@@ -225,12 +243,25 @@ class SafetensorsFile:
         done = 0
         while done < view.nbytes:
             try:
-                got = os.preadv(fd, [view[done:]], info.start + offset + done)
+                got = pread_into(fd, view[done:], info.start + offset + done)
             except OSError as exc:
                 raise self._fail(f"cannot read tensor {name!r}: {exc.strerror or exc}") from None
             if got == 0:
                 raise self._fail(f"tensor {name!r}: file ended early (truncated?)")
             done += got
+
+    def will_need(self, name: str) -> None:
+        """Ask the kernel to start reading a tensor's bytes now, in large requests, so
+        that the small reads that follow find them in memory (a file not yet in the page
+        cache, such as a merge just written with direct I/O). A hint: no-op where
+        unsupported."""
+        if not hasattr(os, "posix_fadvise"):
+            return
+        info = self.info(name)
+        try:
+            os.posix_fadvise(self._descriptor(), info.start, info.nbytes, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
 
     def read_bytes(self, name: str) -> bytearray:
         """The tensor's raw little-endian bytes, exactly as stored, in a new buffer."""

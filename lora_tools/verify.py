@@ -111,9 +111,12 @@ def verify(
             extra = sorted(set(merged.tensor_names()) - set(base_names))
             report.layout_problems += [f"tensor {n!r} is not in the base" for n in extra[:20]]
             streams = _Streams()
-            with streams.reader:
-                for index, name in enumerate(base_names):
-                    _check_one(plan.tensors.get(name), name, plan.base, merged, report, atol, rtol, seed + index, streams)
+            for index, name in enumerate(base_names):
+                for upcoming in base_names[index : index + 2]:  # this tensor and the next: read ahead
+                    for checkpoint in (plan.base, merged):
+                        if upcoming in checkpoint.weight_map:
+                            checkpoint.shard_of(upcoming).will_need(upcoming)
+                _check_one(plan.tensors.get(name), name, plan.base, merged, report, atol, rtol, seed + index, streams)
     finally:
         plan.close()
     report.equivalent = report.n_failed == 0 and not report.changed_unadapted and not report.layout_problems

@@ -2,8 +2,8 @@
 
 Why not `SafetensorsFile.torch`: it allocates a fresh buffer per tensor, and on this
 kind of VM the page faults of fresh allocations cost more than reading the bytes.
-`BlockReader` reads row ranges with positional reads (`os.preadv` on the shard's own
-descriptor) into buffers that live for the whole verify, so a 1B verify touches a few
+`BlockReader` reads row ranges (`SafetensorsFile.read_into`, positional reads) into
+buffers that live for the whole verify, so a 1B verify touches a few
 MiB of memory instead of gigabytes, and each block arrives in cache right before its
 passes. `check_plain_tensor` drives `verify_math` over the blocks and hands the figures
 to the verdict shared with the whole-tensor check (`tensor_check.decide`).
@@ -12,12 +12,10 @@ to the verdict shared with the whole-tensor check (`tensor_check.decide`).
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Iterator
 
 import torch
 
-from lora_tools.errors import FormatError
 from lora_tools.merge import is_plain
 from lora_tools.plan import TensorPlan
 from lora_tools.safetensors_file import FLOAT_DTYPES, SafetensorsFile, TensorInfo
@@ -36,50 +34,11 @@ Blocks = Callable[[], Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]]  # 
 COMPARE_CHUNK = 4 * 1024 * 1024
 
 
-def _pread_into(fd: int, view: memoryview, offset: int) -> int:
-    """One positional read into `view`; seek + readinto where os.preadv is missing
-    (Windows). The descriptor is this reader's own, so the seek disturbs no one."""
-    if hasattr(os, "preadv"):
-        return os.preadv(fd, [view], offset)
-    os.lseek(fd, offset, os.SEEK_SET)
-    return os.readv(fd, [view]) if hasattr(os, "readv") else _read_into(fd, view)
-
-
-def _read_into(fd: int, view: memoryview) -> int:
-    data = os.read(fd, len(view))
-    view[: len(data)] = data
-    return len(data)
-
-
 class BlockReader:
-    """Positional reads into byte buffers reused across tensors (one per slot).
-
-    Keeps its own read-only descriptor per file (closed by `close`): the shard's own
-    handle is the I/O layer's business, and positional reads need no shared offset.
-    """
+    """Reads into byte buffers reused across tensors, one per slot."""
 
     def __init__(self) -> None:
         self._buffers: dict[int, tuple[torch.Tensor, memoryview]] = {}
-        self._fds: dict[str, int] = {}
-
-    def _descriptor(self, shard: SafetensorsFile) -> int:
-        key = os.fspath(shard.path)
-        if key not in self._fds:
-            try:
-                self._fds[key] = os.open(key, os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0))
-            except OSError as exc:
-                raise FormatError(shard.path, f"cannot read: {exc.strerror or exc}") from None
-        return self._fds[key]
-
-    def close(self) -> None:
-        while self._fds:
-            os.close(self._fds.popitem()[1])
-
-    def __enter__(self) -> BlockReader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def _buffer(self, slot: int, nbytes: int) -> tuple[torch.Tensor, memoryview]:
         held = self._buffers.get(slot)
@@ -92,15 +51,7 @@ class BlockReader:
     def read(self, shard: SafetensorsFile, info: TensorInfo, first: int, nbytes: int, slot: int) -> torch.Tensor:
         """Bytes [first, first + nbytes) of the tensor's data, as a uint8 view of slot's buffer."""
         raw, view = self._buffer(slot, nbytes)
-        fd, offset, done = self._descriptor(shard), info.start + first, 0
-        while done < nbytes:
-            try:
-                got = _pread_into(fd, view[done:nbytes], offset + done)
-            except OSError as exc:
-                raise FormatError(shard.path, f"cannot read: {exc.strerror or exc}") from None
-            if got == 0:
-                raise FormatError(shard.path, f"tensor {info.name!r}: file ended early (truncated?)")
-            done += got
+        shard.read_into(info.name, view[:nbytes], offset=first)
         return raw[:nbytes]
 
     def rows(self, shard: SafetensorsFile, info: TensorInfo, lo: int, hi: int, width: int, slot: int) -> torch.Tensor:
