@@ -145,6 +145,22 @@ def test_verify_accepts_a_correct_fp32_merge_made_another_way(
     assert max(abs(t["strength"] - 1) for t in report["tensors"]) > 6 * max(t["strength_spread"] for t in report["tensors"])
 
 
+def _bf16_gpu_style_merge(case: PeftCase, tmp_path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    """The adapter with alpha 7 (s = 1.75, so that the second rounding bites) and the
+    tensors of PEFT's bf16 merge on a GPU: the bf16 GEMM accumulates in fp32 and rounds
+    once, then each bf16 operation (the scaling, the add) rounds its result."""
+    adapter = tmp_path / "adapter"
+    shutil.copytree(case.adapter_dir, adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps(config | {"lora_alpha": 7}))
+    base = load_file(case.base_dir / "model.safetensors")
+    tensors = dict(base)
+    for name, (b, a, scale) in lora_factors(adapter).items():
+        tensors[name] = base[name] + (b.float() @ a.float()).to(torch.bfloat16) * scale
+        assert tensors[name].dtype == torch.bfloat16
+    return adapter, tensors
+
+
 def test_verify_accepts_peft_native_bf16_merge_as_a_gpu_computes_it(
     peft_case_factory: Callable[[str], PeftCase], tmp_path: Path
 ) -> None:
@@ -153,16 +169,7 @@ def test_verify_accepts_peft_native_bf16_merge_as_a_gpu_computes_it(
     this is written here by hand, with alpha 7 (s = 1.75) so that the second rounding
     bites. Up to 1.5 bf16 ulp from the truth: verify must know the recipe."""
     case = peft_case_factory("llama_bf16")
-    adapter = tmp_path / "adapter"
-    shutil.copytree(case.adapter_dir, adapter)
-    config = json.loads((adapter / "adapter_config.json").read_text())
-    (adapter / "adapter_config.json").write_text(json.dumps(config | {"lora_alpha": 7}))
-    base = load_file(case.base_dir / "model.safetensors")
-    tensors = dict(base)
-    for name, (b, a, scale) in lora_factors(adapter).items():
-        product = (b.float() @ a.float()).to(torch.bfloat16)  # bf16 GEMM: fp32 accumulation, one rounding
-        tensors[name] = base[name] + product * scale  # bf16 ops: each rounds its result
-        assert tensors[name].dtype == torch.bfloat16
+    adapter, tensors = _bf16_gpu_style_merge(case, tmp_path)
     merged = write_checkpoint(case.base_dir, tmp_path / "merged", tensors)
     code, report = verify_json(case.base_dir, adapter, merged)
     assert code == 0, [(t["name"], t["verdict"], t["detail"]) for t in report["tensors"] if t["verdict"] != "ok"]
@@ -455,14 +462,7 @@ def test_row_blocks_agree_on_gpu_recipe_weights_and_dtype_conversion(
     """The PEFT replays (a bf16 GPU merge), two adapters with weights that are no power
     of two (merge's unfused replay), and an fp32 base stored as bf16."""
     bf16 = peft_case_factory("llama_bf16")
-    adapter = tmp_path / "adapter"
-    shutil.copytree(bf16.adapter_dir, adapter)
-    config = json.loads((adapter / "adapter_config.json").read_text())
-    (adapter / "adapter_config.json").write_text(json.dumps(config | {"lora_alpha": 7}))
-    base = load_file(bf16.base_dir / "model.safetensors")
-    tensors = dict(base)
-    for name, (b, a, scale) in lora_factors(adapter).items():
-        tensors[name] = base[name] + (b.float() @ a.float()).to(torch.bfloat16) * scale
+    adapter, tensors = _bf16_gpu_style_merge(bf16, tmp_path)
     gpu = write_checkpoint(bf16.base_dir, tmp_path / "gpu", tensors)
     blocked, whole, judged = _both_paths(monkeypatch, bf16.base_dir, [adapter], gpu)
     assert judged > 0 and {t.recipe for t in blocked.tensors} == {
