@@ -287,7 +287,7 @@ def blend(
     """Read the inputs, blend them, write OUT atomically, and report per layer."""
     from lora_tools.formats import load_adapter
     from lora_tools.formats.writers import WriteError, write_kohya, write_peft_adapter
-    from lora_tools.output import atomic_output, wrap_write_errors
+    from lora_tools.atomic import atomic_output, wrap_write_errors
 
     started = time.perf_counter()
     check_options(method, rank, energy, density, out_format, dtype)

@@ -21,7 +21,8 @@ import torch
 
 from lora_tools.dense import apply_bias, apply_layer, factor_tensor, merge_rows_into
 from lora_tools.errors import FormatError, LoraToolsError, UsageError
-from lora_tools.output import SafetensorsStreamWriter, atomic_output, copy_extra_files, file_layout, wrap_write_errors
+from lora_tools.atomic import atomic_output, copy_extra_files, wrap_write_errors
+from lora_tools.output import SafetensorsStreamWriter, file_layout
 from lora_tools.pipeline import BufferRing, OrderedWriter, prefetched
 from lora_tools.plan import MergePlan, TensorPlan, make_plan
 from lora_tools.safetensors_file import DTYPE_ITEMSIZE, FLOAT_DTYPES, SafetensorsFile

@@ -18,21 +18,10 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from lora_tools.atomic import OLD_MARKER, TMP_MARKER, atomic_output, copy_extra_files, wrap_write_errors
 from lora_tools.checkpoint import BaseCheckpoint
-from lora_tools.errors import LoraToolsError, UsageError
-from lora_tools.output import (
-    OLD_MARKER,
-    TMP_MARKER,
-    SafetensorsStreamWriter,
-    StreamWriterError,
-    Terminated,
-    atomic_output,
-    build_header,
-    copy_extra_files,
-    file_layout,
-    safetensors_order,
-    wrap_write_errors,
-)
+from lora_tools.errors import LoraToolsError, Terminated, UsageError
+from lora_tools.output import SafetensorsStreamWriter, StreamWriterError, build_header, file_layout, safetensors_order
 from lora_tools.safetensors_file import SafetensorsFile
 from lora_tools.torch_dtypes import safetensors_code
 
