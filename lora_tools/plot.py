@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lora_tools.errors import LoraToolsError, UsageError
+from lora_tools.plot_text import module_types, short, summary_lines, title
 
 if TYPE_CHECKING:
     from lora_tools.inspect import InspectReport, LayerReport
@@ -23,7 +24,6 @@ if TYPE_CHECKING:
 FIGSIZE = (16.0, 11.0)  # inches; at DPI this is 1760×1210 px, legible at 100 % zoom
 DPI = 110
 MAX_DEPTH_TICKS = 16  # beyond this, label every k-th depth column
-SUMMARY_LINES = 24  # what the text panel holds at 10 pt; longer flag lists are cut
 MAX_ANNOTATED_CELLS = 60  # small heatmaps get their numbers written in the cells
 SPECTRUM_FLOOR = 1e-6  # σᵢ/σ₁ below this is round-off, not signal: kept off the y axis
 NO_DEPTH = "-"  # column / tick label for layers whose name carries no layer number
@@ -94,7 +94,7 @@ def _figure(report: InspectReport) -> Any:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    types = _module_types(report.layers)
+    types = module_types(report.layers)
     colors = _type_colors(matplotlib, types)
     fig = Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
@@ -103,17 +103,12 @@ def _figure(report: InspectReport) -> Any:
     _rank_usage_panel(fig, ax_heat, report.layers, types)
     _norm_panel(ax_norm, report.layers, types, colors)
     _summary_panel(ax_text, report)
-    fig.suptitle(_title(report), fontsize=15, fontweight="bold")
+    fig.suptitle(title(report), fontsize=15, fontweight="bold")
     _shared_legend(fig, types, colors)
     return fig
 
 
 # ---------------------------------------------------------------- grouping and colours
-
-
-def _module_types(layers: list[LayerReport]) -> list[str]:
-    """Module types in order of first appearance (q_proj, k_proj, … as the file has them)."""
-    return list(dict.fromkeys(layer.module_type for layer in layers))
 
 
 def _type_colors(matplotlib: Any, types: list[str]) -> dict[str, Any]:
@@ -140,17 +135,6 @@ def _depth_ticks(columns: list[int | None]) -> tuple[list[int], list[str]]:
         positions.append(len(columns) - 1)
     labels = [NO_DEPTH if columns[i] is None else str(columns[i]) for i in positions]
     return positions, labels
-
-
-def _short(label: str, width: int = 22, keep: str = "end") -> str:
-    """`label` cut to `width` characters; module types keep their distinctive tail,
-    layer names (keep="both") their head and tail."""
-    if len(label) <= width:
-        return label
-    if keep == "both":
-        head = (width - 1) // 2
-        return label[:head] + "…" + label[len(label) - (width - 1 - head):]
-    return "…" + label[len(label) - width + 1:]
 
 
 # ---------------------------------------------------------------- panels
@@ -221,7 +205,7 @@ def _rank_usage_panel(fig: Any, ax: Any, layers: list[LayerReport], types: list[
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad=(0, 0, 0, 0))
     image = ax.imshow(usage, aspect="auto", cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest")
     ax.set_facecolor("white")
-    ax.set_yticks(range(len(types)), [_short(t) for t in types])
+    ax.set_yticks(range(len(types)), [short(t) for t in types])
     positions, labels = _depth_ticks(columns)
     ax.set_xticks(positions, labels)
     ax.set_xlabel("depth (layer index)" + (f'; "{NO_DEPTH}" = no layer number' if None in columns else ""))
@@ -310,7 +294,7 @@ def _finite_median(values: list[float]) -> float:
 def _summary_panel(ax: Any, report: InspectReport) -> None:
     ax.axis("off")
     ax.set_title("Summary", loc="left")
-    ax.text(0.0, 1.0, "\n".join(_summary_lines(report)), transform=ax.transAxes,
+    ax.text(0.0, 1.0, "\n".join(summary_lines(report)), transform=ax.transAxes,
             va="top", ha="left", family="monospace", fontsize=10, linespacing=1.35)
 
 
@@ -320,7 +304,7 @@ def _shared_legend(fig: Any, types: list[str], colors: dict[str, Any]) -> None:
 
     from lora_tools.inspect import OUTLIER_Z  # the caller built the report, so this is loaded
 
-    handles = [Line2D([], [], color=colors[t], lw=2.5, label=_short(t)) for t in types]
+    handles = [Line2D([], [], color=colors[t], lw=2.5, label=short(t)) for t in types]
     handles.append(Line2D([], [], ls="none", marker="o", ms=11, mfc="none", mec="red", mew=1.6,
                           label=f"outlier (|norm z| > {OUTLIER_Z:g})"))
     handles.append(Line2D([], [], ls="none", marker="x", ms=8, color="black", mew=1.5,
@@ -331,76 +315,3 @@ def _shared_legend(fig: Any, types: list[str], colors: dict[str, Any]) -> None:
     ncol = math.ceil(len(handles) / rows)
     fig.legend(handles=handles, loc="outside lower center", ncol=ncol, frameon=False,
                handlelength=1.8, columnspacing=1.4)
-
-
-# ---------------------------------------------------------------- text
-
-
-def _title(report: InspectReport) -> str:
-    summary = report.adapter
-    layers = f"{summary.n_layers} layer" + ("" if summary.n_layers == 1 else "s")
-    return f"{_basename(summary.path)}  ·  {summary.format}  ·  {layers}"
-
-
-def _basename(path: str) -> str:
-    """The file (or directory) name a user recognises; the path itself if it has none."""
-    return os.path.basename(path.rstrip("/\\")) or path
-
-
-def _compact(values: list[Any], limit: int = 8) -> str:
-    """"[4, 8, 16]", or "4 … 64 (12 distinct)" when the list is long."""
-    shown = [f"{v:g}" if isinstance(v, float) else str(v) for v in values]
-    if len(shown) <= limit:
-        return "[" + ", ".join(shown) + "]"
-    return f"{shown[0]} … {shown[-1]} ({len(shown)} distinct)"
-
-
-def _summary_lines(report: InspectReport) -> list[str]:
-    summary, layers = report.adapter, report.layers
-    dead = [l for l in layers if "dead" in l.flags]
-    outliers = [l for l in layers if "outlier" in l.flags]
-    extras = [word for word, on in (("rsLoRA", summary.use_rslora), ("DoRA", summary.use_dora),
-                                    ("fan_in_fan_out", summary.fan_in_fan_out)) if on]
-    lines = [
-        f"file        {_short(_basename(summary.path), 48)}",
-        f"format      {summary.format}" + (f"  ({', '.join(extras)})" if extras else ""),
-        f"layers      {summary.n_layers}   params {summary.n_params:,}   dtype {summary.dtype}",
-        f"ranks       {_compact(summary.ranks)}",
-        f"alphas      {_compact(summary.alphas)}",
-    ]
-    if summary.base_model:
-        lines.append(f"base model  {_short(summary.base_model, 48, keep='both')}")
-    if summary.base:
-        lines.append(f"base        {_short(_basename(summary.base), 48)}")
-    cov = summary.coverage
-    if cov.full_tensors or cov.unrecognized:
-        n_full, n_unknown = len(cov.full_tensors), len(cov.unrecognized)
-        lines.append(f"also        {n_full} full tensor(s), {n_unknown} unknown key(s)")
-    lines += ["", *_per_type_lines(layers), "", f"flagged     {len(dead)} dead, {len(outliers)} outlier"]
-    flagged = sorted(outliers, key=lambda l: -abs(l.norm_z_score or 0.0)) + dead
-    room = max(1, SUMMARY_LINES - len(lines))
-    shown = flagged if len(flagged) <= room else flagged[: room - 1]
-    for layer in shown:
-        z = layer.norm_z_score
-        why = "dead" if "dead" in layer.flags else ("outlier" + (f" z={z:+.1f}" if z is not None else ""))
-        lines.append(f"  {_short(layer.name, 52, keep='both'):52s} {why}")
-    if len(flagged) > len(shown):
-        lines.append(f"  … and {len(flagged) - len(shown)} more")
-    return lines
-
-
-def _per_type_lines(layers: list[LayerReport], limit: int = 8) -> list[str]:
-    """A small table: per module type, layer count and medians of ‖ΔW‖_F and rank usage."""
-    import statistics
-
-    types = _module_types(layers)
-    lines = [f"{'module type':22s} {'layers':>6s} {'med ‖ΔW‖_F':>11s} {'med r90/r':>10s}"]
-    for t in types[:limit]:
-        members = [l for l in layers if l.module_type == t]
-        norm = statistics.median(l.fro_norm for l in members)
-        usage = [l.energy_rank_90 / l.rank for l in members if l.rank > 0 and l.fro_norm > 0]
-        usage_text = f"{statistics.median(usage):.2f}" if usage else "-"
-        lines.append(f"{_short(t):22s} {len(members):6d} {norm:11.4g} {usage_text:>10s}")
-    if len(types) > limit:
-        lines.append(f"… and {len(types) - limit} more module types")
-    return lines
