@@ -21,8 +21,11 @@ import torch
 from lora_tools.fitting import LayerTarget
 
 
-def factor_tensor(array: np.ndarray, device: Any, dtype: torch.dtype) -> torch.Tensor:
-    """A factor on `device` in `dtype`; from_numpy shares memory, the copy happens in .to()."""
+def factor_tensor(array: np.ndarray | torch.Tensor, device: Any, dtype: torch.dtype) -> torch.Tensor:
+    """A factor on `device` in `dtype`; from_numpy shares memory, the copy happens in .to()
+    (none when the factor already is there, as merge arranges)."""
+    if isinstance(array, torch.Tensor):
+        return array.to(device=device, dtype=dtype)
     return torch.from_numpy(np.ascontiguousarray(array)).to(device=device, dtype=dtype)
 
 

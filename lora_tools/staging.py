@@ -30,7 +30,7 @@ from lora_tools.torch_dtypes import torch_dtype
 
 # Pinned chunks for host<->GPU copies: large enough that each copy runs at full PCIe
 # speed, small enough that four of them are no memory worth mentioning.
-CUDA_CHUNK_BYTES = 32 * 1024 * 1024
+CUDA_CHUNK_BYTES = 16 * 1024 * 1024
 
 
 class Staging(Protocol):
