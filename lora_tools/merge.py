@@ -345,10 +345,7 @@ class _Streamer:
 
     def _write_job(self, writer: SafetensorsStreamWriter, name: str, tensor: torch.Tensor) -> Callable[[], None]:
         def job() -> None:
-            if tensor.device.type == "cpu":
-                writer.write_torch(name, tensor)
-            else:
-                self.staging.write(writer, name, tensor)
+            self.staging.write(writer, name, tensor)
             self._advance(tensor.numel() * tensor.element_size())
 
         return job

@@ -18,13 +18,15 @@ all this module does:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 
-from lora_tools.output import SafetensorsStreamWriter, SupportsWrite
+from lora_tools.checkpoint import SupportsWrite
+from lora_tools.output import SafetensorsStreamWriter
 from lora_tools.safetensors_file import SafetensorsFile
 from lora_tools.torch_dtypes import torch_dtype
 
@@ -47,7 +49,7 @@ class Staging(Protocol):
         ...
 
     def write(self, writer: SafetensorsStreamWriter, name: str, tensor: torch.Tensor) -> None:
-        """Write a result from `result_buffer` (writer thread)."""
+        """Write a computed tensor, which lives on the compute device (writer thread)."""
         ...
 
 
@@ -101,8 +103,7 @@ class HostStaging:
         return src.torch(name, self._inputs.get(info.nbytes))
 
     def result_buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        nbytes = _numel(shape) * torch.empty((), dtype=dtype).element_size()
-        return _as_tensor(self._results.get(nbytes), dtype, shape)
+        return _as_tensor(self._results.get(math.prod(shape) * dtype.itemsize), dtype, shape)
 
     def write(self, writer: SafetensorsStreamWriter, name: str, tensor: torch.Tensor) -> None:
         writer.write_torch(name, tensor)
@@ -176,13 +177,6 @@ class CudaStaging:
         chunk.buffer[: hi - lo].copy_(raw[lo:hi], non_blocking=True)
         chunk.event = torch.cuda.Event()
         chunk.event.record()
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
 
 
 def staging_for(device: torch.device, in_flight_loads: int, in_flight_results: int) -> Staging:
