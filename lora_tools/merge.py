@@ -24,10 +24,10 @@ from lora_tools.atomic import atomic_output, copy_extra_files, wrap_write_errors
 from lora_tools.dense import apply_bias, apply_layer, factor_tensor, merge_rows_into
 from lora_tools.errors import FormatError, LoraToolsError, UsageError
 from lora_tools.output import SafetensorsStreamWriter, file_layout
-from lora_tools.pipeline import BufferRing, OrderedWriter, prefetched
+from lora_tools.pipeline import OrderedWriter, prefetched
 from lora_tools.plan import MergePlan, TensorPlan, make_plan
 from lora_tools.safetensors_file import DTYPE_ITEMSIZE, FLOAT_DTYPES, SafetensorsFile
-from lora_tools.staging import staging_for
+from lora_tools.staging import ByteRing, staging_for
 from lora_tools.torch_dtypes import DTYPE_ALIASES, torch_dtype
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -256,9 +256,9 @@ class _Streamer:
         # Loads alive at once: READ_AHEAD queued or being read, one being computed.
         # Results alive: WRITE_BEHIND queued or being written, one being computed.
         self.staging = staging_for(device, READ_AHEAD + 1, WRITE_BEHIND + 1)
-        # Row-block buffers of the CPU path, one per width, reused for every tensor.
-        self.work = BufferRing(device, slots=1)
-        self.widened = BufferRing(device, slots=1)
+        # The row blocks' compute buffers, reused for every tensor.
+        self.work = ByteRing(1, device)
+        self.widened = ByteRing(1, device)
         if progress is not None:
             infos = [plan.base.info(name) for name in plan.base.tensor_names()]
             progress.start(len(infos), sum(i.nbytes for i in infos))
@@ -318,8 +318,8 @@ class _Streamer:
             chunk = rows if self.device.type == "cuda" else max(2, min(rows, CPU_CHUNK_ELEMENTS // max(1, width)))
             total = merge_rows_into(
                 out.view(rows, width), w0.view(rows, width), plan.layers, chunk,
-                self.work.get((min(rows, chunk + 1), width), compute),
-                self.widened.get((min(rows, chunk + 1), width), compute),
+                self.work.tensor((min(rows, chunk + 1), width), compute),
+                self.widened.tensor((min(rows, chunk + 1), width), compute),
                 fuse=self.device.type == "cpu",
             )
             if not bool(torch.isfinite(total)) and not bool(torch.isfinite(out).all()):

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import TypeVar
 
 Item = TypeVar("Item")
 Loaded = TypeVar("Loaded")
@@ -72,28 +72,3 @@ class OrderedWriter:
             for future in self._pending:
                 future.cancel()
             self._pool.shutdown(wait=True)
-
-
-class BufferRing:
-    """Reusable tensors per (shape, dtype), handed out round-robin.
-
-    Large temporaries freed and allocated again come back as fresh zeroed pages (glibc
-    maps big blocks directly), which cost a merge millions of page faults; a ring of
-    `slots` buffers per shape is reused instead. The caller must be done with a buffer
-    before the ring comes round to it again (`slots` > buffers alive at once).
-    """
-
-    def __init__(self, device: Any, slots: int) -> None:
-        self.device = device
-        self.slots = slots
-        self._rings: dict[tuple[tuple[int, ...], Any], tuple[list[Any], list[int]]] = {}
-
-    def get(self, shape: tuple[int, ...], dtype: Any) -> Any:
-        import torch
-
-        ring, position = self._rings.setdefault((shape, dtype), ([], [0]))
-        if len(ring) < self.slots:
-            ring.append(torch.empty(shape, dtype=dtype, device=self.device))
-            return ring[-1]
-        position[0] = (position[0] + 1) % self.slots
-        return ring[position[0]]

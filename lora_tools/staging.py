@@ -19,7 +19,6 @@ all this module does:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -54,28 +53,31 @@ class Staging(Protocol):
 
 
 class ByteRing:
-    """`slots` flat byte buffers handed out round-robin, each grown to the largest size
-    asked of it; views of them serve tensors of any shape and dtype.
+    """`slots` flat byte buffers on `device`, handed out round-robin, each grown to the
+    largest size asked of it; views of them serve tensors of any shape and dtype.
 
-    The caller must be done with a buffer before the ring comes round to it again.
+    Large temporaries freed and allocated again come back as fresh zeroed pages (glibc
+    maps big blocks directly), which cost a merge millions of page faults; reused
+    buffers cost none. The caller must be done with a buffer before the ring comes round
+    to it again (`slots` > buffers alive at once).
     """
 
-    def __init__(self, slots: int, allocate: Callable[[int], torch.Tensor]) -> None:
+    def __init__(self, slots: int, device: torch.device | str = "cpu") -> None:
         self._buffers: list[torch.Tensor | None] = [None] * slots
         self._next = 0
-        self._allocate = allocate
+        self.device = torch.device(device)
 
     def get(self, nbytes: int) -> torch.Tensor:
         slot = self._next
         self._next = (slot + 1) % len(self._buffers)
         buffer = self._buffers[slot]
         if buffer is None or buffer.numel() < nbytes:
-            buffer = self._buffers[slot] = self._allocate(nbytes)
+            buffer = self._buffers[slot] = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
         return buffer[:nbytes]
 
-
-def _host_bytes(nbytes: int) -> torch.Tensor:
-    return torch.empty(nbytes, dtype=torch.uint8)
+    def tensor(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """The next buffer as a tensor of `shape` and `dtype` (contents undefined)."""
+        return _as_tensor(self.get(math.prod(shape) * dtype.itemsize), dtype, shape)
 
 
 def _as_tensor(raw: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
@@ -93,8 +95,8 @@ class HostStaging:
 
     def __init__(self, in_flight_loads: int, in_flight_results: int) -> None:
         self.device = torch.device("cpu")
-        self._inputs = ByteRing(in_flight_loads, _host_bytes)
-        self._results = ByteRing(in_flight_results, _host_bytes)
+        self._inputs = ByteRing(in_flight_loads)
+        self._results = ByteRing(in_flight_results)
 
     def load(self, src: SafetensorsFile, name: str) -> torch.Tensor:
         info = src.info(name)
@@ -103,7 +105,7 @@ class HostStaging:
         return src.torch(name, self._inputs.get(info.nbytes))
 
     def result_buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        return _as_tensor(self._results.get(math.prod(shape) * dtype.itemsize), dtype, shape)
+        return self._results.tensor(shape, dtype)
 
     def write(self, writer: SafetensorsStreamWriter, name: str, tensor: torch.Tensor) -> None:
         writer.write_torch(name, tensor)
