@@ -647,3 +647,34 @@ def test_row_blocked_merge_is_bit_identical_to_peft(kind, peft_case_factory, mon
     assert adapted
     for name in adapted:
         assert torch.equal(ours[name], peft[name].to(ours[name].dtype)), name
+
+
+def test_cuda_staging_logic_on_the_cpu(
+    llama_sharded_base_dir: Path, llama_plain_case: PeftCase, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The GPU path's chunked staging (two buffers each way, reused while copies are in
+    flight, a tensor spread over many chunks) run on the CPU with no-op events: it must
+    write exactly the bytes of the CPU path. CI has no GPU; tests/test_cuda.py runs the
+    real thing where there is one."""
+    import contextlib
+
+    import torch
+
+    import lora_tools.merge as merge_module
+    from lora_tools import staging
+
+    class Event:  # CPU copies are synchronous: nothing to wait for
+        def record(self) -> None: ...
+
+        def synchronize(self) -> None: ...
+
+    adapter = [llama_plain_case.adapter_dir]
+    merge(llama_sharded_base_dir, adapter, tmp_path / "host", device="cpu")
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(merge_module, "staging_for", lambda device, *_: staging.CudaStaging(device, chunk_bytes=64))
+    merge(llama_sharded_base_dir, adapter, tmp_path / "chunked", device="cpu")
+    shards = sorted(p.name for p in (tmp_path / "host").glob("*.safetensors"))
+    assert len(shards) > 1
+    for name in shards:
+        assert (tmp_path / "chunked" / name).read_bytes() == (tmp_path / "host" / name).read_bytes(), name
