@@ -22,16 +22,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import load_file as load_numpy
 
 from builders import PeftCase
+from cli_run import run_cli
 from lora_tools.blend import blend, blend_adapters
 from lora_tools.blend_dense import keep_mask, refactor
 from lora_tools.blend_math import factored_svd, orthonormal_factor
-from lora_tools.cli import cli
 from lora_tools.formats import load_adapter
 from lora_tools.formats.writers import float32_to_bf16_bits
 
@@ -109,11 +108,6 @@ def weighted_sum(base_dir: Path, adapters: list[Path], weights: list[float]) -> 
     return total
 
 
-def run_cli(*args: object) -> tuple[int, str, str]:
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result.exit_code, result.stdout, result.stderr
 
 
 def one_error_line(stderr: str) -> str:

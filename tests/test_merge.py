@@ -26,11 +26,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from builders import PEFT_CASE_KINDS, VOCAB, DiffusersCase, KohyaCase, PeftCase
-from lora_tools.cli import cli
+from cli_run import run_cli
 from lora_tools.errors import LoraToolsError
 from lora_tools.merge import merge
 
@@ -39,12 +38,6 @@ PEFT_PREFIX = "base_model.model."
 
 # --------------------------------------------------------------------------- helpers
 
-def run_cli(*args: object) -> tuple[int, str, str]:
-    """(exit code, stdout, stderr) of `lora-tools ARGS`, in-process."""
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result.exit_code, result.stdout, result.stderr
 
 
 def merge_ok(*args: object) -> None:

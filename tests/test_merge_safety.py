@@ -22,20 +22,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import save_file
 
 from builders import KohyaCase, PeftCase
-from lora_tools.cli import cli
+from cli_run import run_cli
 
 TMP_MARKER = ".lora-tools-tmp-"
 
 
-def run_cli(*args: object) -> tuple[int, str, str]:
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result.exit_code, result.stdout, result.stderr
 
 
 def error_line(stderr: str) -> str:

@@ -16,11 +16,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from builders import PEFT_CASE_KINDS, DiffusersCase, KohyaCase, PeftCase
-from lora_tools.cli import cli
+from cli_run import run_cli
 
 PEFT_PREFIX = "base_model.model."
 Q0 = "model.layers.0.self_attn.q_proj.weight"
@@ -28,11 +27,6 @@ Q1 = "model.layers.1.self_attn.q_proj.weight"
 UNADAPTED = "lm_head.weight"
 
 
-def run_cli(*args: object) -> tuple[int, str, str]:
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result.exit_code, result.stdout, result.stderr
 
 
 def verify_json(*args: object) -> tuple[int, dict]:
