@@ -174,8 +174,9 @@ def run_variant(label: str, cmd: list[str], base: Path, *, timeout_s: float | No
     if m.rc != 0:
         print(f"  FAILED (exit status {m.rc}):\n{textwrap.indent(m.stderr[-3000:], '    ')}")
     else:
-        print(f"  {m.wall_s:.1f} s (+{sync:.1f} s sync), peak RSS {bu.fmt(m.peak_mb)} MB, "
-              f"peak anon {bu.fmt(m.peak_anon_mb)} MB", flush=True)
+        parts = ", ".join(f"{k} {v:.0f}" for k, v in m.at_peak_rss.items())
+        print(f"  {m.wall_s:.1f} s (+{sync:.1f} s sync), peak RSS {bu.fmt(m.peak_mb)} MB ({parts}), "
+              f"peak anon {bu.fmt(m.peak_anon_mb)} MB at {bu.fmt(m.peak_anon_at_s)} s", flush=True)
     return result
 
 

@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import datetime as _dt
 import json
+import math
 import os
 import platform
 import shutil
@@ -126,7 +127,7 @@ def _status_kb(pid: int) -> dict[str, int]:
     try:
         with open(f"/proc/{pid}/status", "rb") as handle:
             for line in handle:
-                if line.startswith((b"VmRSS:", b"RssAnon:", b"VmHWM:")):
+                if line.startswith((b"VmRSS:", b"RssAnon:", b"RssFile:", b"RssShmem:", b"VmHWM:")):
                     key, value = line.split(b":", 1)
                     values[key.decode()] = int(value.split()[0])
     except (FileNotFoundError, ProcessLookupError, PermissionError, ValueError):
@@ -169,6 +170,13 @@ class Measured:
     hwm_mb: float | None  # VmHWM, last value read before exit
     maxrss_mb: float | None  # os.wait4 ru_maxrss
     samples: int
+    # Where the memory went: at the sample with the highest VmRSS, its parts in MB
+    # (RssAnon, RssFile: mapped files such as the CUDA libraries, RssShmem: pinned
+    # memory), the second at which anonymous memory peaked, and a coarse timeline
+    # (seconds, VmRSS MB, RssAnon MB; at most TIMELINE_POINTS, the peaks kept).
+    at_peak_rss: dict[str, float] = field(default_factory=dict)
+    peak_anon_at_s: float | None = None
+    timeline: list[tuple[float, float, float]] = field(repr=False, default_factory=list)
     stdout: str = field(repr=False, default="")
     stderr: str = field(repr=False, default="")
 
@@ -198,10 +206,13 @@ def measure(cmd: Sequence[str], *, env: dict[str, str] | None = None, cwd: Path 
                                 stdout=out, stderr=err, env=env or child_env(), cwd=cwd)
         peaks = {"VmRSS": 0, "RssAnon": 0, "VmHWM": 0}
         samples = 0
+        at_peak_rss: dict[str, float] = {}
+        timeline: list[tuple[float, float, float]] = []
+        started = time.perf_counter()
         stop = threading.Event()
 
         def poll() -> None:
-            nonlocal samples
+            nonlocal samples, at_peak_rss
             pid = None
             while not stop.is_set():
                 if pid is None:
@@ -211,8 +222,12 @@ def measure(cmd: Sequence[str], *, env: dict[str, str] | None = None, cwd: Path 
                     values = _status_kb(pid)
                     if values:
                         samples += 1
-                        for key, value in values.items():
-                            peaks[key] = max(peaks[key], value)
+                        if values.get("VmRSS", 0) > peaks["VmRSS"]:
+                            at_peak_rss = {k: v * 1024 / MB for k, v in values.items() if k.startswith("Rss")}
+                        for key in peaks:
+                            peaks[key] = max(peaks[key], values.get(key, 0))
+                        timeline.append((time.perf_counter() - started, values.get("VmRSS", 0) * 1024 / MB,
+                                         values.get("RssAnon", 0) * 1024 / MB))
                 stop.wait(poll_s if pid is not None else 0.001)
 
         thread = threading.Thread(target=poll, daemon=True)
@@ -239,12 +254,29 @@ def measure(cmd: Sequence[str], *, env: dict[str, str] | None = None, cwd: Path 
             hwm_mb=peaks["VmHWM"] * 1024 / MB if peaks["VmHWM"] else None,
             maxrss_mb=status["maxrss_kb"] * 1024 / MB if status.get("maxrss_kb") else None,
             samples=samples,
+            at_peak_rss=at_peak_rss,
+            peak_anon_at_s=max(timeline, key=lambda point: point[2])[0] if timeline else None,
+            timeline=_thinned(timeline),
             stdout=out.read().decode("utf-8", "replace"),
             stderr=err.read().decode("utf-8", "replace"),
         )
     if check and result.rc != 0:
         raise RuntimeError(f"command failed with exit status {result.rc}: {' '.join(cmd)}\n{result.stderr[-4000:]}")
     return result
+
+
+TIMELINE_POINTS = 200
+
+
+def _thinned(timeline: list[tuple[float, float, float]]) -> list[tuple[float, float, float]]:
+    """Every k-th sample, plus the samples of peak RSS and peak anonymous memory."""
+    if len(timeline) <= TIMELINE_POINTS:
+        return [tuple(round(v, 3) for v in point) for point in timeline]  # type: ignore[misc]
+    step = math.ceil(len(timeline) / TIMELINE_POINTS)
+    keep = set(range(0, len(timeline), step))
+    keep.add(max(range(len(timeline)), key=lambda i: timeline[i][1]))
+    keep.add(max(range(len(timeline)), key=lambda i: timeline[i][2]))
+    return [tuple(round(v, 3) for v in timeline[i]) for i in sorted(keep)]  # type: ignore[misc]
 
 
 def best_of(cmd: Sequence[str], n: int, **kwargs: Any) -> tuple[Measured, list[float]]:

@@ -4,7 +4,10 @@ Nothing downstream of `lora_tools.formats` knows which file format an adapter ca
 from: it sees `LoraLayer`s keyed by the module path they adapt in the base model, and
 `Adapter.full_tensors` for whole tensors that replace the base's (modules_to_save).
 Factors are numpy arrays in a float dtype that holds the stored values exactly
-(bf16 and fp16 are widened to float32), and `dtype` remembers what was stored.
+(bf16 and fp16 are widened to float32), and `dtype` remembers what was stored. A merge
+loads them as torch tensors on its compute device instead (`formats.source.Place`), so
+the code on that path (fitting, `dense`) only uses what both kinds have: shape, ndim,
+reshape.
 """
 
 from __future__ import annotations
@@ -85,11 +88,7 @@ class LoraLayer:
 
     @property
     def n_params(self) -> int:
-        count = self.a.size + self.b.size
-        for extra in (self.magnitude, self.bias):
-            if extra is not None:
-                count += extra.size
-        return int(count)
+        return sum(math.prod(x.shape) for x in (self.a, self.b, self.magnitude, self.bias) if x is not None)
 
     def dense_update(self) -> np.ndarray:
         """ΔW in float64, shaped like the base weight. For tests and small layers only."""
@@ -121,9 +120,7 @@ class Adapter:
 
     @property
     def n_params(self) -> int:
-        return sum(layer.n_params for layer in self.layers) + sum(
-            int(t.size) for t in self.full_tensors.values()
-        )
+        return sum(layer.n_params for layer in self.layers) + sum(math.prod(t.shape) for t in self.full_tensors.values())
 
     @property
     def dtypes(self) -> list[str]:

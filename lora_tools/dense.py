@@ -13,6 +13,7 @@ scaled and the column norm is that of W0 + w·s·B·A, as PEFT computes it.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -27,6 +28,20 @@ def factor_tensor(array: np.ndarray | torch.Tensor, device: Any, dtype: torch.dt
     if isinstance(array, torch.Tensor):
         return array.to(device=device, dtype=dtype)
     return torch.from_numpy(np.ascontiguousarray(array)).to(device=device, dtype=dtype)
+
+
+def factors_on(device: torch.device) -> Callable[[np.ndarray, str], torch.Tensor]:
+    """A loader's `place` for merge: each checked factor becomes a torch tensor on the
+    compute device in its stored dtype, widened (exactly) to the compute dtype only per
+    use by `factor_tensor`. The host never holds the adapter as a whole in float32: on a
+    GPU the factors go over one by one as they are read, on the CPU bf16 ones take half
+    the memory (float32 ones share numpy's memory, nothing is copied)."""
+    from lora_tools.torch_dtypes import torch_dtype
+
+    def place(array: np.ndarray, code: str) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array)).to(device=device, dtype=torch_dtype(code))
+
+    return place
 
 
 def delta_weight(

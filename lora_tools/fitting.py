@@ -8,7 +8,6 @@ sit on Linear bases (and the reverse), so equal element counts with a 1×1 kerne
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -86,7 +85,7 @@ def fit_to_base(
         shape = weight_shape(key)
         if shape is None:
             raise MismatchError(adapter.path, f"tensor {key!r} (modules_to_save) has no counterpart in base {base_path}")
-        if math.prod(shape) != tensor.size or tuple(shape) != tuple(tensor.shape):
+        if tuple(shape) != tuple(tensor.shape):
             raise MismatchError(
                 adapter.path, f"tensor {key!r} has shape {tuple(tensor.shape)} but base {base_path} has {tuple(shape)}"
             )

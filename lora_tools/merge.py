@@ -17,11 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 
 from lora_tools.atomic import atomic_output, copy_extra_files, wrap_write_errors
-from lora_tools.dense import apply_bias, apply_layer, factor_tensor, merge_rows_into
+from lora_tools.dense import apply_bias, apply_layer, factor_tensor, factors_on, merge_rows_into
 from lora_tools.errors import FormatError, LoraToolsError, UsageError
 from lora_tools.output import SafetensorsStreamWriter, file_layout
 from lora_tools.pipeline import OrderedWriter, prefetched
@@ -147,10 +146,9 @@ def merge(
     out = Path(out)
     target_device = resolve_device(device)
     out_code = output_dtype_code(dtype)
-    plan = make_plan(base_path, adapter_paths, weights, alpha=alpha)
+    plan = make_plan(base_path, adapter_paths, weights, alpha=alpha, place=factors_on(target_device))
     inputs = [Path(base_path), *map(Path, adapter_paths)]
     try:
-        _factors_to(plan, target_device)
         streamer = _Streamer(plan, target_device, out_code, progress)
         with wrap_write_errors(out), atomic_output(out, force, inputs) as tmp:
             if plan.base.is_dir:
@@ -173,24 +171,6 @@ def merge(
         bytes_written=streamer.bytes_written,
         seconds=time.perf_counter() - started,
     )
-
-
-def _factors_to(plan: MergePlan, device: torch.device) -> None:
-    """Put every adapter's factors on the compute device once, as torch tensors.
-
-    On a GPU the host then keeps no copy (an 8B r=16 adapter is 168 MB of float32: a
-    sixth of the 1 GB host budget); on the CPU torch shares numpy's memory, so nothing
-    is copied. Either way each tensor finds its factors ready. The plan is this merge's
-    own, so changing its layers in place touches nothing of the caller's.
-    """
-    for adapter in plan.adapters:
-        for layer in adapter.layers:
-            layer.a = factor_tensor(layer.a, device, _torch_float(layer.a.dtype))  # type: ignore[assignment]
-            layer.b = factor_tensor(layer.b, device, _torch_float(layer.b.dtype))  # type: ignore[assignment]
-
-
-def _torch_float(dtype: np.dtype) -> torch.dtype:
-    return torch.float64 if dtype == np.float64 else torch.float32
 
 
 _CONFIG_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}

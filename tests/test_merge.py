@@ -671,3 +671,43 @@ def test_cuda_staging_logic_on_the_cpu(
     assert len(shards) > 1
     for name in shards:
         assert (tmp_path / "chunked" / name).read_bytes() == (tmp_path / "host" / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("kind", ["llama_bf16", "llama_dora", "llama_lora_bias", "llama_modules_to_save", "llama_embedding", "gpt2_conv1d"])
+def test_merge_plan_holds_factors_as_stored_on_the_device(kind, peft_case_factory) -> None:
+    """merge loads every factor straight into a torch tensor on its compute device, in the
+    dtype the file stores (so a GPU merge never holds the adapter in host memory, and a
+    CPU one holds bf16 at half the size); the values must be the file's exactly."""
+    import numpy as np
+
+    from lora_tools.dense import factors_on
+    from lora_tools.plan import make_plan
+    from lora_tools.safetensors_file import SafetensorsFile
+    from lora_tools.torch_dtypes import torch_dtype
+
+    case = peft_case_factory(kind)
+    stored = SafetensorsFile(case.adapter_file)
+    codes = {key: stored.info(key).dtype for key in stored.keys()}
+    stored.close()
+    plan = make_plan(case.base_dir, [case.adapter_dir], place=factors_on(torch.device("cpu")))
+    reference = make_plan(case.base_dir, [case.adapter_dir])
+    try:
+        held = []
+        for layer, ref in zip(plan.adapters[0].layers, reference.adapters[0].layers, strict=True):
+            for factor, ref_factor in [(layer.a, ref.a), (layer.b, ref.b), (layer.magnitude, ref.magnitude), (layer.bias, ref.bias)]:
+                if ref_factor is not None:
+                    held.append((factor, ref_factor, layer.dtype))
+        for key, tensor in plan.adapters[0].full_tensors.items():
+            held.append((tensor, reference.adapters[0].full_tensors[key], plan.adapters[0].full_tensor_dtypes[key]))
+        assert held
+        assert set(plan.adapters[0].layers[0].source_keys) <= set(codes)
+        for factor, ref_factor, code in held:
+            assert isinstance(factor, torch.Tensor)
+            assert isinstance(ref_factor, np.ndarray)
+            assert factor.dtype == torch_dtype(code) and factor.device.type == "cpu"
+            assert np.array_equal(factor.to(torch.float64).numpy(), ref_factor.astype(np.float64))
+        if kind == "llama_bf16":
+            assert {factor.dtype for factor, _, _ in held} == {torch.bfloat16}
+    finally:
+        plan.close()
+        reference.close()

@@ -14,7 +14,7 @@ from lora_tools.errors import FormatError
 from lora_tools.formats.diffusers import load_diffusers, looks_like_diffusers, looks_like_legacy_diffusers
 from lora_tools.formats.kohya import load_kohya, looks_like_kohya
 from lora_tools.formats.peft import load_peft, looks_like_peft, read_config
-from lora_tools.formats.source import TensorSource, open_source
+from lora_tools.formats.source import Place, TensorSource, keep_numpy, open_source
 
 __all__ = ["load_adapter"]
 
@@ -23,10 +23,12 @@ PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
 
 
-def load_adapter(path: str | os.PathLike[str], *, alpha: float | None = None) -> Adapter:
+def load_adapter(path: str | os.PathLike[str], *, alpha: float | None = None, place: Place = keep_numpy) -> Adapter:
     """Read an adapter folder or file in any supported format.
 
     `alpha` overrides every layer's alpha (for files that carry none, or carry a wrong one).
+    `place` decides what the layers hold of each factor once it is checked: the numpy
+    array by default, or whatever a caller that computes elsewhere wants (see `source.Place`).
     """
     path = Path(path)
     if not path.exists():
@@ -36,31 +38,31 @@ def load_adapter(path: str | os.PathLike[str], *, alpha: float | None = None) ->
     if path.is_dir():
         if not os.access(path, os.R_OK | os.X_OK):  # else its files would look absent
             raise FormatError(path, "permission denied")
-        return _load_directory(path, alpha)
+        return _load_directory(path, alpha, place)
     if not os.access(path, os.R_OK):
         raise FormatError(path, "permission denied")
-    return _load_file(path, alpha)
+    return _load_file(path, alpha, place)
 
 
-def _load_directory(path: Path, alpha: float | None) -> Adapter:
+def _load_directory(path: Path, alpha: float | None, place: Place) -> Adapter:
     config_path = path / PEFT_CONFIG
     if config_path.is_file():
         for name in PEFT_WEIGHTS:
             if (path / name).is_file():
                 config = read_config(config_path)
-                source = open_source(path / name)
+                source = open_source(path / name, place)
                 try:  # readers copy every tensor they keep, so the file can close after
                     return load_peft(source, config, adapter_path=path, alpha_override=alpha)
                 finally:
                     source.close()
         raise FormatError(path, f"has {PEFT_CONFIG} but no {' or '.join(PEFT_WEIGHTS)}")
     if (path / DIFFUSERS_WEIGHTS).is_file():
-        return _load_file(path / DIFFUSERS_WEIGHTS, alpha)
+        return _load_file(path / DIFFUSERS_WEIGHTS, alpha, place)
     raise FormatError(path, f"not an adapter folder (no {PEFT_CONFIG} with {PEFT_WEIGHTS[0]})")
 
 
-def _load_file(path: Path, alpha: float | None) -> Adapter:
-    source = open_source(path)
+def _load_file(path: Path, alpha: float | None, place: Place) -> Adapter:
+    source = open_source(path, place)
     try:  # readers copy every tensor they keep, so the file can close after
         return _read_source(path, source, alpha)
     finally:

@@ -88,8 +88,20 @@ def build_layers(
                 raise FormatError(
                     source.path, f"module {module!r}: lora bias has shape {layer.bias.shape}, expected ({b.shape[0]},)"
                 )
+        _place_factors(source, layer, key_a, key_b, roles)
         layers.append(layer)
     return layers
+
+
+def _place_factors(source: TensorSource, layer: LoraLayer, key_a: str, key_b: str, roles: dict[str, str]) -> None:
+    """Hand the checked arrays to the source's `place`, one layer at a time, so the
+    float32 arrays read for the checks never pile up (see `source.Place`)."""
+    layer.a = source.place(layer.a, source.dtype(key_a))
+    layer.b = source.place(layer.b, source.dtype(key_b))
+    if layer.magnitude is not None:
+        layer.magnitude = source.place(layer.magnitude, source.dtype(roles[MAGNITUDE]))
+    if layer.bias is not None:
+        layer.bias = source.place(layer.bias, source.dtype(roles[BIAS]))
 
 
 def finite_number(value: object) -> float | None:

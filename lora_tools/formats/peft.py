@@ -172,7 +172,7 @@ def _claim_full_tensors(source: TensorSource, unclaimed: list[str], config: dict
         module, _, leaf = bare.rpartition(".")
         wanted = any(module == m or module.endswith("." + m) for m in modules_to_save)
         if wanted or full_base_copy or (saves_biases and leaf == "bias"):
-            adapter.full_tensors[bare] = finite_factor(source, key)
+            adapter.full_tensors[bare] = source.place(finite_factor(source, key), source.dtype(key))
             adapter.full_tensor_dtypes[bare] = source.dtype(key)
         else:
             adapter.unrecognized_keys.append(key)
