@@ -30,8 +30,12 @@ from lora_tools.safetensors_file import SafetensorsFile
 from lora_tools.torch_dtypes import torch_dtype
 
 # Pinned chunks for host<->GPU copies: large enough that each copy runs at full PCIe
-# speed, small enough that four of them are no memory worth mentioning.
-CUDA_CHUNK_BYTES = 16 * 1024 * 1024
+# speed (copies of a few MB already do) and the per-chunk bookkeeping (an event, a
+# Python loop turn: tens of µs) stays far under the chunk's disk and PCIe time, small
+# enough that the four of them (32 MB) leave room under a 1 GB host budget, of which
+# torch with CUDA and cuBLAS initialised takes ~0.72 GB itself (H100 box). The 8B
+# H100 timings in docs/benchmarks.md were taken with 32 and 16 MB chunks.
+CUDA_CHUNK_BYTES = 8 * 1024 * 1024
 
 
 class Staging(Protocol):
