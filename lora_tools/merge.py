@@ -259,9 +259,8 @@ class _Streamer:
             src = files[index][0]
             if name not in self.plan.tensors and codes[index][name] == src.info(name).dtype:
                 return None  # copied as is, by the writer
-            if name not in self.plan.tensors:  # a dtype change only: no ring of 500 MB embeddings
-                return src.torch(name).to(self.device)
-            return self.staging.load(src, name)
+            # a dtype change only: not worth growing the reused buffers to a 500 MB embedding
+            return self.staging.load(src, name, reuse=name in self.plan.tensors)
 
         with contextlib.ExitStack() as open_files, OrderedWriter(WRITE_BEHIND) as jobs:
             writers: dict[int, SafetensorsStreamWriter] = {}

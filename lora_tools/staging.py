@@ -43,8 +43,9 @@ class Staging(Protocol):
 
     device: torch.device
 
-    def load(self, src: SafetensorsFile, name: str) -> torch.Tensor:
-        """The stored tensor on the compute device (reader thread)."""
+    def load(self, src: SafetensorsFile, name: str, reuse: bool = True) -> torch.Tensor:
+        """The stored tensor on the compute device (reader thread). reuse=False: a tensor
+        met once (a mere dtype conversion), better not kept in reused host memory."""
         ...
 
     def result_buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -102,9 +103,9 @@ class HostStaging:
         self._inputs = ByteRing(in_flight_loads)
         self._results = ByteRing(in_flight_results)
 
-    def load(self, src: SafetensorsFile, name: str) -> torch.Tensor:
+    def load(self, src: SafetensorsFile, name: str, reuse: bool = True) -> torch.Tensor:
         info = src.info(name)
-        if info.numel == 0:
+        if info.numel == 0 or not reuse:
             return src.torch(name)
         return src.torch(name, self._inputs.get(info.nbytes))
 
@@ -144,7 +145,8 @@ class CudaStaging:
     def _ranges(self, nbytes: int) -> list[tuple[int, int]]:
         return [(lo, min(nbytes, lo + self.chunk_bytes)) for lo in range(0, nbytes, self.chunk_bytes)]
 
-    def load(self, src: SafetensorsFile, name: str) -> torch.Tensor:
+    def load(self, src: SafetensorsFile, name: str, reuse: bool = True) -> torch.Tensor:
+        """Through the pinned chunks whatever `reuse` says: the host holds no copy."""
         info = src.info(name)
         dtype = torch_dtype(info.dtype)
         target = torch.empty(info.nbytes, dtype=torch.uint8, device=self.device)

@@ -642,13 +642,15 @@ def test_row_blocked_merge_is_bit_identical_to_peft(kind, peft_case_factory, mon
         assert torch.equal(ours[name], peft[name].to(ours[name].dtype)), name
 
 
+@pytest.mark.parametrize("dtype", ["keep", "bf16"])
 def test_cuda_staging_logic_on_the_cpu(
-    llama_sharded_base_dir: Path, llama_plain_case: PeftCase, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    llama_sharded_base_dir: Path, llama_plain_case: PeftCase, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: str
 ) -> None:
     """The GPU path's chunked staging (two buffers each way, reused while copies are in
     flight, a tensor spread over many chunks) run on the CPU with no-op events: it must
-    write exactly the bytes of the CPU path. CI has no GPU; tests/test_cuda.py runs the
-    real thing where there is one."""
+    write exactly the bytes of the CPU path, also with --dtype, whose conversions of
+    unadapted tensors go through the same chunks. CI has no GPU; tests/test_cuda.py
+    runs the real thing where there is one."""
     import contextlib
 
     import torch
@@ -662,11 +664,16 @@ def test_cuda_staging_logic_on_the_cpu(
         def synchronize(self) -> None: ...
 
     adapter = [llama_plain_case.adapter_dir]
-    merge(llama_sharded_base_dir, adapter, tmp_path / "host", device="cpu")
+    merge(llama_sharded_base_dir, adapter, tmp_path / "host", device="cpu", dtype=dtype)
     monkeypatch.setattr(torch.cuda, "Event", Event)
     monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
     monkeypatch.setattr(merge_module, "staging_for", lambda device, *_: staging.CudaStaging(device, chunk_bytes=64))
-    merge(llama_sharded_base_dir, adapter, tmp_path / "chunked", device="cpu")
+    loads = []
+    real_load = staging.CudaStaging.load
+    monkeypatch.setattr(staging.CudaStaging, "load", lambda self, src, name, reuse=True: loads.append(name) or real_load(self, src, name, reuse))
+    merge(llama_sharded_base_dir, adapter, tmp_path / "chunked", device="cpu", dtype=dtype)
+    if dtype != "keep":  # every tensor is converted, and came through the staging
+        assert "model.embed_tokens.weight" in loads
     shards = sorted(p.name for p in (tmp_path / "host").glob("*.safetensors"))
     assert len(shards) > 1
     for name in shards:
