@@ -298,8 +298,8 @@ def _forward_error(
         base = base64.reshape(actual.shape[0], -1)
         reference = x @ (base.T if transposed else base).T
         for target, weight in plan.layers:
-            a = torch.from_numpy(target.layer.a_matrix).to(torch.float64)
-            b = torch.from_numpy(target.layer.b_matrix).to(torch.float64)
+            a = factor_tensor(target.layer.a_matrix, "cpu", torch.float64)
+            b = factor_tensor(target.layer.b_matrix, "cpu", torch.float64)
             reference = reference + ((x @ a.T) @ b.T) * (target.layer.scale * weight)
     else:
         full = expected.reshape(expected.shape[0], -1)

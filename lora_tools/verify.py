@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from lora_tools.checkpoint import BaseCheckpoint
+from lora_tools.dense import factors_on
 from lora_tools.errors import FormatError
 from lora_tools.plan import TensorPlan, make_plan
 from lora_tools.tensor_check import K_SIGMAS, TensorCheck, check_tensor
@@ -98,7 +99,8 @@ def verify(
     seed: int = 0,
 ) -> VerifyReport:
     """Check `merged_path` against BASE + Σ wᵢ·ΔWᵢ; see the module docstring."""
-    plan = make_plan(base_path, adapter_paths, weights, alpha=alpha)
+    # factors as stored (bf16 at half the size of float32), widened per use like merge's
+    plan = make_plan(base_path, adapter_paths, weights, alpha=alpha, place=factors_on(torch.device("cpu")))
     try:
         with BaseCheckpoint.open(merged_path) as merged:
             report = VerifyReport(
