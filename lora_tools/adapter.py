@@ -4,10 +4,10 @@ Nothing downstream of `lora_tools.formats` knows which file format an adapter ca
 from: it sees `LoraLayer`s keyed by the module path they adapt in the base model, and
 `Adapter.full_tensors` for whole tensors that replace the base's (modules_to_save).
 Factors are numpy arrays in a float dtype that holds the stored values exactly
-(bf16 and fp16 are widened to float32), and `dtype` remembers what was stored. A merge
-loads them as torch tensors on its compute device instead (`formats.source.Place`), so
-the code on that path (fitting, `dense`) only uses what both kinds have: shape, ndim,
-reshape.
+(bf16 and fp16 are widened to float32), and `dtype` remembers what was stored. merge
+and verify load them as torch tensors in the stored dtype instead, on the compute device
+(`formats.source.Place`), so the code on their path (fitting, `dense`, the checks) only
+uses what both kinds have: shape, ndim, reshape, and `dense.factor_tensor` to widen.
 """
 
 from __future__ import annotations
