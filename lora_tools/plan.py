@@ -19,8 +19,8 @@ from lora_tools.checkpoint import BaseCheckpoint
 from lora_tools.errors import FormatError, MismatchError, UsageError
 from lora_tools.fitting import LayerTarget, fit_to_base
 from lora_tools.formats import load_adapter
-from lora_tools.formats.source import Place, keep_numpy
 from lora_tools.formats.resolve import resolve_names
+from lora_tools.formats.source import Place, keep_numpy
 from lora_tools.safetensors_file import FLOAT_DTYPES
 
 
@@ -118,8 +118,8 @@ def make_plan(
 ) -> MergePlan:
     """Open the base and every adapter, and bind them; the caller closes the plan.
 
-    `place`: what the plan holds of each factor (numpy arrays by default; merge asks for
-    torch tensors on its compute device)."""
+    `place`: what the plan holds of each factor (numpy arrays by default; merge and
+    verify ask for torch tensors on their compute device)."""
     if not adapter_paths:
         raise UsageError(None, "no adapter given")
     weights = normalize_weights(weights, len(adapter_paths), Path(adapter_paths[0]))

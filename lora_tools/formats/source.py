@@ -10,8 +10,8 @@ import os
 import pickle
 import re
 import warnings
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -21,8 +21,8 @@ from lora_tools.safetensors_file import SafetensorsFile
 
 
 # What a reader keeps of a checked factor: (array read as numpy, stored dtype code) -> the
-# object the `LoraLayer` holds. Inspect and blend keep the numpy array; merge keeps a
-# torch tensor in the stored dtype on its compute device, so that a GPU merge never holds
+# object the `LoraLayer` holds. Inspect and blend keep the numpy array; merge and verify
+# keep a torch tensor in the stored dtype on the compute device, so that a GPU merge never holds
 # the whole adapter in host memory (an 8B r=16 adapter is 168 MB of float32) and a CPU
 # merge holds bf16 factors at half the size.
 Place = Callable[[np.ndarray, str], Any]
