@@ -718,3 +718,20 @@ def test_merge_plan_holds_factors_as_stored_on_the_device(kind, peft_case_factor
     finally:
         plan.close()
         reference.close()
+
+
+@pytest.mark.parametrize("kind", ["llama_bf16", "llama_dora"])
+def test_legacy_bin_adapter_merges_like_safetensors(kind, peft_case_factory, tmp_path: Path) -> None:
+    """An adapter_model.bin (torch.load, weights_only) goes through the same loading as
+    safetensors, factors placed as stored: the merged files are byte for byte the same."""
+    case = peft_case_factory(kind)
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    shutil.copy(case.adapter_dir / "adapter_config.json", legacy)
+    torch.save(load_file(case.adapter_file), legacy / "adapter_model.bin")
+    merge(case.base_dir, [case.adapter_dir], tmp_path / "from-safetensors", device="cpu")
+    merge(case.base_dir, [legacy], tmp_path / "from-bin", device="cpu")
+    shards = sorted(p.name for p in (tmp_path / "from-safetensors").glob("*.safetensors"))
+    assert shards
+    for name in shards:
+        assert (tmp_path / "from-bin" / name).read_bytes() == (tmp_path / "from-safetensors" / name).read_bytes(), name
