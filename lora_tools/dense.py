@@ -39,7 +39,7 @@ def factors_on(device: torch.device) -> Callable[[np.ndarray, str], torch.Tensor
     from lora_tools.torch_dtypes import torch_dtype
 
     def place(array: np.ndarray, code: str) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(array)).to(device=device, dtype=torch_dtype(code))
+        return factor_tensor(array, device, torch_dtype(code))
 
     return place
 

@@ -689,13 +689,9 @@ def test_merge_plan_holds_factors_as_stored_on_the_device(kind, peft_case_factor
 
     from lora_tools.dense import factors_on
     from lora_tools.plan import make_plan
-    from lora_tools.safetensors_file import SafetensorsFile
     from lora_tools.torch_dtypes import torch_dtype
 
     case = peft_case_factory(kind)
-    stored = SafetensorsFile(case.adapter_file)
-    codes = {key: stored.info(key).dtype for key in stored.keys()}
-    stored.close()
     plan = make_plan(case.base_dir, [case.adapter_dir], place=factors_on(torch.device("cpu")))
     reference = make_plan(case.base_dir, [case.adapter_dir])
     try:
@@ -707,7 +703,6 @@ def test_merge_plan_holds_factors_as_stored_on_the_device(kind, peft_case_factor
         for key, tensor in plan.adapters[0].full_tensors.items():
             held.append((tensor, reference.adapters[0].full_tensors[key], plan.adapters[0].full_tensor_dtypes[key]))
         assert held
-        assert set(plan.adapters[0].layers[0].source_keys) <= set(codes)
         for factor, ref_factor, code in held:
             assert isinstance(factor, torch.Tensor)
             assert isinstance(ref_factor, np.ndarray)
