@@ -8,7 +8,9 @@ variant runs in its own subprocess:
                           new folder (read every tensor once, write it once)
   cp -r                   a plain byte copy of the folder, for scale
   lora-tools merge cpu    python -m lora_tools merge BASE ADAPTER -o OUT --device cpu -q
-  lora-tools merge cuda   the same with --device cuda (only when torch sees a GPU)
+  lora-tools merge cuda   the same with --device cuda (only when torch sees a GPU), and
+                          once a process with only torch, CUDA, cuBLAS and 32 MB pinned
+                          (the host memory floor of any CUDA merge)
   PEFT                    AutoModelForCausalLM.from_pretrained(BASE, bf16) →
                           PeftModel.from_pretrained → merge_and_unload → save_pretrained
                           (max_shard_size as the base's)
@@ -54,6 +56,19 @@ FLOOR_SCRIPT = textwrap.dedent('''
             tensors = load_file(os.path.join(src, name))
             save_file(tensors, os.path.join(dst, name), metadata={"format": "pt"})
             del tensors
+''')
+
+# The host memory any CUDA merge pays before doing anything of its own: the interpreter,
+# torch, the CUDA context and cuBLAS (one small matmul of the merge's kind), and the same
+# 32 MB of pinned memory lora-tools stages through. lora-tools' own share on a GPU is its
+# peak RSS minus this, measured in the same run.
+CUDA_RUNTIME_SCRIPT = textwrap.dedent('''
+    import numpy, torch
+    b = torch.randn(4096, 16, device="cuda")
+    a = torch.randn(16, 4096, device="cuda")
+    pinned = [torch.empty(8 << 20, dtype=torch.uint8, pin_memory=True) for _ in range(4)]
+    pinned[0][:4096].copy_(((b @ a) + 1).to(torch.bfloat16).reshape(-1).view(torch.uint8)[:4096])
+    torch.cuda.synchronize()
 ''')
 
 PEFT_SCRIPT = textwrap.dedent('''
@@ -283,6 +298,11 @@ def main(argv: list[str] | None = None) -> int:
                     bu.lora_tools("merge", base, adapter, "-o", work / "out-lt-cpu", "--device", "cpu", "-q"),
                     work / "out-lt-cpu", round_index, keep_for_compare=last)
             if has_cuda and not args.skip_cuda:
+                if round_index == 0:
+                    runtime = bu.measure([sys.executable, "-c", CUDA_RUNTIME_SCRIPT], timeout_s=args.timeout)
+                    results["cuda_runtime_floor"] = runtime.as_dict()
+                    print(f"- torch + CUDA + cuBLAS + 32 MB pinned, nothing else: peak RSS {bu.fmt(runtime.peak_mb)} MB "
+                          f"({', '.join(f'{k} {v:.0f}' for k, v in runtime.at_peak_rss.items())}), exit {runtime.rc}")
                 variant("lora-tools merge --device cuda",
                         bu.lora_tools("merge", base, adapter, "-o", work / "out-lt-cuda", "--device", "cuda", "-q"),
                         work / "out-lt-cuda", round_index, keep_for_compare=last)
@@ -306,6 +326,12 @@ def main(argv: list[str] | None = None) -> int:
         print(bu.table(["variant", "runs", "wall s", "sync s", "wall+sync s", "min-max", "× floor",
                         "peak RSS MB (polled)", "peak RSS MB (kernel)", "peak anon MB", "anon / largest"],
                        rows, title=title))
+        runtime_floor = results.get("cuda_runtime_floor")
+        cuda_runs = [r for r in runs if r["variant"] == "lora-tools merge --device cuda" and r["rc"] == 0]
+        if runtime_floor and runtime_floor["rc"] == 0 and cuda_runs:
+            peak = max(r["peak_mb"] for r in cuda_runs)
+            print(f"\nCUDA merge host memory: peak RSS {peak:,.0f} MB, of which the torch + CUDA runtime floor "
+                  f"{runtime_floor['peak_mb']:,.0f} MB; lora-tools' own share {peak - runtime_floor['peak_mb']:,.0f} MB")
         peft_run = next((r for r in runs if r["variant"].startswith("PEFT") and r.get("phases")), None)
         if peft_run:
             print("\nPEFT phases (s): " + ", ".join(f"{k.removesuffix('_s')} {v:.1f}" for k, v in peft_run["phases"].items()))
