@@ -189,8 +189,7 @@ def run_variant(label: str, cmd: list[str], base: Path, *, timeout_s: float | No
     if m.rc != 0:
         print(f"  FAILED (exit status {m.rc}):\n{textwrap.indent(m.stderr[-3000:], '    ')}")
     else:
-        parts = ", ".join(f"{k} {v:.0f}" for k, v in m.at_peak_rss.items())
-        print(f"  {m.wall_s:.1f} s (+{sync:.1f} s sync), peak RSS {bu.fmt(m.peak_mb)} MB ({parts}), "
+        print(f"  {m.wall_s:.1f} s (+{sync:.1f} s sync), peak RSS {bu.fmt(m.peak_mb)} MB ({m.rss_parts}), "
               f"peak anon {bu.fmt(m.peak_anon_mb)} MB at {bu.fmt(m.peak_anon_at_s)} s", flush=True)
     return result
 
@@ -302,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
                     runtime = bu.measure([sys.executable, "-c", CUDA_RUNTIME_SCRIPT], timeout_s=args.timeout)
                     results["cuda_runtime_floor"] = runtime.as_dict()
                     print(f"- torch + CUDA + cuBLAS + 32 MB pinned, nothing else: peak RSS {bu.fmt(runtime.peak_mb)} MB "
-                          f"({', '.join(f'{k} {v:.0f}' for k, v in runtime.at_peak_rss.items())}), exit {runtime.rc}")
+                          f"({runtime.rss_parts}), exit {runtime.rc}")
                 variant("lora-tools merge --device cuda",
                         bu.lora_tools("merge", base, adapter, "-o", work / "out-lt-cuda", "--device", "cuda", "-q"),
                         work / "out-lt-cuda", round_index, keep_for_compare=last)

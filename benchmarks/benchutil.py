@@ -181,6 +181,11 @@ class Measured:
     stderr: str = field(repr=False, default="")
 
     @property
+    def rss_parts(self) -> str:
+        """The parts of RSS at its peak, for a progress line: "RssAnon 502, RssFile 88, ..."."""
+        return ", ".join(f"{k} {v:.0f}" for k, v in self.at_peak_rss.items())
+
+    @property
     def peak_mb(self) -> float | None:
         """The best peak-RSS figure: the kernel's (ru_maxrss / VmHWM), else the polled."""
         kernel = [v for v in (self.maxrss_mb, self.hwm_mb) if v is not None]
@@ -270,10 +275,9 @@ TIMELINE_POINTS = 200
 
 def _thinned(timeline: list[tuple[float, float, float]]) -> list[tuple[float, float, float]]:
     """Every k-th sample, plus the samples of peak RSS and peak anonymous memory."""
-    if len(timeline) <= TIMELINE_POINTS:
-        return [tuple(round(v, 3) for v in point) for point in timeline]  # type: ignore[misc]
-    step = math.ceil(len(timeline) / TIMELINE_POINTS)
-    keep = set(range(0, len(timeline), step))
+    if not timeline:
+        return []
+    keep = set(range(0, len(timeline), math.ceil(len(timeline) / TIMELINE_POINTS)))
     keep.add(max(range(len(timeline)), key=lambda i: timeline[i][1]))
     keep.add(max(range(len(timeline)), key=lambda i: timeline[i][2]))
     return [tuple(round(v, 3) for v in timeline[i]) for i in sorted(keep)]  # type: ignore[misc]
