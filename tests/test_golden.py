@@ -81,6 +81,7 @@ def _masked(text: str, root: Path) -> str:
     """Paths under ROOT, wall-clock figures masked; JSON floats to 9 significant digits
     (their last bits depend on BLAS blocking, not on lora-tools)."""
     text = text.replace(str(root), "ROOT")
+    text = re.sub(r"^ +(\S.*ROOT.*?) *$", r"\1", text, flags=re.M)  # a title centred on a path's length
     text = re.sub(r"in \d+\.\d+ s", "in X s", text)  # merge's wall-clock summary
     text = re.sub(r"; \d+\.\d+ s$", "; X s", text, flags=re.M)  # blend's
     text = re.sub(r'"seconds": [0-9.e+-]+', '"seconds": X', text)
