@@ -67,12 +67,12 @@ def inspect_command(
         lora-tools inspect ./my-adapter --plot report.png
     """
     from lora_tools.inspect import inspect_adapter
-    from lora_tools.report import render_inspect, to_json_text
+    from lora_tools.render.tables import render_inspect, to_json_text
 
     try:
         report = inspect_adapter(adapter, base_path=base, alpha=alpha)
         if plot_path is not None:
-            from lora_tools.plot import save_plot
+            from lora_tools.render.plot import save_plot
 
             save_plot(report, plot_path)
     except LoraToolsError as error:
@@ -171,8 +171,8 @@ def _run_verify(
     base: str, adapters: list[str], merged: str, weights: list[float], alpha: float | None,
     atol: float | None, rtol: float | None, as_json: bool, show_all: bool = False,
 ) -> None:
-    from lora_tools.report import render_verify, to_json_text
-    from lora_tools.verify import verify
+    from lora_tools.render.tables import render_verify, to_json_text
+    from lora_tools.verify.operation import verify
 
     try:
         report = verify(base, adapters, merged, weights=weights or None, atol=atol, rtol=rtol, alpha=alpha)
@@ -245,8 +245,8 @@ def blend_command(
         lora-tools blend a/ b/ c/ --weight 1 --weight 1 --weight -0.5 --method cat -o sum/
         lora-tools blend a/ b/ --weight 0.5 --energy 0.99 -o small/
     """
-    from lora_tools.blend import blend
-    from lora_tools.report import render_blend, to_json_text
+    from lora_tools.blend.operation import blend
+    from lora_tools.render.tables import render_blend, to_json_text
 
     try:
         report = blend(

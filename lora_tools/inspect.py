@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from lora_tools import lowrank
+from lora_tools.linalg import factored as lowrank
 from lora_tools.adapter import Adapter, LoraLayer
 from lora_tools.errors import FormatError
 from lora_tools.formats import load_adapter
@@ -235,9 +235,9 @@ def inspect_adapter(
 
 def _against_base(adapter: Adapter, base_path: str | os.PathLike[str]) -> tuple[Adapter, dict[str, float]]:
     """Resolve names against the base, check every layer fits, and measure ‖W0‖_F."""
-    from lora_tools.checkpoint import BaseCheckpoint
-    from lora_tools.fitting import fit_to_base
-    from lora_tools.formats.resolve import resolve_names
+    from lora_tools.io.checkpoint import BaseCheckpoint
+    from lora_tools.engine.binding import fit_to_base
+    from lora_tools.formats.names import resolve_names
 
     with BaseCheckpoint.open(base_path) as base:
         adapter = resolve_names(adapter, base.module_paths(), os.fspath(base_path))

@@ -19,15 +19,15 @@ from typing import Any, Protocol
 
 import torch
 
-from lora_tools.atomic import atomic_output, copy_extra_files, wrap_write_errors
-from lora_tools.dense import apply_bias, apply_layer, factor_tensor, factors_on, merge_rows_into
+from lora_tools.io.atomic import atomic_output, copy_extra_files, wrap_write_errors
+from lora_tools.linalg.dense import apply_bias, apply_layer, factor_tensor, factors_on, merge_rows_into
 from lora_tools.errors import FormatError, LoraToolsError, UsageError
-from lora_tools.output import SafetensorsStreamWriter, file_layout
-from lora_tools.pipeline import OrderedWriter, prefetched
-from lora_tools.plan import MergePlan, TensorPlan, make_plan
-from lora_tools.safetensors_file import DTYPE_ITEMSIZE, FLOAT_DTYPES, SafetensorsFile
-from lora_tools.staging import ByteRing, staging_for
-from lora_tools.torch_dtypes import DTYPE_ALIASES, torch_dtype
+from lora_tools.io.stream_writer import SafetensorsStreamWriter, file_layout
+from lora_tools.engine.pipeline import OrderedWriter, prefetched
+from lora_tools.engine.plan import MergePlan, TensorPlan, make_plan
+from lora_tools.io.safetensors_file import DTYPE_ITEMSIZE, FLOAT_DTYPES, SafetensorsFile
+from lora_tools.engine.staging import ByteRing, staging_for
+from lora_tools.io.dtypes import DTYPE_ALIASES, torch_dtype
 
 INDEX_NAME = "model.safetensors.index.json"
 # Row blocks of about this many elements (16 MiB of float32) on the CPU: large enough

@@ -28,9 +28,9 @@ from safetensors.numpy import load_file as load_numpy
 
 from builders import PeftCase
 from cli_run import run_cli
-from lora_tools.blend import blend, blend_adapters
-from lora_tools.blend_dense import keep_mask, refactor
-from lora_tools.blend_math import factored_svd, orthonormal_factor
+from lora_tools.blend.operation import blend, blend_adapters
+from lora_tools.blend.dense import keep_mask, refactor
+from lora_tools.blend.factored import factored_svd, orthonormal_factor
 from lora_tools.formats import load_adapter
 from lora_tools.formats.writers import float32_to_bf16_bits
 
@@ -336,7 +336,7 @@ def test_dense_methods_on_cuda_match_cpu(inputs: dict[str, Path], method: str) -
 
 def test_randomized_svd_is_near_optimal() -> None:
     """Layers above EXACT_SVD_MAX_DIM use a seeded randomized SVD: near the optimum, reproducible."""
-    import lora_tools.blend_dense as dense
+    import lora_tools.blend.dense as dense
 
     gen = torch.Generator().manual_seed(0)
     matrix = (torch.randn(300, 12, generator=gen, dtype=torch.float64) * (0.7 ** torch.arange(12.0, dtype=torch.float64))) \
@@ -561,7 +561,7 @@ def test_single_threaded_blas_restores_the_thread_count() -> None:
     """The factored blend runs OpenBLAS on one thread and gives the setting back (where it can)."""
     import ctypes
 
-    from lora_tools.blend_math import single_threaded_blas
+    from lora_tools.blend.factored import single_threaded_blas
 
     paths = sorted({line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines()
                     if "openblas" in line.lower() and ".so" in line}) if Path("/proc/self/maps").exists() else []

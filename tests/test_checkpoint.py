@@ -12,11 +12,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lora_tools import filesink
-from lora_tools.checkpoint import BaseCheckpoint
+from lora_tools.io import output_file as filesink
+from lora_tools.io.checkpoint import BaseCheckpoint
 from lora_tools.errors import FormatError, LoraToolsError, MismatchError
-from lora_tools.output import SafetensorsStreamWriter, file_layout
-from lora_tools.safetensors_file import SafetensorsFile
+from lora_tools.io.stream_writer import SafetensorsStreamWriter, file_layout
+from lora_tools.io.safetensors_file import SafetensorsFile
 
 
 def _tensors(seed: int = 0) -> dict[str, torch.Tensor]:

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from lora_tools.merge import merge
-from lora_tools.verify import verify
+from lora_tools.verify.operation import verify
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -78,7 +78,7 @@ def test_small_pinned_chunks_give_the_same_bytes(
     """Tensors that take many chunks through the two pinned buffers each way (reused
     while the GPU still copies from them) come out as with one chunk per tensor, and on
     a sharded base, with --dtype (a conversion only) as well."""
-    from lora_tools import staging
+    from lora_tools.engine import staging
 
     adapter = [llama_plain_case.adapter_dir]
     merge(llama_sharded_base_dir, adapter, tmp_path / "big", device="cuda", dtype=dtype)

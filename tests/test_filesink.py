@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from lora_tools import filesink
-from lora_tools.filesink import OutputFile, SourceReadError
+from lora_tools.io import output_file as filesink
+from lora_tools.io.output_file import OutputFile, SourceReadError
 
 MODES = ["direct", "buffered"]
 

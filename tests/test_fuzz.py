@@ -35,9 +35,9 @@ from lora_tools.errors import LoraToolsError
 from lora_tools.formats import load_adapter
 from lora_tools.inspect import inspect_adapter
 from lora_tools.merge import merge
-from lora_tools.report import to_json_text
-from lora_tools.safetensors_file import SafetensorsFile
-from lora_tools.verify import verify
+from lora_tools.render.tables import to_json_text
+from lora_tools.io.safetensors_file import SafetensorsFile
+from lora_tools.verify.operation import verify
 
 FAST = settings(deadline=None, max_examples=250, suppress_health_check=[HealthCheck.too_slow])
 SLOW = settings(deadline=None, max_examples=3000, suppress_health_check=[HealthCheck.too_slow])

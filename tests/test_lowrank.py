@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lora_tools import lowrank as lr
+from lora_tools.linalg import factored as lr
 
 DTYPES = (np.float16, np.float32, np.float64)
 # How the factors are made degenerate; "cancel" makes B·A exactly zero with non-zero factors.

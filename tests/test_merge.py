@@ -640,7 +640,7 @@ def test_row_blocked_merge_is_bit_identical_to_peft(kind, peft_case_factory, mon
     adapted = [k for k in ours if "proj" in k]
     assert adapted
     if not gemm_rows_invariant():  # this BLAS rounds 3-row GEMMs otherwise (tests/blas_rows.py):
-        from lora_tools.verify import verify  # hold each element to verify's rounding bound instead
+        from lora_tools.verify.operation import verify  # hold each element to verify's rounding bound instead
 
         report = verify(case.base_dir, [case.adapter_dir], tmp_path / "out")
         assert report.equivalent and {t.verdict for t in report.tensors} == {"ok"}, report
@@ -663,7 +663,7 @@ def test_cuda_staging_logic_on_the_cpu(
     import torch
 
     import lora_tools.merge as merge_module
-    from lora_tools import staging
+    from lora_tools.engine import staging
 
     class Event:  # CPU copies are synchronous: nothing to wait for
         def record(self) -> None: ...
@@ -694,9 +694,9 @@ def test_merge_plan_holds_factors_as_stored_on_the_device(kind, peft_case_factor
     CPU one holds bf16 at half the size); the values must be the file's exactly."""
     import numpy as np
 
-    from lora_tools.dense import factors_on
-    from lora_tools.plan import make_plan
-    from lora_tools.torch_dtypes import torch_dtype
+    from lora_tools.linalg.dense import factors_on
+    from lora_tools.engine.plan import make_plan
+    from lora_tools.io.dtypes import torch_dtype
 
     case = peft_case_factory(kind)
     plan = make_plan(case.base_dir, [case.adapter_dir], place=factors_on(torch.device("cpu")))

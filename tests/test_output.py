@@ -18,12 +18,12 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from lora_tools.atomic import OLD_MARKER, TMP_MARKER, atomic_output, copy_extra_files, wrap_write_errors
-from lora_tools.checkpoint import BaseCheckpoint
+from lora_tools.io.atomic import OLD_MARKER, TMP_MARKER, atomic_output, copy_extra_files, wrap_write_errors
+from lora_tools.io.checkpoint import BaseCheckpoint
 from lora_tools.errors import LoraToolsError, Terminated, UsageError
-from lora_tools.output import SafetensorsStreamWriter, StreamWriterError, build_header, file_layout, safetensors_order
-from lora_tools.safetensors_file import SafetensorsFile
-from lora_tools.torch_dtypes import safetensors_code
+from lora_tools.io.stream_writer import SafetensorsStreamWriter, StreamWriterError, build_header, file_layout, safetensors_order
+from lora_tools.io.safetensors_file import SafetensorsFile
+from lora_tools.io.dtypes import safetensors_code
 
 
 def _mixed(seed: int = 0) -> dict[str, torch.Tensor]:

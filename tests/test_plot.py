@@ -8,10 +8,10 @@ import sys
 import numpy as np
 import pytest
 
-from lora_tools import lowrank
+from lora_tools.linalg import factored as lowrank
 from lora_tools.errors import LoraToolsError
 from lora_tools.inspect import AdapterSummary, Coverage, InspectReport, LayerReport, flag_layers, module_type
-from lora_tools.plot import save_plot
+from lora_tools.render.plot import save_plot
 
 # A matplotlib warning (missing glyph, singular limits, layout failure) is a plotting bug.
 pytestmark = pytest.mark.filterwarnings("error")
@@ -145,5 +145,5 @@ def test_unwritable_path_names_the_file(tmp_path):
 
 
 def test_import_does_not_load_matplotlib():
-    code = "import lora_tools.plot, sys; assert 'matplotlib' not in sys.modules"
+    code = "import lora_tools.render.plot, sys; assert 'matplotlib' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -392,8 +392,8 @@ SMALL_BLOCK = 200  # elements: 3 rows of a 64-wide weight, so 64 rows = 20 block
 
 def _both_paths(monkeypatch: pytest.MonkeyPatch, *args: object, **kwargs: object) -> tuple[object, object, int]:
     """(report by row blocks, report by the whole-tensor check, tensors the blocks judged)."""
-    from lora_tools import verify as verify_module
-    from lora_tools import verify_math
+    from lora_tools.verify import operation as verify_module
+    from lora_tools.verify import block_math as verify_math
 
     judged = []
     real = verify_module.check_plain_tensor
@@ -502,8 +502,8 @@ def test_row_blocks_leave_other_layers_to_the_whole_tensor_check(
 
 def test_block_ulp_is_tensor_check_ulp_bit_for_bit() -> None:
     """The float64 bit trick reproduces _ulp's float32 rounding, at binade edges too."""
-    from lora_tools.tensor_check import _ulp
-    from lora_tools.verify_math import row_blocks, ulp_into
+    from lora_tools.verify.tensor_check import _ulp
+    from lora_tools.verify.block_math import row_blocks, ulp_into
 
     powers = torch.exp2(torch.arange(-150, 20, dtype=torch.float64))
     edges = torch.cat([powers * f for f in (1.0, 1 - 2.0**-25, 1 - 2.0**-24, (1 - 2.0**-25) * (1 + 2.0**-40),
@@ -521,8 +521,8 @@ def test_block_ulp_is_tensor_check_ulp_bit_for_bit() -> None:
 def test_block_reader_names_a_file_cut_short_after_it_was_opened(tmp_path: Path) -> None:
     """The header promised the bytes; a file truncated since is a FormatError naming it."""
     from lora_tools.errors import FormatError
-    from lora_tools.safetensors_file import SafetensorsFile
-    from lora_tools.verify_blocks import BlockReader
+    from lora_tools.io.safetensors_file import SafetensorsFile
+    from lora_tools.verify.blocks import BlockReader
 
     path = tmp_path / "w.safetensors"
     save_file({"w": torch.arange(64 * 8, dtype=torch.float32).reshape(64, 8)}, path)

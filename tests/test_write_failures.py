@@ -31,8 +31,8 @@ from typing import Any
 
 import pytest
 
-import lora_tools.filesink
-import lora_tools.output
+import lora_tools.io.output_file
+import lora_tools.io.stream_writer
 from builders import KohyaCase, PeftCase
 from lora_tools.cli import main
 from lora_tools.errors import LoraToolsError
@@ -144,7 +144,7 @@ def _full_disk(monkeypatch: pytest.MonkeyPatch, disk: _Disk) -> None:
     def opened(*args: Any, **kwargs: Any) -> Any:
         return _FileOnDisk(open(*args, **kwargs), disk)
 
-    monkeypatch.setattr(lora_tools.filesink, "open", opened, raising=False)
+    monkeypatch.setattr(lora_tools.io.output_file, "open", opened, raising=False)
 
 
 @pytest.fixture(scope="module")
@@ -310,7 +310,7 @@ def test_file_size_limit_in_a_real_process(targets: dict[str, Target], output_by
 # test (a ready file), and sleeps: the signal then lands with the temporary half written.
 _PAUSED_CHILD = r"""
 import sys, time
-import lora_tools.output as output
+import lora_tools.io.stream_writer as output
 ready, args = sys.argv[1], sys.argv[2:]
 write, calls = output.SafetensorsStreamWriter._raw_write, [0]
 

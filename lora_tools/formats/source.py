@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from lora_tools.errors import FormatError
-from lora_tools.safetensors_file import SafetensorsFile
+from lora_tools.io.safetensors_file import SafetensorsFile
 
 
 # What a reader keeps of a checked factor: (array read as numpy, stored dtype code) -> the
@@ -92,7 +92,7 @@ class TorchPickleSource:
     """
 
     def __init__(self, path: Path, place: Place = keep_numpy) -> None:
-        from lora_tools.torch_dtypes import safetensors_code
+        from lora_tools.io.dtypes import safetensors_code
 
         import torch
 

@@ -27,7 +27,7 @@ import numpy as np
 from lora_tools.adapter import LoraLayer
 from lora_tools.formats.kohya import KOHYA_PREFIXES
 from lora_tools.formats.peft import PEFT_PREFIX
-from lora_tools.output import SafetensorsStreamWriter, safetensors_order
+from lora_tools.io.stream_writer import SafetensorsStreamWriter, safetensors_order
 
 __all__ = ["encode_array", "float32_to_bf16_bits", "write_kohya", "write_peft_adapter", "write_safetensors"]
 

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lora_tools.fitting import LayerTarget
+from lora_tools.engine.binding import LayerTarget
 
 
 def factor_tensor(array: np.ndarray | torch.Tensor, device: Any, dtype: torch.dtype) -> torch.Tensor:
@@ -36,7 +36,7 @@ def factors_on(device: torch.device) -> Callable[[np.ndarray, str], torch.Tensor
     use by `factor_tensor`. The host never holds the adapter as a whole in float32: on a
     GPU the factors go over one by one as they are read, on the CPU bf16 ones take half
     the memory (float32 ones share numpy's memory, nothing is copied)."""
-    from lora_tools.torch_dtypes import torch_dtype
+    from lora_tools.io.dtypes import torch_dtype
 
     def place(array: np.ndarray, code: str) -> torch.Tensor:
         return factor_tensor(array, device, torch_dtype(code))

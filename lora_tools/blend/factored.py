@@ -23,7 +23,7 @@ from functools import cached_property
 
 import numpy as np
 
-from lora_tools import lowrank
+from lora_tools.linalg import factored as lowrank
 from lora_tools.adapter import LoraLayer
 
 # Eigen-directions of XᵀX below this share of the largest are too close to the Gram

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from lora_tools.adapter import Adapter
-from lora_tools.blend_math import Term
+from lora_tools.blend.factored import Term
 from lora_tools.errors import MismatchError, UsageError
 
 METHODS = ("cat", "svd", "linear", "ties", "dare_linear", "dare_ties")

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lora_tools.safetensors_file import pread_into
+from lora_tools.io.safetensors_file import pread_into
 
 # Direct I/O needs buffer address, file offset and length aligned to the device's logical
 # block size; 4 KiB covers every common disk.

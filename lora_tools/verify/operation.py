@@ -24,13 +24,13 @@ from typing import Any
 
 import torch
 
-from lora_tools.checkpoint import BaseCheckpoint
-from lora_tools.dense import factors_on
+from lora_tools.io.checkpoint import BaseCheckpoint
+from lora_tools.linalg.dense import factors_on
 from lora_tools.errors import FormatError
-from lora_tools.plan import TensorPlan, make_plan
-from lora_tools.tensor_check import K_SIGMAS, TensorCheck, check_tensor
-from lora_tools.verify_blocks import BlockReader, bytes_equal, check_plain_tensor, converted_equal
-from lora_tools.verify_math import Workspace
+from lora_tools.engine.plan import TensorPlan, make_plan
+from lora_tools.verify.tensor_check import K_SIGMAS, TensorCheck, check_tensor
+from lora_tools.verify.blocks import BlockReader, bytes_equal, check_plain_tensor, converted_equal
+from lora_tools.verify.block_math import Workspace
 
 __all__ = ["K_SIGMAS", "TensorCheck", "VerifyReport", "check_tensor", "describe", "verify", "verify_summary_line"]
 

@@ -15,13 +15,13 @@ from typing import Any
 import numpy as np
 
 from lora_tools.adapter import Adapter
-from lora_tools.checkpoint import BaseCheckpoint
+from lora_tools.io.checkpoint import BaseCheckpoint
 from lora_tools.errors import FormatError, MismatchError, UsageError
-from lora_tools.fitting import LayerTarget, fit_to_base
+from lora_tools.engine.binding import LayerTarget, fit_to_base
 from lora_tools.formats import load_adapter
-from lora_tools.formats.resolve import resolve_names
+from lora_tools.formats.names import resolve_names
 from lora_tools.formats.source import Place, keep_numpy
-from lora_tools.safetensors_file import FLOAT_DTYPES
+from lora_tools.io.safetensors_file import FLOAT_DTYPES
 
 
 @dataclass

@@ -17,10 +17,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from lora_tools.checkpoint import SupportsWrite
+from lora_tools.io.checkpoint import SupportsWrite
 from lora_tools.errors import FormatError
-from lora_tools.filesink import OutputFile, SourceReadError
-from lora_tools.safetensors_file import DTYPE_ITEMSIZE, SafetensorsFile
+from lora_tools.io.output_file import OutputFile, SourceReadError
+from lora_tools.io.safetensors_file import DTYPE_ITEMSIZE, SafetensorsFile
 
 # (name, safetensors dtype code, shape): all a header needs to know about a tensor.
 Entry = tuple[str, str, Sequence[int]]
@@ -222,7 +222,7 @@ class SafetensorsStreamWriter:
         """
         import torch
 
-        from lora_tools.torch_dtypes import safetensors_code
+        from lora_tools.io.dtypes import safetensors_code
 
         self._begin(name)  # order first, so the message says what went wrong
         _, dtype, shape = self.entries[self._next]

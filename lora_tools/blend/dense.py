@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lora_tools import lowrank
+from lora_tools.linalg import factored as lowrank
 
 # Layers whose smaller side is at most this use an exact SVD; larger ones a seeded
 # randomized SVD (Halko et al. 2011) with OVERSAMPLE extra columns and POWER_ITERS power

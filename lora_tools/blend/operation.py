@@ -32,10 +32,10 @@ from typing import Any
 import numpy as np
 
 from lora_tools.adapter import Adapter, LoraLayer
-from lora_tools.blend_inputs import (
+from lora_tools.blend.inputs import (
     DENSE_METHODS, DTYPES, align_layers, base_copies, blend_full_tensors, check_inputs, check_options, resolve_weights,
 )
-from lora_tools.blend_math import Term, blend_factored, single_threaded_blas
+from lora_tools.blend.factored import Term, blend_factored, single_threaded_blas
 from lora_tools.errors import LoraToolsError, UsageError
 
 # PEFT config fields that decide which modules an adapter creates: copied to the
@@ -166,7 +166,7 @@ def blend_adapters(
     recipe = _Recipe(method, rank, energy, float(density or 1.0), seed, bool(normalize), [a.path for a in adapters],
                      compute_dtype=compute_dtype)
     if method in DENSE_METHODS:
-        from lora_tools import blend_dense
+        from lora_tools.blend import dense as blend_dense
 
         recipe.dense, recipe.device = blend_dense, blend_dense.resolve_device(device)
         recipe.normalize = blend_dense.DEFAULT_NORMALIZE[method] if normalize is None else normalize
@@ -287,7 +287,7 @@ def blend(
     """Read the inputs, blend them, write OUT atomically, and report per layer."""
     from lora_tools.formats import load_adapter
     from lora_tools.formats.writers import WriteError, write_kohya, write_peft_adapter
-    from lora_tools.atomic import atomic_output, wrap_write_errors
+    from lora_tools.io.atomic import atomic_output, wrap_write_errors
 
     started = time.perf_counter()
     check_options(method, rank, energy, density, out_format, dtype)

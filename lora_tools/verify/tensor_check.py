@@ -15,11 +15,11 @@ from dataclasses import dataclass
 
 import torch
 
-from lora_tools.dense import delta_weight, factor_tensor, merge_rows_into
+from lora_tools.linalg.dense import delta_weight, factor_tensor, merge_rows_into
 from lora_tools.errors import LoraToolsError
-from lora_tools.fitting import LayerTarget
+from lora_tools.engine.binding import LayerTarget
 from lora_tools.merge import accumulation_dtype, is_plain, merged_tensor
-from lora_tools.plan import TensorPlan
+from lora_tools.engine.plan import TensorPlan
 
 # |k − 1| beyond this many rounding spreads is a strength error.
 K_SIGMAS = 6.0

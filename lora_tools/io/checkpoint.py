@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from lora_tools.errors import FormatError, MismatchError
-from lora_tools.safetensors_file import SafetensorsFile, TensorInfo
+from lora_tools.io.safetensors_file import SafetensorsFile, TensorInfo
 
 SINGLE_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"

@@ -292,7 +292,7 @@ class SafetensorsFile:
         With `buffer` (a torch uint8 tensor of at least the tensor's byte count, pinned
         memory included) the bytes are read into it and the result is a view of it.
         """
-        from lora_tools.torch_dtypes import torch_dtype
+        from lora_tools.io.dtypes import torch_dtype
 
         import torch
 

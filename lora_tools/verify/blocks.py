@@ -17,13 +17,13 @@ from collections.abc import Callable, Iterator
 import torch
 
 from lora_tools.merge import is_plain
-from lora_tools.plan import TensorPlan
-from lora_tools.safetensors_file import FLOAT_DTYPES, SafetensorsFile, TensorInfo
-from lora_tools.tensor_check import (
+from lora_tools.engine.plan import TensorPlan
+from lora_tools.io.safetensors_file import FLOAT_DTYPES, SafetensorsFile, TensorInfo
+from lora_tools.verify.tensor_check import (
     K_SIGMAS, RECIPE_FP32_ROUND_ONCE, TensorCheck, decide, recipe_peft_gpu, recipe_peft_native,
 )
-from lora_tools.torch_dtypes import torch_dtype
-from lora_tools.verify_math import (
+from lora_tools.io.dtypes import torch_dtype
+from lora_tools.verify.block_math import (
     FAST_DTYPES, FORWARD_BATCH, Factors, Sums, Workspace, fits_block, forward_error, judge_block,
     max_block_rows, prepare_factors, replay_peft_block, row_blocks,
 )

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lora_tools.errors import LoraToolsError, UsageError
-from lora_tools.plot_text import module_types, short, summary_lines, title
+from lora_tools.render.plot_text import module_types, short, summary_lines, title
 
 if TYPE_CHECKING:
     from lora_tools.inspect import InspectReport, LayerReport

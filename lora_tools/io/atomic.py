@@ -19,7 +19,7 @@ from pathlib import Path
 from types import FrameType
 
 from lora_tools.errors import FormatError, LoraToolsError, Terminated, UsageError
-from lora_tools.output import StreamWriterError
+from lora_tools.io.stream_writer import StreamWriterError
 
 TMP_MARKER = ".lora-tools-tmp-"
 OLD_MARKER = ".lora-tools-old-"

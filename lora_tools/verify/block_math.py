@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from lora_tools.dense import _is_power_of_two, factor_tensor
-from lora_tools.fitting import LayerTarget
+from lora_tools.linalg.dense import _is_power_of_two, factor_tensor
+from lora_tools.engine.binding import LayerTarget
 
 # Row blocks of about this many elements. Each block costs ~170 µs of fixed overhead
 # (about forty torch calls) and its six float64 buffers should stay in cache between

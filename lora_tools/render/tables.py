@@ -17,7 +17,7 @@ from rich.table import Table
 from lora_tools.inspect import InspectReport, LayerReport
 
 if TYPE_CHECKING:
-    from lora_tools.verify import VerifyReport
+    from lora_tools.verify.operation import VerifyReport
 
 # Above this many layers the table groups layers by family unless --all is given.
 MAX_ROWS = 40
@@ -125,7 +125,7 @@ def _family_table(layers: list[LayerReport], with_base: bool) -> Table:
 
 def render_verify(report: VerifyReport, console: Console, *, show_all: bool = False) -> None:
     """Per adapted tensor: errors, strength and verdict; failures first when long."""
-    from lora_tools.verify import describe, verify_summary_line
+    from lora_tools.verify.operation import describe, verify_summary_line
 
     # Paths and tensor names come from the user's files: text, not Rich markup (see render_inspect).
     table = Table(title=f"{escape(report.merged)} vs {escape(report.base)} + {len(report.adapters)} adapter(s)")
@@ -151,7 +151,7 @@ def render_verify(report: VerifyReport, console: Console, *, show_all: bool = Fa
 
 
 if TYPE_CHECKING:
-    from lora_tools.blend import BlendReport
+    from lora_tools.blend.operation import BlendReport
 
 
 def render_blend(report: BlendReport, console: Console, *, show_all: bool = False) -> None:

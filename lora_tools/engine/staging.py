@@ -24,10 +24,10 @@ from typing import Any, Protocol
 
 import torch
 
-from lora_tools.checkpoint import SupportsWrite
-from lora_tools.output import SafetensorsStreamWriter
-from lora_tools.safetensors_file import SafetensorsFile
-from lora_tools.torch_dtypes import torch_dtype
+from lora_tools.io.checkpoint import SupportsWrite
+from lora_tools.io.stream_writer import SafetensorsStreamWriter
+from lora_tools.io.safetensors_file import SafetensorsFile
+from lora_tools.io.dtypes import torch_dtype
 
 # Pinned chunks for host<->GPU copies: large enough that each copy runs at full PCIe
 # speed (copies of a few MB already do) and the per-chunk bookkeeping (an event, a
