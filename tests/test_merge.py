@@ -662,7 +662,7 @@ def test_cuda_staging_logic_on_the_cpu(
 
     import torch
 
-    import lora_tools.merge as merge_module
+    import lora_tools.engine.stream as stream_module
     from lora_tools.engine import staging
 
     class Event:  # CPU copies are synchronous: nothing to wait for
@@ -674,7 +674,7 @@ def test_cuda_staging_logic_on_the_cpu(
     merge(llama_sharded_base_dir, adapter, tmp_path / "host", device="cpu", dtype=dtype)
     monkeypatch.setattr(torch.cuda, "Event", Event)
     monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
-    monkeypatch.setattr(merge_module, "staging_for", lambda device, *_: staging.CudaStaging(device, chunk_bytes=64))
+    monkeypatch.setattr(stream_module, "staging_for", lambda device, *_: staging.CudaStaging(device, chunk_bytes=64))
     loads = []
     real_load = staging.CudaStaging.load
     monkeypatch.setattr(staging.CudaStaging, "load", lambda self, src, name, reuse=True: loads.append(name) or real_load(self, src, name, reuse))

@@ -1,6 +1,17 @@
 """`blend`: combine adapters that share a base (operation.py), by factored math (factored.py)
 or on dense updates (dense.py), from inputs checked by inputs.py."""
 
-from lora_tools.blend.operation import BlendReport, blend, blend_adapters
+from __future__ import annotations
+
+from typing import Any
 
 __all__ = ["BlendReport", "blend", "blend_adapters"]
+
+
+def __getattr__(name: str) -> Any:
+    """The operation, imported on first use: `lora_tools.blend.options` and friends stay light."""
+    if name not in __all__:
+        raise AttributeError(f"module 'lora_tools.blend' has no attribute {name!r}")
+    from lora_tools.blend import operation
+
+    return getattr(operation, name)

@@ -69,7 +69,7 @@ class DenseLayerResult:
 
 
 def resolve_device(device: str) -> torch.device:
-    from lora_tools.merge import resolve_device as resolve
+    from lora_tools.linalg.device import resolve_device as resolve
 
     return resolve(device)
 

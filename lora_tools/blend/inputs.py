@@ -14,12 +14,9 @@ import numpy as np
 
 from lora_tools.adapter import Adapter
 from lora_tools.blend.factored import Term
+from lora_tools.blend.options import DENSE_METHODS, DTYPES, FORMATS, METHODS
 from lora_tools.errors import MismatchError, UsageError
 
-METHODS = ("cat", "svd", "linear", "ties", "dare_linear", "dare_ties")
-DENSE_METHODS = ("ties", "dare_linear", "dare_ties")
-FORMATS = ("auto", "peft", "kohya")
-DTYPES = {"keep": None, "fp32": "F32", "fp16": "F16", "bf16": "BF16", "fp64": "F64"}  # of the factors
 # Weights of inputs with full tensors (modules_to_save) must sum to 1 within this.
 WEIGHT_SUM_TOL = 1e-6
 

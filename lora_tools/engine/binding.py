@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from lora_tools.adapter import Adapter, LoraLayer
 from lora_tools.errors import MismatchError
-from lora_tools.io.safetensors_file import FLOAT_DTYPES
+from lora_tools.io.dtypes import FLOAT_DTYPES
 
 
 @dataclass(frozen=True)

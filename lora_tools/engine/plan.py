@@ -21,7 +21,7 @@ from lora_tools.engine.binding import LayerTarget, fit_to_base
 from lora_tools.formats import load_adapter
 from lora_tools.formats.names import resolve_names
 from lora_tools.formats.source import Place, keep_numpy
-from lora_tools.io.safetensors_file import FLOAT_DTYPES
+from lora_tools.io.dtypes import FLOAT_DTYPES
 
 
 @dataclass
@@ -35,6 +35,18 @@ class TensorPlan:
     layers: list[tuple[LayerTarget, float]] = field(default_factory=list)
     biases: list[tuple[LayerTarget, float]] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)  # adapter paths, for messages
+
+
+def is_plain(plan: TensorPlan) -> bool:
+    """Only untransposed LoRA layers to add: no replacement, no DoRA (whose norms need W0
+    whole), no bias, no transposed update (rows of ΔW would not be rows of W). Such a
+    tensor can be merged, and verified, one block of rows at a time."""
+    return (
+        plan.replacement is None
+        and not plan.biases
+        and bool(plan.layers)
+        and all(t.layer.magnitude is None and not t.transposed for t, _ in plan.layers)
+    )
 
 
 @dataclass

@@ -1,11 +1,35 @@
-"""Mapping between safetensors dtype codes, user-facing names and torch dtypes.
+"""The one dtype vocabulary: safetensors codes, their sizes, numpy and torch twins, and
+the names users and config files give them.
 
-Kept apart so that only code that already needs torch pays for importing it.
+Everything speaks safetensors codes ("BF16", "F32", …) inside lora-tools; this module
+is the only place that knows another spelling of one. torch is imported only by the
+two functions that need it, so that inspect (numpy only) and `--help` never pay for it.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+DTYPE_ITEMSIZE: dict[str, int] = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2,
+    "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+    "U64": 8, "U32": 4, "U16": 2, "U8": 1,
+    "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+}
+
+# Float dtypes an update can be added to and factors can be stored in.
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
+
+# Dtypes whose values are numbers (a kohya `.alpha` may be stored in any of them).
+NUMERIC_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U64", "U32", "U16", "U8"})
+
+# numpy dtypes that hold each safetensors dtype exactly (BF16 has none: it is read as
+# uint16 bits and widened to float32, see safetensors_file).
+NUMPY_DTYPE: dict[str, str] = {
+    "F64": "<f8", "F32": "<f4", "F16": "<f2",
+    "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1",
+    "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?",
+}
 
 # User-facing --dtype names to safetensors codes.
 DTYPE_ALIASES: dict[str, str] = {
@@ -14,6 +38,20 @@ DTYPE_ALIASES: dict[str, str] = {
     "bf16": "BF16", "bfloat16": "BF16",
     "fp64": "F64", "float64": "F64",
 }
+
+# The choices the commands offer, in the order their help lists them ("keep": as stored).
+MERGE_DTYPE_CHOICES = ("keep", "bf16", "fp16", "fp32")
+FACTOR_DTYPE_CHOICES = ("keep", "fp32", "fp16", "bf16", "fp64")
+
+# What transformers' config.json calls each float dtype (`torch_dtype`, `dtype` from v5).
+CONFIG_DTYPE_NAMES: dict[str, str] = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+
+
+def dtype_code(name: str) -> str | None:
+    """The safetensors code for a user-facing dtype name; None for "keep", KeyError if unknown."""
+    if name == "keep":
+        return None
+    return DTYPE_ALIASES[name.lower()]
 
 
 def torch_dtype(code: str) -> Any:

@@ -20,27 +20,13 @@ from typing import Any
 import numpy as np
 
 from lora_tools.errors import FormatError
+from lora_tools.io.dtypes import DTYPE_ITEMSIZE, FLOAT_DTYPES, NUMPY_DTYPE
+
+__all__ = ["DTYPE_ITEMSIZE", "FLOAT_DTYPES", "SafetensorsFile", "TensorInfo", "pread_into"]
 
 # Largest header we accept: real headers are a few MB even for 70B checkpoints, and a
 # forged length (2**63) must not make us allocate it.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
-
-DTYPE_ITEMSIZE: dict[str, int] = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2,
-    "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-    "U64": 8, "U32": 4, "U16": 2, "U8": 1,
-    "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
-}
-
-FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
-
-# numpy dtypes that hold each safetensors dtype exactly (BF16 widens to float32).
-_NUMPY_DTYPE: dict[str, str] = {
-    "F64": "<f8", "F32": "<f4", "F16": "<f2",
-    "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1",
-    "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?",
-}
-
 
 _SEEK_LOCK = threading.Lock()
 
@@ -280,8 +266,8 @@ class SafetensorsFile:
         if info.dtype == "BF16":
             bits = np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16
             array = bits.view(np.float32)
-        elif info.dtype in _NUMPY_DTYPE:
-            array = np.frombuffer(raw, dtype=_NUMPY_DTYPE[info.dtype])
+        elif info.dtype in NUMPY_DTYPE:
+            array = np.frombuffer(raw, dtype=NUMPY_DTYPE[info.dtype])
         else:
             raise self._fail(f"tensor {name!r}: dtype {info.dtype} cannot be read as numbers here")
         return array.reshape(info.shape)

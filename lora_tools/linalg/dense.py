@@ -13,13 +13,39 @@ scaled and the column norm is that of W0 + w·s·B·A, as PEFT computes it.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from lora_tools.engine.binding import LayerTarget
+from lora_tools.adapter import LoraLayer
+
+
+class LayerTarget(Protocol):
+    """An adapter layer bound to the base weight it updates (`engine.binding` makes them)."""
+
+    @property
+    def layer(self) -> LoraLayer: ...
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def transposed(self) -> bool: ...  # ΔW = (s·B·A)ᵀ: embeddings and fan_in_fan_out weights
+
+
+class TensorRecipe(Protocol):
+    """Everything that changes one base tensor, in the order it is applied (`engine.plan.TensorPlan`)."""
+
+    @property
+    def replacement(self) -> tuple[Any, float] | None: ...  # (full tensor, weight): modules_to_save
+
+    @property
+    def layers(self) -> Sequence[tuple[LayerTarget, float]]: ...
+
+    @property
+    def biases(self) -> Sequence[tuple[LayerTarget, float]]: ...
 
 
 def factor_tensor(array: np.ndarray | torch.Tensor, device: Any, dtype: torch.dtype) -> torch.Tensor:
@@ -64,14 +90,20 @@ def delta_weight(
     return delta.reshape(target.weight_shape)
 
 
-def _is_power_of_two(value: float) -> bool:
+def accumulation_dtype(w0: torch.dtype, stored: torch.dtype) -> torch.dtype:
+    """float32 accumulates every narrower dtype exactly enough; a float64 weight (or
+    output) would lose 29 bits of every element to it."""
+    return torch.float64 if torch.float64 in (w0, stored) else torch.float32
+
+
+def is_power_of_two(value: float) -> bool:
     return value != 0.0 and math.isfinite(value) and math.frexp(abs(value))[0] == 0.5
 
 
 def merge_rows_into(
     out: torch.Tensor,
     w0: torch.Tensor,
-    layers: list[tuple[LayerTarget, float]],
+    layers: Sequence[tuple[LayerTarget, float]],
     chunk_rows: int,
     work: torch.Tensor,
     widened: torch.Tensor,
@@ -108,7 +140,7 @@ def merge_rows_into(
         acc, base = work[: hi - lo], widened[: hi - lo]
         base.copy_(w0[lo:hi])
         for index, (b, a, factor) in enumerate(factors):
-            if fuse and _is_power_of_two(factor):
+            if fuse and is_power_of_two(factor):
                 # B·(f·A) = f·(B·A) exactly when f is a power of two, and the GEMM adds C after
                 # its sums, so addmm gives the bits of PEFT's (B @ A) * f, then + W, in one pass.
                 torch.addmm(base if index == 0 else acc, b[lo:hi], a * factor, out=acc)
@@ -162,3 +194,23 @@ def apply_bias(current: torch.Tensor, target: LayerTarget, weight: float) -> tor
     assert target.layer.bias is not None
     lora_bias = factor_tensor(target.layer.bias, current.device, current.dtype)
     return current + lora_bias * (target.layer.scale * weight)
+
+
+def merged_tensor(plan: TensorRecipe, w0: torch.Tensor, compute_dtype: torch.dtype) -> torch.Tensor:
+    """W0 with a replacement, every adapter layer and every LoRA bias folded in: the merge
+    recipe, in `compute_dtype` (merge: float32; verify's reference: float64).
+
+    `w0` is on the compute device in its stored dtype. merge uses this for everything
+    but its plain-LoRA hot path (`merge_rows_into`), which does the same operations.
+    """
+    base = w0.to(compute_dtype)
+    if plan.replacement is not None:
+        tensor, weight = plan.replacement
+        full = factor_tensor(tensor, base.device, compute_dtype).reshape(base.shape)
+        base = full if weight == 1.0 else base + (full - base) * weight
+    current = base
+    for target, weight in plan.layers:
+        current = apply_layer(current, base, target, weight)
+    for target, weight in plan.biases:
+        current = apply_bias(current, target, weight)
+    return current

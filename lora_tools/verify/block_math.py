@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from lora_tools.linalg.dense import _is_power_of_two, factor_tensor
+from lora_tools.linalg.dense import factor_tensor, is_power_of_two
 from lora_tools.engine.binding import LayerTarget
 
 # Row blocks of about this many elements. Each block costs ~170 µs of fixed overhead
@@ -176,7 +176,7 @@ def prepare_factors(layers: list[tuple[LayerTarget, float]], width: int, seed: i
         factor = target.layer.scale * weight
         b = factor_tensor(target.layer.b_matrix, "cpu", torch.float64)
         a = factor_tensor(target.layer.a_matrix, "cpu", torch.float64).reshape(-1, width)
-        fused = _is_power_of_two(factor)
+        fused = is_power_of_two(factor)
         expected.append((b, a * factor if fused else a, factor, fused))
         b32 = factor_tensor(target.layer.b_matrix, "cpu", torch.float32)
         a32 = factor_tensor(target.layer.a_matrix, "cpu", torch.float32).reshape(-1, width)

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from lora_tools.merge import is_plain
+from lora_tools.engine.plan import is_plain
 from lora_tools.engine.plan import TensorPlan
 from lora_tools.io.safetensors_file import FLOAT_DTYPES, SafetensorsFile, TensorInfo
 from lora_tools.verify.tensor_check import (

@@ -18,7 +18,8 @@ import torch
 from lora_tools.linalg.dense import delta_weight, factor_tensor, merge_rows_into
 from lora_tools.errors import LoraToolsError
 from lora_tools.engine.binding import LayerTarget
-from lora_tools.merge import accumulation_dtype, is_plain, merged_tensor
+from lora_tools.engine.plan import is_plain
+from lora_tools.linalg.dense import accumulation_dtype, merged_tensor
 from lora_tools.engine.plan import TensorPlan
 
 # |k − 1| beyond this many rounding spreads is a strength error.

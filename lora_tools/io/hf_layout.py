@@ -1,0 +1,54 @@
+"""The Hugging Face files around the weights that must follow a change of dtype:
+`model.safetensors.index.json`'s total_size and config.json's dtype."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lora_tools.io.atomic import copy_extra_files
+from lora_tools.io.checkpoint import INDEX_NAME, BaseCheckpoint
+from lora_tools.io.dtypes import CONFIG_DTYPE_NAMES, DTYPE_ITEMSIZE, FLOAT_DTYPES
+
+
+def update_config_dtype(out_dir: Path, out_code: str | None) -> None:
+    """After --dtype, config.json must say the dtype the weights now have.
+
+    transformers reads `torch_dtype` (`dtype` since v5) to pick the load dtype with
+    dtype="auto"; a stale float32 there would upcast a bf16 merge on load.
+    """
+    config_path = out_dir / "config.json"
+    if out_code is None or not config_path.is_file():
+        return
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):  # JSONDecodeError, 5000-digit ints, deep nesting
+        return  # not ours to judge: it was copied byte for byte
+    if not isinstance(config, dict):
+        return
+    name = CONFIG_DTYPE_NAMES[out_code]
+    keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]
+    for key in keys:
+        config[key] = name
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def write_index(base: BaseCheckpoint, out_dir: Path, out_code: str | None) -> None:
+    """The index: copied as is, unless a dtype change alters total_size.
+
+    total_size is what transformers writes: the bytes of the tensors, headers excluded.
+    """
+    source = base.path / INDEX_NAME
+    if not source.exists():
+        return
+    if out_code is None:
+        copy_extra_files(base.path, [INDEX_NAME], out_dir)
+        return
+    index = json.loads(source.read_text(encoding="utf-8"))
+    total = 0
+    for name in base.tensor_names():
+        info = base.info(name)
+        code = out_code if info.dtype in FLOAT_DTYPES else info.dtype
+        total += info.numel * DTYPE_ITEMSIZE[code]
+    index.setdefault("metadata", {})["total_size"] = total
+    (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")

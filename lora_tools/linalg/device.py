@@ -1,0 +1,25 @@
+"""Where dense math runs: the user's --device, checked against what this machine has."""
+
+from __future__ import annotations
+
+import torch
+
+from lora_tools.errors import UsageError
+
+
+def resolve_device(device: str) -> torch.device:
+    """"auto" is CUDA when present, else the CPU; "cuda:N" must exist."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise UsageError(None, f"unknown device {device!r} (use auto, cpu, cuda or cuda:N)") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(None, f"device {device!r} requested but CUDA is not available")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise UsageError(None, f"device {device!r} does not exist ({torch.cuda.device_count()} GPU(s))")
+    elif resolved.type != "cpu":
+        raise UsageError(None, f"unsupported device {device!r} (use auto, cpu, cuda or cuda:N)")
+    return resolved
