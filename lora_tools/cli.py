@@ -7,11 +7,15 @@ pays for numpy, torch or matplotlib.
 from __future__ import annotations
 
 import sys
-from typing import Any, NoReturn
+from typing import Any
 
 import click
 
-from lora_tools.errors import LoraToolsError
+from lora_tools.blend.options import DTYPES as BLEND_DTYPES
+from lora_tools.blend.options import FORMATS as BLEND_FORMATS
+from lora_tools.blend.options import METHODS as BLEND_METHODS
+from lora_tools.errors import LoraToolsError, UsageError
+from lora_tools.io.dtypes import MERGE_DTYPE_CHOICES
 
 
 # A bug in lora-tools: neither 1 (a verify check failed) nor 2 (the user's input).
@@ -24,8 +28,14 @@ class InputError(click.ClickException):
     exit_code = 2
 
 
-def fail(error: LoraToolsError) -> NoReturn:
-    raise InputError(str(error)) from None
+class _Commands(click.Group):
+    """The one place a library error becomes what the user sees: one stderr line, exit 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except LoraToolsError as error:
+            raise InputError(str(error)) from None
 
 
 def _stdout_console() -> Any:
@@ -37,7 +47,7 @@ def _stdout_console() -> Any:
     return console
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="lora-tools")
 def cli() -> None:
     """Inspect, merge, blend and verify LoRA adapters.
@@ -69,14 +79,11 @@ def inspect_command(
     from lora_tools.inspect import inspect_adapter
     from lora_tools.render.tables import render_inspect, to_json_text
 
-    try:
-        report = inspect_adapter(adapter, base_path=base, alpha=alpha)
-        if plot_path is not None:
-            from lora_tools.render.plot import save_plot
+    report = inspect_adapter(adapter, base_path=base, alpha=alpha)
+    if plot_path is not None:
+        from lora_tools.render.plot import save_plot
 
-            save_plot(report, plot_path)
-    except LoraToolsError as error:
-        fail(error)
+        save_plot(report, plot_path)
     if as_json:
         click.echo(to_json_text(report.to_json()))
     else:
@@ -125,7 +132,7 @@ class _RichProgress:
 @click.option("-o", "--out", "out", required=True, type=click.Path(readable=False), help="Output folder (or file, for a single-file base).")
 @click.option("--weight", "weights", type=float, multiple=True, help="Weight of each adapter, in order (default 1 each).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--dtype", default="keep", show_default=True, type=click.Choice(["keep", "bf16", "fp16", "fp32"]), help="Dtype of the stored float tensors.")
+@click.option("--dtype", default="keep", show_default=True, type=click.Choice(MERGE_DTYPE_CHOICES), help="Dtype of the stored float tensors.")
 @click.option("--alpha", type=float, default=None, help="Override every layer's alpha.")
 @click.option("--verify", "run_verify", is_flag=True, help="Re-read OUT and verify it against BASE + adapters.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists (only after the merge succeeded).")
@@ -152,8 +159,6 @@ def merge_command(
             base, list(adapters), out, weights=list(weights) or None, device=device, dtype=dtype,
             force=force, alpha=alpha, progress=progress,
         )
-    except LoraToolsError as error:
-        fail(error)
     finally:
         if progress is not None:
             progress.stop()
@@ -174,10 +179,7 @@ def _run_verify(
     from lora_tools.render.tables import render_verify, to_json_text
     from lora_tools.verify.operation import verify
 
-    try:
-        report = verify(base, adapters, merged, weights=weights or None, atol=atol, rtol=rtol, alpha=alpha)
-    except LoraToolsError as error:
-        fail(error)
+    report = verify(base, list(adapters), merged, weights=weights or None, atol=atol, rtol=rtol, alpha=alpha)
     if as_json:
         click.echo(to_json_text(report.to_json()))
     else:
@@ -207,7 +209,7 @@ def verify_command(
         lora-tools verify ./base-model ./my-adapter ./merged
     """
     if len(paths) < 3:
-        fail(LoraToolsError(None, "verify needs BASE, at least one ADAPTER, and MERGED"))
+        raise UsageError(None, "verify needs BASE, at least one ADAPTER, and MERGED")
     _run_verify(paths[0], list(paths[1:-1]), paths[-1], list(weights), alpha, atol, rtol, as_json, show_all)
 
 
@@ -215,14 +217,14 @@ def verify_command(
 @click.argument("adapters", nargs=-1, required=True, type=click.Path(readable=False))
 @click.option("-o", "--out", "out", required=True, type=click.Path(readable=False), help="Output: a PEFT adapter folder (or a kohya .safetensors file).")
 @click.option("--weight", "weights", type=float, multiple=True, help="One per adapter (Σ wᵢ·ΔWᵢ), or one t for two adapters: (1 − t)·A + t·B. Required.")
-@click.option("--method", default="svd", show_default=True, type=click.Choice(["cat", "svd", "linear", "ties", "dare_linear", "dare_ties"]), help="cat: exact; svd: best rank-R; linear: PEFT's; ties/dare: dense, re-factored.")
+@click.option("--method", default="svd", show_default=True, type=click.Choice(BLEND_METHODS), help="cat: exact; svd: best rank-R; linear: PEFT's; ties/dare: dense, re-factored.")
 @click.option("--rank", type=int, default=None, help="Output rank R (svd, ties, dare); default: the largest input rank.")
 @click.option("--energy", type=float, default=None, help="Per layer, the smallest rank keeping this share of the energy (e.g. 0.99); --rank caps it.")
 @click.option("--density", type=float, default=None, help="ties/dare: share of entries kept.")
 @click.option("--seed", type=int, default=0, show_default=True, help="dare: seed of the drop masks.")
 @click.option("--normalize/--no-normalize", default=None, help="ties/dare: divide by the agreeing weights' sum (default as mergekit: ties yes, dare no).")
-@click.option("--format", "out_format", default="auto", show_default=True, type=click.Choice(["auto", "peft", "kohya"]), help="Output format; auto: kohya for kohya inputs, else PEFT.")
-@click.option("--dtype", default="keep", show_default=True, type=click.Choice(["keep", "fp32", "fp16", "bf16"]), help="Dtype of the written factors.")
+@click.option("--format", "out_format", default="auto", show_default=True, type=click.Choice(BLEND_FORMATS), help="Output format; auto: kohya for kohya inputs, else PEFT.")
+@click.option("--dtype", default="keep", show_default=True, type=click.Choice(list(BLEND_DTYPES)), help="Dtype of the written factors.")
 @click.option("--device", default="auto", show_default=True, help="ties/dare: auto, cpu, cuda or cuda:N.")
 @click.option("--alpha", type=float, default=None, help="Override every input layer's alpha.")
 @click.option("--base-model", "base_model", default=None, help="base_model_name_or_path to write (default: the first input's).")
@@ -248,14 +250,11 @@ def blend_command(
     from lora_tools.blend.operation import blend
     from lora_tools.render.tables import render_blend, to_json_text
 
-    try:
-        report = blend(
-            list(adapters), out, list(weights), method=method, rank=rank, energy=energy, density=density, seed=seed,
-            normalize=normalize, out_format=out_format, dtype=dtype, device=device, alpha=alpha,
-            base_model_name_or_path=base_model, force=force,
-        )
-    except LoraToolsError as error:
-        fail(error)
+    report = blend(
+        list(adapters), out, list(weights), method=method, rank=rank, energy=energy, density=density, seed=seed,
+        normalize=normalize, out_format=out_format, dtype=dtype, device=device, alpha=alpha,
+        base_model_name_or_path=base_model, force=force,
+    )
     if as_json:
         click.echo(to_json_text(report.to_json()))
     else:
