@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from lora_tools.engine.placement import factors_on
 from lora_tools.engine.plan import MergePlan, TensorPlan, is_plain, make_plan
 from lora_tools.engine.staging import ByteRing
 from lora_tools.engine.stream import Progress, TensorStream
@@ -23,7 +24,7 @@ from lora_tools.errors import FormatError, LoraToolsError, UsageError
 from lora_tools.io.atomic import atomic_output, copy_extra_files, wrap_write_errors
 from lora_tools.io.dtypes import DTYPE_ALIASES
 from lora_tools.io.hf_layout import update_config_dtype, write_index
-from lora_tools.linalg.dense import accumulation_dtype, factors_on, merge_rows_into, merged_tensor
+from lora_tools.linalg.dense import accumulation_dtype, merge_rows_into, merged_tensor
 from lora_tools.linalg.device import resolve_device
 
 __all__ = ["MergeResult", "Progress", "merge", "output_dtype_code"]

@@ -694,7 +694,7 @@ def test_merge_plan_holds_factors_as_stored_on_the_device(kind, peft_case_factor
     CPU one holds bf16 at half the size); the values must be the file's exactly."""
     import numpy as np
 
-    from lora_tools.linalg.dense import factors_on
+    from lora_tools.engine.placement import factors_on
     from lora_tools.engine.plan import make_plan
     from lora_tools.io.dtypes import torch_dtype
 

@@ -56,20 +56,6 @@ def factor_tensor(array: np.ndarray | torch.Tensor, device: Any, dtype: torch.dt
     return torch.from_numpy(np.ascontiguousarray(array)).to(device=device, dtype=dtype)
 
 
-def factors_on(device: torch.device) -> Callable[[np.ndarray, str], torch.Tensor]:
-    """A loader's `place` for merge: each checked factor becomes a torch tensor on the
-    compute device in its stored dtype, widened (exactly) to the compute dtype only per
-    use by `factor_tensor`. The host never holds the adapter as a whole in float32: on a
-    GPU the factors go over one by one as they are read, on the CPU bf16 ones take half
-    the memory (float32 ones share numpy's memory, nothing is copied)."""
-    from lora_tools.io.dtypes import torch_dtype
-
-    def place(array: np.ndarray, code: str) -> torch.Tensor:
-        return factor_tensor(array, device, torch_dtype(code))
-
-    return place
-
-
 def delta_weight(
     target: LayerTarget, weight: float, device: Any, dtype: torch.dtype, *, absolute: bool = False
 ) -> torch.Tensor:

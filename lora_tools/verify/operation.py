@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from lora_tools.io.checkpoint import BaseCheckpoint
-from lora_tools.linalg.dense import factors_on
+from lora_tools.engine.placement import factors_on
 from lora_tools.errors import FormatError
 from lora_tools.engine.plan import TensorPlan, make_plan
 from lora_tools.verify.tensor_check import K_SIGMAS, TensorCheck, check_tensor
