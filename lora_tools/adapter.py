@@ -6,19 +6,32 @@ from: it sees `LoraLayer`s keyed by the module path they adapt in the base model
 Factors are numpy arrays in a float dtype that holds the stored values exactly
 (bf16 and fp16 are widened to float32), and `dtype` remembers what was stored. merge
 and verify load them as torch tensors in the stored dtype instead, on the compute device
-(`formats.source.Place`), so the code on their path (fitting, `dense`, the checks) only
-uses what both kinds have: shape, ndim, reshape, and `dense.factor_tensor` to widen.
+(`formats.source.Place`), so the code on their path (`engine.binding`, `linalg.dense`,
+the checks) only uses what both kinds have: shape, ndim, reshape, and
+`linalg.dense.factor_tensor` to widen. `Factor` names that contract.
+
+Update kinds: a layer here is a LoRA update, ΔW = s·B·A. LoHa, LoKr and full-difference
+updates come as sibling dataclasses with the same surface (name, shapes, n_params,
+dtype, `b_matrix`/`a_matrix` where an exact low-rank factorisation exists, e.g. LoHa as
+row-wise Kronecker products), so that factored math and the merge recipe take them
+without knowing the file format (docs/architecture.md).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 import numpy as np
 
+if TYPE_CHECKING:
+    import torch
+
 LayerKind = Literal["linear", "embedding", "conv"]
+# A factor as a reader placed it: numpy (inspect, blend) or a torch tensor on the compute
+# device in its stored dtype (merge, verify); see the module docstring.
+Factor: TypeAlias = "np.ndarray | torch.Tensor"
 
 
 @dataclass
@@ -34,14 +47,14 @@ class LoraLayer:
     """
 
     name: str
-    a: np.ndarray
-    b: np.ndarray
+    a: Factor
+    b: Factor
     alpha: float
     kind: LayerKind = "linear"
     use_rslora: bool = False
     fan_in_fan_out: bool = False
-    magnitude: np.ndarray | None = None  # DoRA: PEFT's lora_magnitude_vector
-    bias: np.ndarray | None = None  # lora_bias: added to the base bias times scale
+    magnitude: Factor | None = None  # DoRA: PEFT's lora_magnitude_vector
+    bias: Factor | None = None  # lora_bias: added to the base bias times scale
     dtype: str = "F32"  # stored dtype code of the factors, e.g. "BF16"
     source_keys: tuple[str, ...] = ()  # the file's keys this layer was read from
 
@@ -62,12 +75,12 @@ class LoraLayer:
         return tuple(self.a.shape[2:]) if self.kind == "conv" else ()
 
     @property
-    def b_matrix(self) -> np.ndarray:
+    def b_matrix(self) -> Factor:
         """B as a 2-D (out, r) matrix (conv's trailing 1×1 dropped)."""
         return self.b.reshape(self.b.shape[0], self.b.shape[1])
 
     @property
-    def a_matrix(self) -> np.ndarray:
+    def a_matrix(self) -> Factor:
         """A as a 2-D (r, in·k) matrix (conv kernels flattened as PEFT does)."""
         return self.a.reshape(self.a.shape[0], -1)
 
@@ -92,7 +105,9 @@ class LoraLayer:
 
     def dense_update(self) -> np.ndarray:
         """ΔW in float64, shaped like the base weight. For tests and small layers only."""
-        delta = self.scale * (self.b_matrix.astype(np.float64) @ self.a_matrix.astype(np.float64))
+        b = np.asarray(self.b_matrix, dtype=np.float64)  # (out, r)
+        a = np.asarray(self.a_matrix, dtype=np.float64)  # (r, in·k)
+        delta = self.scale * (b @ a)
         if self.kind == "embedding" or self.fan_in_fan_out:
             return delta.T
         return delta.reshape(self.weight_shape)
@@ -105,7 +120,7 @@ class Adapter:
     path: str
     format: str  # "peft", "kohya", "diffusers", ...
     layers: list[LoraLayer]
-    full_tensors: dict[str, np.ndarray] = field(default_factory=dict)  # base key -> tensor
+    full_tensors: dict[str, Factor] = field(default_factory=dict)  # base key -> tensor
     full_tensor_dtypes: dict[str, str] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)  # PEFT-style config (r, lora_alpha, ...)
     metadata: dict[str, str] = field(default_factory=dict)  # safetensors __metadata__
