@@ -1,6 +1,6 @@
 """`inspect`: what an adapter learned, layer by layer, from its factors alone.
 
-Every figure comes from the factors through `lowrank` (QR of B and Aᵀ, SVD of an r×r
+Every figure comes from the factors through `linalg` (QR of B and Aᵀ, SVD of an r×r
 core), so a 4096×14336 layer costs about as much as a 16×16 one. Flags are verdicts
 drawn from those figures, and the figures behind them stay in the report.
 """
@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from lora_tools.linalg import factored as lowrank
 from lora_tools.adapter import Adapter, LoraLayer
 from lora_tools.errors import FormatError
 from lora_tools.formats import load_adapter
+from lora_tools.linalg import factored, spectrum
 
 # A layer whose ‖ΔW‖_F is below this fraction of the adapter's median is "dead".
 DEAD_FRACTION = 1e-4
@@ -114,7 +114,7 @@ def module_type(name: str) -> str:
 def layer_report(layer: LoraLayer) -> LayerReport:
     """The spectral figures of one layer's scaled update s·B·A (DoRA: its low-rank part)."""
     b, a, scale = layer.b_matrix, layer.a_matrix, layer.scale
-    sv = lowrank.singular_values(b, a, scale)
+    sv = factored.singular_values(b, a, scale)
     name = layer.name
     depth_match = _NUMBER.search(name) or re.search(r"\d+", name)
     return LayerReport(
@@ -128,10 +128,10 @@ def layer_report(layer: LoraLayer) -> LayerReport:
         fro_norm=float(math.sqrt(float(np.sum(sv**2)))),
         spectral_norm=float(sv[0]) if sv.size else 0.0,
         singular_values=[float(s) for s in sv],
-        energy_rank_90=lowrank.energy_rank(sv, 0.90),
-        energy_rank_99=lowrank.energy_rank(sv, 0.99),
-        effective_rank=lowrank.effective_rank(sv),
-        stable_rank=lowrank.stable_rank(sv),
+        energy_rank_90=spectrum.energy_rank(sv, 0.90),
+        energy_rank_99=spectrum.energy_rank(sv, 0.99),
+        effective_rank=spectrum.effective_rank(sv),
+        stable_rank=spectrum.stable_rank(sv),
         dora=layer.magnitude is not None,
         dtype=layer.dtype,
         family=_NUMBER.sub("*", name),

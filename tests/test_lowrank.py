@@ -1,4 +1,5 @@
-"""lowrank.py against dense float64 numpy: every number is recomputed from scale·B·A."""
+"""linalg (factored.py, spectrum.py) against dense float64 numpy: every number is
+recomputed from scale·B·A."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lora_tools.linalg import factored as lr
+from lora_tools.linalg import spectrum as sp
 
 DTYPES = (np.float16, np.float32, np.float64)
 # How the factors are made degenerate; "cancel" makes B·A exactly zero with non-zero factors.
@@ -97,7 +99,7 @@ def test_rank_one_example_by_hand():
     assert s == pytest.approx([5.0])
     assert u * s @ vt == pytest.approx(np.array([[-3.0, -4.0], [0.0, 0.0]]))
     assert abs(vt) == pytest.approx(np.array([[0.6, 0.8]]))
-    result = lr.truncate(b, a, 1)
+    result = lr.truncate(b, a.T, 1)
     assert result.b @ result.a == pytest.approx(np.array([[3.0, 4.0], [0.0, 0.0]]))
     assert abs(result.b) == pytest.approx(np.array([[math.sqrt(5.0)], [0.0]]))
     assert result.residual_fro == 0.0 and result.energy_kept == pytest.approx(1.0)
@@ -114,48 +116,48 @@ def test_inner_product_and_cosine_by_hand():
 
 def test_spectrum_metrics_by_hand():
     sv = np.array([4.0, 3.0])  # energies 16 and 9 of 25
-    assert lr.energy_rank(sv, 0.64) == 1
-    assert lr.energy_rank(sv, 0.65) == 2
-    assert lr.energy_rank(sv, 1.0) == 2
-    assert lr.energy_rank(sv, 0.0) == 0
-    assert lr.energy_rank([3.0, 4.0], 0.64) == 1  # order does not matter
-    assert lr.energy_fraction(sv, 1) == pytest.approx(0.64)
-    assert lr.energy_fraction(sv, 0) == 0.0
-    assert lr.energy_fraction(sv, 5) == pytest.approx(1.0)
-    assert lr.stable_rank(sv) == pytest.approx(25 / 16)
-    assert lr.effective_rank([1.0, 1.0, 0.0]) == pytest.approx(2.0)
-    assert lr.effective_rank([2.0]) == pytest.approx(1.0)
+    assert sp.energy_rank(sv, 0.64) == 1
+    assert sp.energy_rank(sv, 0.65) == 2
+    assert sp.energy_rank(sv, 1.0) == 2
+    assert sp.energy_rank(sv, 0.0) == 0
+    assert sp.energy_rank([3.0, 4.0], 0.64) == 1  # order does not matter
+    assert sp.energy_fraction(sv, 1) == pytest.approx(0.64)
+    assert sp.energy_fraction(sv, 0) == 0.0
+    assert sp.energy_fraction(sv, 5) == pytest.approx(1.0)
+    assert sp.stable_rank(sv) == pytest.approx(25 / 16)
+    assert sp.effective_rank([1.0, 1.0, 0.0]) == pytest.approx(2.0)
+    assert sp.effective_rank([2.0]) == pytest.approx(1.0)
     p = np.array([4.0, 3.0]) / 7.0
-    assert lr.effective_rank(sv) == pytest.approx(math.exp(-np.sum(p * np.log(p))))
-    assert lr.rank_for_energy(sv, 0.5) == 1
-    assert lr.rank_for_energy([0.0, 0.0], 0.9) == 1
+    assert sp.effective_rank(sv) == pytest.approx(math.exp(-np.sum(p * np.log(p))))
+    assert sp.rank_for_energy(sv, 0.5) == 1
+    assert sp.rank_for_energy([0.0, 0.0], 0.9) == 1
 
 
 def test_energy_rank_is_not_fooled_by_rounding():
     sv = np.full(10, 0.1)
-    assert lr.energy_rank(sv, 1.0) == 10
-    assert lr.energy_rank(sv, 0.9) == 9
-    assert lr.energy_rank(sv, 0.3) == 3
-    assert lr.energy_rank([1.0, 1e-9, 0.0], 1.0) == 1  # tail below the 1e-12 tolerance
+    assert sp.energy_rank(sv, 1.0) == 10
+    assert sp.energy_rank(sv, 0.9) == 9
+    assert sp.energy_rank(sv, 0.3) == 3
+    assert sp.energy_rank([1.0, 1e-9, 0.0], 1.0) == 1  # tail below the 1e-12 tolerance
 
 
 def test_all_zero_spectrum():
     for sv in (np.zeros(4), np.zeros(0)):
-        assert lr.energy_rank(sv, 0.9) == 0
-        assert lr.effective_rank(sv) == 0.0
-        assert lr.stable_rank(sv) == 0.0
-        assert lr.energy_fraction(sv, 2) == 1.0
+        assert sp.energy_rank(sv, 0.9) == 0
+        assert sp.effective_rank(sv) == 0.0
+        assert sp.stable_rank(sv) == 0.0
+        assert sp.energy_fraction(sv, 2) == 1.0
 
 
 def test_bad_arguments_raise_value_error():
     with pytest.raises(ValueError):
-        lr.energy_rank([1.0], 1.5)
+        sp.energy_rank([1.0], 1.5)
     with pytest.raises(ValueError):
-        lr.energy_rank([1.0], float("nan"))
+        sp.energy_rank([1.0], float("nan"))
     with pytest.raises(ValueError):
-        lr.energy_fraction([1.0], -1)
+        sp.energy_fraction([1.0], -1)
     with pytest.raises(ValueError):
-        lr.truncate(np.ones((3, 2)), np.ones((2, 4)), -1)
+        lr.truncate(np.ones((3, 2)), np.ones((2, 4)).T, -1)
     with pytest.raises(ValueError):
         lr.singular_values(np.ones((3, 2)), np.ones((3, 4)))
     with pytest.raises(ValueError):
@@ -174,7 +176,7 @@ def test_rank_zero_gives_empty_results_of_the_right_shapes():
     assert lr.frobenius_norm(b, a) == 0.0
     assert lr.spectral_norm(b, a) == 0.0
     assert lr.cosine_similarity(b, a, np.ones((5, 1)), np.ones((1, 7))) == 0.0
-    result = lr.truncate(b, a, 2)
+    result = lr.truncate(b, a.T, 2)
     assert result.b.shape == (5, 2) and result.a.shape == (2, 7)
     assert not result.b.any() and not result.a.any()
     assert result.energy_kept == 1.0 and result.residual_fro == 0.0
@@ -340,7 +342,7 @@ def test_truncate_is_the_best_rank_r_approximation(update, rank):
     ref = dense_sv(w)
     sigma1 = ref[0] if ref.size else 0.0
     tol = tolerance(b, a, 1.0, sigma1)
-    result = lr.truncate(b, a, rank)
+    result = lr.truncate(b, a.T, rank)
     assert result.b.shape == (b.shape[0], rank) and result.a.shape == (rank, a.shape[1])
     assert result.singular_values.shape == (b.shape[1],)
     dropped = math.sqrt(float(np.sum(ref[rank:] ** 2)))
@@ -390,20 +392,20 @@ def test_spectrum_metrics_match_their_definitions(update, fraction):
     sv = lr.singular_values(b, a, scale)
     energy = sv**2
     total = float(energy.sum())
-    k = lr.energy_rank(sv, fraction)
+    k = sp.energy_rank(sv, fraction)
     assert 0 <= k <= sv.size
     if total == 0.0:
-        assert k == 0 and lr.stable_rank(sv) == 0.0 and lr.effective_rank(sv) == 0.0
+        assert k == 0 and sp.stable_rank(sv) == 0.0 and sp.effective_rank(sv) == 0.0
         return
     cum = np.cumsum(energy)
     assert k == 0 or cum[k - 1] >= fraction * total * (1 - 1e-12)  # k keeps enough energy
     assert k == 0 or k == 1 or cum[k - 2] < fraction * total  # and k - 1 would not
-    assert lr.rank_for_energy(sv, fraction) == max(1, k)
-    assert lr.energy_fraction(sv, k) == pytest.approx(cum[k - 1] / total if k else 0.0)
+    assert sp.rank_for_energy(sv, fraction) == max(1, k)
+    assert sp.energy_fraction(sv, k) == pytest.approx(cum[k - 1] / total if k else 0.0)
     nonzero = int(np.count_nonzero(sv))
-    assert lr.energy_rank(sv, 1.0) <= nonzero
-    assert 1.0 - 1e-12 <= lr.stable_rank(sv) <= nonzero + 1e-9
-    assert lr.stable_rank(sv) == pytest.approx(total / sv[0] ** 2)
+    assert sp.energy_rank(sv, 1.0) <= nonzero
+    assert 1.0 - 1e-12 <= sp.stable_rank(sv) <= nonzero + 1e-9
+    assert sp.stable_rank(sv) == pytest.approx(total / sv[0] ** 2)
     p = sv[sv > 0] / sv.sum()
-    assert lr.effective_rank(sv) == pytest.approx(math.exp(-np.sum(p * np.log(p))))
-    assert 1.0 - 1e-12 <= lr.effective_rank(sv) <= nonzero + 1e-9
+    assert sp.effective_rank(sv) == pytest.approx(math.exp(-np.sum(p * np.log(p))))
+    assert 1.0 - 1e-12 <= sp.effective_rank(sv) <= nonzero + 1e-9

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from lora_tools.linalg import factored as lowrank
+from lora_tools.linalg import spectrum
 from lora_tools.errors import LoraToolsError
 from lora_tools.inspect import AdapterSummary, Coverage, InspectReport, LayerReport, flag_layers, module_type
 from lora_tools.render.plot import save_plot
@@ -36,8 +36,8 @@ def make_layer(name: str, sv: np.ndarray, *, depth: int | None, shape=(64, 64), 
     return LayerReport(
         name=name, shape=list(shape), weight_shape=list(shape), kind="linear", rank=sv.size, alpha=alpha, scale=alpha / sv.size,
         fro_norm=fro, spectral_norm=float(sv[0]), singular_values=[float(s) for s in sv],
-        energy_rank_90=lowrank.energy_rank(sv, 0.90), energy_rank_99=lowrank.energy_rank(sv, 0.99),
-        effective_rank=lowrank.effective_rank(sv), stable_rank=lowrank.stable_rank(sv),
+        energy_rank_90=spectrum.energy_rank(sv, 0.90), energy_rank_99=spectrum.energy_rank(sv, 0.99),
+        effective_rank=spectrum.effective_rank(sv), stable_rank=spectrum.stable_rank(sv),
         dora=False, dtype="bf16", family=name if depth is None else name.replace(f".{depth}.", ".*."),
         module_type=module_type(name), depth=depth, base_fro_norm=base_fro_norm,
         relative_norm=None if base_fro_norm is None else fro / base_fro_norm,

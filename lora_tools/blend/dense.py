@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lora_tools.linalg import factored as lowrank
+from lora_tools.linalg.spectrum import rank_for_energy
 
 # Layers whose smaller side is at most this use an exact SVD; larger ones a seeded
 # randomized SVD (Halko et al. 2011) with OVERSAMPLE extra columns and POWER_ITERS power
@@ -190,7 +190,7 @@ def refactor(
     else:
         u, s, vh = _randomized_svd(matrix, wanted + OVERSAMPLE, seed)
     if energy is not None:
-        wanted = min(wanted, lowrank.rank_for_energy(s.double().cpu().numpy(), energy))
+        wanted = min(wanted, rank_for_energy(s.double().cpu().numpy(), energy))
     total = _norm(matrix) ** 2
     kept = float(torch.sum(s[:wanted].double() ** 2))
     root = torch.sqrt(s[:wanted])

@@ -3,6 +3,7 @@
 B is (m, r) and A is (r, n) with r ≪ m, n. Everything here costs O((m+n)·r²) or less,
 instead of O(m·n·min(m, n)) for a dense SVD. Inputs may be any float dtype (float16,
 float32, float64 numpy arrays); all arithmetic is float64 and results are float64.
+The QRs come from qr.py; figures of a spectrum alone are in spectrum.py.
 No I/O, no printing, no torch.
 """
 
@@ -14,12 +15,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# At fraction = 1.0 a spectral tail holding less than this share of the energy (σ below
-# ~1e-6·‖σ‖, far under fp16/bf16 resolution) is not counted, so rounding cannot add a rank.
-_ENERGY_RTOL = 1e-12
+from lora_tools.linalg.qr import Stack, Tall, orthonormal_factor, r_factor
+from lora_tools.linalg.spectrum import rank_for_energy
+
 # The Gram sum for ‖BA‖_F² carries a rounding error ≈ eps·(Σᵢ‖bᵢ‖‖aᵢ‖)²; below this share
-# of that bound cancellation has eaten too many digits and the QR core is used instead.
-_GRAM_CANCELLATION = 1e-4
+# of that bound cancellation has eaten too many digits and a QR-based norm is used instead.
+GRAM_CANCELLATION = 1e-4
 
 
 def _factors(b: np.ndarray, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -31,39 +32,44 @@ def _factors(b: np.ndarray, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return b, a
 
 
-# CholeskyQR's R is exact for the computed Gram matrix, whose rounding (≈ eps·‖X‖²)
-# perturbs σ(X)² by eps·σ₁²: fine while κ(XᵀX) stays below this, else Householder.
-_CHOLESKY_MAX_CONDITION = 1e6
-
-
-def _r_factor(x: np.ndarray) -> np.ndarray:
-    """R of a reduced QR x = Q·R (x (m, r) → R (min(m, r), r)).
-
-    From the Gram matrix when x is well conditioned (CholeskyQR: XᵀX = LLᵀ, R = Lᵀ;
-    one level-3 product, ~10× faster than LAPACK's Householder QR on 8192×16 factors,
-    which dominated `inspect` on real adapters), else by Householder QR.
-    """
-    m, r = x.shape
-    if m >= r:
-        gram = x.T @ x  # (r, r)
-        diag = np.diag(gram)
-        if diag.min() > 0 and diag.max() / diag.min() < _CHOLESKY_MAX_CONDITION:
-            try:
-                lower = np.linalg.cholesky(gram)
-            except np.linalg.LinAlgError:
-                lower = None
-            if lower is not None:
-                pivots = np.abs(np.diag(lower))
-                if (pivots.max() / pivots.min()) ** 2 < _CHOLESKY_MAX_CONDITION:
-                    return lower.T
-    return np.linalg.qr(x, mode="r")
+def _tall(x: Tall) -> Tall:
+    """A Stack as it is, an array as float64 (m, k)."""
+    if isinstance(x, Stack):
+        return x
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2:
+        raise ValueError(f"a factor must be 2-D, got shape {x.shape}")
+    return x
 
 
 def _core(b: np.ndarray, a: np.ndarray) -> np.ndarray:
     """R_B·R_Aᵀ, (min(m,r), min(n,r)): with B = Q_B·R_B and Aᵀ = Q_A·R_A (reduced QR),
     B·A = Q_B·(R_B·R_Aᵀ)·Q_Aᵀ and the Q's are orthonormal, so the core has BA's
     singular values and Frobenius norm. Needs m, n, r ≥ 1. O((m+n)·r²)."""
-    return _r_factor(b) @ _r_factor(a.T).T
+    return r_factor(b) @ r_factor(a.T).T
+
+
+def _svd_of_factors(
+    b: Tall,
+    a_t: Tall,
+    gram_b: np.ndarray | None = None,
+    gram_a: np.ndarray | None = None,
+    complete: bool = False,
+) -> tuple[Tall, np.ndarray, np.ndarray, np.ndarray, Tall]:
+    """B·A = (base_B·L)·diag(s)·(base_A·Rtᵀ)ᵀ for B (m, k) and a_t = Aᵀ (n, k): returns
+    base_B (m, ·), L (·, t), s (t,) descending, Rt (t, ·), base_A (n, ·).
+
+    B·A = Q_B·(R_B·R_Aᵀ)·Q_Aᵀ with the factors of `orthonormal_factor`, so the SVD of
+    the small core is that of the product; the tall products are left to the caller,
+    which forms only the columns it keeps. t is the numerical rank, or min(m, n, k)
+    with `complete` (see orthonormal_factor).
+    """
+    q1_b, w_b, r_b = orthonormal_factor(b, gram_b, complete=complete)  # (m, ·), (·, p), (p, k)
+    q1_a, w_a, r_a = orthonormal_factor(a_t, gram_a, complete=complete)  # (n, ·), (·, q), (q, k)
+    if r_b.shape[0] == 0 or r_a.shape[0] == 0:
+        return np.zeros((b.shape[0], 0)), np.zeros((0, 0)), np.zeros(0), np.zeros((0, 0)), np.zeros((a_t.shape[0], 0))
+    u_c, s, vt_c = np.linalg.svd(r_b @ r_a.T, full_matrices=False)  # (p, t), (t,), (t, q)
+    return q1_b, w_b @ u_c, s, vt_c @ w_a.T, q1_a
 
 
 def factored_svd(
@@ -71,27 +77,27 @@ def factored_svd(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Compact SVD of scale·B·A from its factors: (u (m, k), s (k,), vt (k, n)).
 
-    k = min(m, n, r); s is descending and ≥ 0 (|scale| goes into s, its sign into u);
-    u and vt have orthonormal columns / rows even when BA is rank-deficient (then the
-    trailing s are ~0). Identity: B·A = Q_B·(R_B·R_Aᵀ)·Q_Aᵀ, so with R_B·R_Aᵀ = U_c·S·V_cᵀ,
-    u = Q_B·U_c and vt = V_cᵀ·Q_Aᵀ. Cost O((m+n)·r² + r³). For k = 0 (r = 0, or an
-    empty side) returns empty arrays of shapes (m, 0), (0,), (0, n).
+    Contract: k = min(m, n, r); s is descending and ≥ 0 (|scale| goes into s, its sign
+    into u); u and vt have orthonormal columns / rows even when BA is rank-deficient
+    (then the trailing s are ~0), as a reduced QR would give. Identity: B·A =
+    Q_B·(R_B·R_Aᵀ)·Q_Aᵀ, so with R_B·R_Aᵀ = U_c·S·V_cᵀ, u = Q_B·U_c and vt = V_cᵀ·Q_Aᵀ;
+    the Q's come from `orthonormal_factor(complete=True)` (Gram route, Householder when
+    a side is rank-deficient). Cost O((m+n)·r² + r³). For k = 0 (r = 0, or an empty
+    side) returns empty arrays of shapes (m, 0), (0,), (0, n). `truncate` is the same
+    SVD limited to the numerical rank.
     """
     b, a = _factors(b, a)
     (m, r), n = b.shape, a.shape[1]
-    k = min(m, n, r)
-    if k == 0:
+    if min(m, n, r) == 0:
         return np.zeros((m, 0)), np.zeros(0), np.zeros((0, n))
-    q_b, r_b = np.linalg.qr(b)  # (m, p), (p, r), p = min(m, r)
-    q_a, r_a = np.linalg.qr(a.T)  # (n, q), (q, r), q = min(n, r)
-    u_c, s, vt_c = np.linalg.svd(r_b @ r_a.T, full_matrices=False)  # (p, k), (k,), (k, q)
+    base_b, left, s, right, base_a = _svd_of_factors(b, a.T, complete=True)
     sign = -1.0 if scale < 0 else 1.0
-    return sign * (q_b @ u_c), abs(scale) * s, vt_c @ q_a.T
+    return sign * (base_b @ left), abs(scale) * s, (base_a @ right.T).T
 
 
 def singular_values(b: np.ndarray, a: np.ndarray, scale: float = 1.0) -> np.ndarray:
     """Descending singular values of scale·B·A, exactly r of them (zero-padded when
-    r > min(m, n)). σ(BA) = σ(R_B·R_Aᵀ) via QR; O((m+n)·r² + r³), no U or V formed."""
+    r > min(m, n)). σ(BA) = σ(R_B·R_Aᵀ) via r_factor; O((m+n)·r² + r³), no U or V formed."""
     b, a = _factors(b, a)
     (m, r), n = b.shape, a.shape[1]
     out = np.zeros(r)
@@ -112,7 +118,7 @@ def frobenius_norm(b: np.ndarray, a: np.ndarray, scale: float = 1.0) -> float:
     b, a = _factors(b, a)
     gram = float(np.sum((b.T @ b) * (a @ a.T)))
     bound = float(np.sum(np.linalg.norm(b, axis=0) * np.linalg.norm(a, axis=1))) ** 2
-    if gram < _GRAM_CANCELLATION * bound:  # bound > 0 here, so m, n, r ≥ 1
+    if gram < GRAM_CANCELLATION * bound:  # bound > 0 here, so m, n, r ≥ 1
         return abs(scale) * float(np.linalg.norm(_core(b, a)))
     return abs(scale) * math.sqrt(max(gram, 0.0))
 
@@ -167,65 +173,6 @@ def cosine_similarity(
     return float(min(1.0, max(-1.0, cos)))
 
 
-def _spectrum(singular_values: np.ndarray) -> np.ndarray:
-    """σ as a flat float64 array, sorted descending (callers may pass any order)."""
-    return np.sort(np.asarray(singular_values, dtype=np.float64).ravel())[::-1]
-
-
-def energy_rank(singular_values: np.ndarray, fraction: float) -> int:
-    """Smallest k with Σ_{i≤k} σᵢ² ≥ fraction·Σ σᵢ² (σ sorted descending); O(r log r).
-
-    A relative tolerance of 1e-12 on the energy keeps fraction = 1.0 from failing by
-    rounding. 0 for an all-zero or empty spectrum, and for fraction = 0.
-    """
-    if not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"energy fraction must lie in [0, 1], got {fraction}")
-    cum = np.cumsum(_spectrum(singular_values) ** 2)
-    if cum.size == 0 or cum[-1] == 0.0:
-        return 0
-    target = fraction * cum[-1] * (1.0 - _ENERGY_RTOL)
-    if target <= 0.0:
-        return 0
-    return int(np.searchsorted(cum, target, side="left")) + 1
-
-
-def rank_for_energy(singular_values: np.ndarray, fraction: float) -> int:
-    """max(1, energy_rank(σ, fraction)): the smallest rank keeping that share of the
-    energy, at least 1 so that a written adapter always has rank ≥ 1."""
-    return max(1, energy_rank(singular_values, fraction))
-
-
-def energy_fraction(singular_values: np.ndarray, k: int) -> float:
-    """Σ_{i≤k} σᵢ² / Σ σᵢ² for the k largest σ (k beyond r counts all); 1.0 if all zero."""
-    if k < 0:
-        raise ValueError(f"k must be ≥ 0, got {k}")
-    energy = _spectrum(singular_values) ** 2
-    total = float(energy.sum())
-    return 1.0 if total == 0.0 else float(energy[:k].sum()) / total
-
-
-def effective_rank(singular_values: np.ndarray) -> float:
-    """Entropy effective rank exp(−Σ pᵢ·log pᵢ), pᵢ = σᵢ/Σσ (Roy & Vetterli 2007).
-
-    Zero σ contribute nothing (0·log 0 = 0). Lies in [1, number of non-zero σ]; 0.0 for
-    an all-zero or empty spectrum. O(r).
-    """
-    s = _spectrum(singular_values)
-    total = float(s.sum())
-    if total == 0.0:
-        return 0.0
-    p = s[s > 0.0] / total
-    return float(math.exp(-float(np.sum(p * np.log(p)))))
-
-
-def stable_rank(singular_values: np.ndarray) -> float:
-    """Stable rank ‖·‖_F² / ‖·‖₂² = Σσ² / σ₁², in [1, rank]; 0.0 for all-zero. O(r)."""
-    s = _spectrum(singular_values)
-    if s.size == 0 or s[0] == 0.0:
-        return 0.0
-    return float(np.sum((s / s[0]) ** 2))
-
-
 def concat_factors(
     terms: Sequence[tuple[np.ndarray, np.ndarray, float]],
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -252,39 +199,61 @@ class TruncationResult:
 
     b: np.ndarray  # (m, R)
     a: np.ndarray  # (R, n)
-    singular_values: np.ndarray  # all r of B·A, descending (zero-padded like singular_values())
+    singular_values: np.ndarray  # all r of B·A, descending, zero past the numerical rank
     energy_kept: float  # Σ_{i≤R} σᵢ² / Σ σᵢ²; 1.0 when B·A = 0
     residual_fro: float  # ‖B·A − b·a‖_F = sqrt(Σ_{i>R} σᵢ²)
+    total_fro: float  # ‖B·A‖_F = sqrt(Σ σᵢ²)
+    kept_fro: float  # ‖b·a‖_F = sqrt(Σ_{i≤R} σᵢ²)
 
 
-def truncate(b: np.ndarray, a: np.ndarray, rank: int) -> TruncationResult:
+def truncate(
+    b: Tall,
+    a_t: Tall,
+    rank: int | None = None,
+    *,
+    energy: float | None = None,
+    pad: bool = True,
+    gram_b: np.ndarray | None = None,
+    gram_a: np.ndarray | None = None,
+) -> TruncationResult:
     """Best rank-R approximation of B·A in Frobenius and spectral norm (Eckart–Young).
 
-    From factored_svd: b = U_R·√S_R (m, R), a = √S_R·Vt_R (R, n), so b·a = U_R·S_R·Vt_R.
-    The singular values are split evenly between the factors so that both stay in a
-    similar numeric range (‖b‖₂ = ‖a‖₂ = √σ₁), which is what survives storage in
-    fp16/bf16 best. If R exceeds the rank available (min(m, n, r)), b and a are padded
-    with zero columns/rows so they have exactly R of them; those add nothing to b·a.
-    Cost O((m+n)·r² + r³).
+    Both factors come as tall matrices, B (m, r) and a_t = Aᵀ (n, r) (note: A
+    transposed), each an array or a Stack of blocks (what a blend holds); gram_b = BᵀB
+    and gram_a = AAᵀ (r, r) when the caller has them. From the SVD of B·A limited to its
+    numerical rank t (`_svd_of_factors`, Gram route): R = min(rank, t), further capped
+    by `energy` (the smallest rank keeping that share of ‖BA‖_F², at least 1), and
+    b = U_R·√S_R (m, R), a = √S_R·Vt_R (R, n), so b·a = U_R·S_R·Vt_R. The singular values
+    are split evenly between the factors so that both stay in a similar numeric range
+    (‖b‖₂ = ‖a‖₂ = √σ₁), which is what survives storage in fp16/bf16 best. With `pad`
+    and a `rank`, b and a get exactly `rank` columns / rows, zero beyond the R kept;
+    without it they have R. rank=None keeps all t. Cost O((m+n)·r² + r³).
     """
-    if rank < 0:
+    if rank is not None and rank < 0:
         raise ValueError(f"rank must be ≥ 0, got {rank}")
-    u, s, vt = factored_svd(b, a)  # (m, k), (k,), (k, n)
-    m, n, k = u.shape[0], vt.shape[1], s.size
-    kept = min(rank, k)
-    root = np.sqrt(s[:kept])
-    b_out = np.zeros((m, rank))
-    a_out = np.zeros((rank, n))
-    b_out[:, :kept] = u[:, :kept] * root  # (m, kept)
-    a_out[:kept] = root[:, None] * vt[:kept]  # (kept, n)
-    all_s = np.zeros(np.shape(a)[0])
-    all_s[:k] = s
-    energy = all_s**2
-    total = float(energy.sum())
+    b, a_t = _tall(b), _tall(a_t)
+    if b.shape[1] != a_t.shape[1]:
+        raise ValueError(f"factors do not chain: b {b.shape} · a {(a_t.shape[1], a_t.shape[0])}")
+    base_b, left, s, right, base_a = _svd_of_factors(b, a_t, gram_b, gram_a)
+    keep = s.size if rank is None else min(rank, s.size)
+    if energy is not None:
+        keep = min(keep, rank_for_energy(s, energy))
+    root = np.sqrt(s[:keep])
+    energies = s**2
+    total_sq, kept_sq = float(energies.sum()), float(energies[:keep].sum())
+    b_out = base_b @ (left[:, :keep] * root)  # (m, R)
+    a_out = np.ascontiguousarray((base_a @ (right[:keep].T * root)).T)  # (R, n)
+    if pad and rank is not None and rank > keep:
+        b_out = np.concatenate([b_out, np.zeros((b_out.shape[0], rank - keep))], axis=1)  # (m, rank)
+        a_out = np.concatenate([a_out, np.zeros((rank - keep, a_out.shape[1]))], axis=0)  # (rank, n)
+    all_s = np.zeros(b.shape[1])
+    all_s[: s.size] = s
     return TruncationResult(
         b=b_out,
         a=a_out,
         singular_values=all_s,
-        energy_kept=1.0 if total == 0.0 else float(energy[:rank].sum()) / total,
-        residual_fro=math.sqrt(float(energy[rank:].sum())),
+        energy_kept=1.0 if total_sq == 0.0 else kept_sq / total_sq,
+        residual_fro=math.sqrt(float(energies[keep:].sum())),
+        total_fro=math.sqrt(total_sq),
+        kept_fro=math.sqrt(kept_sq),
     )
