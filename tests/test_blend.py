@@ -28,11 +28,12 @@ from safetensors.numpy import load_file as load_numpy
 
 from builders import PeftCase
 from cli_run import run_cli
-from lora_tools.blend.operation import blend, blend_adapters
 from lora_tools.blend.dense import keep_mask, refactor
-from lora_tools.blend.factored import factored_svd, orthonormal_factor
+from lora_tools.blend.operation import blend, blend_adapters
 from lora_tools.formats import load_adapter
-from lora_tools.formats.writers import float32_to_bf16_bits
+from lora_tools.io.encode import float32_to_bf16_bits
+from lora_tools.linalg.factored import factored_svd, truncate
+from lora_tools.linalg.qr import orthonormal_factor
 
 LLAMA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -533,7 +534,8 @@ def test_factored_path_never_imports_torch(inputs: dict[str, Path], tmp_path: Pa
 @settings(max_examples=40, deadline=None)
 @given(st.integers(1, 40), st.integers(1, 40), st.integers(1, 12), st.integers(0, 2**31 - 1), st.booleans())
 def test_factored_svd_matches_dense(m: int, n: int, k: int, seed: int, duplicate: bool) -> None:
-    """The Gram-based SVD of B·A equals numpy's dense SVD, rank-deficient stacks included."""
+    """The Gram-based SVD of B·A equals numpy's dense SVD, rank-deficient stacks included:
+    factored_svd (padded to min(m, n, r)) and truncate (the blend's, to the numerical rank)."""
     rng = np.random.default_rng(seed)
     b, a = rng.standard_normal((m, k)), rng.standard_normal((k, n))
     if duplicate:  # an adapter blended with itself: [B | B]·[A; A]
@@ -543,6 +545,9 @@ def test_factored_svd_matches_dense(m: int, n: int, k: int, seed: int, duplicate
     sigma = np.linalg.svd(dense, compute_uv=False)
     np.testing.assert_allclose(s, sigma[: s.size], atol=1e-9 * max(sigma[0], 1.0))
     np.testing.assert_allclose((u * s) @ vt, dense, atol=1e-9 * max(np.abs(dense).max(), 1.0))
+    best = truncate(b, a.T, pad=False)
+    np.testing.assert_allclose(best.singular_values[: s.size], s, atol=1e-9 * max(sigma[0], 1.0))
+    np.testing.assert_allclose(best.b @ best.a, dense, atol=1e-9 * max(np.abs(dense).max(), 1.0))
     base, t, r = orthonormal_factor(b)
     q = base @ t
     np.testing.assert_allclose(q.T @ q, np.eye(q.shape[1]), atol=1e-9)  # ≤ 1e-10 by design
@@ -561,7 +566,7 @@ def test_single_threaded_blas_restores_the_thread_count() -> None:
     """The factored blend runs OpenBLAS on one thread and gives the setting back (where it can)."""
     import ctypes
 
-    from lora_tools.blend.factored import single_threaded_blas
+    from lora_tools.linalg.blas import single_threaded_blas
 
     paths = sorted({line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines()
                     if "openblas" in line.lower() and ".so" in line}) if Path("/proc/self/maps").exists() else []

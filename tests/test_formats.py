@@ -22,9 +22,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from builders import DiffusersCase, KohyaCase, PeftCase
-from lora_tools.adapter import Adapter
+from lora_tools.adapter import Adapter, LoraLayer
 from lora_tools.formats import load_adapter
+from lora_tools.formats.diffusers import DIFFUSERS_WEIGHTS, write_diffusers
+from lora_tools.formats.kohya import write_kohya
+from lora_tools.formats.names import format_key, resolve_names
 from lora_tools.inspect import inspect_adapter
+from lora_tools.io.checkpoint import BaseCheckpoint
+from lora_tools.io.encode import WriteError
 
 PEFT_PREFIX = "base_model.model."
 
@@ -545,3 +550,223 @@ def test_reading_leaves_no_file_open(peft_case_factory, kohya_case: KohyaCase, d
         gc.collect()
     assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
     assert all(adapter.layers for adapter in adapters)
+
+
+# --------------------------------------------------------------------------- names both ways
+
+
+def _dummy_layer(name: str) -> LoraLayer:
+    return LoraLayer(name, np.zeros((1, 2), np.float32), np.zeros((2, 1), np.float32), 1.0)
+
+
+def _base_modules(base: Path) -> set[str]:
+    with BaseCheckpoint.open(base) as checkpoint:
+        return checkpoint.module_paths()
+
+
+@pytest.mark.parametrize("fmt", ["peft", "kohya", "diffusers"])
+@pytest.mark.parametrize("base", ["llama", "gpt2", "sd"])
+def test_format_key_round_trips_through_resolve_names(fmt: str, base: str, base_dir_factory, sd_base_file: Path) -> None:
+    """Every module of each tiny base: module path -> format_key -> resolve_names -> the same path."""
+    path = sd_base_file if base == "sd" else base_dir_factory(base)
+    modules = _base_modules(path)
+    component = {"peft": None, "kohya": "unet", "diffusers": "unet"}[fmt]
+    stems = {format_key(module, fmt, component): module for module in sorted(modules)}
+    assert len(stems) == len(modules)
+    adapter = Adapter(path="stems", format=fmt, layers=[_dummy_layer(stem) for stem in stems],
+                      names_resolved=fmt != "kohya")
+    resolved = resolve_names(adapter, modules, path)
+    assert [layer.name for layer in resolved.layers] == list(stems.values())
+
+
+def test_format_key_spells_each_format_as_its_files_do(kohya_case: KohyaCase, diffusers_current_case: DiffusersCase) -> None:
+    assert format_key("model.layers.0.self_attn.q_proj", "peft") == "base_model.model.model.layers.0.self_attn.q_proj"
+    for name, module in kohya_case.module_map.items():  # sd-scripts' own names in the fixture
+        component = "te" if name.startswith("lora_te_") else "unet"
+        assert format_key(module, "kohya", component) == name
+    for name, module in diffusers_current_case.module_names.items():
+        assert format_key(module, "diffusers", name.split(".", 1)[0]) == name
+    assert format_key("text_model.encoder.layers.0.mlp.fc1", "kohya", "te2") == "lora_te2_text_model_encoder_layers_0_mlp_fc1"
+    for fmt, component in (("peft", "unet"), ("kohya", None), ("kohya", "text_encoder"), ("diffusers", "te"), ("gguf", None)):
+        with pytest.raises(ValueError):
+            format_key("a.b", fmt, component)
+
+
+def test_kohya_writer_names_module_paths_with_format_key(kohya_case: KohyaCase, tmp_path: Path) -> None:
+    """Layers named by module path (a resolved read) go back to sd-scripts' names."""
+    resolved = resolve_names(load_adapter(kohya_case.lora_file), _base_modules(kohya_case.base_file), kohya_case.base_file)
+    unet = [layer for layer in resolved.layers if not layer.name.startswith("text_model.")]
+    te = [layer for layer in resolved.layers if layer.name.startswith("text_model.")]
+    write_kohya(unet, tmp_path / "unet.safetensors", dtype="F32", component="unet")
+    write_kohya(te, tmp_path / "te.safetensors", dtype="F32", component="te")
+    back = load_adapter(tmp_path / "unet.safetensors").layers + load_adapter(tmp_path / "te.safetensors").layers
+    assert sorted(layer.name for layer in back) == sorted(kohya_case.module_map)
+    by_module = {layer.name: layer for layer in resolved.layers}
+    for layer in back:
+        want = by_module[kohya_case.module_map[layer.name]]
+        np.testing.assert_array_equal(layer.dense_update(), want.dense_update(), err_msg=layer.name)
+    with pytest.raises(WriteError, match="kohya component"):
+        write_kohya(unet, tmp_path / "bad.safetensors", component="text_encoder")
+    with pytest.raises(WriteError, match="has no kohya name"):
+        write_kohya(unet, tmp_path / "bad.safetensors")
+
+
+# --------------------------------------------------------------------------- diffusers writer
+
+_UNET_CONV = "down_blocks.0.resnets.0.conv1"
+_UNET_PROJ_IN = "down_blocks.0.attentions.0.proj_in"
+_TE_EMBED = "text_model.embeddings.token_embedding"
+
+
+def _diffusers_layers() -> list[LoraLayer]:
+    """Layers over the SD-style base: the UNet under rsLoRA with mixed ranks and alphas
+    (a 3×3 and a 1×1 conv among them), the text encoder plain with an embedding."""
+    from builders import SD_ATTN, SD_BASE_SHAPES, SD_TE
+
+    rng = np.random.default_rng(11)
+    # module -> (component, rank, alpha, rslora)
+    spec = {
+        f"{SD_ATTN}.to_q": ("unet", 4, 8.0, True),
+        f"{SD_ATTN}.to_k": ("unet", 4, 8.0, True),
+        f"{SD_ATTN}.to_v": ("unet", 2, 3.0, True),
+        f"{SD_ATTN}.to_out.0": ("unet", 4, 1.5, True),
+        _UNET_PROJ_IN: ("unet", 4, 8.0, True),
+        _UNET_CONV: ("unet", 2, 8.0, True),
+        f"{SD_TE}.q_proj": ("text_encoder", 4, 2.0, False),
+        f"{SD_TE}.k_proj": ("text_encoder", 8, 2.0, False),
+        _TE_EMBED: ("text_encoder", 4, 6.0, False),
+    }
+    layers = []
+    for module, (component, rank, alpha, rslora) in spec.items():
+        shape = SD_BASE_SHAPES[f"{module}.weight"]
+        if module == _TE_EMBED:  # a (r, num_embeddings), b (dim, r)
+            kind, a_shape, b_shape = "embedding", (rank, shape[0]), (shape[1], rank)
+        elif len(shape) == 4:
+            kind, a_shape, b_shape = "conv", (rank, shape[1], *shape[2:]), (shape[0], rank, 1, 1)
+        else:
+            kind, a_shape, b_shape = "linear", (rank, shape[1]), (shape[0], rank)
+        a = (0.2 * rng.standard_normal(a_shape)).astype(np.float32)
+        b = (0.2 * rng.standard_normal(b_shape)).astype(np.float32)
+        layers.append(LoraLayer(f"{component}.{module}", a, b, alpha, kind=kind, use_rslora=rslora))
+    return layers
+
+
+def test_diffusers_writer_round_trip(sd_base_file: Path, tmp_path: Path) -> None:
+    """Written, read back (lora_tools.formats.load_adapter): every layer's update is the same."""
+    from builders import SD_ATTN
+
+    layers = _diffusers_layers()
+    folder = tmp_path / "lora"
+    folder.mkdir()
+    packed = write_diffusers(layers, folder / DIFFUSERS_WEIGHTS)
+    with safe_open(folder / DIFFUSERS_WEIGHTS, "np") as f:
+        keys, header = set(f.keys()), f.metadata()
+    assert f"unet.{_UNET_CONV}.lora_A.weight" in keys and f"text_encoder.{_TE_EMBED}.lora_embedding_B" in keys
+    assert not any(k.startswith("base_model.") for k in keys)
+    assert header["format"] == "pt" and json.loads(header["lora_adapter_metadata"]) == packed
+    assert packed["unet.use_rslora"] is True and packed["text_encoder.use_rslora"] is False
+    assert packed["unet.r"] == 4 and packed["unet.rank_pattern"] == {f"{SD_ATTN}.to_v": 2, _UNET_CONV: 2}
+
+    back = load_adapter(folder)  # the folder, as diffusers names the file in it
+    assert back.format == "diffusers"
+    assert sorted(layer.name for layer in back.layers) == sorted(layer.name for layer in layers)
+    by_name = {layer.name: layer for layer in back.layers}
+    for want in layers:
+        got = by_name[want.name]
+        assert (got.kind, got.rank, got.alpha, got.use_rslora, got.scale) == (
+            want.kind, want.rank, want.alpha, want.use_rslora, want.scale), want.name
+        np.testing.assert_array_equal(got.dense_update(), want.dense_update(), err_msg=want.name)
+    resolved = resolve_names(back, _base_modules(sd_base_file), sd_base_file)
+    assert sorted(layer.name for layer in resolved.layers) == sorted(layer.name.split(".", 1)[1] for layer in layers)
+
+
+def test_diffusers_writer_component_argument(tmp_path: Path) -> None:
+    unet = [layer for layer in _diffusers_layers() if layer.name.startswith("unet.")]
+    bare = [LoraLayer(layer.name.split(".", 1)[1], layer.a, layer.b, layer.alpha, kind=layer.kind,
+                      use_rslora=layer.use_rslora) for layer in unet]
+    write_diffusers(bare, tmp_path / "given.safetensors", component="unet")
+    write_diffusers(unet, tmp_path / "named.safetensors")
+    assert (tmp_path / "given.safetensors").read_bytes() == (tmp_path / "named.safetensors").read_bytes()
+    with pytest.raises(WriteError, match="no diffusers component"):
+        write_diffusers(bare, tmp_path / "bad.safetensors")
+    with pytest.raises(WriteError, match="diffusers component must be"):
+        write_diffusers(bare, tmp_path / "bad.safetensors", component="te")
+    with pytest.raises(WriteError, match="mix rsLoRA"):
+        write_diffusers(bare[:1] + [LoraLayer("x", bare[1].a, bare[1].b, 1.0)], tmp_path / "bad.safetensors",
+                        component="unet")
+
+
+def _module_tree(modules: dict[str, tuple[int, ...]]) -> torch.nn.Module:
+    """A bare torch module with a Linear / Conv2d / Embedding at each path (shape = weight's)."""
+    root = torch.nn.Module()
+    for path, shape in modules.items():
+        *parents, leaf = path.split(".")
+        node = root
+        for part in parents:
+            if not hasattr(node, part):
+                node.add_module(part, torch.nn.Module())
+            node = getattr(node, part)
+        if leaf.endswith("embedding"):
+            layer: torch.nn.Module = torch.nn.Embedding(*shape)
+        elif len(shape) == 4:
+            layer = torch.nn.Conv2d(shape[1], shape[0], shape[2:], bias=False)
+        else:
+            layer = torch.nn.Linear(shape[1], shape[0], bias=False)
+        node.add_module(leaf, layer)
+    return root
+
+
+def test_diffusers_writer_loads_the_way_diffusers_loads_it(tmp_path: Path) -> None:
+    """What load_lora_weights does per component, with peft itself: strip `<component>.`
+    from keys and metadata fields, LoraConfig(**fields), inject_adapter_in_model,
+    set_peft_model_state_dict. Every key lands (ranks from rank_pattern fit the tensors)
+    and PEFT's own delta weight (its scaling from alpha_pattern / use_rslora) is ours."""
+    from builders import SD_BASE_SHAPES
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+    from peft.tuners.lora import LoraLayer as PeftLoraLayer
+
+    layers = _diffusers_layers()
+    path = tmp_path / DIFFUSERS_WEIGHTS
+    write_diffusers(layers, path)
+    state = load_file(path)
+    with safe_open(path, "pt") as f:
+        packed = json.loads(f.metadata()["lora_adapter_metadata"])
+    for component in ("unet", "text_encoder"):
+        prefix = f"{component}."
+        fields = {k.removeprefix(prefix): v for k, v in packed.items() if k.startswith(prefix)}
+        sub_state = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+        owned = {layer.name.removeprefix(prefix): layer for layer in layers if layer.name.startswith(prefix)}
+        model = _module_tree({m: SD_BASE_SHAPES[f"{m}.weight"] for m in owned})
+        model = inject_adapter_in_model(LoraConfig(**fields), model)
+        result = set_peft_model_state_dict(model, sub_state)
+        assert not result.unexpected_keys, result.unexpected_keys
+        seen = set()
+        for name, module in model.named_modules():
+            if isinstance(module, PeftLoraLayer):
+                want = owned[name]
+                assert module.r["default"] == want.rank and module.scaling["default"] == pytest.approx(want.scale, rel=1e-12)
+                delta = module.get_delta_weight("default").to(torch.float64).numpy()
+                np.testing.assert_allclose(delta, want.dense_update(), rtol=1e-5, atol=1e-7, err_msg=name)
+                seen.add(name)
+        assert seen == set(owned)
+
+
+def test_diffusers_itself_reads_the_written_file(tmp_path: Path) -> None:
+    """diffusers' own state-dict loader and metadata parser accept the file (0.34 added
+    lora_adapter_metadata and `return_lora_metadata`)."""
+    pytest.importorskip("diffusers", minversion="0.34")
+    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+    from diffusers.utils.state_dict_utils import _load_sft_state_dict_metadata
+
+    assert LORA_ADAPTER_METADATA_KEY == "lora_adapter_metadata"
+    layers = _diffusers_layers()
+    path = tmp_path / DIFFUSERS_WEIGHTS
+    packed = write_diffusers(layers, path)
+    assert _load_sft_state_dict_metadata(str(path)) == packed
+    from diffusers import StableDiffusionPipeline
+
+    state_dict, network_alphas, metadata = StableDiffusionPipeline.lora_state_dict(
+        str(tmp_path), weight_name=DIFFUSERS_WEIGHTS, return_lora_metadata=True
+    )
+    assert network_alphas is None and metadata == packed
+    assert sorted(state_dict) == sorted(load_file(path))

@@ -24,12 +24,12 @@ import contextlib
 import hashlib
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from lora_tools.blend.factored import LayerBlend, Term
 from lora_tools.linalg.spectrum import rank_for_energy
 
 # Layers whose smaller side is at most this use an exact SVD; larger ones a seeded
@@ -41,31 +41,6 @@ OVERSAMPLE = 16
 POWER_ITERS = 4
 
 DEFAULT_NORMALIZE = {"ties": True, "dare_ties": False, "dare_linear": False}
-
-
-@dataclass
-class DenseTerm:
-    """One input's update at one layer: weight · scale · B·A (B (m, r), A (r, n))."""
-
-    index: int  # the input's position: seeds its DARE mask
-    weight: float
-    scale: float
-    b: np.ndarray  # (m, r)
-    a: np.ndarray  # (r, n)
-
-
-@dataclass
-class DenseLayerResult:
-    """The rank-R factors of the mixed update and how well they keep it."""
-
-    b: np.ndarray  # (m, R) float64
-    a: np.ndarray  # (R, n) float64
-    target_norm: float  # ‖M‖_F of the TIES/DARE-mixed update M
-    residual_fro: float  # ‖M − b·a‖_F
-    out_norm: float  # ‖b·a‖_F
-    energy_kept: float  # Σ_{i≤R} σᵢ² / ‖M‖_F²
-    sum_norm: float  # ‖Σ wᵢ·ΔWᵢ‖_F, the plain weighted sum
-    error_vs_sum: float  # ‖b·a − Σ wᵢ·ΔWᵢ‖_F
 
 
 def resolve_device(device: str) -> torch.device:
@@ -201,7 +176,7 @@ def refactor(
 
 def blend_layer_dense(
     name: str,
-    terms: Sequence[DenseTerm],
+    terms: Sequence[Term],
     method: str,
     *,
     rank: int | None,
@@ -211,12 +186,15 @@ def blend_layer_dense(
     seed: int,
     device: Any,
     dtype: torch.dtype = torch.float32,
-) -> DenseLayerResult:
-    """Mix one layer's updates with TIES/DARE on `device` and re-factor to rank R."""
+) -> LayerBlend:
+    """Mix one layer's updates with TIES/DARE on `device` and re-factor to rank R.
+
+    The terms are the layer's non-zero inputs; the figures compare b·a with the mixed
+    update (its target) and with the plain weighted sum; cosines are the caller's."""
     def tensor(array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array)).to(device=device, dtype=dtype)
 
-    deltas = [(tensor(t.b) @ tensor(t.a)) * t.scale for t in terms]  # each (m, n)
+    deltas = [(tensor(t.b) @ tensor(t.a)) * t.layer.scale for t in terms]  # each (m, n)
     weights = [t.weight for t in terms]
     masks = None
     if method.startswith("dare") and density < 1.0:
@@ -227,13 +205,13 @@ def blend_layer_dense(
     svd_seed = stream_seed(seed, name, -1)
     b, a, energy_kept = refactor(mixed, rank, energy, svd_seed)
     approx = b @ a  # (m, n)
-    result = DenseLayerResult(
+    result = LayerBlend(
         b=b.double().cpu().numpy(),
         a=a.double().cpu().numpy(),
-        target_norm=_norm(mixed),
-        residual_fro=_norm(mixed - approx),
-        out_norm=_norm(approx),
         energy_kept=energy_kept,
+        residual_fro=_norm(mixed - approx),
+        target_norm=_norm(mixed),
+        out_norm=_norm(approx),
         sum_norm=_norm(torch.as_tensor(plain_sum)),
         error_vs_sum=_norm(approx - plain_sum),
     )

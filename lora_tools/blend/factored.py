@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
@@ -52,17 +52,21 @@ class Term:
 
 
 @dataclass
-class FactoredBlend:
-    """One layer's blended factors (b (m, R), a (R, n), product = ΔW_out) and figures."""
+class LayerBlend:
+    """One layer's blended factors (b (m, R), a (R, n), product = ΔW_out) and how well
+    they keep their target: Σ wᵢΔWᵢ for the factored methods, the TIES/DARE-mixed
+    update for the dense ones (`blend.dense`)."""
 
     b: np.ndarray
     a: np.ndarray
-    energy_kept: float | None  # share of ‖Σ wᵢΔWᵢ‖² in b·a (None: linear, not a truncation)
-    residual_fro: float  # ‖b·a − Σ wᵢΔWᵢ‖_F
-    sum_norm: float  # ‖Σ wᵢΔWᵢ‖_F
+    energy_kept: float | None  # share of ‖target‖² in b·a (None: linear, not a truncation)
+    residual_fro: float  # ‖b·a − target‖_F
+    target_norm: float  # ‖target‖_F
     out_norm: float  # ‖b·a‖_F
-    cosines: dict[tuple[int, int], float]  # (i, j) input positions -> cos(ΔWᵢ, ΔWⱼ)
-    norms: dict[int, float]  # input position -> ‖ΔWᵢ‖_F (unweighted)
+    sum_norm: float  # ‖Σ wᵢΔWᵢ‖_F
+    error_vs_sum: float  # ‖b·a − Σ wᵢΔWᵢ‖_F
+    cosines: dict[tuple[int, int], float] = field(default_factory=dict)  # (i, j) input positions -> cos(ΔWᵢ, ΔWⱼ)
+    norms: dict[int, float] = field(default_factory=dict)  # input position -> ‖ΔWᵢ‖_F (unweighted)
 
 
 def gram_cosines(
@@ -119,7 +123,7 @@ def stacked_grams(terms: Sequence[Term]) -> tuple[np.ndarray, np.ndarray]:
     return g_b, a_stack @ a_stack.T
 
 
-def blend_factored(terms: Sequence[Term], method: str, rank: int | None, energy: float | None) -> FactoredBlend:
+def blend_factored(terms: Sequence[Term], method: str, rank: int | None, energy: float | None) -> LayerBlend:
     """cat, svd or linear for one layer's terms (see blend.py for the semantics)."""
     g_b, g_a = stacked_grams(terms)
     cosines, norms = gram_cosines(terms, g_b, g_a)
@@ -131,7 +135,7 @@ def blend_factored(terms: Sequence[Term], method: str, rank: int | None, energy:
         b = np.concatenate([math.copysign(r, t.coefficient) * t.b for r, t in zip(roots, live)], axis=1)
         a = np.concatenate([r * t.a for r, t in zip(roots, live)], axis=0)
         total = frobenius_norm(b, a)
-        return FactoredBlend(b, a, 1.0, 0.0, total, total, cosines, norms)
+        return LayerBlend(b, a, 1.0, 0.0, total, total, total, 0.0, cosines, norms)
     if method == "linear":
         # PEFT's formula: √|c| on both factors, the sign on A only.
         b = sum(math.sqrt(abs(t.coefficient)) * t.b for t in terms)
@@ -140,20 +144,22 @@ def blend_factored(terms: Sequence[Term], method: str, rank: int | None, energy:
         diff_b, diff_a = concat_factors([(b, a, 1.0), (b_cat, a_cat, -1.0)])
         residual = frobenius_norm(diff_b, diff_a)
         total = frobenius_norm(b_cat, a_cat)
-        return FactoredBlend(b, a, None, residual, total, frobenius_norm(b, a), cosines, norms)
+        return LayerBlend(b, a, None, residual, total, frobenius_norm(b, a), total, residual, cosines, norms)
     if method != "svd":
         raise ValueError(f"not a factored method: {method!r}")
     b_cat = Stack([t.b for t in live], [t.coefficient for t in live])  # (m, Σr) = [c₁B₁ | c₂B₂ | …]
     a_cat_t = Stack([t.a.T for t in live], [1.0] * len(live))  # (n, Σr) = [A₁; A₂; …]ᵀ
     gram_b = g_b[np.ix_(alive, alive)] * np.outer(coef[alive], coef[alive])  # (c∘B)ᵀ(c∘B), no tall product
     best = truncate(b_cat, a_cat_t, rank, energy=energy, pad=False, gram_b=gram_b, gram_a=g_a[np.ix_(alive, alive)])
-    return FactoredBlend(
+    return LayerBlend(
         b=best.b,  # (m, R)
         a=best.a,  # (R, n)
         energy_kept=best.energy_kept,
         residual_fro=best.residual_fro,
-        sum_norm=best.total_fro,
+        target_norm=best.total_fro,
         out_norm=best.kept_fro,
+        sum_norm=best.total_fro,
+        error_vs_sum=best.residual_fro,
         cosines=cosines,
         norms=norms,
     )

@@ -7,7 +7,7 @@ matrix) except TIES/DARE, which act on matrix entries (see blend_dense.py):
 
 - cat:    [c₁B₁ | c₂B₂ | …]·[A₁; A₂; …] with cᵢ = wᵢ·sᵢ: exact, rank Σ rᵢ.
 - svd:    the best rank-R approximation of that sum (Eckart–Young) from QR of the
-          stacked factors and an SVD of the small core (blend_math.factored_svd); the
+          stacked factors and an SVD of the small core (linalg.factored.truncate); the
           residual ‖ΔW − ΔW_R‖_F it reports is exact, from the discarded singular values.
 - linear: PEFT's add_weighted_adapter(combination_type="linear") bit for bit in the
           factors: A = Σ sign(cᵢ)·√|cᵢ|·Aᵢ, B = Σ √|cᵢ|·Bᵢ. Its product has cross terms
@@ -32,11 +32,19 @@ from typing import Any
 import numpy as np
 
 from lora_tools.adapter import Adapter, LoraLayer
+from lora_tools.blend.factored import Term, blend_factored
 from lora_tools.blend.inputs import (
-    DENSE_METHODS, DTYPES, align_layers, base_copies, blend_full_tensors, check_inputs, check_options, resolve_weights,
+    DENSE_METHODS,
+    DTYPES,
+    align_layers,
+    base_copies,
+    blend_full_tensors,
+    check_inputs,
+    check_options,
+    resolve_weights,
 )
-from lora_tools.blend.factored import Term, blend_factored, single_threaded_blas
 from lora_tools.errors import LoraToolsError, UsageError
+from lora_tools.linalg.blas import single_threaded_blas
 
 # PEFT config fields that decide which modules an adapter creates: copied to the
 # output only when every input agrees on them and adapts the same modules.
@@ -202,18 +210,16 @@ def _blend_layer(name: str, terms: list[Term], recipe: _Recipe) -> tuple[LoraLay
         raise LoraToolsError(
             recipe.paths[culprit.index], f"layer {name!r}: the update overflows float64 (factors too large to blend)"
         ) from None
-    b, a, kept, residual, out_norm = mixed.b, mixed.a, mixed.energy_kept, mixed.residual_fro, mixed.out_norm
-    target_norm, error_vs_sum = mixed.sum_norm, mixed.residual_fro
+    result = mixed
     if recipe.dense is not None:
         import torch
 
-        dense = recipe.dense.blend_layer_dense(
-            name, [recipe.dense.DenseTerm(t.index, t.weight, t.layer.scale, t.b, t.a) for t in terms if t.coefficient != 0.0],
+        result = recipe.dense.blend_layer_dense(
+            name, [t for t in terms if t.coefficient != 0.0],
             recipe.method, rank=recipe.rank, energy=recipe.energy, density=recipe.density, normalize=recipe.normalize,
             seed=recipe.seed, device=recipe.device, dtype=getattr(torch, recipe.compute_dtype),
         )
-        b, a, kept, residual, out_norm = dense.b, dense.a, dense.energy_kept, dense.residual_fro, dense.out_norm
-        target_norm, error_vs_sum = dense.target_norm, dense.error_vs_sum
+    b, a = result.b, result.a
     bias = None
     if any(t.layer.bias is not None for t in terms):
         bias = sum(t.coefficient * np.asarray(t.layer.bias, dtype=np.float64) for t in terms if t.layer.bias is not None)
@@ -230,9 +236,9 @@ def _blend_layer(name: str, terms: list[Term], recipe: _Recipe) -> tuple[LoraLay
         ranks_in=[next((t.layer.rank for t in terms if t.index == i), None) for i in range(n)],
         rank_out=int(a.shape[0]), cosine_similarity=cosines,
         fro_norm_in=[mixed.norms.get(i) for i in range(n)],
-        fro_norm_sum=mixed.sum_norm, fro_norm_target=target_norm, fro_norm_out=out_norm,
-        energy_kept=kept, residual_fro=residual,
-        relative_error=error_vs_sum / mixed.sum_norm if mixed.sum_norm > 0 else 0.0,
+        fro_norm_sum=mixed.sum_norm, fro_norm_target=result.target_norm, fro_norm_out=result.out_norm,
+        energy_kept=result.energy_kept, residual_fro=result.residual_fro,
+        relative_error=result.error_vs_sum / mixed.sum_norm if mixed.sum_norm > 0 else 0.0,
     )
     return layer, report
 
@@ -286,8 +292,10 @@ def blend(
 ) -> BlendReport:
     """Read the inputs, blend them, write OUT atomically, and report per layer."""
     from lora_tools.formats import load_adapter
-    from lora_tools.formats.writers import WriteError, write_kohya, write_peft_adapter
+    from lora_tools.formats.kohya import write_kohya
+    from lora_tools.formats.peft import write_peft_adapter
     from lora_tools.io.atomic import atomic_output, wrap_write_errors
+    from lora_tools.io.encode import WriteError
 
     started = time.perf_counter()
     check_options(method, rank, energy, density, out_format, dtype)

@@ -1,6 +1,7 @@
 """Reading adapters: detect the format of a path and parse it into an `Adapter`.
 
-Key-name conventions live in this package and nowhere else.
+Key-name conventions live in this package and nowhere else: one module per format reads
+and writes it (peft.py, kohya.py, diffusers.py), names.py maps names both ways.
 """
 
 from __future__ import annotations
@@ -11,16 +12,20 @@ from pathlib import Path
 
 from lora_tools.adapter import Adapter
 from lora_tools.errors import FormatError
-from lora_tools.formats.diffusers import load_diffusers, looks_like_diffusers, looks_like_legacy_diffusers
+from lora_tools.formats.diffusers import (
+    DIFFUSERS_WEIGHTS,
+    METADATA_KEY,
+    load_diffusers,
+    looks_like_diffusers,
+    looks_like_legacy_diffusers,
+)
 from lora_tools.formats.kohya import load_kohya, looks_like_kohya
-from lora_tools.formats.peft import load_peft, looks_like_peft, read_config
+from lora_tools.formats.peft import PEFT_CONFIG, load_peft, looks_like_peft, read_config
 from lora_tools.formats.source import Place, TensorSource, keep_numpy, open_source
 
 __all__ = ["load_adapter"]
 
-PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
-DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
 
 
 def load_adapter(path: str | os.PathLike[str], *, alpha: float | None = None, place: Place = keep_numpy) -> Adapter:
@@ -74,7 +79,7 @@ def _read_source(path: Path, source: TensorSource, alpha: float | None) -> Adapt
     sibling = path.parent / PEFT_CONFIG
     # PEFT keys saved without `base_model.model.` can start like a diffusers component
     # (GPT-2's `transformer.h.0…`); a sibling adapter_config.json says which they are.
-    peft_with_config = looks_like_peft(keys) and sibling.is_file() and "lora_adapter_metadata" not in source.metadata
+    peft_with_config = looks_like_peft(keys) and sibling.is_file() and METADATA_KEY not in source.metadata
     if looks_like_kohya(keys):
         return load_kohya(source, alpha_override=alpha)
     if not peft_with_config and (looks_like_legacy_diffusers(keys) or looks_like_diffusers(keys, source.metadata)):

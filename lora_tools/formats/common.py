@@ -1,7 +1,8 @@
 """Turning grouped factor keys into `LoraLayer`s: the part every format shares.
 
 A format reader only decides which key plays which role for which module; this module
-reads the tensors, checks that the factors fit together, and builds the layers.
+reads the tensors, checks that the factors fit together, and builds the layers. Writers
+share `json_number`, for alphas in configs and headers.
 """
 
 from __future__ import annotations
@@ -113,6 +114,11 @@ def finite_number(value: object) -> float | None:
     except OverflowError:  # a 400-digit integer
         return None
     return number if math.isfinite(number) else None
+
+
+def json_number(value: float) -> int | float:
+    """An alpha as JSON: 16 rather than 16.0 when integral, as PEFT configs carry it."""
+    return int(value) if float(value).is_integer() else float(value)
 
 
 def scalar_alpha(source: TensorSource, key: str) -> float:

@@ -8,23 +8,54 @@ prefix, e.g. "unet.lora_alpha"). With no alpha anywhere, alpha = r (s = 1), as d
 `get_peft_kwargs` assumes. Legacy: `…attn1.processor.to_q_lora.down.weight` (module
 `…attn1.to_q`; `to_out_lora` is `to_out.0`), text encoder `…q_proj.lora_linear_layer.up.weight`,
 and generic `….lora.down.weight`, all with s = 1 unless `.alpha` keys are present.
+
+Writing (`write_diffusers`) produces the current layout, as `save_lora_weights` does
+(`LoraBaseMixin._save_lora_weights` / `write_lora_layers`, diffusers 0.34+): PEFT keys
+without `base_model.model.` under `<component>.`, and each component's LoraConfig
+fields packed as `"<component>.<field>"` into one JSON object (indent 2, sorted keys)
+under `lora_adapter_metadata`, beside `"format": "pt"`. `load_lora_weights` strips the
+component from keys and fields and builds `LoraConfig(**fields)` from them.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
-from lora_tools.adapter import Adapter
+import numpy as np
+
+from lora_tools.adapter import Adapter, LoraLayer
 from lora_tools.errors import FormatError
 from lora_tools.formats.common import (
-    A, ALPHA, B, DuplicateRole, build_layers, finite_number, scalar_alpha,
+    ALPHA,
+    A,
+    B,
+    DuplicateRole,
+    build_layers,
+    finite_number,
+    scalar_alpha,
 )
-from lora_tools.formats.peft import group_peft_keys, pattern_value
+from lora_tools.formats.names import COMPONENTS, DIFFUSERS_COMPONENTS, format_key
+from lora_tools.formats.peft import (
+    group_peft_keys,
+    pattern_value,
+    peft_config,
+    peft_tensors,
+)
 from lora_tools.formats.source import TensorSource
+from lora_tools.io.encode import WriteError, write_safetensors
 
-COMPONENTS = ("unet.", "text_encoder.", "text_encoder_2.", "text_encoder_3.", "transformer.", "prior.")
+__all__ = [
+    "COMPONENTS", "DIFFUSERS_WEIGHTS", "METADATA_KEY", "load_diffusers", "looks_like_diffusers",
+    "looks_like_legacy_diffusers", "write_diffusers",
+]
+
+DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"  # save_lora_weights' file name in its folder
+METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
 
 _LEGACY = re.compile(
     r"^(?P<m>.+?)(?:\.processor)?\.(?:(?P<proc>to_q|to_k|to_v|to_out|add_k_proj|add_v_proj)_lora"
@@ -38,7 +69,7 @@ def looks_like_legacy_diffusers(keys: list[str]) -> bool:
 
 
 def looks_like_diffusers(keys: list[str], metadata: dict[str, str]) -> bool:
-    return "lora_adapter_metadata" in metadata or any(k.startswith(COMPONENTS) for k in keys if ".lora_" in k)
+    return METADATA_KEY in metadata or any(k.startswith(COMPONENTS) for k in keys if ".lora_" in k)
 
 
 def _legacy_module(match: re.Match[str]) -> str:
@@ -50,7 +81,7 @@ def _legacy_module(match: re.Match[str]) -> str:
 
 def adapter_metadata(source: TensorSource) -> dict[str, Any]:
     """The LoraConfig kwargs diffusers stores in the header, flattened per component."""
-    raw = source.metadata.get("lora_adapter_metadata")
+    raw = source.metadata.get(METADATA_KEY)
     if raw is None:
         return {}
     try:
@@ -132,3 +163,49 @@ def load_diffusers(source: TensorSource, *, alpha_override: float | None = None)
         metadata=source.metadata,
         unrecognized_keys=groups.unclaimed,
     )
+
+
+def write_diffusers(
+    layers: Sequence[LoraLayer],
+    path: str | os.PathLike[str],
+    *,
+    component: str | None = None,
+    dtype: str = "F32",
+    metadata: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """Write a diffusers LoRA file at `path` (it must not exist; diffusers itself names
+    it DIFFUSERS_WEIGHTS in a folder) and return the packed LoraConfig fields.
+
+    Without `component` every layer name must start with its component (`unet.…`,
+    `text_encoder.…`, as a diffusers file reads); with it (one of DIFFUSERS_COMPONENTS)
+    the names are module paths inside that component. Each component gets its own
+    config (`peft.peft_config`: most common r/alpha, patterns for the rest, its own
+    use_rslora), so every layer keeps its exact scale.
+    """
+    if not layers:
+        raise WriteError("no layers to write")
+    by_component: dict[str, list[LoraLayer]] = {}
+    for layer in layers:
+        if component is None:
+            owner, _, module = layer.name.partition(".")
+            if owner not in DIFFUSERS_COMPONENTS or not module:
+                choices = ", ".join(f"{c}." for c in DIFFUSERS_COMPONENTS)
+                raise WriteError(f"layer {layer.name!r} starts with no diffusers component ({choices}); name one")
+        else:
+            owner, module = component, layer.name
+        by_component.setdefault(owner, []).append(replace(layer, name=module))
+    tensors: dict[str, tuple[np.ndarray, str]] = {}
+    packed: dict[str, Any] = {}
+    for owner, owned in by_component.items():
+        try:
+            stems = {layer.name: format_key(layer.name, "diffusers", owner) for layer in owned}
+        except ValueError as error:
+            raise WriteError(str(error)) from None
+        if len(stems) != len(owned):
+            raise WriteError(f"two layers adapt the same {owner} module")
+        config = peft_config(owned, None)
+        packed.update({f"{owner}.{field}": value for field, value in config.items()})
+        tensors.update(peft_tensors(owned, dtype, stems.__getitem__))
+    header = {"format": "pt", METADATA_KEY: json.dumps(packed, indent=2, sort_keys=True), **(metadata or {})}
+    write_safetensors(path, tensors, header)
+    return packed

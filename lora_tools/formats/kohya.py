@@ -4,19 +4,35 @@ Key = module path with "." replaced by "_", prefixed `lora_unet_`, `lora_te_`,
 `lora_te1_`/`lora_te2_`/`lora_te3_`; tensors `<name>.lora_down.weight` (r, in[, kh, kw]),
 `<name>.lora_up.weight` (out, r[, 1, 1]) and `<name>.alpha` (0-d, any float dtype).
 s = alpha / r with r = lora_down.shape[0]; a missing or zero alpha means alpha = r
-(sd-scripts `LoRAModule.__init__`). Names stay kohya's until resolved against a base.
+(sd-scripts `LoRAModule.__init__`). Names stay kohya's until resolved against a base;
+`names.format_key` makes them from module paths when writing.
 """
 
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Mapping, Sequence
 
-from lora_tools.adapter import Adapter
+import numpy as np
+
+from lora_tools.adapter import Adapter, LoraLayer
 from lora_tools.errors import FormatError
-from lora_tools.formats.common import A, ALPHA, B, DuplicateRole, KeyGroups, build_layers, scalar_alpha
+from lora_tools.formats.common import (
+    ALPHA,
+    A,
+    B,
+    DuplicateRole,
+    KeyGroups,
+    build_layers,
+    json_number,
+    scalar_alpha,
+)
+from lora_tools.formats.names import KOHYA_PREFIXES, format_key
 from lora_tools.formats.source import TensorSource
+from lora_tools.io.encode import WriteError, write_safetensors
 
-KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_transformer_")
+__all__ = ["KOHYA_PREFIXES", "load_kohya", "looks_like_kohya", "write_kohya"]
 
 _KEY = re.compile(r"^(?P<m>lora_[A-Za-z0-9_]+?)\.(?:(?P<role>lora_down|lora_up)\.weight|(?P<alpha>alpha))$")
 _ROLE = {"lora_down": A, "lora_up": B}
@@ -28,8 +44,9 @@ def looks_like_kohya(keys: list[str]) -> bool:
 
 def load_kohya(source: TensorSource, *, alpha_override: float | None = None) -> Adapter:
     groups = KeyGroups()
+    keys = source.keys()
     try:
-        for key in source.keys():
+        for key in keys:
             match = _KEY.match(key)
             if match and match.group("m").startswith(KOHYA_PREFIXES):
                 groups.add(match.group("m"), ALPHA if match.group("alpha") else _ROLE[match.group("role")], key)
@@ -62,3 +79,50 @@ def load_kohya(source: TensorSource, *, alpha_override: float | None = None) -> 
         names_resolved=False,
     )
     return adapter
+
+
+def write_kohya(
+    layers: Sequence[LoraLayer],
+    path: str | os.PathLike[str],
+    *,
+    dtype: str = "F16",
+    metadata: Mapping[str, str] | None = None,
+    component: str | None = None,
+) -> None:
+    """Write a kohya sd-scripts LoRA file (`path` must not exist).
+
+    kohya knows one scale rule, s = alpha / r, so each layer's alpha is written as
+    scale·r: an rsLoRA or alpha-pattern layer keeps its exact update. Without
+    `component` the names must already be kohya names (`lora_unet_…`, `lora_te_…`, as a
+    kohya file reads); with it ("unet", "te", "te1", ...) they are module paths, named
+    by `names.format_key`.
+    """
+    if not layers:
+        raise WriteError("no layers to write")
+    tensors: dict[str, tuple[np.ndarray, str]] = {}
+    for layer in layers:
+        if component is None:
+            if not layer.name.startswith(KOHYA_PREFIXES):
+                raise WriteError(f"layer {layer.name!r} has no kohya name (lora_unet_…, lora_te_…)")
+            name = layer.name
+        else:
+            try:
+                name = format_key(layer.name, "kohya", component)
+            except ValueError as error:
+                raise WriteError(str(error)) from None
+        if layer.magnitude is not None or layer.bias is not None:
+            raise WriteError(f"layer {layer.name!r}: kohya LoRA files hold no DoRA magnitude or LoRA bias")
+        if f"{name}.alpha" in tensors:
+            raise WriteError(f"layer {layer.name!r}: kohya name {name!r} is taken by another layer")
+        tensors[f"{name}.lora_down.weight"] = (layer.a, dtype)
+        tensors[f"{name}.lora_up.weight"] = (layer.b, dtype)
+        tensors[f"{name}.alpha"] = (np.asarray(layer.scale * layer.rank, dtype=np.float32), "F32")
+    ranks = {layer.rank for layer in layers}
+    alphas = {float(layer.scale * layer.rank) for layer in layers}
+    header = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(ranks.pop()) if len(ranks) == 1 else "Dynamic",
+        "ss_network_alpha": str(json_number(alphas.pop())) if len(alphas) == 1 else "Dynamic",
+        **(metadata or {}),
+    }
+    write_safetensors(path, tensors, header)

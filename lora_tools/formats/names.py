@@ -1,10 +1,17 @@
-"""Mapping an adapter's layer names onto the module paths of a base checkpoint.
+"""Layer names both ways: a format's key stem ⇄ the module path it adapts in the base.
 
-Formats name modules differently from the checkpoint they were trained on: kohya
-flattens dots to underscores behind `lora_unet_`/`lora_te_`; diffusers adds a component
-prefix (`unet.`); single-file bases add one of their own (`model.diffusion_model.`).
-A name resolves when exactly one base module matches; anything else is an error that
-names the layer, never a guess.
+Formats name modules differently from the checkpoint they were trained on: PEFT puts
+`base_model.model.` in front; kohya flattens dots to underscores behind `lora_unet_`/
+`lora_te_`; diffusers adds a component prefix (`unet.`); single-file bases add one of
+their own (`model.diffusion_model.`).
+
+- `resolve_names` (key stem → module path): a name resolves when exactly one base module
+  matches; anything else is an error that names the layer, never a guess. kohya names
+  need the base's module paths, since "_" in them may stand for "." or for itself.
+- `format_key` (module path → key stem): what each format writes for a module; the
+  writers name their keys with it and nothing else.
+
+The prefixes live here, so that readers, writers and this module agree on them.
 """
 
 from __future__ import annotations
@@ -15,7 +22,46 @@ from pathlib import Path
 
 from lora_tools.adapter import Adapter
 from lora_tools.errors import MismatchError
-from lora_tools.formats.kohya import KOHYA_PREFIXES
+
+__all__ = ["COMPONENTS", "DIFFUSERS_COMPONENTS", "KOHYA_COMPONENTS", "KOHYA_PREFIXES", "PEFT_PREFIX", "format_key", "resolve_names"]
+
+PEFT_PREFIX = "base_model.model."
+# kohya's component (the part between `lora_` and the module) -> its key prefix. SD1/2
+# text encoders are `te`, SDXL's `te1`/`te2`, T5 `te3`; Flux/SD3 transformers are `unet`
+# in sd-scripts ("for ComfyUI"), `transformer` in some other trainers.
+KOHYA_COMPONENTS = {
+    "unet": "lora_unet_", "te": "lora_te_", "te1": "lora_te1_", "te2": "lora_te2_", "te3": "lora_te3_",
+    "transformer": "lora_transformer_",
+}
+KOHYA_PREFIXES = tuple(KOHYA_COMPONENTS.values())
+# diffusers' pipeline components whose LoRA keys carry their name as a prefix (`unet.…`).
+DIFFUSERS_COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "prior")
+COMPONENTS = tuple(f"{component}." for component in DIFFUSERS_COMPONENTS)
+
+
+def format_key(module: str, fmt: str, component: str | None = None) -> str:
+    """The key stem `fmt` writes for the module at path `module` (its tensors' keys are
+    the stem plus `.lora_A.weight`, `.lora_down.weight`, `.alpha`, ...).
+
+    peft       `base_model.model.<module>` (no component)
+    kohya      `lora_<component>_<module with "." as "_">`, component one of KOHYA_COMPONENTS
+    diffusers  `<component>.<module>`, component one of DIFFUSERS_COMPONENTS
+
+    A bad format or component raises ValueError naming the choices.
+    """
+    if fmt == "peft":
+        if component is not None:
+            raise ValueError(f"PEFT keys have no component (got {component!r})")
+        return PEFT_PREFIX + module
+    if fmt == "kohya":
+        if component not in KOHYA_COMPONENTS:
+            raise ValueError(f"kohya component must be one of {', '.join(KOHYA_COMPONENTS)} (got {component!r})")
+        return KOHYA_COMPONENTS[component] + module.replace(".", "_")
+    if fmt == "diffusers":
+        if component not in DIFFUSERS_COMPONENTS:
+            raise ValueError(f"diffusers component must be one of {', '.join(DIFFUSERS_COMPONENTS)} (got {component!r})")
+        return f"{component}.{module}"
+    raise ValueError(f"unknown format {fmt!r} (peft, kohya or diffusers)")
 
 
 def _dotted_candidates(name: str, modules: set[str], by_suffix: dict[str, list[str]]) -> list[str]:
@@ -42,7 +88,8 @@ def _kohya_candidates(name: str, underscored: dict[str, list[str]]) -> list[str]
 
 
 def resolve_names(adapter: Adapter, modules: set[str], base_path: str | Path) -> Adapter:
-    """A copy of `adapter` whose layer names are module paths of the base."""
+    """A copy of `adapter` whose layer names (key stems of any format) are module paths
+    of the base, whose module paths are `modules`; the inverse of `format_key`."""
     by_suffix: dict[str, list[str]] = defaultdict(list)
     underscored: dict[str, list[str]] = defaultdict(list)
     for module in modules:

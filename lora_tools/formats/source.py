@@ -19,7 +19,6 @@ import numpy as np
 from lora_tools.errors import FormatError
 from lora_tools.io.safetensors_file import SafetensorsFile
 
-
 # What a reader keeps of a checked factor: (array read as numpy, stored dtype code) -> the
 # object the `LoraLayer` holds. Inspect and blend keep the numpy array; merge and verify
 # keep a torch tensor in the stored dtype on the compute device, so that a GPU merge never holds
@@ -92,9 +91,9 @@ class TorchPickleSource:
     """
 
     def __init__(self, path: Path, place: Place = keep_numpy) -> None:
-        from lora_tools.io.dtypes import safetensors_code
-
         import torch
+
+        from lora_tools.io.dtypes import safetensors_code
 
         self.path = path
         self.place = place

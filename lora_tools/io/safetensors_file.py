@@ -278,9 +278,9 @@ class SafetensorsFile:
         With `buffer` (a torch uint8 tensor of at least the tensor's byte count, pinned
         memory included) the bytes are read into it and the result is a view of it.
         """
-        from lora_tools.io.dtypes import torch_dtype
-
         import torch
+
+        from lora_tools.io.dtypes import torch_dtype
 
         info = self.info(name)
         dtype = torch_dtype(info.dtype)

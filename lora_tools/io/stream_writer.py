@@ -17,8 +17,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from lora_tools.io.checkpoint import SupportsWrite
 from lora_tools.errors import FormatError
+from lora_tools.io.checkpoint import SupportsWrite
 from lora_tools.io.output_file import OutputFile, SourceReadError
 from lora_tools.io.safetensors_file import DTYPE_ITEMSIZE, SafetensorsFile
 
