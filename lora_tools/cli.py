@@ -17,7 +17,6 @@ from lora_tools.blend.options import METHODS as BLEND_METHODS
 from lora_tools.errors import LoraToolsError, UsageError
 from lora_tools.io.dtypes import MERGE_DTYPE_CHOICES
 
-
 # A bug in lora-tools: neither 1 (a verify check failed) nor 2 (the user's input).
 INTERNAL_ERROR = 3
 

@@ -113,7 +113,7 @@ def module_type(name: str) -> str:
 
 def layer_report(layer: LoraLayer) -> LayerReport:
     """The spectral figures of one layer's scaled update s·B·A (DoRA: its low-rank part)."""
-    b, a, scale = layer.b_matrix, layer.a_matrix, layer.scale
+    b, a, scale = np.asarray(layer.b_matrix), np.asarray(layer.a_matrix), layer.scale
     sv = factored.singular_values(b, a, scale)
     name = layer.name
     depth_match = _NUMBER.search(name) or re.search(r"\d+", name)
@@ -235,9 +235,9 @@ def inspect_adapter(
 
 def _against_base(adapter: Adapter, base_path: str | os.PathLike[str]) -> tuple[Adapter, dict[str, float]]:
     """Resolve names against the base, check every layer fits, and measure ‖W0‖_F."""
-    from lora_tools.io.checkpoint import BaseCheckpoint
     from lora_tools.engine.binding import fit_to_base
     from lora_tools.formats.names import resolve_names
+    from lora_tools.io.checkpoint import BaseCheckpoint
 
     with BaseCheckpoint.open(base_path) as base:
         adapter = resolve_names(adapter, base.module_paths(), os.fspath(base_path))

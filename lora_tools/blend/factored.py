@@ -81,7 +81,7 @@ def gram_cosines(
     """
     edges = np.cumsum([0] + [t.layer.rank for t in terms])
 
-    def block(i: int, j: int) -> np.ndarray:
+    def block(i: int, j: int) -> tuple[slice, slice]:
         return np.s_[edges[i]:edges[i + 1], edges[j]:edges[j + 1]]
 
     norms: dict[int, float] = {}
@@ -138,8 +138,11 @@ def blend_factored(terms: Sequence[Term], method: str, rank: int | None, energy:
         return LayerBlend(b, a, 1.0, 0.0, total, total, total, 0.0, cosines, norms)
     if method == "linear":
         # PEFT's formula: √|c| on both factors, the sign on A only.
-        b = sum(math.sqrt(abs(t.coefficient)) * t.b for t in terms)
-        a = sum(math.copysign(math.sqrt(abs(t.coefficient)), t.coefficient) * t.a for t in terms)
+        b = np.zeros_like(terms[0].b)
+        a = np.zeros_like(terms[0].a)
+        for t in terms:
+            b += math.sqrt(abs(t.coefficient)) * t.b
+            a += math.copysign(math.sqrt(abs(t.coefficient)), t.coefficient) * t.a
         b_cat, a_cat = concat_factors([(t.b, t.a, t.coefficient) for t in live])
         diff_b, diff_a = concat_factors([(b, a, 1.0), (b_cat, a_cat, -1.0)])
         residual = frobenius_norm(diff_b, diff_a)
@@ -147,10 +150,10 @@ def blend_factored(terms: Sequence[Term], method: str, rank: int | None, energy:
         return LayerBlend(b, a, None, residual, total, frobenius_norm(b, a), total, residual, cosines, norms)
     if method != "svd":
         raise ValueError(f"not a factored method: {method!r}")
-    b_cat = Stack([t.b for t in live], [t.coefficient for t in live])  # (m, Σr) = [c₁B₁ | c₂B₂ | …]
-    a_cat_t = Stack([t.a.T for t in live], [1.0] * len(live))  # (n, Σr) = [A₁; A₂; …]ᵀ
+    b_stack = Stack([t.b for t in live], [t.coefficient for t in live])  # (m, Σr) = [c₁B₁ | c₂B₂ | …]
+    a_stack_t = Stack([t.a.T for t in live], [1.0] * len(live))  # (n, Σr) = [A₁; A₂; …]ᵀ
     gram_b = g_b[np.ix_(alive, alive)] * np.outer(coef[alive], coef[alive])  # (c∘B)ᵀ(c∘B), no tall product
-    best = truncate(b_cat, a_cat_t, rank, energy=energy, pad=False, gram_b=gram_b, gram_a=g_a[np.ix_(alive, alive)])
+    best = truncate(b_stack, a_stack_t, rank, energy=energy, pad=False, gram_b=gram_b, gram_a=g_a[np.ix_(alive, alive)])
     return LayerBlend(
         b=best.b,  # (m, R)
         a=best.a,  # (R, n)

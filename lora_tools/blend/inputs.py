@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from lora_tools.adapter import Adapter
+from lora_tools.adapter import Adapter, Factor
 from lora_tools.blend.factored import Term
 from lora_tools.blend.options import DENSE_METHODS, DTYPES, FORMATS, METHODS
 from lora_tools.errors import MismatchError, UsageError
@@ -103,11 +103,11 @@ def align_layers(adapters: Sequence[Adapter], weights: Sequence[float]) -> dict[
     return groups
 
 
-def base_copies(adapters: Sequence[Adapter]) -> dict[str, np.ndarray]:
+def base_copies(adapters: Sequence[Adapter]) -> dict[str, Factor]:
     """Full tensors of modules an input also adapts with LoRA: PEFT's copies of the base
     weight (save_embedding_layers, `….base_layer.weight`). They are W0, not updates, so
     they are carried over unchanged; copies that differ mean different bases."""
-    copies: dict[str, tuple[np.ndarray, str]] = {}
+    copies: dict[str, tuple[Factor, str]] = {}
     for adapter in adapters:
         adapted = {layer.name for layer in adapter.layers}
         for key, tensor in adapter.full_tensors.items():
@@ -152,5 +152,8 @@ def blend_full_tensors(adapters: Sequence[Adapter], weights: Sequence[float]) ->
         shapes = {tensors[key].shape for tensors in replacing}
         if len(shapes) != 1:
             raise MismatchError(adapters[-1].path, f"full tensor {key!r} has shapes {sorted(shapes)}: different base models")
-        blended[key] = sum(w * np.asarray(t[key], dtype=np.float64) for t, w in zip(replacing, weights))
+        mixed = np.zeros(shapes.pop())
+        for tensors, w in zip(replacing, weights):
+            mixed += w * np.asarray(tensors[key], dtype=np.float64)
+        blended[key] = mixed
     return blended

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from lora_tools.adapter import Adapter, LoraLayer
+from lora_tools.adapter import Adapter, Factor, LoraLayer
 from lora_tools.blend.factored import Term, blend_factored
 from lora_tools.blend.inputs import (
     DENSE_METHODS,
@@ -88,7 +88,7 @@ class BlendResult:
     layers: list[LoraLayer]
     reports: list[LayerBlendReport]
     full_tensors: dict[str, np.ndarray] = field(default_factory=dict)  # blended modules_to_save
-    base_copies: dict[str, np.ndarray] = field(default_factory=dict)  # W0 copies, carried as they are
+    base_copies: dict[str, Factor] = field(default_factory=dict)  # W0 copies, carried as they are
     dropped: list[str] = field(default_factory=list)  # modules whose every weight is 0
     device: str | None = None  # where TIES/DARE ran
     normalize: bool | None = None  # TIES/DARE: divide by the weights' sum (resolved default)
@@ -222,7 +222,10 @@ def _blend_layer(name: str, terms: list[Term], recipe: _Recipe) -> tuple[LoraLay
     b, a = result.b, result.a
     bias = None
     if any(t.layer.bias is not None for t in terms):
-        bias = sum(t.coefficient * np.asarray(t.layer.bias, dtype=np.float64) for t in terms if t.layer.bias is not None)
+        bias = np.zeros(template.b.shape[0])
+        for t in terms:
+            if t.layer.bias is not None:
+                bias += t.coefficient * np.asarray(t.layer.bias, dtype=np.float64)
     b_out, a_out = _shaped(template, b, a)
     layer = LoraLayer(name=name, a=a_out, b=b_out, alpha=float(a.shape[0]), kind=template.kind,
                       fan_in_fan_out=template.fan_in_fan_out, bias=bias, dtype="F64")
@@ -329,7 +332,7 @@ def blend(
             else:
                 extra, targets = _peft_extras(adapters, result)
                 write_peft_adapter(result.layers, tmp, base_name, dtype=code, full_tensors=result.full_tensors,
-                                   full_tensor_dtype=full_code, base_copies=result.base_copies,
+                                   full_tensor_dtype=full_code, base_copies={k: np.asarray(v) for k, v in result.base_copies.items()},
                                    target_modules=targets, config_extra=extra, metadata=metadata)
     except WriteError as error:
         raise LoraToolsError(out, str(error)) from None

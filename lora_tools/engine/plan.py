@@ -12,15 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from lora_tools.adapter import Adapter
-from lora_tools.io.checkpoint import BaseCheckpoint
-from lora_tools.errors import FormatError, MismatchError, UsageError
+from lora_tools.adapter import Adapter, Factor
 from lora_tools.engine.binding import LayerTarget, fit_to_base
+from lora_tools.errors import FormatError, MismatchError, UsageError
 from lora_tools.formats import load_adapter
 from lora_tools.formats.names import resolve_names
 from lora_tools.formats.source import Place, keep_numpy
+from lora_tools.io.checkpoint import BaseCheckpoint
 from lora_tools.io.dtypes import FLOAT_DTYPES
 
 
@@ -31,7 +29,7 @@ class TensorPlan:
     order the adapters were given."""
 
     name: str
-    replacement: tuple[np.ndarray, float] | None = None  # (tensor, weight)
+    replacement: tuple[Factor, float] | None = None  # (tensor, weight)
     layers: list[tuple[LayerTarget, float]] = field(default_factory=list)
     biases: list[tuple[LayerTarget, float]] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)  # adapter paths, for messages

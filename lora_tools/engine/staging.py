@@ -25,9 +25,9 @@ from typing import Any, Protocol
 import torch
 
 from lora_tools.io.checkpoint import SupportsWrite
-from lora_tools.io.stream_writer import SafetensorsStreamWriter
-from lora_tools.io.safetensors_file import SafetensorsFile
 from lora_tools.io.dtypes import torch_dtype
+from lora_tools.io.safetensors_file import SafetensorsFile
+from lora_tools.io.stream_writer import SafetensorsStreamWriter
 
 # Pinned chunks for host<->GPU copies: large enough that each copy runs at full PCIe
 # speed (copies of a few MB already do) and the per-chunk bookkeeping (an event, a
@@ -175,7 +175,7 @@ class CudaStaging:
                 for index, (lo, hi) in enumerate(ranges):
                     chunk = self._outbound[index % 2]
                     chunk.wait()
-                    sink.write(memoryview(chunk.buffer[: hi - lo].numpy()))
+                    sink.write(chunk.buffer[: hi - lo].numpy().data)
                     if index + 2 < len(ranges):  # this chunk is written: reuse it
                         self._start_copy_back(raw, *ranges[index + 2], chunk)
 

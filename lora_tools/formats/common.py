@@ -97,12 +97,13 @@ def build_layers(
 def _place_factors(source: TensorSource, layer: LoraLayer, key_a: str, key_b: str, roles: dict[str, str]) -> None:
     """Hand the checked arrays to the source's `place`, one layer at a time, so the
     float32 arrays read for the checks never pile up (see `source.Place`)."""
-    layer.a = source.place(layer.a, source.dtype(key_a))
-    layer.b = source.place(layer.b, source.dtype(key_b))
+    # the layer holds the checked numpy arrays until here (np.asarray returns them as they are)
+    layer.a = source.place(np.asarray(layer.a), source.dtype(key_a))
+    layer.b = source.place(np.asarray(layer.b), source.dtype(key_b))
     if layer.magnitude is not None:
-        layer.magnitude = source.place(layer.magnitude, source.dtype(roles[MAGNITUDE]))
+        layer.magnitude = source.place(np.asarray(layer.magnitude), source.dtype(roles[MAGNITUDE]))
     if layer.bias is not None:
-        layer.bias = source.place(layer.bias, source.dtype(roles[BIAS]))
+        layer.bias = source.place(np.asarray(layer.bias), source.dtype(roles[BIAS]))
 
 
 def finite_number(value: object) -> float | None:

@@ -114,8 +114,8 @@ def write_kohya(
             raise WriteError(f"layer {layer.name!r}: kohya LoRA files hold no DoRA magnitude or LoRA bias")
         if f"{name}.alpha" in tensors:
             raise WriteError(f"layer {layer.name!r}: kohya name {name!r} is taken by another layer")
-        tensors[f"{name}.lora_down.weight"] = (layer.a, dtype)
-        tensors[f"{name}.lora_up.weight"] = (layer.b, dtype)
+        tensors[f"{name}.lora_down.weight"] = (np.asarray(layer.a), dtype)
+        tensors[f"{name}.lora_up.weight"] = (np.asarray(layer.b), dtype)
         tensors[f"{name}.alpha"] = (np.asarray(layer.scale * layer.rank, dtype=np.float32), "F32")
     ranks = {layer.rank for layer in layers}
     alphas = {float(layer.scale * layer.rank) for layer in layers}

@@ -290,13 +290,13 @@ def peft_tensors(
         if layer.kind == "embedding":
             if with_bias:
                 raise WriteError(f"layer {layer.name!r}: PEFT has no lora_bias for embeddings")
-            tensors[f"{prefix}.lora_embedding_A"] = (layer.a, dtype)
-            tensors[f"{prefix}.lora_embedding_B"] = (layer.b, dtype)
+            tensors[f"{prefix}.lora_embedding_A"] = (np.asarray(layer.a), dtype)
+            tensors[f"{prefix}.lora_embedding_B"] = (np.asarray(layer.b), dtype)
             continue
-        tensors[f"{prefix}.lora_A.weight"] = (layer.a, dtype)
-        tensors[f"{prefix}.lora_B.weight"] = (layer.b, dtype)
+        tensors[f"{prefix}.lora_A.weight"] = (np.asarray(layer.a), dtype)
+        tensors[f"{prefix}.lora_B.weight"] = (np.asarray(layer.b), dtype)
         if with_bias:  # lora_bias=True gives every LoRA layer a lora_B bias
-            bias = layer.bias if layer.bias is not None else np.zeros(layer.b.shape[0])
+            bias = np.asarray(layer.bias) if layer.bias is not None else np.zeros(layer.b.shape[0])
             tensors[f"{prefix}.lora_B.bias"] = (bias, dtype)
     return tensors
 

@@ -70,4 +70,4 @@ def write_safetensors(
     )
     with SafetensorsStreamWriter(path, entries, metadata) as writer:
         for name, _, _ in entries:
-            writer.write_bytes(name, memoryview(encoded[name]).cast("B"))
+            writer.write_bytes(name, encoded[name].data.cast("B"))

@@ -118,8 +118,8 @@ def _type_colors(matplotlib: Any, types: list[str]) -> dict[str, Any]:
 
 def _depth_columns(layers: list[LayerReport]) -> list[int | None]:
     """Distinct depths ascending, then None (the "-" column) if any layer lacks one."""
-    depths: list[int | None] = sorted({l.depth for l in layers if l.depth is not None})
-    if any(l.depth is None for l in layers):
+    depths: list[int | None] = [*sorted({layer.depth for layer in layers if layer.depth is not None})]
+    if any(layer.depth is None for layer in layers):
         depths.append(None)
     return depths
 
@@ -145,7 +145,7 @@ def _spectra_panel(ax: Any, layers: list[LayerReport], colors: dict[str, Any]) -
     import numpy as np
 
     max_rank, low, drawn = 1, 1.0, 0
-    n_lines = sum(1 for l in layers if l.fro_norm > 0)
+    n_lines = sum(1 for layer in layers if layer.fro_norm > 0)
     # Few lines: draw them plainly; hundreds: thin and translucent so density shows.
     alpha = min(0.9, max(0.2, 3.0 / math.sqrt(max(n_lines, 1))))
     width = 1.4 if n_lines <= 20 else 0.8
@@ -226,7 +226,7 @@ def _norm_panel(ax: Any, layers: list[LayerReport], types: list[str], colors: di
     """‖ΔW‖_F (or ‖ΔW‖/‖W0‖ with a base) by depth, one line per module type, flags marked."""
     import numpy as np
 
-    relative = any(l.relative_norm is not None for l in layers)
+    relative = any(layer.relative_norm is not None for layer in layers)
     columns = _depth_columns(layers)
     numbered = [d for d in columns if d is not None]
     # Depth-less layers sit in a "-" column one step right of the last numbered depth.
@@ -240,19 +240,19 @@ def _norm_panel(ax: Any, layers: list[LayerReport], types: list[str], colors: di
         return float(x_none if layer.depth is None else layer.depth)
 
     for t in types:
-        members = [l for l in layers if l.module_type == t]
+        members = [layer for layer in layers if layer.module_type == t]
         # Every layer is a marker; the line joins the per-depth medians, so a type with
         # several layers per depth (UNet blocks) reads as a trend, not a zigzag.
-        ax.plot([x_of(l) for l in members], [value(l) for l in members],
+        ax.plot([x_of(layer) for layer in members], [value(layer) for layer in members],
                 ls="none", color=colors[t], marker="o", ms=3.5, alpha=0.9)
         by_depth: dict[int, list[float]] = {}
-        for l in members:
-            if l.depth is not None:
-                by_depth.setdefault(l.depth, []).append(value(l))
+        for layer in members:
+            if layer.depth is not None:
+                by_depth.setdefault(layer.depth, []).append(value(layer))
         depths = sorted(by_depth)
         medians = [_finite_median(by_depth[d]) for d in depths]
         ax.plot(depths, medians, color=colors[t], lw=1.2, alpha=0.9)
-    values = np.array([value(l) for l in layers])
+    values = np.array([value(layer) for layer in layers])
     positive = values[np.isfinite(values) & (values > 0)]
     if positive.size and positive.max() / positive.min() > 20:
         from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
@@ -262,12 +262,12 @@ def _norm_panel(ax: Any, layers: list[LayerReport], types: list[str], colors: di
             ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
             ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
             ax.yaxis.set_minor_formatter(NullFormatter())
-    outliers = [l for l in layers if "outlier" in l.flags and math.isfinite(value(l))]
-    ax.scatter([x_of(l) for l in outliers], [value(l) for l in outliers], s=160,
+    outliers = [layer for layer in layers if "outlier" in layer.flags and math.isfinite(value(layer))]
+    ax.scatter([x_of(layer) for layer in outliers], [value(layer) for layer in outliers], s=160,
                facecolors="none", edgecolors="red", linewidths=1.6, zorder=5)
-    dead = [l for l in layers if "dead" in l.flags]
+    dead = [layer for layer in layers if "dead" in layer.flags]
     # Dead layers have no useful height (zero, or far below the rest): pin them to the floor.
-    ax.scatter([x_of(l) for l in dead], [0.04] * len(dead), marker="x", s=50, color="black",
+    ax.scatter([x_of(layer) for layer in dead], [0.04] * len(dead), marker="x", s=50, color="black",
                linewidths=1.5, transform=ax.get_xaxis_transform(), zorder=5, clip_on=False)
     if not positive.size:
         ax.set_ylim(0, 1)
@@ -310,7 +310,7 @@ def _shared_legend(fig: Any, types: list[str], colors: dict[str, Any]) -> None:
     handles.append(Line2D([], [], ls="none", marker="x", ms=8, color="black", mew=1.5,
                           label="dead (‖ΔW‖≈0, drawn at bottom)"))
     # As many entries per row as fit the figure's width (≈ 200 characters of legend text).
-    width = sum(len(h.get_label()) + 6 for h in handles)
+    width = sum(len(str(h.get_label())) + 6 for h in handles)
     rows = max(1, math.ceil(width / 200))
     ncol = math.ceil(len(handles) / rows)
     fig.legend(handles=handles, loc="outside lower center", ncol=ncol, frameon=False,

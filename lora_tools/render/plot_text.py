@@ -52,8 +52,8 @@ def _compact(values: list[Any], limit: int = 8) -> str:
 
 def summary_lines(report: InspectReport) -> list[str]:
     summary, layers = report.adapter, report.layers
-    dead = [l for l in layers if "dead" in l.flags]
-    outliers = [l for l in layers if "outlier" in l.flags]
+    dead = [layer for layer in layers if "dead" in layer.flags]
+    outliers = [layer for layer in layers if "outlier" in layer.flags]
     extras = [word for word, on in (("rsLoRA", summary.use_rslora), ("DoRA", summary.use_dora),
                                     ("fan_in_fan_out", summary.fan_in_fan_out)) if on]
     lines = [
@@ -72,7 +72,7 @@ def summary_lines(report: InspectReport) -> list[str]:
         n_full, n_unknown = len(cov.full_tensors), len(cov.unrecognized)
         lines.append(f"also        {n_full} full tensor(s), {n_unknown} unknown key(s)")
     lines += ["", *_per_type_lines(layers), "", f"flagged     {len(dead)} dead, {len(outliers)} outlier"]
-    flagged = sorted(outliers, key=lambda l: -abs(l.norm_z_score or 0.0)) + dead
+    flagged = sorted(outliers, key=lambda layer: -abs(layer.norm_z_score or 0.0)) + dead
     room = max(1, SUMMARY_LINES - len(lines))
     shown = flagged if len(flagged) <= room else flagged[: room - 1]
     for layer in shown:
@@ -91,9 +91,9 @@ def _per_type_lines(layers: list[LayerReport], limit: int = 8) -> list[str]:
     types = module_types(layers)
     lines = [f"{'module type':22s} {'layers':>6s} {'med ‖ΔW‖_F':>11s} {'med r90/r':>10s}"]
     for t in types[:limit]:
-        members = [l for l in layers if l.module_type == t]
-        norm = statistics.median(l.fro_norm for l in members)
-        usage = [l.energy_rank_90 / l.rank for l in members if l.rank > 0 and l.fro_norm > 0]
+        members = [layer for layer in layers if layer.module_type == t]
+        norm = statistics.median(layer.fro_norm for layer in members)
+        usage = [layer.energy_rank_90 / layer.rank for layer in members if layer.rank > 0 and layer.fro_norm > 0]
         usage_text = f"{statistics.median(usage):.2f}" if usage else "-"
         lines.append(f"{short(t):22s} {len(members):6d} {norm:11.4g} {usage_text:>10s}")
     if len(types) > limit:
