@@ -1,5 +1,6 @@
-"""`blend`: combine adapters that share a base (operation.py), by factored math (factored.py)
-or on dense updates (dense.py), from inputs checked by inputs.py."""
+"""`blend`: combine adapters that share a base. operation.py reads, writes and reports;
+layers.py blends layer by layer, by factored math (factored.py) or on dense updates
+(dense.py), from inputs checked by inputs.py; options.py lists the choices."""
 
 from __future__ import annotations
 
