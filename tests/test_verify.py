@@ -502,8 +502,9 @@ def test_row_blocks_leave_other_layers_to_the_whole_tensor_check(
 
 def test_block_ulp_is_tensor_check_ulp_bit_for_bit() -> None:
     """The float64 bit trick reproduces _ulp's float32 rounding, at binade edges too."""
-    from lora_tools.verify.tensor_check import _ulp
-    from lora_tools.verify.block_math import row_blocks, ulp_into
+    from lora_tools.verify.block_math import row_blocks
+    from lora_tools.verify.figures import frexp_ulp as _ulp
+    from lora_tools.verify.figures import ulp_into
 
     powers = torch.exp2(torch.arange(-150, 20, dtype=torch.float64))
     edges = torch.cat([powers * f for f in (1.0, 1 - 2.0**-25, 1 - 2.0**-24, (1 - 2.0**-25) * (1 + 2.0**-40),

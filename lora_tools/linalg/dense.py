@@ -13,7 +13,7 @@ scaled and the column norm is that of W0 + w·s·B·A, as PEFT computes it.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -70,10 +70,13 @@ def delta_weight(
     factor = layer.scale * weight
     if absolute:
         b, a, factor = b.abs(), a.abs(), abs(factor)
-    delta = (b @ a) * factor  # (out, in·k)
-    if target.transposed:
-        delta = delta.T
-    return delta.reshape(target.weight_shape)
+    return like_weight((b @ a) * factor, target)  # (out, in·k), then the weight's layout
+
+
+def like_weight(product: torch.Tensor, target: LayerTarget) -> torch.Tensor:
+    """A B·A-shaped (out, in·k) tensor in the base weight's layout (transposed for
+    embeddings and fan_in_fan_out, reshaped for convolutions): a view where it can be."""
+    return (product.T if target.transposed else product).reshape(target.weight_shape)
 
 
 def accumulation_dtype(w0: torch.dtype, stored: torch.dtype) -> torch.dtype:
@@ -84,6 +87,46 @@ def accumulation_dtype(w0: torch.dtype, stored: torch.dtype) -> torch.dtype:
 
 def is_power_of_two(value: float) -> bool:
     return value != 0.0 and math.isfinite(value) and math.frexp(abs(value))[0] == 0.5
+
+
+MergeFactor = tuple[torch.Tensor, torch.Tensor, float, bool]  # (B, A or f·A, f = w·s, f folded into A?)
+
+
+def merge_factors(
+    layers: Sequence[tuple[LayerTarget, float]], device: Any, dtype: torch.dtype, fuse: bool
+) -> list[MergeFactor]:
+    """The factors `merge_block_into` multiplies, converted once per tensor (not per
+    block): B (m, r), A (r, n) or, with fuse and a power-of-two f = w·s, f·A (exact)."""
+    factors = []
+    for target, weight in layers:
+        b = factor_tensor(target.layer.b_matrix, device, dtype)
+        a = factor_tensor(target.layer.a_matrix, device, dtype)
+        factor = target.layer.scale * weight
+        folded = fuse and is_power_of_two(factor)
+        factors.append((b, a * factor if folded else a, factor, folded))
+    return factors
+
+
+def merge_block_into(
+    acc: torch.Tensor, base: torch.Tensor, factors: Sequence[MergeFactor], lo: int, hi: int, spare: torch.Tensor
+) -> torch.Tensor:
+    """acc = W0 + Σ w·s·B·A for rows [lo, hi), in the compute dtype, before the one
+    rounding: merge's arithmetic, which verify replays block by block (its fp32
+    round-once recipe). base: those rows of W0, widened; spare: a buffer like acc.
+
+    Folded factors (a power of two f in f·A) take one addmm: B·(f·A) = f·(B·A) exactly,
+    and the GEMM adds C after its sums, so it gives the bits of PEFT's (B @ A) * f, then
+    + W, in one pass. The others: the product, the scaling, the add, as PEFT does them.
+    """
+    for index, (b, a, factor, folded) in enumerate(factors):
+        if folded:
+            torch.addmm(base if index == 0 else acc, b[lo:hi], a, out=acc)
+            continue
+        delta = acc if index == 0 else spare
+        torch.matmul(b[lo:hi], a, out=delta)
+        delta.mul_(factor)
+        acc.add_(base if index == 0 else delta)  # W0 + d₁ (PEFT's weight += delta), then + dᵢ
+    return acc
 
 
 def merge_rows_into(
@@ -112,11 +155,8 @@ def merge_rows_into(
     that may differ between addmm and matmul.
     """
     dtype = work.dtype
-    factors = [
-        (factor_tensor(t.layer.b_matrix, w0.device, dtype), factor_tensor(t.layer.a_matrix, w0.device, dtype),
-         t.layer.scale * weight)
-        for t, weight in layers
-    ]  # (m, r), (r, n), w·s
+    factors = merge_factors(layers, w0.device, dtype, fuse)
+    spare = torch.empty_like(work) if len(factors) > 1 else work
     rows = w0.shape[0]
     starts = list(range(0, rows, chunk_rows))
     if len(starts) > 1 and rows - starts[-1] == 1:
@@ -125,19 +165,7 @@ def merge_rows_into(
     for lo, hi in zip(starts, [*starts[1:], rows]):
         acc, base = work[: hi - lo], widened[: hi - lo]
         base.copy_(w0[lo:hi])
-        for index, (b, a, factor) in enumerate(factors):
-            if fuse and is_power_of_two(factor):
-                # B·(f·A) = f·(B·A) exactly when f is a power of two, and the GEMM adds C after
-                # its sums, so addmm gives the bits of PEFT's (B @ A) * f, then + W, in one pass.
-                torch.addmm(base if index == 0 else acc, b[lo:hi], a * factor, out=acc)
-                continue
-            delta = acc if index == 0 else torch.empty_like(acc)
-            torch.matmul(b[lo:hi], a, out=delta)
-            delta.mul_(factor)
-            if index == 0:
-                acc.add_(base)  # W0 + d₁, as PEFT's weight += delta
-            else:
-                acc.add_(delta)
+        merge_block_into(acc, base, factors, lo, hi, spare[: hi - lo])
         total += acc.sum()
         out[lo:hi].copy_(acc)  # the one rounding to the stored dtype
     return total

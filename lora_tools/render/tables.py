@@ -125,8 +125,6 @@ def _family_table(layers: list[LayerReport], with_base: bool) -> Table:
 
 def render_verify(report: VerifyReport, console: Console, *, show_all: bool = False) -> None:
     """Per adapted tensor: errors, strength and verdict; failures first when long."""
-    from lora_tools.verify.operation import describe, verify_summary_line
-
     # Paths and tensor names come from the user's files: text, not Rich markup (see render_inspect).
     table = Table(title=f"{escape(report.merged)} vs {escape(report.base)} + {len(report.adapters)} adapter(s)")
     for column in ("tensor", "dtype", "max abs err", "max rel err", "×tol", "strength k", "±6σ", "forward", "recipe", "verdict"):
@@ -148,6 +146,28 @@ def render_verify(report: VerifyReport, console: Console, *, show_all: bool = Fa
     for line in describe(report)[:20]:
         console.print(f"[red]{escape(line)}[/red]" if "inconclusive" not in line else f"[yellow]{escape(line)}[/yellow]")
     console.print(verify_summary_line(report))
+
+
+def verify_summary_line(report: VerifyReport) -> str:
+    """The one-line verdict: how many tensors were ok, inconclusive, failed, unchanged."""
+    verdict = "EQUIVALENT" if report.equivalent else "NOT EQUIVALENT"
+    return (
+        f"{verdict}: {report.n_adapted - report.n_failed - report.n_inconclusive}/{report.n_adapted} adapted tensors ok"
+        + (f", {report.n_inconclusive} inconclusive" if report.n_inconclusive else "")
+        + (f", {report.n_failed} failed" if report.n_failed else "")
+        + f"; {report.n_unadapted_identical}/{report.n_unadapted} other tensors bit-identical"
+        + (f" ({report.n_unadapted_converted} after rounding to their new dtype)" if report.n_unadapted_converted else "")
+        + (f"; {len(report.layout_problems)} layout problem(s)" if report.layout_problems else "")
+    )
+
+
+def describe(report: VerifyReport) -> list[str]:
+    """Failure lines worth reading first: every tensor not ok, changed unadapted tensors,
+    layout problems."""
+    lines = [f"{t.name}: {t.verdict} ({t.detail})" for t in report.tensors if t.verdict not in {"ok"}]
+    lines += [f"{name}: changed (not adapted, must be bit-identical)" for name in report.changed_unadapted]
+    lines += report.layout_problems
+    return lines
 
 
 if TYPE_CHECKING:

@@ -5,28 +5,41 @@ kind of VM the page faults of fresh allocations cost more than reading the bytes
 `BlockReader` reads row ranges (`SafetensorsFile.read_into`, positional reads) into
 buffers that live for the whole verify, so a 1B verify touches a few
 MiB of memory instead of gigabytes, and each block arrives in cache right before its
-passes. `check_plain_tensor` drives `verify_math` over the blocks and hands the figures
+passes. `check_plain_tensor` drives `block_math` over the blocks and hands the figures
 to the verdict shared with the whole-tensor check (`tensor_check.decide`).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator
 
 import torch
 
-from lora_tools.engine.plan import is_plain
-from lora_tools.engine.plan import TensorPlan
-from lora_tools.io.safetensors_file import FLOAT_DTYPES, SafetensorsFile, TensorInfo
-from lora_tools.verify.tensor_check import (
-    K_SIGMAS, RECIPE_FP32_ROUND_ONCE, TensorCheck, decide, recipe_peft_gpu, recipe_peft_native,
-)
+from lora_tools.engine.plan import TensorPlan, is_plain
 from lora_tools.io.dtypes import torch_dtype
+from lora_tools.io.safetensors_file import FLOAT_DTYPES, SafetensorsFile, TensorInfo
 from lora_tools.verify.block_math import (
-    FAST_DTYPES, FORWARD_BATCH, Factors, Sums, Workspace, fits_block, forward_error, judge_block,
-    max_block_rows, prepare_factors, replay_peft_block, row_blocks,
+    FAST_DTYPES,
+    Factors,
+    Workspace,
+    fits_block,
+    judge_block,
+    max_block_rows,
+    prepare_factors,
+    replay_peft_block,
+    row_blocks,
 )
+from lora_tools.verify.figures import (
+    FORWARD_BATCH,
+    RECIPE_FP32_ROUND_ONCE,
+    Sums,
+    TensorCheck,
+    fill_figures,
+    forward_error,
+    peft_recipes,
+    worst_index,
+)
+from lora_tools.verify.tensor_check import decide
 
 Blocks = Callable[[], Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]]  # (lo, hi, W0 rows, stored rows)
 
@@ -44,7 +57,7 @@ class BlockReader:
         held = self._buffers.get(slot)
         if held is None or held[0].numel() < nbytes:
             raw = torch.empty(max(nbytes, 1), dtype=torch.uint8)
-            held = (raw, memoryview(raw.numpy()))
+            held = (raw, raw.numpy().data)
             self._buffers[slot] = held
         return held
 
@@ -119,9 +132,9 @@ def check_plain_tensor(
             return None
     dtype = dtypes[1]
     check = TensorCheck(plan.name, "ok", str(dtype).removeprefix("torch."))
-    allowance = _figures(check, sums)
+    allowance = fill_figures(check, sums)
     check.recipe = _recipe(sums, factors, ws, blocks, dtypes[0])
-    check.forward_rel_error = forward_error(factors, forward_merged, forward_base)
+    check.forward_rel_error = forward_error(factors.x, factors.layers, forward_merged, forward_base)
 
     def fits_strength() -> bool:
         assert check.strength is not None
@@ -130,43 +143,20 @@ def check_plain_tensor(
             for lo, hi, w0, stored in blocks()
         )
 
-    def worst_at() -> list[int]:
-        assert sums.worst_at is not None
-        return [int(i) for i in torch.unravel_index(torch.tensor(sums.worst_at), shape)]
-
     return decide(
         check, sums.update_sq, allowance, dtype,
         stored_is_base=lambda: sums.stored_is_base, expected_rounds_to_base=lambda: sums.expected_rounds_to_base,
-        fits_strength=fits_strength, worst_at=worst_at,
+        fits_strength=fits_strength, worst_at=lambda: worst_index(sums, shape),
     )
 
 
-def _figures(check: TensorCheck, sums: Sums) -> float:
-    """Fill in the check's figures from the block sums; returns the strength allowance."""
-    check.max_abs_error = sums.max_abs_error
-    check.max_rel_error = sums.max_abs_error / sums.max_expected if sums.max_expected > 0 else 0.0
-    check.worst_ulps = sums.worst
-    if sums.update_sq <= 0:
-        return 0.0
-    check.strength = 1.0 + sums.diff_dot_update / sums.update_sq
-    check.strength_spread = math.sqrt(sums.spread_sq / 12.0) / sums.update_sq
-    slack_shift = sums.slack_dot_update / sums.update_sq
-    return max(K_SIGMAS * check.strength_spread, slack_shift)
-
-
 def _recipe(sums: Sums, factors: Factors, ws: Workspace, blocks: Blocks, base_dtype: torch.dtype) -> str | None:
-    """Which known recipe gives the stored bytes (`tensor_check._recipes`, same order).
-    merge's own was replayed with the first pass; PEFT's take another, only when that
-    one failed, and stop at the first block that differs."""
+    """Which known recipe gives the stored bytes (`tensor_check.replayed_recipe`, same
+    order). merge's own was replayed with the first pass; PEFT's take another, only when
+    that one failed, and stop at the first block that differs."""
     if sums.fp32_round_once:
         return RECIPE_FP32_ROUND_ONCE
-    name = str(base_dtype).removeprefix("torch.")
-    candidates = [(False, recipe_peft_native(name))]
-    if base_dtype in (torch.bfloat16, torch.float16):
-        candidates.append((True, recipe_peft_gpu(name)))
-    for twice, recipe in candidates:
+    for twice, recipe in peft_recipes(base_dtype):
         if all(replay_peft_block(ws, factors, lo, hi, w0, stored, twice) for lo, hi, w0, stored in blocks()):
             return recipe
     return None
-
-

@@ -24,15 +24,15 @@ from typing import Any
 
 import torch
 
-from lora_tools.io.checkpoint import BaseCheckpoint
 from lora_tools.engine.placement import factors_on
-from lora_tools.errors import FormatError
 from lora_tools.engine.plan import TensorPlan, make_plan
-from lora_tools.verify.tensor_check import K_SIGMAS, TensorCheck, check_tensor
-from lora_tools.verify.blocks import BlockReader, bytes_equal, check_plain_tensor, converted_equal
+from lora_tools.errors import FormatError
+from lora_tools.io.checkpoint import BaseCheckpoint
 from lora_tools.verify.block_math import Workspace
+from lora_tools.verify.blocks import BlockReader, bytes_equal, check_plain_tensor, converted_equal
+from lora_tools.verify.tensor_check import K_SIGMAS, TensorCheck, check_tensor
 
-__all__ = ["K_SIGMAS", "TensorCheck", "VerifyReport", "check_tensor", "describe", "verify", "verify_summary_line"]
+__all__ = ["K_SIGMAS", "TensorCheck", "VerifyReport", "check_tensor", "verify"]
 
 
 @dataclass
@@ -168,23 +168,3 @@ def _check_one(
     if not bool(torch.isfinite(w0.sum(dtype=torch.float64))):  # no expectation can be computed from it
         raise FormatError(base.shard_of(name).path, f"tensor {name!r} contains NaN or Inf")
     report.tensors.append(check_tensor(plan, w0, merged.torch(name), atol, rtol, seed))
-
-
-def verify_summary_line(report: VerifyReport) -> str:
-    verdict = "EQUIVALENT" if report.equivalent else "NOT EQUIVALENT"
-    return (
-        f"{verdict}: {report.n_adapted - report.n_failed - report.n_inconclusive}/{report.n_adapted} adapted tensors ok"
-        + (f", {report.n_inconclusive} inconclusive" if report.n_inconclusive else "")
-        + (f", {report.n_failed} failed" if report.n_failed else "")
-        + f"; {report.n_unadapted_identical}/{report.n_unadapted} other tensors bit-identical"
-        + (f" ({report.n_unadapted_converted} after rounding to their new dtype)" if report.n_unadapted_converted else "")
-        + (f"; {len(report.layout_problems)} layout problem(s)" if report.layout_problems else "")
-    )
-
-
-def describe(report: VerifyReport) -> list[str]:
-    """Failure lines worth reading first."""
-    lines = [f"{t.name}: {t.verdict} ({t.detail})" for t in report.tensors if t.verdict not in {"ok"}]
-    lines += [f"{name}: changed (not adapted, must be bit-identical)" for name in report.changed_unadapted]
-    lines += report.layout_problems
-    return lines
