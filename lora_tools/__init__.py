@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lora_tools.errors import FormatError, LoraToolsError, MismatchError, UsageError
+from lora_tools.errors import FormatError, LoraToolsError, MismatchError, RequestError
 
 __version__ = "0.1.0"
 
@@ -24,7 +24,7 @@ __all__ = [
     "LoraToolsError",
     "MergeResult",
     "MismatchError",
-    "UsageError",
+    "RequestError",
     "VerifyReport",
     "blend",
     "inspect_adapter",

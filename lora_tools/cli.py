@@ -14,7 +14,7 @@ import click
 from lora_tools.blend.options import DTYPES as BLEND_DTYPES
 from lora_tools.blend.options import FORMATS as BLEND_FORMATS
 from lora_tools.blend.options import METHODS as BLEND_METHODS
-from lora_tools.errors import LoraToolsError, UsageError
+from lora_tools.errors import LoraToolsError, RequestError
 from lora_tools.io.dtypes import MERGE_DTYPE_CHOICES
 
 # A bug in lora-tools: neither 1 (a verify check failed) nor 2 (the user's input).
@@ -208,7 +208,7 @@ def verify_command(
         lora-tools verify ./base-model ./my-adapter ./merged
     """
     if len(paths) < 3:
-        raise UsageError(None, "verify needs BASE, at least one ADAPTER, and MERGED")
+        raise RequestError(None, "verify needs BASE, at least one ADAPTER, and MERGED")
     _run_verify(paths[0], list(paths[1:-1]), paths[-1], list(weights), alpha, atol, rtol, as_json, show_all)
 
 

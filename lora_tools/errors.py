@@ -27,7 +27,7 @@ class MismatchError(LoraToolsError):
     """The adapter does not fit the base checkpoint (missing module, wrong shape)."""
 
 
-class UsageError(LoraToolsError):
+class RequestError(LoraToolsError):
     """The request itself is inconsistent (e.g. wrong number of weights)."""
 
 

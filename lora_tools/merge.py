@@ -20,7 +20,7 @@ from lora_tools.engine.placement import factors_on
 from lora_tools.engine.plan import MergePlan, TensorPlan, is_plain, make_plan
 from lora_tools.engine.staging import ByteRing
 from lora_tools.engine.stream import Progress, TensorStream
-from lora_tools.errors import FormatError, LoraToolsError, UsageError
+from lora_tools.errors import FormatError, LoraToolsError, RequestError
 from lora_tools.io.atomic import atomic_output, copy_extra_files, wrap_write_errors
 from lora_tools.io.dtypes import DTYPE_ALIASES
 from lora_tools.io.hf_layout import update_config_dtype, write_index
@@ -55,7 +55,7 @@ def output_dtype_code(dtype: str) -> str | None:
     try:
         return DTYPE_ALIASES[dtype.lower()]
     except KeyError:
-        raise UsageError(None, f"unknown --dtype {dtype!r} (use keep, bf16, fp16 or fp32)") from None
+        raise RequestError(None, f"unknown --dtype {dtype!r} (use keep, bf16, fp16 or fp32)") from None
 
 
 def merge(

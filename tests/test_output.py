@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from lora_tools.io.atomic import OLD_MARKER, TMP_MARKER, atomic_output, copy_extra_files, wrap_write_errors
 from lora_tools.io.checkpoint import BaseCheckpoint
-from lora_tools.errors import LoraToolsError, Terminated, UsageError
+from lora_tools.errors import LoraToolsError, Terminated, RequestError
 from lora_tools.io.stream_writer import SafetensorsStreamWriter, StreamWriterError, build_header, file_layout, safetensors_order
 from lora_tools.io.safetensors_file import SafetensorsFile
 from lora_tools.io.dtypes import safetensors_code
@@ -234,7 +234,7 @@ def test_atomic_refuses_existing_before_writing(tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.write_text("old")
     ran = False
-    with pytest.raises(UsageError) as caught:
+    with pytest.raises(RequestError) as caught:
         with atomic_output(out, force=False):
             ran = True
     assert not ran
@@ -282,7 +282,7 @@ def test_output_overlapping_input_is_refused(tmp_path: Path, out_rel: str) -> No
     base = tmp_path / "base"
     (base / "sub").mkdir(parents=True)
     out = tmp_path / out_rel
-    with pytest.raises(UsageError) as caught:
+    with pytest.raises(RequestError) as caught:
         with atomic_output(out, force=True, inputs=[base]):
             pass
     assert str(caught.value).startswith(f"{out}: output overlaps the input {base}")
@@ -290,7 +290,7 @@ def test_output_overlapping_input_is_refused(tmp_path: Path, out_rel: str) -> No
 
 
 def test_missing_parent_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(UsageError, match="does not exist"):
+    with pytest.raises(RequestError, match="does not exist"):
         with atomic_output(tmp_path / "no" / "out"):
             pass
 

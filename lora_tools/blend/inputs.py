@@ -15,7 +15,7 @@ import numpy as np
 from lora_tools.adapter import Adapter, Factor
 from lora_tools.blend.factored import Term
 from lora_tools.blend.options import DENSE_METHODS, DTYPES, FORMATS, METHODS
-from lora_tools.errors import MismatchError, UsageError
+from lora_tools.errors import MismatchError, RequestError
 
 # Weights of inputs with full tensors (modules_to_save) must sum to 1 within this.
 WEIGHT_SUM_TOL = 1e-6
@@ -24,35 +24,35 @@ WEIGHT_SUM_TOL = 1e-6
 def check_options(method: str, rank: int | None, energy: float | None, density: float | None, out_format: str, dtype: str) -> None:
     """Refuse inconsistent options before any file is read."""
     if method not in METHODS:
-        raise UsageError(None, f"unknown method {method!r} (use {', '.join(METHODS)})")
+        raise RequestError(None, f"unknown method {method!r} (use {', '.join(METHODS)})")
     if out_format not in FORMATS:
-        raise UsageError(None, f"unknown format {out_format!r} (use {', '.join(FORMATS)})")
+        raise RequestError(None, f"unknown format {out_format!r} (use {', '.join(FORMATS)})")
     if dtype not in DTYPES:
-        raise UsageError(None, f"unknown dtype {dtype!r} (use {', '.join(DTYPES)})")
+        raise RequestError(None, f"unknown dtype {dtype!r} (use {', '.join(DTYPES)})")
     if method in ("cat", "linear") and (rank is not None or energy is not None):
-        raise UsageError(None, f"--rank and --energy apply to svd, ties and dare methods, not {method} (its rank is fixed)")
+        raise RequestError(None, f"--rank and --energy apply to svd, ties and dare methods, not {method} (its rank is fixed)")
     if rank is not None and rank < 1:
-        raise UsageError(None, f"--rank must be at least 1, got {rank}")
+        raise RequestError(None, f"--rank must be at least 1, got {rank}")
     if energy is not None and not 0.0 < energy <= 1.0:
-        raise UsageError(None, f"--energy must lie in (0, 1], got {energy}")
+        raise RequestError(None, f"--energy must lie in (0, 1], got {energy}")
     if method in DENSE_METHODS and density is None:
-        raise UsageError(None, f"--method {method} needs --density (the share of entries kept, e.g. 0.5)")
+        raise RequestError(None, f"--method {method} needs --density (the share of entries kept, e.g. 0.5)")
     if method not in DENSE_METHODS and density is not None:
-        raise UsageError(None, f"--density applies to ties and dare methods, not {method}")
+        raise RequestError(None, f"--density applies to ties and dare methods, not {method}")
     if density is not None and not 0.0 < density <= 1.0:
-        raise UsageError(None, f"--density must lie in (0, 1], got {density}")
+        raise RequestError(None, f"--density must lie in (0, 1], got {density}")
 
 
 def resolve_weights(n_inputs: int, weights: Sequence[float]) -> list[float]:
     """One weight per input, or for two inputs one t meaning (1 − t, t) as torch.lerp."""
     weights = [float(w) for w in weights]
     if not all(math.isfinite(w) for w in weights):
-        raise UsageError(None, f"weights must be finite numbers, got {weights}")
+        raise RequestError(None, f"weights must be finite numbers, got {weights}")
     if len(weights) == n_inputs:
         return weights
     if n_inputs == 2 and len(weights) == 1:
         return [1.0 - weights[0], weights[0]]
-    raise UsageError(
+    raise RequestError(
         None,
         f"got {len(weights)} --weight for {n_inputs} adapters: give one per adapter"
         + (", or one t to interpolate (1 − t)·A + t·B" if n_inputs == 2 else ""),
@@ -64,22 +64,22 @@ def check_inputs(adapters: Sequence[Adapter]) -> None:
     for adapter in adapters:
         dora = next((layer.name for layer in adapter.layers if layer.magnitude is not None), None)
         if dora is not None:
-            raise UsageError(
+            raise RequestError(
                 adapter.path,
                 f"DoRA adapter (layer {dora!r} has a magnitude vector): its update m·(W0+ΔW)/‖W0+ΔW‖ − W0 "
                 "is not low-rank and depends on the base, so it cannot be blended; merge it with `lora-tools merge`",
             )
         if adapter.unrecognized_keys:
-            raise UsageError(
+            raise RequestError(
                 adapter.path,
                 f"{len(adapter.unrecognized_keys)} tensors not understood (first {adapter.unrecognized_keys[0]!r}); "
                 "a blend would silently drop them",
             )
         if adapter.format not in ("peft", "kohya"):
-            raise UsageError(adapter.path, f"{adapter.format} files cannot be blended yet (PEFT and kohya inputs can)")
+            raise RequestError(adapter.path, f"{adapter.format} files cannot be blended yet (PEFT and kohya inputs can)")
     kohya = [a for a in adapters if not a.names_resolved]
     if kohya and len(kohya) != len(adapters):
-        raise UsageError(
+        raise RequestError(
             kohya[0].path,
             "kohya layer names cannot be matched with PEFT module paths without a base; blend kohya files with kohya files",
         )
@@ -135,14 +135,14 @@ def blend_full_tensors(adapters: Sequence[Adapter], weights: Sequence[float]) ->
     for adapter, tensors in zip(adapters, replacing):
         missing = [key for key in keys if key not in tensors]
         if missing:
-            raise UsageError(
+            raise RequestError(
                 adapter.path,
                 f"has no full tensor {missing[0]!r} (modules_to_save) that another input has; combining it "
                 "needs the base weight it replaces: merge with `lora-tools merge` instead",
             )
     total = sum(weights)
     if abs(total - 1.0) > WEIGHT_SUM_TOL:
-        raise UsageError(
+        raise RequestError(
             adapters[0].path,
             f"carries full tensors ({keys[0]!r}, modules_to_save), which blend exactly only when the weights sum "
             f"to 1 (Σ wᵢ·W'ᵢ = W0 + Σ wᵢ·(W'ᵢ − W0)); the weights sum to {total:g}",

@@ -15,7 +15,7 @@ import numpy as np
 from lora_tools.adapter import Adapter, Factor, LoraLayer
 from lora_tools.blend.factored import Term, blend_factored
 from lora_tools.blend.inputs import DENSE_METHODS, align_layers, base_copies, blend_full_tensors, check_inputs, resolve_weights
-from lora_tools.errors import LoraToolsError, UsageError
+from lora_tools.errors import LoraToolsError, RequestError
 from lora_tools.linalg.blas import single_threaded_blas
 
 
@@ -125,7 +125,7 @@ def _blend_layer(name: str, terms: list[Term], recipe: _Recipe) -> tuple[LoraLay
     """One module's blended layer (scale folded, alpha = r) and its report."""
     template, n = terms[0].layer, len(recipe.paths)
     if recipe.method == "linear" and len({t.layer.rank for t in terms}) != 1:
-        raise UsageError(recipe.paths[terms[-1].index], f"layer {name!r}: --method linear needs equal ranks, got "
+        raise RequestError(recipe.paths[terms[-1].index], f"layer {name!r}: --method linear needs equal ranks, got "
                          f"{[t.layer.rank for t in terms]} (PEFT's linear sums A's and B's; use svd or cat)")
     # the cosines, the norms and ‖Σ wᵢΔWᵢ‖ come from here for every method
     try:

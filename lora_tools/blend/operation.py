@@ -34,7 +34,7 @@ import numpy as np
 from lora_tools.adapter import Adapter
 from lora_tools.blend.inputs import DTYPES, check_inputs, check_options, resolve_weights
 from lora_tools.blend.layers import BlendResult, LayerBlendReport, blend_adapters, default_rank
-from lora_tools.errors import LoraToolsError, UsageError
+from lora_tools.errors import LoraToolsError, RequestError
 
 # PEFT config fields that decide which modules an adapter creates: copied to the
 # output only when every input agrees on them and adapts the same modules.
@@ -137,18 +137,18 @@ def blend(
     started = time.perf_counter()
     check_options(method, rank, energy, density, out_format, dtype)
     if not inputs:
-        raise UsageError(None, "blend needs at least one adapter")
+        raise RequestError(None, "blend needs at least one adapter")
     adapters = [load_adapter(path, alpha=alpha) for path in inputs]
     weights = resolve_weights(len(adapters), weights)
     check_inputs(adapters)
     kohya_inputs = all(a.format == "kohya" for a in adapters)
     fmt = ("kohya" if kohya_inputs else "peft") if out_format == "auto" else out_format
     if (fmt == "kohya") != kohya_inputs:
-        raise UsageError(out, f"--format {fmt} needs {'kohya' if fmt == 'kohya' else 'PEFT'} inputs (names are not converted)")
+        raise RequestError(out, f"--format {fmt} needs {'kohya' if fmt == 'kohya' else 'PEFT'} inputs (names are not converted)")
     result = blend_adapters(adapters, weights, method=method, rank=rank, energy=energy, density=density,
                             seed=seed, normalize=normalize, device=device)
     if not result.layers:
-        raise UsageError(None, "every weight is 0: nothing to write")
+        raise RequestError(None, "every weight is 0: nothing to write")
     code = DTYPES[dtype] or _common([layer.dtype for a in adapters for layer in a.layers], "F32")
     # full tensors are weights of the base's kind, not factors: they keep their stored dtype
     full_code = _common([d for a in adapters for d in a.full_tensor_dtypes.values()], "F32")

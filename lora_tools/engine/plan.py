@@ -14,7 +14,7 @@ from typing import Any
 
 from lora_tools.adapter import Adapter, Factor
 from lora_tools.engine.binding import LayerTarget, fit_to_base
-from lora_tools.errors import FormatError, MismatchError, UsageError
+from lora_tools.errors import FormatError, MismatchError, RequestError
 from lora_tools.formats import load_adapter
 from lora_tools.formats.names import resolve_names
 from lora_tools.formats.source import Place, keep_numpy
@@ -66,7 +66,7 @@ def normalize_weights(weights: list[float] | None, n_adapters: int, where: Any) 
     if not weights:
         return [1.0] * n_adapters
     if len(weights) != n_adapters:
-        raise UsageError(
+        raise RequestError(
             where, f"got {len(weights)} --weight value(s) for {n_adapters} adapter(s); give one per adapter or none"
         )
     return [float(w) for w in weights]
@@ -112,7 +112,7 @@ def bind_adapters(base: BaseCheckpoint, adapters: list[Adapter], weights: list[f
         for key, tensor in adapter.full_tensors.items():
             plan = plan_for(key)
             if plan.replacement is not None:
-                raise UsageError(adapter.path, f"tensor {key!r} is replaced by more than one adapter (modules_to_save)")
+                raise RequestError(adapter.path, f"tensor {key!r} is replaced by more than one adapter (modules_to_save)")
             plan.replacement = (tensor, weight)
             plan.sources.append(adapter.path)
     return plans
@@ -131,7 +131,7 @@ def make_plan(
     `place`: what the plan holds of each factor (numpy arrays by default; merge and
     verify ask for torch tensors on their compute device)."""
     if not adapter_paths:
-        raise UsageError(None, "no adapter given")
+        raise RequestError(None, "no adapter given")
     weights = normalize_weights(weights, len(adapter_paths), Path(adapter_paths[0]))
     base = BaseCheckpoint.open(base_path)
     try:

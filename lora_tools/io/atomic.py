@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 
-from lora_tools.errors import FormatError, LoraToolsError, Terminated, UsageError
+from lora_tools.errors import FormatError, LoraToolsError, RequestError, Terminated
 from lora_tools.io.stream_writer import StreamWriterError
 
 TMP_MARKER = ".lora-tools-tmp-"
@@ -39,11 +39,11 @@ def check_output_path(out: Path, force: bool, inputs: Sequence[Path] = ()) -> No
     for given in inputs:
         source = Path(given).resolve()
         if _inside(target, source) or _inside(source, target):
-            raise UsageError(out, f"output overlaps the input {given} (choose another output path)")
+            raise RequestError(out, f"output overlaps the input {given} (choose another output path)")
     if not out.parent.is_dir():
-        raise UsageError(out, f"the folder {out.parent} does not exist")
+        raise RequestError(out, f"the folder {out.parent} does not exist")
     if (out.exists() or out.is_symlink()) and not force:
-        raise UsageError(out, "already exists (use --force to replace it)")
+        raise RequestError(out, "already exists (use --force to replace it)")
 
 
 def _remove(path: Path) -> None:
@@ -64,7 +64,7 @@ def _commit(tmp: Path, out: Path, force: bool) -> None:
         raise StreamWriterError(f"{tmp}: nothing was written to the temporary output")
     exists = out.exists() or out.is_symlink()
     if exists and not force:  # appeared while we worked
-        raise UsageError(out, "already exists (use --force to replace it)")
+        raise RequestError(out, "already exists (use --force to replace it)")
     if not exists or (not tmp.is_dir() and not out.is_dir()):
         os.replace(tmp, out)  # atomic, also over an old file
     else:
@@ -121,7 +121,7 @@ def atomic_output(out: str | os.PathLike[str], force: bool = False, inputs: Sequ
     check_output_path(out, force, inputs)
     target = Path(os.path.abspath(out))  # "." or "x/.." have no usable name; links stay links
     if target == target.parent:
-        raise UsageError(out, "is not a usable output path")
+        raise RequestError(out, "is not a usable output path")
     tmp = _sibling(target, TMP_MARKER)
     state = {"defer": False, "pending": False}
     with _sigterm_raises(state):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lora_tools.errors import UsageError
+from lora_tools.errors import RequestError
 
 
 def resolve_device(device: str) -> torch.device:
@@ -14,12 +14,12 @@ def resolve_device(device: str) -> torch.device:
     try:
         resolved = torch.device(device)
     except RuntimeError:
-        raise UsageError(None, f"unknown device {device!r} (use auto, cpu, cuda or cuda:N)") from None
+        raise RequestError(None, f"unknown device {device!r} (use auto, cpu, cuda or cuda:N)") from None
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
-            raise UsageError(None, f"device {device!r} requested but CUDA is not available")
+            raise RequestError(None, f"device {device!r} requested but CUDA is not available")
         if resolved.index is not None and resolved.index >= torch.cuda.device_count():
-            raise UsageError(None, f"device {device!r} does not exist ({torch.cuda.device_count()} GPU(s))")
+            raise RequestError(None, f"device {device!r} does not exist ({torch.cuda.device_count()} GPU(s))")
     elif resolved.type != "cpu":
-        raise UsageError(None, f"unsupported device {device!r} (use auto, cpu, cuda or cuda:N)")
+        raise RequestError(None, f"unsupported device {device!r} (use auto, cpu, cuda or cuda:N)")
     return resolved

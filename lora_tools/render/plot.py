@@ -15,7 +15,7 @@ import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lora_tools.errors import LoraToolsError, UsageError
+from lora_tools.errors import LoraToolsError, RequestError
 from lora_tools.render.plot_text import module_types, short, summary_lines, title
 
 if TYPE_CHECKING:
@@ -77,7 +77,7 @@ def _refuse_overwriting_an_input(report: InspectReport, path: str) -> None:
             continue
         source = Path(given).resolve()
         if target == source or (source in target.parents and target.exists() and not _is_png(target)):
-            raise UsageError(path, f"would overwrite the input {given} (choose another --plot path)")
+            raise RequestError(path, f"would overwrite the input {given} (choose another --plot path)")
 
 
 def _is_png(path: Path) -> bool:
