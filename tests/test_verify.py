@@ -500,18 +500,18 @@ def test_row_blocks_leave_other_layers_to_the_whole_tensor_check(
     assert blocked.equivalent
 
 
-def test_block_ulp_is_tensor_check_ulp_bit_for_bit() -> None:
-    """The float64 bit trick reproduces _ulp's float32 rounding, at binade edges too."""
+def test_bit_trick_ulp_is_frexp_ulp_bit_for_bit() -> None:
+    """The float64 bit trick (ulp_into, used by both verify paths for fp32, bf16 and fp16)
+    reproduces the independent frexp formula's float32 rounding, at binade edges too."""
     from lora_tools.verify.block_math import row_blocks
-    from lora_tools.verify.figures import frexp_ulp as _ulp
-    from lora_tools.verify.figures import ulp_into
+    from lora_tools.verify.figures import frexp_ulp, ulp_into
 
     powers = torch.exp2(torch.arange(-150, 20, dtype=torch.float64))
     edges = torch.cat([powers * f for f in (1.0, 1 - 2.0**-25, 1 - 2.0**-24, (1 - 2.0**-25) * (1 + 2.0**-40),
                                              (1 - 2.0**-25) * (1 - 2.0**-40), 1 + 2.0**-30)])
     values = torch.cat([edges, -edges, torch.zeros(3, dtype=torch.float64), torch.randn(10_000, dtype=torch.float64)])
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        assert torch.equal(ulp_into(values.abs(), dtype), _ulp(values, dtype).to(torch.float64)), dtype
+        assert torch.equal(ulp_into(values.abs(), dtype), frexp_ulp(values, dtype).to(torch.float64)), dtype
     for rows in range(1, 40):
         blocks = row_blocks(rows, 64, 200)
         assert blocks[0][0] == 0 and blocks[-1][1] == rows and all(hi - lo >= 2 for lo, hi in blocks[:-1] if rows > 1)
