@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import filecmp
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
@@ -28,7 +29,8 @@ COMMANDS = ("inspect", "merge", "blend", "verify")
 
 
 def tree_env(root: Path) -> dict[str, str]:
-    """Children import lora_tools from `root` only (not the installed copy)."""
+    """Children import lora_tools from `root` only: first on PYTHONPATH, and their working
+    folder (`python -m` puts the working folder before PYTHONPATH)."""
     env = benchutil.child_env()
     env["PYTHONPATH"] = str(root)
     return env
@@ -61,6 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     benchutil.common_arguments(parser)
     args = parser.parse_args(argv)
     trees = {"old": args.old.resolve(), "new": benchutil.REPO_ROOT}
+    for label, root in trees.items():  # an editable install or the working folder must not win
+        probe = subprocess.run([sys.executable, "-c", "import lora_tools; print(lora_tools.__file__)"],
+                               env=tree_env(root), cwd=root, capture_output=True, text=True, check=True)
+        if not Path(probe.stdout.strip()).resolve().is_relative_to(root):
+            print(f"{label}: lora_tools comes from {probe.stdout.strip()}, not {root}", file=sys.stderr)
+            return 2
     times: dict[tuple[str, str], list[float]] = {}
     rss: dict[tuple[str, str], list[float]] = {}
     identical: dict[str, bool] = {}
@@ -78,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                         out = work / f"merge-{label}"
                     elif name != "inspect":
                         benchutil.remove(out, keep=False)
-                    measured = benchutil.measure(command(name, work, out), env=tree_env(root))
+                    measured = benchutil.measure(command(name, work, out), env=tree_env(root), cwd=root)
                     if measured.rc != 0:
                         print(f"{label} {name} failed ({measured.rc}):\n{measured.stderr[-2000:]}", file=sys.stderr)
                         return 1

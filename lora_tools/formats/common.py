@@ -16,9 +16,9 @@ import numpy as np
 from lora_tools.adapter import LoraLayer
 from lora_tools.errors import FormatError
 from lora_tools.formats.source import TensorSource, finite_factor
+from lora_tools.io.dtypes import NUMERIC_DTYPES
 
 # Integer alphas are real: diffusers' convert_state_dict_to_kohya writes torch.tensor(rank), an int64.
-_ALPHA_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U64", "U32", "U16", "U8"})
 
 # Roles a key can play for one module.
 A, B, EMB_A, EMB_B, BIAS, MAGNITUDE, ALPHA = "A", "B", "emb_A", "emb_B", "bias", "magnitude", "alpha"
@@ -124,7 +124,7 @@ def json_number(value: float) -> int | float:
 
 def scalar_alpha(source: TensorSource, key: str) -> float:
     """A per-module `.alpha` tensor: one finite number, stored as any float or int dtype."""
-    if source.dtype(key) not in _ALPHA_DTYPES:
+    if source.dtype(key) not in NUMERIC_DTYPES:
         raise FormatError(source.path, f"tensor {key!r}: alpha has non-numeric dtype {source.dtype(key)}")
     value = np.asarray(source.numpy(key), dtype=np.float64)
     if value.size != 1:

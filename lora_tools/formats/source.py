@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from lora_tools.errors import FormatError
+from lora_tools.io.dtypes import FLOAT_DTYPES
 from lora_tools.io.safetensors_file import SafetensorsFile
 
 # What a reader keeps of a checked factor: (array read as numpy, stored dtype code) -> the
@@ -185,7 +186,7 @@ def finite_factor(source: TensorSource, key: str) -> np.ndarray:
     """Read a float tensor and refuse NaN/Inf, which would poison every later number.
 
     Checks run on this numpy array; readers hand it to `source.place` once they are done."""
-    if source.dtype(key) not in {"F64", "F32", "F16", "BF16"}:
+    if source.dtype(key) not in FLOAT_DTYPES:
         raise FormatError(source.path, f"tensor {key!r} has non-float dtype {source.dtype(key)}")
     array = source.numpy(key)
     if not np.isfinite(array).all():

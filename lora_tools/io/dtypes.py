@@ -23,6 +23,14 @@ FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
 # Dtypes whose values are numbers (a kohya `.alpha` may be stored in any of them).
 NUMERIC_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U64", "U32", "U16", "U8"})
 
+# safetensors (0.8) sorts tensors by this enum order, descending, then by name, so each
+# tensor starts aligned to its item size. Copied from `enum Dtype` in safetensors/src/tensor.rs.
+SAFETENSORS_ORDER = (
+    "BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0",
+    "F8_E4M3FNUZ", "F8_E5M2FNUZ", "I16", "U16", "F16", "BF16", "I32", "U32", "F32",
+    "C64", "F64", "I64", "U64",
+)
+
 # numpy dtypes that hold each safetensors dtype exactly (BF16 has none: it is read as
 # uint16 bits and widened to float32, see safetensors_file).
 NUMPY_DTYPE: dict[str, str] = {

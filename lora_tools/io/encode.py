@@ -13,10 +13,11 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from lora_tools.io.dtypes import FLOAT_DTYPES, NUMPY_DTYPE
+
 __all__ = ["WRITABLE_DTYPES", "WriteError", "encode_array", "float32_to_bf16_bits", "write_safetensors"]
 
-WRITABLE_DTYPES = ("F64", "F32", "F16", "BF16")
-_NUMPY_CODES = {"F64": "<f8", "F32": "<f4", "F16": "<f2"}
+WRITABLE_DTYPES = ("F64", "F32", "F16", "BF16")  # the float dtypes (FLOAT_DTYPES), in the order messages list them
 
 
 class WriteError(ValueError):
@@ -46,8 +47,8 @@ def encode_array(values: np.ndarray, dtype: str, name: str = "tensor") -> np.nda
         f32 = np.asarray(values, dtype=np.float32)
         encoded = float32_to_bf16_bits(f32)
         decoded = (encoded.astype(np.uint32) << 16).view(np.float32)
-    elif dtype in _NUMPY_CODES:
-        encoded = np.ascontiguousarray(values, dtype=_NUMPY_CODES[dtype])
+    elif dtype in FLOAT_DTYPES:
+        encoded = np.ascontiguousarray(values, dtype=NUMPY_DTYPE[dtype])
         decoded = encoded
     else:
         raise WriteError(f"{name}: cannot write dtype {dtype!r} (use one of {', '.join(WRITABLE_DTYPES)})")

@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 
 from lora_tools.errors import FormatError
-from lora_tools.io.dtypes import DTYPE_ITEMSIZE, FLOAT_DTYPES, NUMPY_DTYPE
+from lora_tools.io.dtypes import DTYPE_ITEMSIZE, NUMPY_DTYPE
 
-__all__ = ["DTYPE_ITEMSIZE", "FLOAT_DTYPES", "SafetensorsFile", "TensorInfo", "pread_into"]
+__all__ = ["SafetensorsFile", "TensorInfo", "pread_into"]
 
 # Largest header we accept: real headers are a few MB even for 70B checkpoints, and a
 # forged length (2**63) must not make us allocate it.

@@ -19,20 +19,14 @@ from typing import Any
 
 from lora_tools.errors import FormatError
 from lora_tools.io.checkpoint import SupportsWrite
+from lora_tools.io.dtypes import DTYPE_ITEMSIZE, SAFETENSORS_ORDER
 from lora_tools.io.output_file import OutputFile, SourceReadError
-from lora_tools.io.safetensors_file import DTYPE_ITEMSIZE, SafetensorsFile
+from lora_tools.io.safetensors_file import SafetensorsFile
 
 # (name, safetensors dtype code, shape): all a header needs to know about a tensor.
 Entry = tuple[str, str, Sequence[int]]
 
-# safetensors (0.8) sorts tensors by this enum order, descending, then by name, so each
-# tensor starts aligned to its item size. Copied from `enum Dtype` in safetensors/src/tensor.rs.
-_SAFETENSORS_DTYPE_ORDER = [
-    "BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0",
-    "F8_E4M3FNUZ", "F8_E5M2FNUZ", "I16", "U16", "F16", "BF16", "I32", "U32", "F32",
-    "C64", "F64", "I64", "U64",
-]
-_DTYPE_RANK = {code: rank for rank, code in enumerate(_SAFETENSORS_DTYPE_ORDER)}
+_DTYPE_RANK = {code: rank for rank, code in enumerate(SAFETENSORS_ORDER)}  # safetensors' own sort
 
 
 

@@ -16,8 +16,8 @@ from collections.abc import Callable, Iterator
 import torch
 
 from lora_tools.engine.plan import TensorPlan, is_plain
-from lora_tools.io.dtypes import torch_dtype
-from lora_tools.io.safetensors_file import FLOAT_DTYPES, SafetensorsFile, TensorInfo
+from lora_tools.io.dtypes import FLOAT_DTYPES, torch_dtype
+from lora_tools.io.safetensors_file import SafetensorsFile, TensorInfo
 from lora_tools.verify.block_math import (
     FAST_DTYPES,
     Factors,

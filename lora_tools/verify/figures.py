@@ -33,7 +33,7 @@ FORWARD_BATCH = 8
 
 RECIPE_FP32_ROUND_ONCE = "fp32 round-once (lora-tools; PEFT with fp32 adapter weights)"
 
-EPS = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10, torch.float64: 2.0**-52}
+EPS = {dtype: float(torch.finfo(dtype).eps) for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64)}
 # float32 arithmetic before the final rounding: 2·eps32 per unit of |w·s|·|B|·|A| (a power of two)
 SLACK_PER_UNIT = 2 * EPS[torch.float32]
 _EXPONENT_BITS = 0x7FF0000000000000
