@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchutil  # noqa: E402
 import synthetic  # noqa: E402
 
-COMMANDS = ("inspect", "merge", "blend", "verify")
+COMMANDS = ("inspect", "inspect --base", "merge", "blend", "verify")
 
 
 def tree_env(root: Path) -> dict[str, str]:
@@ -39,6 +39,8 @@ def tree_env(root: Path) -> dict[str, str]:
 def command(name: str, work: Path, out: Path) -> list[str]:
     base, adapter, other = work / "base", work / "adapter", work / "adapter2"
     if name == "inspect":
+        return benchutil.lora_tools("inspect", adapter, "--json")
+    if name == "inspect --base":  # reads the base too, for ‖ΔW‖/‖W0‖
         return benchutil.lora_tools("inspect", adapter, "--base", base, "--json")
     if name == "merge":
         return benchutil.lora_tools("merge", base, adapter, "-o", out, "--device", "cpu", "-q")
@@ -81,10 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         for round_index in range(args.rounds):
             for name in COMMANDS:
                 for label, root in trees.items():
-                    out = work / f"{name}-{label}"
+                    out = work / f"{name.split()[0]}-{label}"
                     if name == "verify":
                         out = work / f"merge-{label}"
-                    elif name != "inspect":
+                    elif not name.startswith("inspect"):
                         benchutil.remove(out, keep=False)
                     measured = benchutil.measure(command(name, work, out), env=tree_env(root), cwd=root)
                     if measured.rc != 0:
@@ -92,9 +94,9 @@ def main(argv: list[str] | None = None) -> int:
                         return 1
                     times.setdefault((name, label), []).append(measured.wall_s)
                     rss.setdefault((name, label), []).append(measured.peak_mb or float("nan"))
-                    if name == "inspect":
+                    if name.startswith("inspect"):
                         reports[label] = measured.stdout
-                if name == "inspect":
+                if name.startswith("inspect"):
                     identical[name] = identical.get(name, True) and reports["old"] == reports["new"]
                 if name in ("merge", "blend"):
                     identical[name] = identical.get(name, True) and same_output(work / f"{name}-old", work / f"{name}-new")

@@ -84,14 +84,9 @@ def blend_adapters(
     adapters: Sequence[Adapter],
     weights: Sequence[float],
     *,
-    method: str = "svd",
-    rank: int | None = None,
-    energy: float | None = None,
-    density: float | None = None,
-    seed: int = 0,
-    normalize: bool | None = None,
-    device: str = "auto",
-    compute_dtype: str = "float32",
+    method: str = "svd", rank: int | None = None, energy: float | None = None,  # what to keep
+    density: float | None = None, seed: int = 0, normalize: bool | None = None,  # TIES/DARE
+    device: str = "auto", compute_dtype: str = "float32",  # TIES/DARE
 ) -> BlendResult:
     """Blend loaded adapters layer by layer (no I/O). See the module docstring."""
     check_inputs(adapters)

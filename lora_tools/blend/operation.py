@@ -114,18 +114,10 @@ def blend(
     out: str | os.PathLike[str],
     weights: Sequence[float],
     *,
-    method: str = "svd",
-    rank: int | None = None,
-    energy: float | None = None,
-    density: float | None = None,
-    seed: int = 0,
-    normalize: bool | None = None,
-    out_format: str = "auto",
-    dtype: str = "keep",
-    device: str = "auto",
-    alpha: float | None = None,
-    base_model_name_or_path: str | None = None,
-    force: bool = False,
+    method: str = "svd", rank: int | None = None, energy: float | None = None,  # as blend_adapters
+    density: float | None = None, seed: int = 0, normalize: bool | None = None, device: str = "auto",
+    out_format: str = "auto", dtype: str = "keep", alpha: float | None = None,  # the files
+    base_model_name_or_path: str | None = None, force: bool = False,
 ) -> BlendReport:
     """Read the inputs, blend them, write OUT atomically, and report per layer."""
     from lora_tools.formats import load_adapter

@@ -130,12 +130,7 @@ def spectral_norm(b: np.ndarray, a: np.ndarray, scale: float = 1.0) -> float:
 
 
 def inner_product(
-    b1: np.ndarray,
-    a1: np.ndarray,
-    b2: np.ndarray,
-    a2: np.ndarray,
-    scale1: float = 1.0,
-    scale2: float = 1.0,
+    b1: np.ndarray, a1: np.ndarray, b2: np.ndarray, a2: np.ndarray, scale1: float = 1.0, scale2: float = 1.0
 ) -> float:
     """Frobenius inner product ⟨s₁·B₁A₁, s₂·B₂A₂⟩ = s₁s₂·Σᵢⱼ (B₁ᵀB₂)ᵢⱼ·(A₁A₂ᵀ)ᵢⱼ.
 
@@ -152,12 +147,7 @@ def inner_product(
 
 
 def cosine_similarity(
-    b1: np.ndarray,
-    a1: np.ndarray,
-    b2: np.ndarray,
-    a2: np.ndarray,
-    scale1: float = 1.0,
-    scale2: float = 1.0,
+    b1: np.ndarray, a1: np.ndarray, b2: np.ndarray, a2: np.ndarray, scale1: float = 1.0, scale2: float = 1.0
 ) -> float:
     """⟨ΔW₁, ΔW₂⟩_F / (‖ΔW₁‖_F·‖ΔW₂‖_F), clipped to [-1, 1]; O((m+n)·(r₁+r₂)²).
 
