@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--old", type=Path, required=True, help="root of the other checkout (holds lora_tools/)")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--commands", nargs="+", choices=COMMANDS, default=list(COMMANDS), metavar="COMMAND",
+                        help=f"which to time (default all: {', '.join(COMMANDS)}; verify needs merge)")
     benchutil.common_arguments(parser)
     args = parser.parse_args(argv)
     trees = {"old": args.old.resolve(), "new": benchutil.REPO_ROOT}
@@ -81,8 +83,11 @@ def main(argv: list[str] | None = None) -> int:
         benchutil.cached(work / "adapter2", {"shape": args.shape, "rank": 8, "seed": 2},
                          lambda d: synthetic.write_adapter(d, args.shape, rank=8, seed=2))
         for round_index in range(args.rounds):
-            for name in COMMANDS:
-                for label, root in trees.items():
+            for name in args.commands:
+                # alternate which tree goes first: the second run of a pair inherits the first's
+                # disk writeback and cache state, which favours neither tree over the rounds
+                order = list(trees.items()) if round_index % 2 == 0 else list(reversed(trees.items()))
+                for label, root in order:
                     out = work / f"{name.split()[0]}-{label}"
                     if name == "verify":
                         out = work / f"merge-{label}"
@@ -102,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
                     identical[name] = identical.get(name, True) and same_output(work / f"{name}-old", work / f"{name}-new")
             print(f"round {round_index + 1}/{args.rounds} done", file=sys.stderr)
     rows = []
-    for name in COMMANDS:
+    for name in args.commands:
         old, new = statistics.median(times[(name, "old")]), statistics.median(times[(name, "new")])
         rows.append([
             name, benchutil.fmt(old), benchutil.fmt(new), f"{new / old:.3f}",
