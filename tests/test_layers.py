@@ -52,8 +52,8 @@ def _modules() -> list[Path]:
     return sorted(PACKAGE.rglob("*.py"))
 
 
-def _name_of(path: Path) -> str:
-    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+def _name_of(path: Path, package: Path = PACKAGE) -> str:
+    parts = path.relative_to(package.parent).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
@@ -63,10 +63,12 @@ def _component(module: str) -> str:
     return parts[1] if len(parts) > 1 else "__init__"
 
 
-def _imports(path: Path) -> set[str]:
-    """Every lora_tools module `path` imports, absolute or relative, anywhere in the file."""
+def _imports(path: Path, root: Path = PACKAGE) -> set[str]:
+    """Every lora_tools module `path` (a file under `root`) imports, absolute or relative,
+    anywhere in the file."""
     found = set()
-    package = _name_of(path) if path.name == "__init__.py" else _name_of(path).rpartition(".")[0]
+    own = _name_of(path, root)
+    package = own if path.name == "__init__.py" else own.rpartition(".")[0]
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names if alias.name.split(".")[0] == "lora_tools"}
@@ -120,9 +122,4 @@ def test_the_rules_see_imports_inside_functions(tmp_path: Path) -> None:
     sample = tmp_path / "lora_tools" / "io" / "sample.py"
     sample.parent.mkdir(parents=True)
     sample.write_text("def f():\n    from lora_tools.render.tables import x\n    from . import atomic\n")
-    global PACKAGE
-    saved, PACKAGE = PACKAGE, tmp_path / "lora_tools"
-    try:
-        assert _imports(sample) == {"lora_tools.render.tables", "lora_tools.io"}
-    finally:
-        PACKAGE = saved
+    assert _imports(sample, tmp_path / "lora_tools") == {"lora_tools.render.tables", "lora_tools.io"}
