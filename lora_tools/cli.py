@@ -14,7 +14,7 @@ import click
 from lora_tools.blend.options import DTYPES as BLEND_DTYPES
 from lora_tools.blend.options import FORMATS as BLEND_FORMATS
 from lora_tools.blend.options import METHODS as BLEND_METHODS
-from lora_tools.errors import LoraToolsError, RequestError
+from lora_tools.errors import LoraToolsError, RequestError, printable
 from lora_tools.io.dtypes import MERGE_DTYPE_CHOICES
 
 # A bug in lora-tools: neither 1 (a verify check failed) nor 2 (the user's input).
@@ -22,9 +22,15 @@ INTERNAL_ERROR = 3
 
 
 class InputError(click.ClickException):
-    """Bad input or usage detected by the library: one stderr line, exit status 2."""
+    """Bad input or usage detected by the library: one stderr line, exit status 2.
+
+    Names in the message come from inside files (tensor, layer and shard names): their
+    control characters are escaped here, so the message stays one harmless line."""
 
     exit_code = 2
+
+    def __init__(self, message: str) -> None:
+        super().__init__(printable(message))
 
 
 class _Commands(click.Group):
@@ -64,8 +70,10 @@ def cli() -> None:
 @click.option("--plot", "plot_path", type=click.Path(readable=False), default=None, help="Write spectra, rank-usage and norm plots to this PNG.")
 @click.option("--alpha", type=float, default=None, help="Override every layer's alpha (scale = alpha / r).")
 @click.option("--all", "show_all", is_flag=True, help="Show every layer instead of grouping long adapters by module.")
+@click.option("--force", is_flag=True, help="Replace an existing --plot FILE (never an input).")
 def inspect_command(
-    adapter: str, base: str | None, as_json: bool, plot_path: str | None, alpha: float | None, show_all: bool
+    adapter: str, base: str | None, as_json: bool, plot_path: str | None, alpha: float | None, show_all: bool,
+    force: bool,
 ) -> None:
     """What did this adapter learn? Per-layer rank usage, spectra and norms.
 
@@ -82,7 +90,7 @@ def inspect_command(
     if plot_path is not None:
         from lora_tools.render.plot import save_plot
 
-        save_plot(report, plot_path)
+        save_plot(report, plot_path, force=force)
     if as_json:
         click.echo(to_json_text(report.to_json()))
     else:
@@ -260,14 +268,23 @@ def blend_command(
         render_blend(report, _stdout_console(), show_all=show_all)
 
 
-def main() -> None:
-    """Entry point of the console script.
+def _stopped(signum: int, written: str | None) -> int:
+    """Say which signal stopped the run, and whether OUT was already complete; return the status."""
+    import signal
 
-    Click's standalone mode would turn Ctrl-C into "Aborted!" with status 1, which is
-    verify's "not equivalent"; here an interrupt is status 130 and SIGTERM 143, each with
-    one line. Anything unexpected is one line too (LORA_TOOLS_DEBUG=1 shows the traceback).
-    """
+    from lora_tools.io.output_path import published_outputs
+
+    written = written or next(reversed(published_outputs()), None)
+    named: dict[int, str] = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated"}
+    what = named.get(signum) or f"terminated by {signal.Signals(signum).name}"
+    click.echo(f"Error: {what}" + (f" after the output was written: {written}" if written else ""), err=True)
+    return 128 + signum
+
+
+def _run_command() -> int:
+    """Run the command; whatever ends it is reported in one stderr line. Returns the exit status."""
     import os
+    import signal
 
     from lora_tools.errors import Terminated
 
@@ -275,22 +292,75 @@ def main() -> None:
         with cli.make_context("lora-tools", sys.argv[1:]) as context:
             cli.invoke(context)
     except click.exceptions.Exit as done:
-        sys.exit(done.exit_code)
+        return done.exit_code
     except click.ClickException as error:
         error.show()
-        sys.exit(error.exit_code)
+        return error.exit_code
     except (KeyboardInterrupt, click.exceptions.Abort):
-        click.echo("Error: interrupted", err=True)
-        sys.exit(130)
-    except Terminated:
-        click.echo("Error: terminated", err=True)
-        sys.exit(143)
+        return _stopped(signal.SIGINT, None)
+    except Terminated as stop:
+        return _stopped(stop.signum, stop.written)
+    except SystemExit as done:  # verify's status 1
+        return done.code if isinstance(done.code, int) else 0 if done.code is None else 1
     except BrokenPipeError:  # `lora-tools inspect ... | head`
-        sys.exit(0)
+        return 0
     except Exception as error:  # noqa: BLE001 - a bug: still one line, and a way to see more
         if os.environ.get("LORA_TOOLS_DEBUG"):
             raise
-        message = str(error).splitlines()[0] if str(error) else ""
+        message = printable(str(error).splitlines()[0]) if str(error) else ""
         click.echo(f"Error: internal error: {type(error).__name__}: {message} (set LORA_TOOLS_DEBUG=1 for details)", err=True)
-        sys.exit(INTERNAL_ERROR)
-    sys.exit(0)
+        return INTERNAL_ERROR
+    return 0
+
+
+def _ignore_stop_signals() -> None:
+    """At interpreter exit: the outcome is reported, a late signal must not change it (or kill silently)."""
+    import signal
+
+    from lora_tools.io.output_path import STOP_SIGNALS
+
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
+def main() -> None:
+    """Entry point of the console script.
+
+    Click's standalone mode would turn Ctrl-C into "Aborted!" with status 1, which is
+    verify's "not equivalent"; here a stop signal exits with 128 + its number and one line:
+    Ctrl-C 130 "interrupted", SIGTERM 143 "terminated", SIGHUP 129 and SIGQUIT 131 "terminated
+    by SIG…", each saying so when an output was already written. A signal that arrives
+    once the outcome is reported is ignored. Anything unexpected is one line too
+    (LORA_TOOLS_DEBUG=1 shows the traceback).
+    """
+    import atexit
+    import signal
+    import threading
+
+    from lora_tools.errors import Terminated
+    from lora_tools.io.output_path import STOP_SIGNALS, forget_published
+
+    forget_published()
+
+    def stop(signum: int, frame: object) -> None:
+        raise Terminated(signum)
+
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in STOP_SIGNALS:  # SIGINT keeps Python's KeyboardInterrupt; an ignored one stays ignored
+            before = signal.getsignal(signum)
+            if signum != signal.SIGINT and before is not signal.SIG_IGN and before is not None:
+                previous[signum] = signal.signal(signum, stop)
+    try:
+        try:
+            code = _run_command()
+        except KeyboardInterrupt:  # while reporting another outcome
+            code = _stopped(signal.SIGINT, None)
+        except Terminated as late:
+            code = _stopped(late.signum, late.written)
+    finally:
+        for signum, before in previous.items():
+            signal.signal(signum, before)
+    atexit.unregister(_ignore_stop_signals)
+    atexit.register(_ignore_stop_signals)  # registered last, so it runs before torch's own exit work
+    sys.exit(code)

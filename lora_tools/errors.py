@@ -7,7 +7,27 @@ of the file at fault, so the CLI can print it as one line and exit with status 2
 from __future__ import annotations
 
 import os
+import re
 import signal
+
+# C0 controls, DEL, C1 controls and lone surrogates: what a name read from a file may
+# hold that would move the cursor, clear the screen, retitle the terminal, split one
+# error into several lines, or fail to encode on a UTF-8 stream.
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def printable(text: str) -> str:
+    """`text` with every control character (C0, DEL, C1) and lone surrogate written as
+    a Python-style escape (\\x1b, \\ud800): safe to print on a terminal, one line.
+    Everything else (non-ASCII letters, backslashes) is kept as it is."""
+    if _UNPRINTABLE.search(text) is None:
+        return text
+    return _UNPRINTABLE.sub(_escape, text)
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 class LoraToolsError(Exception):
@@ -32,11 +52,15 @@ class RequestError(LoraToolsError):
 
 
 class Terminated(SystemExit):
-    """SIGTERM arrived while writing output: unwinds like an exception, exits with 143.
+    """A stop signal (SIGTERM, SIGHUP, SIGQUIT; SIGINT once OUT is published) arrived while
+    working: unwinds like an exception, exits with 128 + the signal's number.
 
     A SystemExit so that `except Exception` blocks do not swallow it and Python exits
-    without a traceback, with the status a shell reports for a SIGTERM-killed process.
+    without a traceback, with the status a shell reports for a process the signal killed.
+    `written` is the output already published when the signal was acted on, if any.
     """
 
-    def __init__(self) -> None:
-        super().__init__(128 + signal.SIGTERM)
+    def __init__(self, signum: int = signal.SIGTERM, written: str | os.PathLike[str] | None = None) -> None:
+        super().__init__(128 + signum)
+        self.signum = signum
+        self.written = None if written is None else os.fspath(written)

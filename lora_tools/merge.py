@@ -19,10 +19,12 @@ import torch
 from lora_tools.engine.placement import factors_on
 from lora_tools.engine.plan import MergePlan, TensorPlan, is_plain, make_plan
 from lora_tools.engine.staging import ByteRing
-from lora_tools.engine.stream import Progress, TensorStream
+from lora_tools.engine.stream import Progress, TensorStream, all_finite, first_new_non_finite, may_overflow, refuse_overflow
+from lora_tools.engine.weights import check_weights
 from lora_tools.errors import FormatError, LoraToolsError, RequestError
-from lora_tools.io.atomic import atomic_output, copy_extra_files, wrap_write_errors
+from lora_tools.io.atomic import atomic_output, wrap_write_errors
 from lora_tools.io.dtypes import DTYPE_ALIASES
+from lora_tools.io.extra_files import copy_extra_files
 from lora_tools.io.hf_layout import update_config_dtype, write_index
 from lora_tools.linalg.dense import accumulation_dtype, merge_rows_into, merged_tensor
 from lora_tools.linalg.device import resolve_device
@@ -75,6 +77,7 @@ def merge(
     out = Path(out)
     target_device = resolve_device(device)
     out_code = output_dtype_code(dtype)
+    check_weights(weights, adapter_paths)
     plan = make_plan(base_path, adapter_paths, weights, alpha=alpha, place=factors_on(target_device))
     inputs = [Path(base_path), *map(Path, adapter_paths)]
     try:
@@ -127,14 +130,57 @@ class _Merger:
             )
             if not bool(torch.isfinite(total)) and not bool(torch.isfinite(out).all()):
                 self._refuse_non_finite(name, plan, w0)
-            return out
-        merged = merged_tensor(plan, w0, compute)
-        # one reduction instead of an element-wise isfinite pass
-        if not bool(torch.isfinite(merged.sum())) and not bool(torch.isfinite(merged).all()):
-            self._refuse_non_finite(name, plan, w0)
-        return out.copy_(merged)  # the one rounding to the stored dtype
+        else:
+            merged = merged_tensor(plan, w0, compute)
+            # one reduction instead of an element-wise isfinite pass
+            if not bool(torch.isfinite(merged.sum())) and not bool(torch.isfinite(merged).all()):
+                self._refuse_non_finite(name, plan, w0)
+            out.copy_(merged)  # the one rounding to the stored dtype
+        # The sums above were taken before the rounding: a finite float32 result may still
+        # be past the stored dtype's range (float16). One more reduction, on the result,
+        # unless W0 fits the stored dtype and the update is far too small to push it out.
+        if may_overflow(compute, stored) and not _fits_surely(plan, w0.dtype, stored) and not all_finite(out):
+            self._refuse_overflow(name, plan, w0, out)
+        return out
 
     def _refuse_non_finite(self, name: str, plan: TensorPlan, w0: torch.Tensor) -> None:
         if not bool(torch.isfinite(w0).all()):  # the base's fault, not the adapter's
             raise FormatError(self.plan.base.shard_of(name).path, f"tensor {name!r} contains NaN or Inf")
         raise LoraToolsError(plan.sources[0], f"merging into {name!r} produced NaN or Inf")
+
+    def _refuse_overflow(self, name: str, plan: TensorPlan, w0: torch.Tensor, out: torch.Tensor) -> None:
+        """The stored result holds ±Inf that the computation did not: a value past the
+        stored dtype's range. The base's fault if W0 alone does not fit, else the update's."""
+        if plan.replacement is None:  # (a replaced tensor's W0 is not what is stored)
+            refuse_overflow(self.plan.base.shard_of(name).path, name, w0, w0.to(out.dtype))
+        where = first_new_non_finite(w0, out)
+        if where is None:  # W0 held that Inf already
+            return
+        dtype = str(out.dtype).removeprefix("torch.")
+        raise RequestError(
+            plan.sources[0],
+            f"merging into {name!r} gives a value past the largest {dtype} value {torch.finfo(out.dtype).max:.6g} "
+            f"at {where} (W0 there: {float(w0[tuple(where)]):.6g}): it would be stored as inf; "
+            "use a dtype of wider range (e.g. --dtype bf16 or fp32) or a smaller --weight",
+        )
+
+
+def _fits_surely(plan: TensorPlan, base: torch.dtype, stored: torch.dtype) -> bool:
+    """True when no element of W0 + Σ w·s·B·A can round past `stored`'s range: W0 is
+    stored in a dtype no wider than it, and the bound Σ |w·s|·r·max|B|·max|A| on every
+    element of the update is below half the room between `stored`'s largest value and
+    the point where rounding gives Inf (half an ulp there: 16 for float16, 3e35 for
+    bfloat16). Costs a pass over the factors only, so the common merge (bf16 or fp16
+    in, the same out, updates far below 1) needs no extra pass over the result."""
+    if not is_plain(plan) or may_overflow(base, stored):
+        return False
+    finfo = torch.finfo(stored)
+    room = finfo.max * finfo.eps / 4  # half an ulp at the top of the range
+    bound = 0.0
+    for target, weight in plan.layers:
+        b, a = target.layer.b_matrix, target.layer.a_matrix
+        if not isinstance(b, torch.Tensor) or not isinstance(a, torch.Tensor) or not b.numel() or not a.numel():
+            return False
+        peaks = [max(abs(float(x)) for x in torch.aminmax(f.reshape(-1))) for f in (b, a)]
+        bound += abs(target.layer.scale * weight) * b.shape[-1] * peaks[0] * peaks[1]
+    return bound <= room / 2

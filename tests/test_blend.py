@@ -485,6 +485,7 @@ def test_usage_errors(inputs: dict[str, Path], tmp_path: Path, args: list[str], 
 def test_out_must_not_exist_unless_force(inputs: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
+    (out / "adapter_config.json").write_text("{}")  # an earlier blend: what --force may replace (issue #12)
     (out / "keep.txt").write_text("old")
     code, _, stderr = run_cli("blend", inputs["A"], inputs["B"], "--weight", "-1", "--weight", "2", "-o", out)
     assert code == 2 and "already exists" in one_error_line(stderr) and (out / "keep.txt").exists()

@@ -373,10 +373,12 @@ def test_fuzz_base_header_long(fuzz_dir: Path, data: bytes) -> None:
 CONFIG: dict[str, Any] = {
     "peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"],
     "task_type": "CAUSAL_LM", "bias": "none", "use_rslora": False, "use_dora": False, "fan_in_fan_out": False,
-    "rank_pattern": {}, "alpha_pattern": {}, "modules_to_save": None, "lora_bias": False,
+    "rank_pattern": {"v_proj": 2, "down_proj": 3}, "alpha_pattern": {}, "modules_to_save": None, "lora_bias": False,
     "base_model_name_or_path": None, "layers_to_transform": None,
 }
 MODULES = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj", "model.layers.1.mlp.down_proj"]
+# (rank_pattern says what the factors hold, ranks 4, 2 and 3: PEFT refuses an adapter whose
+# config disagrees with its factors, and so does lora-tools.)
 # Pattern keys: plain names, dotted paths, regexes, invalid regexes; no nested quantifiers
 # (those backtrack for minutes, in PEFT as here: see the report on ReDoS).
 PATTERN_KEYS = st.sampled_from(["q_proj", "v_proj", "down_proj", "proj", "layers.0.self_attn.q_proj", r"layers\.1\..*",

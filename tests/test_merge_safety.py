@@ -95,13 +95,14 @@ def test_force_replaces_only_after_success(llama_plain_case: PeftCase, peft_case
     untouched(base, adapter)
     out = tmp_path / "merged"
     out.mkdir()
+    (out / "config.json").write_text("{}")  # an earlier merge: what --force may replace (issue #12)
     (out / "keep.txt").write_text("old output")
 
     # 1. The adapter does not fit: refused before anything is written.
     gpt2 = peft_case_factory("gpt2_conv1d").adapter_dir
     code, _, stderr = run_cli("merge", base, gpt2, "-o", out, "--force")
     assert code == 2 and "matches no module" in error_line(stderr)
-    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "keep.txt"]
 
     # 2. A failure halfway through the stream (an update that overflows float32 in the
     # 9th adapted tensor): the temporary is dropped, the old OUT stays.
@@ -119,7 +120,7 @@ def test_force_replaces_only_after_success(llama_plain_case: PeftCase, peft_case
     assert code == 2
     line = error_line(stderr)
     assert "model.layers.1.self_attn.v_proj.weight" in line and "NaN or Inf" in line
-    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "keep.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "overflow.safetensors"]
 
     # 3. Success: replaced, nothing of the old folder left, nothing left beside it.

@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from lora_tools.io.atomic import OLD_MARKER, TMP_MARKER, atomic_output, copy_extra_files, wrap_write_errors
+from lora_tools.io.atomic import OLD_MARKER, TMP_MARKER, atomic_output, wrap_write_errors
+from lora_tools.io.extra_files import copy_extra_files
 from lora_tools.io.checkpoint import BaseCheckpoint
 from lora_tools.errors import LoraToolsError, Terminated, RequestError
 from lora_tools.io.stream_writer import SafetensorsStreamWriter, StreamWriterError, build_header, file_layout, safetensors_order
@@ -244,17 +245,18 @@ def test_atomic_refuses_existing_before_writing(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("kind", ["file", "folder"])
 def test_force_replaces_only_after_success(tmp_path: Path, kind: str) -> None:
-    out = tmp_path / "out"
+    # what --force may replace (issue #12): a .safetensors file, a folder of what lora-tools writes
+    out = tmp_path / ("out" if kind == "folder" else "out.safetensors")
 
     def fill(path: Path, text: str) -> None:
         if kind == "folder":
             path.mkdir()
-            (path / "x").write_text(text)
+            (path / "config.json").write_text(text)
         else:
             path.write_text(text)
 
     def read() -> str:
-        return (out / "x").read_text() if kind == "folder" else out.read_text()
+        return (out / "config.json").read_text() if kind == "folder" else out.read_text()
 
     fill(out, "old")
     with pytest.raises(RuntimeError):

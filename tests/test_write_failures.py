@@ -196,11 +196,13 @@ def _arrange(failure: str, target: Target, total: int, monkeypatch: pytest.Monke
 
         monkeypatch.setattr(pathlib.Path, "write_text", write_text)
         return 2, no_space
-    if failure == "copying_files":
-        def copy2(src: Any, dst: Any, **kwargs: Any) -> None:
+    if failure == "copying_files":  # the disk fills while a non-weight file is copied into OUT
+        import lora_tools.io.extra_files
+
+        def copy_file(source: Any, target: Any) -> None:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-        monkeypatch.setattr(shutil, "copy2", copy2)
+        monkeypatch.setattr(lora_tools.io.extra_files, "_copy_file", copy_file)
         return 2, no_space
     if failure == "rename":  # publishing the finished temporary fails (EXDEV, EACCES, ...)
         real_replace = os.replace
@@ -252,8 +254,7 @@ def test_rename_failure_puts_the_old_folder_back(targets: dict[str, Target], tmp
     moved in, the old one goes back under its name."""
     target = targets["merge_folder"]
     out = tmp_path / "merged"
-    out.mkdir()
-    (out / "old.txt").write_text("old output")
+    _old_out(out)
     real_replace = os.replace
     moves: list[tuple[str, str]] = []
 
@@ -271,7 +272,7 @@ def test_rename_failure_puts_the_old_folder_back(targets: dict[str, Target], tmp
     assert aside[0] == "merged" and f"{TMP_MARKER}old-" in aside[1]
     assert f"{TMP_MARKER}tmp-" in publish[0] and publish[1] == "merged"
     assert back == (aside[1], "merged")
-    assert sorted(p.name for p in out.iterdir()) == ["old.txt"] and leftovers(out) == []
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "old.txt"] and leftovers(out) == []
 
 
 # --------------------------------------------------------------------------- real processes
@@ -293,6 +294,7 @@ def test_file_size_limit_in_a_real_process(targets: dict[str, Target], output_by
     out = tmp_path / target.out_name
     if force:
         out.mkdir()
+        (out / "config.json").write_text("{}")  # an earlier lora-tools output, which --force may replace
         (out / "old.txt").write_text("old output")
     before = sha256_tree(*target.inputs, out)
     limit = output_bytes[name] // 3
@@ -338,11 +340,13 @@ class Killed:
 
 
 def _old_out(out: Path) -> None:
-    """An OUT from an earlier run, for --force to replace."""
+    """An OUT from an earlier run, for --force to replace (a folder --force may replace:
+    it holds what lora-tools writes, issue #12)."""
     if out.suffix:
         out.write_bytes(b"old output")
     else:
         out.mkdir()
+        (out / "config.json").write_text("{}")
         (out / "old.txt").write_text("old output")
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from lora_tools.adapter import Adapter, LoraLayer
 from lora_tools.errors import MismatchError
+from lora_tools.formats.names import tied_hint
 from lora_tools.io.dtypes import FLOAT_DTYPES
 
 
@@ -67,7 +68,8 @@ def fit_to_base(
         key = layer.name + ".weight"
         shape = weight_shape(key)
         if shape is None:
-            raise MismatchError(adapter.path, f"layer {layer.name!r} has no weight {key!r} in base {base_path}")
+            hint = tied_hint(base_path, layer.name)
+            raise MismatchError(adapter.path, f"layer {layer.name!r} has no weight {key!r} in base {base_path}{hint}")
         dtype = weight_dtype(key) if weight_dtype is not None else "F32"
         if dtype not in FLOAT_DTYPES:  # the update would be truncated to integers
             raise MismatchError(
@@ -84,7 +86,10 @@ def fit_to_base(
     for key, tensor in adapter.full_tensors.items():
         shape = weight_shape(key)
         if shape is None:
-            raise MismatchError(adapter.path, f"tensor {key!r} (modules_to_save) has no counterpart in base {base_path}")
+            hint = tied_hint(base_path, key.rpartition(".")[0])
+            raise MismatchError(
+                adapter.path, f"tensor {key!r} (modules_to_save) has no counterpart in base {base_path}{hint}"
+            )
         if tuple(shape) != tuple(tensor.shape):
             raise MismatchError(
                 adapter.path, f"tensor {key!r} has shape {tuple(tensor.shape)} but base {base_path} has {tuple(shape)}"

@@ -12,6 +12,7 @@ decides where tensors live meanwhile: reused host buffers, or pinned chunks on a
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Protocol
@@ -20,6 +21,7 @@ import torch
 
 from lora_tools.engine.pipeline import OrderedWriter, prefetched
 from lora_tools.engine.staging import staging_for
+from lora_tools.errors import RequestError
 from lora_tools.io.dtypes import FLOAT_DTYPES, torch_dtype
 from lora_tools.io.safetensors_file import SafetensorsFile
 from lora_tools.io.stream_writer import SafetensorsStreamWriter, file_layout
@@ -110,6 +112,8 @@ class TensorStream:
                         self.n_computed += 1
                     else:  # only a dtype change
                         result = w0.to(stored)
+                        if may_overflow(w0.dtype, stored) and not all_finite(result):
+                            refuse_overflow(src.path, name, w0, result)
                         self.n_copied += 1
                     jobs.submit(self._write_job(writer, name, result))
                 if (index, name) in last_of_file:
@@ -133,3 +137,60 @@ class TensorStream:
         self.bytes_written += nbytes
         if self.progress is not None:
             self.progress.advance(1, nbytes)
+
+
+# -- results past the stored dtype's range ---------------------------------------------
+# Rounding to a dtype of narrower range (float32 -> float16, also -> bfloat16 at the very
+# top of float32's range) turns a finite value into ±Inf without a word. The engine and
+# merge check such results with one reduction per tensor (`all_finite`); only a tensor
+# that fails it is looked at element by element, to say where and whose fault it is.
+
+
+def may_overflow(source: torch.dtype, stored: torch.dtype) -> bool:
+    """Can rounding a finite `source` value to `stored` give ±Inf? Only when `stored`'s
+    largest finite value is below `source`'s (a value at most stored's largest rounds to
+    at most it)."""
+    return (
+        source.is_floating_point and stored.is_floating_point
+        and torch.finfo(stored).max < torch.finfo(source).max
+    )
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or ±Inf in `tensor`: one reduction (min and max, which NaN propagates to),
+    in the tensor's own dtype, so it cannot overflow as a sum can."""
+    if tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor.reshape(-1))
+    return bool(torch.isfinite(low) & torch.isfinite(high))  # one device sync
+
+
+def first_new_non_finite(source: torch.Tensor, result: torch.Tensor) -> list[int] | None:
+    """Index of the first element that is finite in `source` but not in `result` (same
+    shape), or None: an element-wise pass, for tensors that failed `all_finite`."""
+    bad = (torch.isfinite(source) & ~torch.isfinite(result)).reshape(-1).nonzero()
+    if not bad.numel():
+        return None
+    flat = int(bad[0])
+    index = []
+    for size in reversed(result.shape):
+        flat, at = divmod(flat, size)
+        index.append(at)
+    return index[::-1]
+
+
+def refuse_overflow(path: str | os.PathLike[str], name: str, source: torch.Tensor, result: torch.Tensor) -> None:
+    """Raise if `result` (`source` rounded to its dtype) holds ±Inf or NaN where `source`
+    was finite, naming the tensor, the value and the file (`path`) it comes from. A
+    non-finite value that was already in `source` is passed on as it is."""
+    where = first_new_non_finite(source, result)
+    if where is None:
+        return
+    value = float(source[tuple(where)])
+    dtype = str(result.dtype).removeprefix("torch.")
+    raise RequestError(
+        path,
+        f"tensor {name!r} holds {value:.6g} at {where}, past the largest {dtype} value "
+        f"{torch.finfo(result.dtype).max:.6g}: storing it as {dtype} would make it "
+        f"{'-' if value < 0 else ''}inf; use a dtype of wider range (e.g. --dtype bf16 or fp32)",
+    )

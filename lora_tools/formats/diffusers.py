@@ -40,9 +40,9 @@ from lora_tools.formats.common import (
     scalar_alpha,
 )
 from lora_tools.formats.names import COMPONENTS, DIFFUSERS_COMPONENTS, format_key
+from lora_tools.formats.patterns import PatternTable, UnsafePattern
 from lora_tools.formats.peft import (
     group_peft_keys,
-    pattern_value,
     peft_config,
     peft_tensors,
 )
@@ -144,7 +144,14 @@ def load_diffusers(source: TensorSource, *, alpha_override: float | None = None)
         if not isinstance(pattern, dict) or any(finite_number(v) is None for v in pattern.values()):
             problem = "alpha_pattern must map module patterns to numbers"
             raise FormatError(source.path, f"header lora_adapter_metadata: {problem}")
-        return float(pattern_value(pattern, bare, default))
+        try:  # one table per component's pattern, so the time budget spans the whole file
+            table_key = json.dumps(pattern, sort_keys=True)
+            table = tables.get(table_key) or tables.setdefault(table_key, PatternTable("alpha_pattern", pattern))
+            return float(table.value(bare, default))
+        except UnsafePattern as exc:
+            raise FormatError(source.path, f"header lora_adapter_metadata: {exc}") from None
+
+    tables: dict[str, PatternTable] = {}
 
     layers = build_layers(source, groups, alpha_for)
     for layer in layers:  # rsLoRA is per component ("unet.use_rslora"), like every other field

@@ -16,6 +16,7 @@ The prefixes live here, so that readers, writers and this module agree on them.
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
@@ -23,7 +24,10 @@ from pathlib import Path
 from lora_tools.adapter import Adapter
 from lora_tools.errors import MismatchError
 
-__all__ = ["COMPONENTS", "DIFFUSERS_COMPONENTS", "KOHYA_COMPONENTS", "KOHYA_PREFIXES", "PEFT_PREFIX", "format_key", "resolve_names"]
+__all__ = [
+    "COMPONENTS", "DIFFUSERS_COMPONENTS", "KOHYA_COMPONENTS", "KOHYA_PREFIXES", "PEFT_PREFIX", "format_key", "resolve_names",
+    "tied_hint",
+]
 
 PEFT_PREFIX = "base_model.model."
 # kohya's component (the part between `lora_` and the module) -> its key prefix. SD1/2
@@ -62,6 +66,30 @@ def format_key(module: str, fmt: str, component: str | None = None) -> str:
             raise ValueError(f"diffusers component must be one of {', '.join(DIFFUSERS_COMPONENTS)} (got {component!r})")
         return f"{component}.{module}"
     raise ValueError(f"unknown format {fmt!r} (peft, kohya or diffusers)")
+
+
+# Output embeddings that transformers ties to the input embeddings (no tensor of their own).
+OUTPUT_EMBEDDINGS = ("lm_head", "embed_out")
+
+
+def tied_hint(base_path: str | Path, module: str) -> str:
+    """For a module the base lacks: why, when it is an output embedding of a base whose
+    config.json says tie_word_embeddings: true (else ""). Read only on this error path."""
+    if module.rpartition(".")[2] not in OUTPUT_EMBEDDINGS:
+        return ""
+    base = Path(base_path)
+    config_path = (base if base.is_dir() else base.parent) / "config.json"
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return ""
+    configs = [config, config.get("text_config")] if isinstance(config, dict) else []
+    if not any(isinstance(c, dict) and c.get("tie_word_embeddings") is True for c in configs):
+        return ""
+    return (
+        f" ({config_path} says tie_word_embeddings: true: {module} shares the input embedding's weight and has "
+        "no tensor of its own; PEFT would change both, lora-tools merges no tied weights)"
+    )
 
 
 def _dotted_candidates(name: str, modules: set[str], by_suffix: dict[str, list[str]]) -> list[str]:
@@ -106,7 +134,8 @@ def resolve_names(adapter: Adapter, modules: set[str], base_path: str | Path) ->
             candidates = _dotted_candidates(layer.name, modules, by_suffix)
         if len(candidates) != 1:
             problem = "matches no module" if not candidates else f"is ambiguous ({', '.join(sorted(candidates)[:3])})"
-            raise MismatchError(adapter.path, f"layer {layer.name!r} {problem} of base {base_path}")
+            hint = "" if candidates else tied_hint(base_path, layer.name)
+            raise MismatchError(adapter.path, f"layer {layer.name!r} {problem} of base {base_path}{hint}")
         layers.append(replace(layer, name=candidates[0]))
     full = {}
     for key, tensor in adapter.full_tensors.items():

@@ -38,15 +38,17 @@ from lora_tools.formats.common import (
     DuplicateRole,
     KeyGroups,
     build_layers,
-    finite_number,
+    finite_in_blocks,
     json_number,
 )
 from lora_tools.formats.names import PEFT_PREFIX, format_key
-from lora_tools.formats.source import TensorSource, finite_factor
+from lora_tools.formats.patterns import UnsafePattern
+from lora_tools.formats.peft_config import SUPPORTED_PEFT_TYPES, check_layers, pattern_table, read_config
+from lora_tools.formats.source import TensorSource
 from lora_tools.io.encode import WriteError, write_safetensors
 
 __all__ = [
-    "PEFT_PREFIX", "load_peft", "looks_like_peft", "peft_config", "peft_tensors", "read_config", "write_peft_adapter",
+    "PEFT_PREFIX", "SUPPORTED_PEFT_TYPES", "load_peft", "looks_like_peft", "peft_config", "peft_tensors", "read_config", "write_peft_adapter",
 ]
 
 PEFT_CONFIG = "adapter_config.json"
@@ -62,9 +64,6 @@ _SUFFIXES: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r"^(?P<m>.+)\.lora_embedding_B(?:\.[^.]+)?$"), EMB_B),
     (re.compile(r"^(?P<m>.+)\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?$"), MAGNITUDE),
 ]
-
-SUPPORTED_PEFT_TYPES = {"LORA"}
-
 
 def strip_prefix(key: str) -> str:
     return key.removeprefix(PEFT_PREFIX)
@@ -89,64 +88,6 @@ def looks_like_peft(keys: list[str]) -> bool:
     return any(".lora_A" in k or ".lora_embedding_A" in k for k in keys)
 
 
-def read_config(path: Path) -> dict[str, Any]:
-    """Parse and check the parts of adapter_config.json that change the math."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise FormatError(path, "no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise FormatError(path, f"cannot read: {exc}") from None
-    try:
-        config = json.loads(text)
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError, 5000-digit ints, deep nesting
-        raise FormatError(path, f"invalid JSON ({exc})") from None
-    if not isinstance(config, dict):
-        raise FormatError(path, "adapter config is not a JSON object")
-    peft_type = config.get("peft_type", "LORA")
-    if not isinstance(peft_type, str) or peft_type.upper() not in SUPPORTED_PEFT_TYPES:
-        raise FormatError(path, f"peft_type {peft_type!r} is not supported (only LoRA adapters are)")
-    for field_name in ("r", "lora_alpha"):
-        if field_name not in config:
-            raise FormatError(path, f"missing {field_name!r}")
-        value = config[field_name]
-        number = finite_number(value)
-        if number is None or number <= 0:
-            raise FormatError(path, f"{field_name!r} must be a positive number, got {value!r}")
-    for field_name in ("rank_pattern", "alpha_pattern"):
-        pattern = config.get(field_name) or {}
-        if not isinstance(pattern, dict) or not all(
-            isinstance(k, str) and finite_number(v) is not None for k, v in pattern.items()
-        ):
-            raise FormatError(path, f"{field_name!r} must map module patterns to numbers")
-        config[field_name] = pattern
-    for flag in ("use_rslora", "use_dora", "fan_in_fan_out", "lora_bias"):
-        if not isinstance(config.get(flag) or False, bool):
-            raise FormatError(path, f"{flag!r} must be true or false, got {config[flag]!r}")
-    if not isinstance(config.get("bias") or "none", str):
-        raise FormatError(path, f"'bias' must be \"none\", \"all\" or \"lora_only\", got {config['bias']!r}")
-    if "bias" in config:  # [] or {} read as "none", and must not reach a set lookup unhashable
-        config["bias"] = config["bias"] or "none"
-    for field_name in ("modules_to_save", "target_modules"):  # a name (or regex), a list of names, or absent
-        names = config.get(field_name) or []
-        if not isinstance(names, str) and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
-            raise FormatError(path, f"{field_name!r} must be a module name or a list of them, got {names!r}")
-    modules_to_save = config.get("modules_to_save") or []
-    config["modules_to_save"] = [modules_to_save] if isinstance(modules_to_save, str) else list(modules_to_save)
-    return config
-
-
-def pattern_value(pattern: dict[str, float], module: str, default: float) -> float:
-    """PEFT's `get_pattern_key`: the first key k with re.match(rf"(.*\\.)?({k})$", module)."""
-    for key, value in pattern.items():
-        try:
-            if re.match(rf"(.*\.)?({key})$", module):
-                return value
-        except re.error:
-            continue
-    return default
-
-
 def load_peft(
     source: TensorSource,
     config: dict[str, Any],
@@ -162,13 +103,19 @@ def load_peft(
     except DuplicateRole as exc:
         raise FormatError(source.path, str(exc)) from None
 
+    config_path = source.path.parent / PEFT_CONFIG  # where a config read for this source lives
+    alphas = pattern_table(config_path, config, "alpha_pattern")
+
     def alpha_for(module: str, rank: int, roles: dict[str, str]) -> float:
         if alpha_override is not None:
             return alpha_override
         default = config.get("lora_alpha")
         if default is None:  # a bare file with no config: alpha = r, so s = 1
             default = rank
-        return float(pattern_value(config.get("alpha_pattern") or {}, module, default))
+        try:
+            return float(alphas.value(module, default))
+        except UnsafePattern as exc:
+            raise FormatError(config_path, str(exc)) from None
 
     layers = build_layers(
         source,
@@ -177,6 +124,7 @@ def load_peft(
         use_rslora=bool(config.get("use_rslora")),
         fan_in_fan_out=bool(config.get("fan_in_fan_out")),
     )
+    check_layers(config_path, config, layers)
     adapter = Adapter(
         path=str(adapter_path), format=fmt, layers=layers, config=config, metadata=source.metadata
     )
@@ -199,7 +147,7 @@ def _claim_full_tensors(source: TensorSource, unclaimed: list[str], config: dict
         module, _, leaf = bare.rpartition(".")
         wanted = any(module == m or module.endswith("." + m) for m in modules_to_save)
         if wanted or full_base_copy or (saves_biases and leaf == "bias"):
-            adapter.full_tensors[bare] = source.place(finite_factor(source, key), source.dtype(key))
+            adapter.full_tensors[bare] = source.place(finite_in_blocks(source, key), source.dtype(key))
             adapter.full_tensor_dtypes[bare] = source.dtype(key)
         else:
             adapter.unrecognized_keys.append(key)

@@ -12,13 +12,13 @@ import re
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
 import numpy as np
 
 from lora_tools.errors import FormatError
 from lora_tools.io.dtypes import FLOAT_DTYPES
-from lora_tools.io.safetensors_file import SafetensorsFile
+from lora_tools.io.safetensors_file import SafetensorsFile, open_regular, require_valid_unicode
 
 # What a reader keeps of a checked factor: (array read as numpy, stored dtype code) -> the
 # object the `LoraLayer` holds. Inspect and blend keep the numpy array; merge and verify
@@ -105,20 +105,9 @@ class TorchPickleSource:
                 f"refused to load pickle: torch {torch.__version__} cannot load it safely (weights_only=True "
                 "is bypassable before torch 2.6, CVE-2025-32434); upgrade torch or convert the adapter to safetensors",
             )
-        try:
-            with warnings.catch_warnings():  # torch warns about pickle protocols on stderr
-                warnings.simplefilter("ignore")
-                state = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise FormatError(path, "no such file") from None
-        except PermissionError:
-            raise FormatError(path, "permission denied") from None
-        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, TypeError) as exc:
-            raise FormatError(
-                path, f"refused to load pickle (weights_only=True): {_pickle_problem(exc)}"
-            ) from None
-        except Exception as exc:  # noqa: BLE001 - anything else a hostile pickle may raise
-            raise FormatError(path, f"cannot load pickle: {type(exc).__name__}") from None
+        # A regular file only: torch.load of a FIFO would block forever, of /dev/zero never end.
+        with os.fdopen(open_regular(path), "rb") as handle:
+            state = self._load(path, handle)
         if not isinstance(state, dict) or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
         ):
@@ -126,6 +115,7 @@ class TorchPickleSource:
         self._tensors: dict[str, Any] = {}
         self._dtypes: dict[str, str] = {}
         for key, tensor in state.items():
+            require_valid_unicode(path, key, "tensor name")  # a pickle can hold "\ud800"
             if tensor.layout != torch.strided:  # sparse or quantized: never LoRA factors
                 raise FormatError(path, f"tensor {key!r}: unsupported layout {tensor.layout}")
             try:
@@ -133,6 +123,23 @@ class TorchPickleSource:
             except KeyError:
                 raise FormatError(path, f"tensor {key!r}: unsupported dtype {tensor.dtype}") from None
             self._tensors[key] = tensor.detach()
+
+    @staticmethod
+    def _load(path: Path, handle: BinaryIO) -> Any:
+        import torch
+
+        try:
+            with warnings.catch_warnings():  # torch warns about pickle protocols on stderr
+                warnings.simplefilter("ignore")
+                return torch.load(handle, map_location="cpu", weights_only=True)
+        except OSError as exc:
+            raise FormatError(path, f"cannot read: {exc.strerror or exc}") from None
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, TypeError) as exc:
+            raise FormatError(
+                path, f"refused to load pickle (weights_only=True): {_pickle_problem(exc)}"
+            ) from None
+        except Exception as exc:  # noqa: BLE001 - anything else a hostile pickle may raise
+            raise FormatError(path, f"cannot load pickle: {type(exc).__name__}") from None
 
     def keys(self) -> list[str]:
         return list(self._tensors)
@@ -161,18 +168,25 @@ class TorchPickleSource:
 
 
 def _pickle_problem(exc: BaseException) -> str:
-    """The informative line of a torch.load error.
+    """What torch.load refused, without torch's advice.
 
-    torch's weights_only errors open with a paragraph on re-running with
-    weights_only=False (advice we must not pass on for a stranger's file); the line that
-    says what was refused ("Unsupported global: GLOBAL posix.system ...") comes later.
+    torch's weights_only errors wrap the one telling fact ("... GLOBAL posix.system ...")
+    in advice to re-run with weights_only=False or to allowlist the global: advice we must
+    never pass on for a stranger's file. So the refused global is named on its own, as
+    "Unsupported global: GLOBAL <module.name>"; failing that, the first line that gives no
+    such advice; failing that, the exception's type.
     """
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    telling = [
-        line for line in lines
-        if not line.startswith(("Weights only load failed", "Please file an issue", "Check the documentation"))
-    ]
-    return telling[0][:200] if telling else type(exc).__name__
+    text = str(exc)
+    refused = re.search(r"GLOBAL\s+([\w.]+)", text)
+    if refused:
+        return f"Unsupported global: GLOBAL {refused.group(1)}"[:200]
+    advice = ("weights_only", "Weights only", "safe_globals", "allowlist", "trust", "Please file an issue",
+              "Check the documentation", "the following error message")
+    for line in text.splitlines():
+        line = line.strip().removeprefix("WeightsUnpickler error:").strip()
+        if line and not any(word in line for word in advice):
+            return line[:200]
+    return type(exc).__name__
 
 
 def open_source(path: Path, place: Place = keep_numpy) -> TensorSource:

@@ -2,48 +2,39 @@
 
 Everything is written under a hidden temporary sibling and moved into place with
 `os.replace` only after the caller's block finished without an exception; the temporary
-is removed whenever the process can still act (an exception, Ctrl-C, SIGTERM). With
---force an existing OUT is replaced only then.
+is removed whenever the process can still act (an exception, Ctrl-C, SIGTERM, SIGHUP,
+SIGQUIT). With --force an existing OUT is replaced only then, with those signals held
+back until the replacement is complete. Which paths may be written: `output_path`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import shutil
 import signal
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
-from lora_tools.errors import FormatError, LoraToolsError, RequestError, Terminated
+from lora_tools.errors import LoraToolsError, RequestError, Terminated
+from lora_tools.io.output_path import (
+    STOP_SIGNALS,
+    check_output_path,
+    forget_published,
+    published_outputs,
+    record_published,
+    temporary_sibling,
+)
 from lora_tools.io.stream_writer import StreamWriterError
+
+__all__ = ["OLD_MARKER", "STOP_SIGNALS", "TMP_MARKER", "atomic_output", "check_output_path", "forget_published",
+           "published_outputs", "wrap_write_errors"]
 
 TMP_MARKER = ".lora-tools-tmp-"
 OLD_MARKER = ".lora-tools-old-"
-
-
-def _inside(child: Path, parent: Path) -> bool:
-    return child == parent or parent in child.parents
-
-
-def check_output_path(out: Path, force: bool, inputs: Sequence[Path] = ()) -> None:
-    """Refuse an output that exists (without force) or that overlaps an input.
-
-    Overlap either way is refused: OUT inside an input would write into the model being
-    read, and an input inside OUT would be deleted by --force.
-    """
-    target = out.resolve()
-    for given in inputs:
-        source = Path(given).resolve()
-        if _inside(target, source) or _inside(source, target):
-            raise RequestError(out, f"output overlaps the input {given} (choose another output path)")
-    if not out.parent.is_dir():
-        raise RequestError(out, f"the folder {out.parent} does not exist")
-    if (out.exists() or out.is_symlink()) and not force:
-        raise RequestError(out, "already exists (use --force to replace it)")
 
 
 def _remove(path: Path) -> None:
@@ -55,7 +46,7 @@ def _remove(path: Path) -> None:
 
 
 def _sibling(out: Path, marker: str) -> Path:
-    return out.parent / f".{out.name}{marker}{secrets.token_hex(6)}"
+    return temporary_sibling(out, marker)
 
 
 def _commit(tmp: Path, out: Path, force: bool) -> None:
@@ -84,24 +75,46 @@ def _commit(tmp: Path, out: Path, force: bool) -> None:
             os.close(fd)
 
 
+class _Held:
+    """Signal state shared with the handlers: whether to hold signals back, and the first one held."""
+
+    def __init__(self) -> None:
+        self.hold = False
+        self.pending: int | None = None
+
+
 @contextlib.contextmanager
-def _sigterm_raises(state: dict[str, bool]) -> Iterator[None]:
-    """While inside, SIGTERM raises `Terminated` (deferred while state["defer"] is set)."""
+def _signals_raise(held: _Held) -> Iterator[None]:
+    """While inside, SIGTERM, SIGHUP and SIGQUIT raise `Terminated` and SIGINT KeyboardInterrupt,
+    except while `held.hold` is set: then the first signal is kept in `held.pending`.
+
+    A signal the process ignores (nohup, a background job) stays ignored.
+    """
     if threading.current_thread() is not threading.main_thread():
-        yield  # Python lets only the main thread set handlers; there SIGTERM stays fatal
+        yield  # Python lets only the main thread set handlers; there the signals keep their action
         return
+    previous: dict[int, Any] = {}
 
     def handler(signum: int, frame: FrameType | None) -> None:
-        if state["defer"]:
-            state["pending"] = True
-        else:
-            raise Terminated()
+        if held.hold:
+            if held.pending is None:
+                held.pending = signum
+            return
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise Terminated(signum)
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    for signum in STOP_SIGNALS:
+        before = signal.getsignal(signum)
+        if before is signal.SIG_IGN or before is None:
+            continue
+        previous[signum] = before
+        signal.signal(signum, handler)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, before in previous.items():
+            signal.signal(signum, before)
 
 
 @contextlib.contextmanager
@@ -110,33 +123,36 @@ def atomic_output(out: str | os.PathLike[str], force: bool = False, inputs: Sequ
 
     On normal exit the temporary is moved to `out` with os.replace (an old folder under
     --force is renamed aside first and deleted after, so `out` is never half-written).
-    On any exception, KeyboardInterrupt and SIGTERM included, the temporary is removed
-    and the exception re-raised; an old `out` is left untouched. SIGKILL or a power cut
-    cannot be handled: then the temporary stays behind under its hidden name
-    `.<name>.lora-tools-tmp-<random>`, never under `out`'s name.
-    The checks (exists without force, overlap with an input) run before anything is
-    written. Wrap in `wrap_write_errors(out)` to turn OSError into a LoraToolsError.
+    On any exception, KeyboardInterrupt and SIGTERM/SIGHUP/SIGQUIT included, the temporary
+    is removed and the exception re-raised; an old `out` is left untouched. A signal that
+    arrives while `out` is being replaced is held back until the replacement is complete
+    (or undone), then raised as `Terminated(signum, written=out)` when `out` was published.
+    SIGKILL or a power cut cannot be handled: then the temporary stays behind under its
+    hidden name `.<name>.lora-tools-tmp-<random>`, never under `out`'s name.
+    The checks (`output_path.check_output_path`) run before anything is written. Wrap in
+    `wrap_write_errors(out)` to turn OSError into a LoraToolsError.
     """
-    out = Path(out)
     check_output_path(out, force, inputs)
+    shown = os.fspath(out)
     target = Path(os.path.abspath(out))  # "." or "x/.." have no usable name; links stay links
     if target == target.parent:
         raise RequestError(out, "is not a usable output path")
     tmp = _sibling(target, TMP_MARKER)
-    state = {"defer": False, "pending": False}
-    with _sigterm_raises(state):
+    held = _Held()
+    with _signals_raise(held):
         try:
             yield tmp
-            state["defer"] = True  # a rename half done must finish (or be undone) first
+            held.hold = True  # a rename half done must finish (or be undone) first
             _commit(tmp, target, force)
+            record_published(shown)
         except BaseException:
-            state["defer"] = True
+            held.hold = True
             _remove(tmp)
             raise
         finally:
-            state["defer"] = False
-        if state["pending"]:
-            raise Terminated()
+            held.hold = False
+        if held.pending is not None:
+            raise Terminated(held.pending, written=shown)
 
 
 @contextlib.contextmanager
@@ -146,23 +162,3 @@ def wrap_write_errors(out: str | os.PathLike[str]) -> Iterator[None]:
         yield
     except OSError as exc:
         raise LoraToolsError(out, f"cannot write: {exc.strerror or exc}") from exc
-
-
-def copy_extra_files(src_dir: Path, names: Iterable[str | os.PathLike[str]], dst_dir: Path) -> None:
-    """Copy non-weight files (config, tokenizer, README...) byte for byte, keeping relative paths.
-
-    A name that is a folder is copied whole; symlinks are copied as the files they point
-    to (a Hugging Face cache snapshot is all symlinks into its blob store).
-    """
-    for name in names:
-        source, target = Path(src_dir) / name, Path(dst_dir) / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if source.is_dir():
-            shutil.copytree(source, target, dirs_exist_ok=True)
-            continue
-        try:
-            shutil.copy2(source, target)
-        except OSError as exc:  # reading the source failed: name it, not the output
-            if exc.filename is not None and os.fspath(exc.filename) == os.fspath(source):
-                raise FormatError(source, f"cannot read: {exc.strerror or exc}") from None
-            raise

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -16,7 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from lora_tools.errors import FormatError, MismatchError
-from lora_tools.io.safetensors_file import SafetensorsFile, TensorInfo
+from lora_tools.io.safetensors_file import SafetensorsFile, TensorInfo, open_regular
 
 SINGLE_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -47,6 +48,34 @@ def _is_weight_file(name: str) -> bool:
     if name in _NOT_MODEL_FILES:
         return False
     return name.endswith(_WEIGHT_SUFFIXES) or name.endswith(_WEIGHT_INDEX_SUFFIXES)
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def _link_roots(folder: Path) -> list[Path]:
+    """Where links in `folder` may point: into the folder itself, and, for a snapshot of
+    Hugging Face's cache (`<repo>/snapshots/<rev>/`, files linking to `../../blobs/<hash>`),
+    into that repo folder."""
+    real = Path(os.path.realpath(folder))
+    roots = [real]
+    for snapshot in (real, *real.parents):
+        if snapshot.parent.name == "snapshots" and (snapshot.parent.parent / "blobs").is_dir():
+            roots.append(snapshot.parent.parent)
+            break
+    return roots
+
+
+def _is_present(path: Path) -> bool:
+    """Something other than a folder is there (a FIFO too: it is then refused, not skipped)."""
+    return path.exists() and not path.is_dir()
+
+
+def _read_regular(path: Path) -> bytes:
+    """A small file's bytes (an index); a FIFO or device is refused, never opened."""
+    with os.fdopen(open_regular(path), "rb") as handle:
+        return handle.read()
 
 
 @dataclass
@@ -80,11 +109,12 @@ class BaseCheckpoint:
             shard = SafetensorsFile(path)
             weight_map = dict.fromkeys(shard.keys(), path.name)
             return cls(path, False, [path.name], weight_map, {}, {path.name: shard})
-        if (path / SINGLE_NAME).is_file():  # preferred over an index, as transformers does
+        # A FIFO or device under these names is refused by name (never opened), not skipped.
+        if _is_present(path / SINGLE_NAME):  # preferred over an index, as transformers does
             shard = SafetensorsFile(path / SINGLE_NAME)
             weight_map = dict.fromkeys(shard.keys(), SINGLE_NAME)
             return cls(path, True, [SINGLE_NAME], weight_map, {}, {SINGLE_NAME: shard})
-        if (path / INDEX_NAME).is_file():
+        if _is_present(path / INDEX_NAME):
             return cls._open_index(path)
         if any(path.glob("pytorch_model*.bin")):
             raise FormatError(path, CONVERT_HINT)
@@ -95,7 +125,7 @@ class BaseCheckpoint:
     def _open_index(cls, folder: Path) -> BaseCheckpoint:
         index_path = folder / INDEX_NAME
         try:
-            index = json.loads(index_path.read_text(encoding="utf-8"))
+            index = json.loads(_read_regular(index_path).decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError, 5000-digit ints
             raise FormatError(index_path, f"not valid JSON ({exc})") from None
         except RecursionError:  # "[[[[…" a hundred thousand deep
@@ -122,7 +152,7 @@ class BaseCheckpoint:
         checkpoint = cls(folder, True, sorted(set(weight_map.values())), dict(weight_map), metadata)
         for shard_name in checkpoint.shard_names:
             shard_path = folder / shard_name
-            if not shard_path.is_file():
+            if not (shard_path.exists() or shard_path.is_symlink()):
                 raise FormatError(shard_path, f"missing, but {INDEX_NAME} lists tensors in it")
             checkpoint._shards[shard_name] = shard = SafetensorsFile(shard_path)
             for tensor in shard.tensors:
@@ -186,19 +216,16 @@ class BaseCheckpoint:
         Everything except weights: the shards and index in use, weight files of other
         layouts or formats (pytorch_model*.bin, consolidated.safetensors, ...: they would
         hold unmerged weights), .git and .cache, and our own leftover temporaries.
-        A single-file checkpoint has none.
+        A single-file checkpoint has none. Symlinked folders are walked like the others
+        (so the weight filter applies inside them too) and only regular files are listed.
+        FormatError for a link that points outside the folder (see `_link_roots`), a link
+        loop, or a FIFO, device or socket: copying them would leak other files into the
+        output, never end, or block.
         """
         if not self.is_dir:
             return []
         extras: list[Path] = []
-        for root, dirs, files in os.walk(self.path):
-            rel_root = Path(root).relative_to(self.path)
-            dirs[:] = sorted(d for d in dirs if d not in _SKIPPED_DIRS and ".lora-tools-" not in d)
-            # os.walk does not enter symlinked folders: list them whole (copytree follows them).
-            extras += [rel_root / d for d in dirs if os.path.islink(os.path.join(root, d))]
-            for name in files:
-                if not (_is_weight_file(name) or ".lora-tools-" in name):
-                    extras.append(rel_root / name)
+        _walk_extras(self.path, Path(), [Path(os.path.realpath(self.path))], _link_roots(self.path), extras)
         return sorted(extras)
 
     # -- lifetime -----------------------------------------------------------------------
@@ -211,3 +238,52 @@ class BaseCheckpoint:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _walk_extras(folder: Path, rel: Path, chain: list[Path], roots: list[Path], extras: list[Path]) -> None:
+    """Add the extra files under `folder` (at `rel` in the output) to `extras`.
+
+    `chain` holds the real paths of the folders walked into to get here: a link to any
+    of them, or to a folder holding one, is a loop (os.walk would go around it ~40 times).
+    """
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError as exc:
+        raise FormatError(folder, f"cannot read: {exc.strerror or exc}") from None
+    for entry in entries:
+        name, path = entry.name, folder / entry.name
+        if ".lora-tools-" in name or (name in _SKIPPED_DIRS and entry.is_dir()):
+            continue
+        if _is_weight_file(name) and not entry.is_dir():
+            continue  # never copied, so never opened: weights may live anywhere
+        if entry.is_symlink():
+            _check_link(path, roots)
+        try:
+            mode = os.stat(path).st_mode
+        except OSError as exc:
+            raise FormatError(path, f"cannot read: {exc.strerror or exc}") from None
+        if stat.S_ISDIR(mode):
+            real = Path(os.path.realpath(path))
+            if any(_inside(walked, real) for walked in chain):
+                raise FormatError(path, f"is a symlink loop: it links to {real}, a folder that contains it")
+            _walk_extras(path, rel / name, [*chain, real], roots, extras)
+        elif stat.S_ISREG(mode):
+            extras.append(rel / name)
+        else:
+            raise FormatError(path, "not a regular file (a FIFO, device or socket cannot be copied)")
+
+
+def _check_link(path: Path, roots: list[Path]) -> None:
+    """Refuse a link that is broken, loops, or resolves outside every root."""
+    try:
+        real = Path(os.path.realpath(path, strict=True))
+    except FileNotFoundError:
+        raise FormatError(path, f"is a broken symlink (to {os.readlink(path)})") from None
+    except (OSError, RuntimeError) as exc:  # ELOOP
+        raise FormatError(path, f"is a symlink loop ({getattr(exc, 'strerror', None) or exc})") from None
+    if not any(_inside(real, root) for root in roots):
+        raise FormatError(
+            path,
+            f"is a symlink to {real}, outside the model folder (refused: only links inside it, "
+            "or into a Hugging Face cache's blobs, are followed)",
+        )

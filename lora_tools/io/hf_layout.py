@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lora_tools.io.atomic import copy_extra_files
 from lora_tools.io.checkpoint import INDEX_NAME, BaseCheckpoint
 from lora_tools.io.dtypes import CONFIG_DTYPE_NAMES, DTYPE_ITEMSIZE, FLOAT_DTYPES
+from lora_tools.io.extra_files import copy_extra_files
 
 
 def update_config_dtype(out_dir: Path, out_code: str | None) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,13 +23,62 @@ import numpy as np
 from lora_tools.errors import FormatError
 from lora_tools.io.dtypes import DTYPE_ITEMSIZE, NUMPY_DTYPE
 
-__all__ = ["SafetensorsFile", "TensorInfo", "pread_into"]
+__all__ = ["SafetensorsFile", "TensorInfo", "open_regular", "pread_into", "require_valid_unicode"]
 
 # Largest header we accept: real headers are a few MB even for 70B checkpoints, and a
 # forged length (2**63) must not make us allocate it.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 _SEEK_LOCK = threading.Lock()
+
+
+def _stat_problem(exc: OSError) -> str:
+    if isinstance(exc, FileNotFoundError):
+        return "no such file"
+    if isinstance(exc, PermissionError):
+        return "permission denied"
+    return f"cannot read: {exc.strerror or exc}"  # ELOOP: a symlink loop
+
+
+def open_regular(path: str | os.PathLike[str], expected: str = "a file") -> int:
+    """A read-only descriptor of `path`, which must be a regular file (links followed).
+
+    `os.stat` comes first, so a FIFO (whose open blocks until someone writes) or a device
+    (/dev/zero never ends) is never opened; the open itself is non-blocking and checked
+    again with fstat, in case the file was swapped in between. FormatError names `path`.
+    """
+    try:
+        before = os.stat(path)
+    except OSError as exc:
+        raise FormatError(path, _stat_problem(exc)) from None
+    if stat.S_ISDIR(before.st_mode):
+        raise FormatError(path, f"is a directory, expected {expected}")
+    if not stat.S_ISREG(before.st_mode):
+        raise FormatError(path, "not a regular file")
+    nonblock = getattr(os, "O_NONBLOCK", 0)
+    flags = os.O_RDONLY | nonblock | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        raise FormatError(path, _stat_problem(exc)) from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise FormatError(path, "not a regular file")
+        if nonblock:
+            os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def require_valid_unicode(path: str | os.PathLike[str], text: str, what: str) -> None:
+    """Refuse a string that cannot be written back as UTF-8: a lone surrogate such as
+    "\\ud800", which JSON and pickles can carry but no file name or header may hold."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise FormatError(path, f"{what} {text!r} is not valid Unicode (a lone surrogate)") from None
 
 
 def pread_into(fd: int, view: memoryview, offset: int) -> int:
@@ -92,13 +142,10 @@ class SafetensorsFile:
         return FormatError(self.path, problem)
 
     def _read_header(self) -> tuple[int, dict[str, TensorInfo], dict[str, str]]:
-        if not self.path.exists():
-            raise self._fail("no such file")
-        if self.path.is_dir():
-            raise self._fail("is a directory, expected a .safetensors file")
+        fd = open_regular(self.path, "a .safetensors file")
         try:
-            file_size = self.path.stat().st_size
-            with open(self.path, "rb") as handle:
+            with os.fdopen(fd, "rb") as handle:
+                file_size = os.fstat(handle.fileno()).st_size
                 prefix = handle.read(8)
                 if len(prefix) < 8:
                     raise self._fail(f"not a safetensors file ({file_size} bytes, too short for a header)")
@@ -110,8 +157,6 @@ class SafetensorsFile:
                 if header_len > MAX_HEADER_BYTES:
                     raise self._fail(f"header length {header_len} is implausibly large")
                 raw_header = handle.read(header_len)
-        except PermissionError:
-            raise self._fail("permission denied") from None
         except OSError as exc:
             raise self._fail(f"cannot read: {exc.strerror or exc}") from None
         try:
@@ -130,11 +175,15 @@ class SafetensorsFile:
             isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
         ):
             raise self._fail("__metadata__ must map strings to strings")
+        for key, value in metadata.items():
+            require_valid_unicode(self.path, key, "__metadata__ key")
+            require_valid_unicode(self.path, value, "__metadata__ value")
 
         data_start = 8 + header_len
         data_len = file_size - data_start
         tensors: dict[str, TensorInfo] = {}
         for name, entry in header.items():
+            require_valid_unicode(self.path, name, "tensor name")
             tensors[name] = self._parse_entry(name, entry, data_start, data_len)
         self._check_no_overlap(tensors.values())
         return header_len, tensors, metadata
@@ -191,11 +240,7 @@ class SafetensorsFile:
     def _descriptor(self) -> int:
         with self._fd_lock:
             if self._fd is None:
-                try:
-                    flags = os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
-                    self._fd = os.open(self.path, flags)
-                except OSError as exc:
-                    raise self._fail(f"cannot read: {exc.strerror or exc}") from None
+                self._fd = open_regular(self.path, "a .safetensors file")  # never a FIFO swapped in
             return self._fd
 
     def fileno(self) -> int:

@@ -79,9 +79,22 @@ def build_header(entries: Sequence[Entry], metadata: Mapping[str, str] | None = 
         nbytes = math.prod(shape) * DTYPE_ITEMSIZE[dtype]
         header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
-    text = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    try:
+        text = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    except UnicodeEncodeError:  # "\ud800": the readers refuse such names, so a bug if seen here
+        texts = [*header, *(text for item in (metadata or {}).items() for text in item)]
+        bad = next((text for text in texts if not _encodable(text)), "a name")
+        raise StreamWriterError(f"{bad!r} is not valid Unicode (a lone surrogate)") from None
     text += b" " * (-len(text) % 8)
     return len(text).to_bytes(8, "little") + text
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class _CountingSink:

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import math
 import os
-import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lora_tools.errors import LoraToolsError, RequestError
+from lora_tools.errors import LoraToolsError
 from lora_tools.render.plot_text import module_types, short, summary_lines, title
 
 if TYPE_CHECKING:
@@ -37,20 +36,23 @@ _RC = {
 }
 
 
-def save_plot(report: InspectReport, path: str | os.PathLike[str]) -> None:
+def save_plot(report: InspectReport, path: str | os.PathLike[str], force: bool = False) -> None:
     """Write the report as a PNG to `path` (always PNG, whatever the extension).
 
+    Never onto an input (the adapter, the base, or a file inside them) and, without
+    `force`, never over an existing file other than an earlier plot (`io.output_path.check_plot_path`).
     Written to a temporary sibling and moved into place, so an interrupted run never
     leaves half an image. Raises `LoraToolsError` naming `path` if it cannot be written;
     the temporary is created first, so an unwritable path fails before any drawing.
     """
+    from lora_tools.io.output_path import PLOT_SOFTWARE, check_plot_path, temporary_sibling
+
     path = os.fspath(path)
-    _refuse_overwriting_an_input(report, path)
+    check_plot_path(path, force, [given for given in (report.adapter.path, report.adapter.base) if given is not None])
 
     import matplotlib.style
 
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp_name = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(4)}.tmp")
+    tmp_name = temporary_sibling(Path(os.path.abspath(path)), ".lora-tools-tmp-")
     created = False
     try:
         with open(tmp_name, "xb") as tmp:  # "x": never clobber; plain open: the umask applies
@@ -58,7 +60,7 @@ def save_plot(report: InspectReport, path: str | os.PathLike[str]) -> None:
             # The default style, not the user's matplotlibrc (usetex, dark themes), and held
             # through savefig because ticks are made while drawing.
             with matplotlib.style.context(["default", _RC]):
-                _figure(report).savefig(tmp, format="png", dpi=DPI)
+                _figure(report).savefig(tmp, format="png", dpi=DPI, metadata={"Software": PLOT_SOFTWARE})
         os.replace(tmp_name, path)
         created = False
     except OSError as err:
@@ -66,26 +68,6 @@ def save_plot(report: InspectReport, path: str | os.PathLike[str]) -> None:
     finally:
         if created:
             os.remove(tmp_name)
-
-
-def _refuse_overwriting_an_input(report: InspectReport, path: str) -> None:
-    """`--plot` must never replace what inspect reads: the adapter or base itself, or a
-    file inside them that is not an earlier plot (adapter_model.safetensors, a config)."""
-    target = Path(path).resolve()
-    for given in (report.adapter.path, report.adapter.base):
-        if given is None:
-            continue
-        source = Path(given).resolve()
-        if target == source or (source in target.parents and target.exists() and not _is_png(target)):
-            raise RequestError(path, f"would overwrite the input {given} (choose another --plot path)")
-
-
-def _is_png(path: Path) -> bool:
-    try:
-        with open(path, "rb") as handle:
-            return handle.read(8) == b"\x89PNG\r\n\x1a\n"
-    except OSError:
-        return False
 
 
 def _figure(report: InspectReport) -> Any:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
+from lora_tools.errors import printable
+
 if TYPE_CHECKING:
     from lora_tools.inspect import InspectReport, LayerReport
 
@@ -22,7 +24,9 @@ def module_types(layers: list[LayerReport]) -> list[str]:
 
 def short(label: str, width: int = 22, keep: str = "end") -> str:
     """`label` cut to `width` characters; module types keep their distinctive tail,
-    layer names (keep="both") their head and tail."""
+    layer names (keep="both") their head and tail. Control characters are escaped first
+    (`errors.printable`): names come from the user's files."""
+    label = printable(label)
     if len(label) <= width:
         return label
     if keep == "both":
@@ -39,7 +43,7 @@ def title(report: InspectReport) -> str:
 
 def _basename(path: str) -> str:
     """The file (or directory) name a user recognises; the path itself if it has none."""
-    return os.path.basename(path.rstrip("/\\")) or path
+    return printable(os.path.basename(path.rstrip("/\\")) or path)
 
 
 def _compact(values: list[Any], limit: int = 8) -> str:

@@ -11,9 +11,10 @@ from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
-from rich.markup import escape
+from rich.markup import escape as markup_escape
 from rich.table import Table
 
+from lora_tools.errors import printable
 from lora_tools.inspect import InspectReport, LayerReport
 
 if TYPE_CHECKING:
@@ -26,6 +27,13 @@ MAX_ROWS = 40
 def to_json_text(document: dict[str, Any]) -> str:
     """One JSON document; non-finite floats are not JSON, so they must not occur."""
     return json.dumps(document, indent=2, allow_nan=False)
+
+
+def escape(text: str) -> str:
+    """Text from the user's files (paths, names, metadata) as Rich prints it literally:
+    control characters escaped (`errors.printable`: no ESC sequence reaches the terminal,
+    no newline splits a row) and "[...]" not taken for markup."""
+    return markup_escape(printable(text))
 
 
 def _g(value: float | None, digits: int = 4) -> str:
@@ -178,7 +186,7 @@ def render_blend(report: BlendReport, console: Console, *, show_all: bool = Fals
     """Inputs and weights, per-layer ranks / cosines / energy kept, and the totals."""
     import re
 
-    from rich.markup import escape as esc
+    esc = escape
 
     console.print(
         f"[bold]blend {report.method}[/bold] of {len(report.inputs)} adapter(s) -> {esc(report.out)} "
@@ -245,8 +253,8 @@ def render_blend(report: BlendReport, console: Console, *, show_all: bool = Fals
         + f"; relative error vs Σ wᵢ·ΔWᵢ {report.relative_error:.3g}; {report.seconds:.2f} s"
     )
     if report.full_tensors:
-        console.print(f"full tensors (modules_to_save) blended: {', '.join(report.full_tensors)}")
+        console.print(f"full tensors (modules_to_save) blended: {esc(', '.join(report.full_tensors))}")
     if report.dropped_layers:
-        console.print(f"{len(report.dropped_layers)} layers dropped (all their weights are 0): {', '.join(report.dropped_layers[:5])}")
+        console.print(f"{len(report.dropped_layers)} layers dropped (all their weights are 0): {esc(', '.join(report.dropped_layers[:5]))}")
     for note in report.notes:
         console.print(f"[yellow]note:[/yellow] {esc(note)}")

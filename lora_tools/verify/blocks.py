@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from lora_tools.engine.plan import TensorPlan, is_plain
+from lora_tools.engine.stream import all_finite, first_new_non_finite, may_overflow
 from lora_tools.io.dtypes import FLOAT_DTYPES, torch_dtype
 from lora_tools.io.safetensors_file import SafetensorsFile, TensorInfo
 from lora_tools.verify.block_math import (
@@ -87,8 +88,9 @@ def bytes_equal(reader: BlockReader, a: SafetensorsFile, b: SafetensorsFile, nam
 
 
 def converted_equal(reader: BlockReader, a: SafetensorsFile, b: SafetensorsFile, name: str) -> bool:
-    """A float tensor stored in another float dtype: is it exactly the base rounded to it?
-    Compared a chunk of elements at a time."""
+    """A float tensor stored in another float dtype: is it exactly the base rounded to it,
+    and no finite base value became ±Inf (past the new dtype's range, which merge refuses
+    to write)? Compared a chunk of elements at a time."""
     ia, ib = a.info(name), b.info(name)
     if ia.dtype == ib.dtype or ia.dtype not in FLOAT_DTYPES or ib.dtype not in FLOAT_DTYPES:
         return False
@@ -100,6 +102,8 @@ def converted_equal(reader: BlockReader, a: SafetensorsFile, b: SafetensorsFile,
         stored = reader.read(b, ib, first * db.itemsize, count * db.itemsize, 1).view(db)
         if not torch.equal(base.to(db), stored):
             return False
+        if may_overflow(da, db) and not all_finite(stored) and first_new_non_finite(base, stored) is not None:
+            return False  # ±Inf where the base was finite: the rounding overflowed, nothing to accept
     return True
 
 
