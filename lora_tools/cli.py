@@ -16,6 +16,8 @@ from lora_tools.blend.options import FORMATS as BLEND_FORMATS
 from lora_tools.blend.options import METHODS as BLEND_METHODS
 from lora_tools.errors import LoraToolsError, RequestError, printable
 from lora_tools.io.dtypes import MERGE_DTYPE_CHOICES
+from lora_tools.resize.options import DTYPES as RESIZE_DTYPES
+from lora_tools.resize.options import FORMATS as RESIZE_FORMATS
 
 # A bug in lora-tools: neither 1 (a verify check failed) nor 2 (the user's input).
 INTERNAL_ERROR = 3
@@ -44,11 +46,17 @@ class _Commands(click.Group):
 
 
 def _stdout_console() -> Any:
+    """stdout's console: the terminal's width, else COLUMNS, else 200 columns (a pipe or a
+    file: every column fits; tables never take more width than they need)."""
+    import os
+
     from rich.console import Console
 
     console = Console(soft_wrap=False)
-    if not console.is_terminal:  # piped: do not fold layer names at 80 columns
-        console = Console(soft_wrap=False, width=200)
+    if not console.is_terminal:
+        columns = os.environ.get("COLUMNS", "").strip()
+        width = int(columns) if columns.isdigit() and int(columns) > 0 else 200
+        console = Console(soft_wrap=False, width=max(width, 20))
     return console
 
 
@@ -94,7 +102,7 @@ def inspect_command(
     if as_json:
         click.echo(to_json_text(report.to_json()))
     else:
-        render_inspect(report, _stdout_console(), show_all=show_all)
+        render_inspect(report, _stdout_console(), show_all=show_all, resize="resize" in cli.commands)
 
 
 class _RichProgress:
@@ -266,6 +274,50 @@ def blend_command(
         click.echo(to_json_text(report.to_json()))
     else:
         render_blend(report, _stdout_console(), show_all=show_all)
+
+
+@cli.command("resize")
+@click.argument("adapter", type=click.Path(readable=False))
+@click.option("-o", "--out", "out", required=True, type=click.Path(readable=False), help="Output: a PEFT adapter folder, or a kohya/diffusers .safetensors file.")
+@click.option("--rank", type=int, default=None, help="Keep at most R singular values per layer (also caps the other policies).")
+@click.option("--energy", type=float, default=None, help="Per layer, the smallest rank keeping this share of Σσ² (e.g. 0.99).")
+@click.option("--sv-ratio", "sv_ratio", type=float, default=None, help="kohya's sv_ratio: keep σᵢ > σ₁/x (x ≥ 1).")
+@click.option("--sv-fro", "sv_fro", type=float, default=None, help="kohya's sv_fro: smallest rank with √(kept Σσ² share) ≥ p.")
+@click.option("--sv-cumulative", "sv_cumulative", type=float, default=None, help="kohya's sv_cumulative: smallest rank with kept Σσ share ≥ p (σ, not σ²).")
+@click.option("--budget", type=int, default=None, help="Global parameter budget N: ranks chosen to keep the most relative energy.")
+@click.option("--min-rank", "min_rank", type=int, default=1, show_default=True, help="No layer below this rank (zero updates are dropped).")
+@click.option("--bake", is_flag=True, help="Fold each layer's scale into its factors and write alpha = r (no rsLoRA).")
+@click.option("--format", "out_format", default="auto", show_default=True, type=click.Choice(RESIZE_FORMATS), help="Output format; auto: the input's.")
+@click.option("--dtype", default="keep", show_default=True, type=click.Choice(list(RESIZE_DTYPES)), help="Dtype of the written factors.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists (only after the resize succeeded).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout instead of tables.")
+@click.option("--all", "show_all", is_flag=True, help="Show every layer instead of grouping long adapters by module.")
+def resize_command(
+    adapter: str, out: str, rank: int | None, energy: float | None, sv_ratio: float | None, sv_fro: float | None,
+    sv_cumulative: float | None, budget: int | None, min_rank: int, bake: bool, out_format: str, dtype: str,
+    force: bool, as_json: bool, show_all: bool,
+) -> None:
+    """Shrink an adapter's ranks exactly, from its factors (Eckart–Young per layer).
+
+    \b
+    Example:
+        lora-tools resize ./my-adapter --energy 0.99 -o small/
+        lora-tools resize lora.safetensors --sv-fro 0.9 --rank 32 -o lora-small.safetensors
+        lora-tools resize ./my-adapter --budget 2000000 -o fit/
+        lora-tools resize ./rslora-adapter --bake -o baked/      # alpha = r: right under any alpha/r runtime
+    """
+    from lora_tools.render.resize_table import render_resize
+    from lora_tools.render.tables import to_json_text
+    from lora_tools.resize.operation import resize
+
+    report = resize(
+        adapter, out, rank=rank, energy=energy, sv_ratio=sv_ratio, sv_fro=sv_fro, sv_cumulative=sv_cumulative,
+        budget=budget, min_rank=min_rank, bake=bake, out_format=out_format, dtype=dtype, force=force,
+    )
+    if as_json:
+        click.echo(to_json_text(report.to_json()))
+    else:
+        render_resize(report, _stdout_console(), show_all=show_all)
 
 
 def _stopped(signum: int, written: str | None) -> int:

@@ -62,9 +62,11 @@ def test_table_lists_every_layer(llama_plain_case: PeftCase) -> None:
     assert result.exit_code == 0 and result.stderr == ""
     out = result.stdout
     assert str(llama_plain_case.adapter_dir) in out and "peft" in out and "14 layers" in out
+    # Names whole, without the prefix every row shares (said once above the table: issue #13).
+    assert "names below omit the prefix they share: model.layers." in out
     for name in reference_layers(llama_plain_case):
-        assert name in out, name
-    assert "model.layers.0.self_attn.k_proj" in out and "32×64" in out  # k_proj is (32, 64)
+        assert name.removeprefix("model.layers.") in out, name
+    assert "0.self_attn.k_proj" in out and "32×64" in out  # k_proj is (32, 64)
 
 
 def test_table_shows_kohya_metadata_and_conv(kohya_case: KohyaCase) -> None:
@@ -101,14 +103,15 @@ def test_long_adapter_is_grouped(long_adapter: Path) -> None:
     grouped = run("inspect", long_adapter)
     assert grouped.exit_code == 0 and grouped.stderr == ""
     assert f"{len(names)} layers" in grouped.stdout and "--all" in grouped.stdout
-    assert "model.layers.*.self_attn.q_proj" in grouped.stdout and "model.layers.*.mlp.down_proj" in grouped.stdout
+    assert "names below omit the prefix they share: model.layers.*." in grouped.stdout  # issue #13
+    assert "│ self_attn.q_proj " in grouped.stdout and "│ mlp.down_proj " in grouped.stdout
     assert not any(name in grouped.stdout for name in names)
     assert len(grouped.stdout.splitlines()) < 40
 
     every = run("inspect", long_adapter, "--all")
     assert every.exit_code == 0 and every.stderr == ""
     for name in names:
-        assert name in every.stdout, name
+        assert name.removeprefix("model.layers.") in every.stdout, name
 
 
 # --------------------------------------------------------------------------- --json
@@ -182,7 +185,7 @@ def test_plot_writes_a_png(llama_plain_case: PeftCase, tmp_path: Path) -> None:
     assert document["adapter"]["n_layers"] == 14
     assert png.read_bytes()[:8] == PNG_MAGIC
     table = run("inspect", llama_plain_case.adapter_dir, "--plot", tmp_path / "table.png")
-    assert table.exit_code == 0 and "model.layers.0.self_attn.q_proj" in table.stdout
+    assert table.exit_code == 0 and "0.self_attn.q_proj" in table.stdout  # without "model.layers." (issue #13)
     assert (tmp_path / "table.png").read_bytes()[:8] == PNG_MAGIC
 
 

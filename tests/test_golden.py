@@ -19,9 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from safetensors.numpy import save_file
 
-from cli_run import run_cli
+from lora_tools.cli import cli
 
 GOLDEN = Path(__file__).parent / "golden"
 UPDATE = os.environ.get("LORA_TOOLS_UPDATE_GOLDEN") == "1"
@@ -105,7 +106,11 @@ def _check(name: str, actual: str) -> None:
 
 
 def _run(root: Path, *args: object) -> str:
-    code, out, err = run_cli(*args)
+    """Rendered at 120 columns (stdout is not a terminal: the width is COLUMNS)."""
+    result = CliRunner(env={"COLUMNS": "120"}).invoke(cli, [str(a) for a in args])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    code, out, err = result.exit_code, result.stdout, result.stderr
     return _masked(f"exit {code}\n--- stdout\n{out}--- stderr\n{err}", root)
 
 

@@ -27,6 +27,7 @@ LAYER_OF = {
     "merge": "operation",
     "blend": "operation",
     "verify": "operation",
+    "resize": "operation",
     "render": "render",
     "cli": "cli",
     "__main__": "cli",

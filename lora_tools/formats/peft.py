@@ -188,6 +188,8 @@ def peft_config(
         raise WriteError("no layers to write")
     if len({layer.use_rslora for layer in layers}) != 1:
         raise WriteError("layers mix rsLoRA and plain scaling; fold the scale first")
+    if len({layer.magnitude is not None for layer in layers}) != 1:
+        raise WriteError("layers mix DoRA and plain LoRA; PEFT's use_dora is one flag")
     linear_fifo = {layer.fan_in_fan_out for layer in layers if layer.kind == "linear"}
     if len(linear_fifo) > 1:
         raise WriteError("layers mix fan_in_fan_out true and false")
@@ -210,7 +212,7 @@ def peft_config(
         "layers_to_transform": None,
         "layers_pattern": None,
         "use_rslora": layers[0].use_rslora,
-        "use_dora": False,
+        "use_dora": layers[0].magnitude is not None,
         "fan_in_fan_out": bool(linear_fifo and linear_fifo.pop()),
         "lora_bias": any(layer.bias is not None for layer in layers),
         "bias": "none",
@@ -232,9 +234,9 @@ def peft_tensors(
     tensors: dict[str, tuple[np.ndarray, str]] = {}
     with_bias = any(layer.bias is not None for layer in layers)
     for layer in layers:
-        if layer.magnitude is not None:
-            raise WriteError(f"layer {layer.name!r}: DoRA layers cannot be written by this writer")
         prefix = stem(layer.name)
+        if layer.magnitude is not None:  # DoRA: PEFT saves the magnitude as lora_magnitude_vector.weight
+            tensors[f"{prefix}.lora_magnitude_vector.weight"] = (np.asarray(layer.magnitude), dtype)
         if layer.kind == "embedding":
             if with_bias:
                 raise WriteError(f"layer {layer.name!r}: PEFT has no lora_bias for embeddings")

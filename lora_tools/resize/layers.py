@@ -1,0 +1,139 @@
+"""Resizing loaded layers in memory: each layer's exact spectrum from its factors, the
+ranks a policy chooses, and the truncated layers with their figures. No file is read or
+written here (`operation` does that).
+
+For ΔW = s·B·A: `factored.truncate(B, Aᵀ)` gives B·A = Σ σᵢ·uᵢ·vᵢᵀ as balanced factors
+U√Σ, √ΣVᵀ, so the first k columns / rows are the Eckart–Young rank-k truncation, and
+‖ΔW − ΔW_k‖_F = |s|·√(Σ_{i>k} σᵢ²) exactly. The written layer keeps s (alpha re-derived:
+s·k, or s·√k under rsLoRA) or, baked, carries its scale in the factors under one global
+alpha c = the most common written rank (alpha = r there, scale 1) and no rsLoRA: a layer
+at another rank k folds s·k/c into its factors, so that c/k (alpha/r with r read from the
+tensors, what llama.cpp, TensorRT-LLM and older vLLM apply) gives exactly ΔW_k, and no
+alpha_pattern is written.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from lora_tools.adapter import LoraLayer
+from lora_tools.linalg.blas import single_threaded_blas
+from lora_tools.linalg.factored import TruncationResult, truncate
+from lora_tools.linalg.rank_policy import RankPolicy, budget_ranks
+
+
+@dataclass
+class LayerResizeReport:
+    """One layer; field names are the JSON keys."""
+
+    name: str
+    kind: str
+    shape: list[int]  # (rows, cols) of B·A: (out, in·k), (dim, vocab) for embeddings
+    rank_in: int
+    rank_out: int  # 0: the update is exactly zero and the layer was dropped
+    alpha_in: float
+    alpha_out: float
+    fro_norm: float  # ‖ΔW‖_F of the input layer
+    energy_kept: float  # Σ_{i≤k} σᵢ² / Σ σᵢ² (1.0 for a zero update)
+    residual_fro: float  # ‖ΔW − ΔW_k‖_F = √(Σ_{i>k} σᵢ²)
+    relative_error: float  # residual_fro / ‖ΔW‖_F (0.0 for a zero update)
+    params_in: int
+    params_out: int
+    singular_values: list[float]  # of ΔW = s·B·A, descending, r of them
+    dora: bool  # DoRA: magnitude kept, only the direction's low-rank update truncated
+
+
+def _spectrum(layer: LoraLayer) -> tuple[TruncationResult, np.ndarray]:
+    """The full balanced SVD of B·A (all numerical ranks) and σ(ΔW) = |s|·σ(B·A)."""
+    b = np.asarray(layer.b_matrix, dtype=np.float64)  # (m, r)
+    a_t = np.asarray(layer.a_matrix, dtype=np.float64).T  # (n, r)
+    full = truncate(b, a_t, None, pad=False)
+    return full, abs(layer.scale) * full.singular_values
+
+
+def choose_ranks(spectra: Sequence[np.ndarray], layers: Sequence[LoraLayer], policy: RankPolicy,
+                 budget: int | None) -> list[int]:
+    """k per layer: the per-layer policy, or the global budget (parameters per rank =
+    rows + cols of B·A); 0 for a zero update."""
+    if budget is None:
+        return [policy.choose(s) for s in spectra]
+    costs = [sum(layer.update_matrix_shape) for layer in layers]
+    return budget_ranks(spectra, costs, budget, cap=policy.rank, min_rank=policy.min_rank)
+
+
+def _stored(template: LoraLayer, b: np.ndarray, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Matrices b (m, k), a (k, n) in the template's stored shapes (conv kernels back)."""
+    k = a.shape[0]
+    if template.kind == "conv":
+        extra = (1,) * (template.b.ndim - 2)
+        return b.reshape(b.shape[0], k, *extra), a.reshape(k, *template.a.shape[1:])
+    return b, a
+
+
+def _alpha_for(layer: LoraLayer, k: int) -> float:
+    """alpha under the layer's own rule giving the same scale s at rank k."""
+    if k == layer.rank:
+        return layer.alpha
+    return layer.scale * (math.sqrt(k) if layer.use_rslora else k)
+
+
+def resize_layer(layer: LoraLayer, full: TruncationResult, sigma: np.ndarray, k: int,
+                 bake_alpha: float | None) -> tuple[LoraLayer | None, LayerResizeReport]:
+    """The layer truncated to rank k (None when k = 0), and its figures; with `bake_alpha`
+    c, its scale folded into the factors under alpha = c (scale c/k, no rsLoRA)."""
+    energies = sigma**2
+    total = float(energies.sum())
+    residual = math.sqrt(float(energies[k:].sum()))
+    norm = math.sqrt(total)
+    out: LoraLayer | None = None
+    if k > 0:
+        t = full.a.shape[0]
+        b, a = full.b[:, :k], full.a[:k]
+        if k > t:  # the floor asks for more than the numerical rank: zero columns / rows
+            b = np.concatenate([b, np.zeros((b.shape[0], k - t))], axis=1)
+            a = np.concatenate([a, np.zeros((k - t, a.shape[1]))], axis=0)
+        bias = None if layer.bias is None else np.asarray(layer.bias, dtype=np.float64)
+        if bake_alpha is not None:
+            fold = layer.scale * k / bake_alpha  # (c/k)·fold·B_k·A_k = s·B_k·A_k
+            root = math.sqrt(abs(fold))
+            b, a = math.copysign(root, fold) * b, root * a
+            alpha, rslora = bake_alpha, False
+            bias = None if bias is None else fold * bias
+        else:
+            alpha, rslora = _alpha_for(layer, k), layer.use_rslora
+        b, a = _stored(layer, b, a)
+        magnitude = None if layer.magnitude is None else np.asarray(layer.magnitude)
+        out = replace(layer, a=np.ascontiguousarray(a), b=np.ascontiguousarray(b), alpha=alpha, use_rslora=rslora,
+                      magnitude=magnitude, bias=bias)
+    report = LayerResizeReport(
+        name=layer.name, kind=layer.kind, shape=list(layer.update_matrix_shape), rank_in=layer.rank, rank_out=k,
+        alpha_in=float(layer.alpha), alpha_out=float(out.alpha) if out is not None else 0.0, fro_norm=norm,
+        energy_kept=1.0 if total == 0.0 else float(energies[:k].sum()) / total,
+        residual_fro=residual, relative_error=residual / norm if norm > 0.0 else 0.0,
+        params_in=layer.n_params, params_out=out.n_params if out is not None else 0,
+        singular_values=[float(x) for x in sigma], dora=layer.magnitude is not None,
+    )
+    return out, report
+
+
+def resize_layers(layers: Sequence[LoraLayer], policy: RankPolicy, *, budget: int | None = None,
+                  bake: bool = False) -> tuple[list[LoraLayer], list[LayerResizeReport]]:
+    """Every layer resized by `policy` (or the budget); dropped layers have no output."""
+    # many small QRs and SVDs: one BLAS thread each, the layers spread over the cores
+    # (numpy releases the GIL inside LAPACK/BLAS), results in layer order
+    workers = max(1, min(8, os.cpu_count() or 1, len(layers)))
+    with single_threaded_blas(), ThreadPoolExecutor(max_workers=workers) as pool:
+        pairs = list(pool.map(_spectrum, layers))
+        spectra = [sigma for _, sigma in pairs]
+        ranks = choose_ranks(spectra, layers, policy, budget)
+        written = [k for k in ranks if k > 0]
+        bake_alpha = float(max(written, key=lambda k: (written.count(k), -written.index(k)))) if bake and written else None
+        done = list(pool.map(lambda job: resize_layer(job[0], job[1][0], job[1][1], job[2], bake_alpha),
+                             zip(layers, pairs, ranks)))
+    return [layer for layer, _ in done if layer is not None], [report for _, report in done]

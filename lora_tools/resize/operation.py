@@ -1,0 +1,215 @@
+"""`resize`: exact rank reduction of one adapter from its factors (never a dense ΔW).
+
+Per layer, the singular values of ΔW = s·B·A come from the factors (QR + SVD of an r×r
+core, `linalg.factored`); a policy (`linalg.rank_policy`) picks k; the written factors
+are the Eckart–Young truncation, balanced (B = U_k√Σ_k, A = √Σ_kV_kᵀ), and the reported
+error ‖ΔW − ΔW_k‖_F = √(Σ discarded σ²) is exact. The scale rule is kept (alpha
+re-derived per layer, rsLoRA included, rank_pattern/alpha_pattern written as needed) or,
+with `bake`, folded into the factors with alpha = r and no rsLoRA, which any runtime
+applying one global alpha/r reads right. Layers whose update is exactly zero are
+dropped; DoRA magnitudes and full tensors (modules_to_save) are carried over unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from lora_tools.adapter import Adapter, LoraLayer
+from lora_tools.errors import LoraToolsError, RequestError
+from lora_tools.linalg.rank_policy import RankPolicy
+from lora_tools.resize.layers import LayerResizeReport, resize_layers
+from lora_tools.resize.options import DTYPES, FORMATS
+
+# adapter_config.json fields `formats.peft.peft_config` derives from the written layers
+_DERIVED = {"peft_type", "base_model_name_or_path", "r", "lora_alpha", "rank_pattern", "alpha_pattern",
+            "target_modules", "use_rslora", "use_dora", "fan_in_fan_out", "lora_bias", "init_lora_weights",
+            "inference_mode"}
+_TARGETING = ("exclude_modules", "layers_to_transform", "layers_pattern")
+
+
+@dataclass
+class ResizeReport:
+    adapter: str
+    out: str
+    format: str
+    dtype: str
+    policy: str  # "rank", "energy", "sv_ratio", "sv_fro", "sv_cumulative", "budget" or "bake"
+    rank: int | None
+    energy: float | None
+    sv_ratio: float | None
+    sv_fro: float | None
+    sv_cumulative: float | None
+    budget: int | None
+    min_rank: int
+    bake: bool
+    n_layers_in: int
+    n_layers_out: int
+    params_in: int  # every tensor: factors, DoRA magnitudes, LoRA biases, full tensors
+    params_out: int
+    file_bytes_in: int
+    file_bytes_out: int
+    energy_kept: float  # 1 − Σ residual² / Σ ‖ΔW‖² over layers
+    mean_energy_kept: float  # the mean of the layers' own kept shares (what --budget maximises)
+    relative_error: float  # √(Σ residual²) / √(Σ ‖ΔW‖²) over layers
+    worst_layer: str | None
+    worst_relative_error: float
+    dropped_layers: list[str]  # exactly zero updates
+    full_tensors: list[str]  # carried over unchanged
+    notes: list[str]
+    seconds: float
+    layers: list[LayerResizeReport]
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def check_options(rank: int | None, energy: float | None, sv_ratio: float | None, sv_fro: float | None,
+                  sv_cumulative: float | None, budget: int | None, min_rank: int, bake: bool, out_format: str,
+                  dtype: str) -> tuple[RankPolicy, str]:
+    """The policy the options ask for, and its name; RequestError for a bad or conflicting one."""
+    chosen = {name: value for name, value in (("energy", energy), ("sv_ratio", sv_ratio), ("sv_fro", sv_fro),
+                                               ("sv_cumulative", sv_cumulative), ("budget", budget)) if value is not None}
+    flags = ", ".join("--" + name.replace("_", "-") for name in chosen)
+    if len(chosen) > 1:
+        raise RequestError(None, f"choose one of --energy, --sv-ratio, --sv-fro, --sv-cumulative, --budget (got {flags})")
+    if not chosen and rank is None and not bake:
+        raise RequestError(None, "choose a policy: --rank, --energy, --sv-ratio, --sv-fro, --sv-cumulative, --budget or --bake")
+    for name, value in chosen.items():
+        if not math.isfinite(value):
+            raise RequestError(None, f"--{name.replace('_', '-')} must be a finite number, got {value}")
+    for name in ("energy", "sv_fro", "sv_cumulative"):
+        if name in chosen and not 0.0 < chosen[name] <= 1.0:
+            raise RequestError(None, f"--{name.replace('_', '-')} must lie in (0, 1], got {chosen[name]}")
+    if sv_ratio is not None and sv_ratio < 1.0:
+        raise RequestError(None, f"--sv-ratio must be ≥ 1 (keep σ > σ₁/x), got {sv_ratio}")
+    if budget is not None and budget < 1:
+        raise RequestError(None, f"--budget must be a positive number of parameters, got {budget}")
+    if rank is not None and rank < 1:
+        raise RequestError(None, f"--rank must be ≥ 1, got {rank}")
+    if min_rank < 1:
+        raise RequestError(None, f"--min-rank must be ≥ 1, got {min_rank}")
+    if rank is not None and min_rank > rank:
+        raise RequestError(None, f"--min-rank {min_rank} exceeds --rank {rank}")
+    if out_format not in FORMATS:
+        raise RequestError(None, f"--format must be one of {', '.join(FORMATS)}, got {out_format!r}")
+    if dtype not in DTYPES:
+        raise RequestError(None, f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    kind = next(iter(chosen), None)
+    name = kind or ("rank" if rank is not None else "bake")
+    per_layer = None if kind == "budget" else kind
+    return RankPolicy(per_layer, None if per_layer is None else float(chosen[per_layer]), rank, min_rank), name
+
+
+def _size(path: str | os.PathLike[str]) -> int:
+    p = Path(path)
+    if p.is_dir():
+        return sum(f.stat().st_size for f in p.iterdir() if f.is_file())
+    return p.stat().st_size if p.exists() else 0
+
+
+def _common(values: list[str], fallback: str) -> str:
+    return values[0] if len(set(values)) == 1 else fallback
+
+
+def _peft_config_extra(adapter: Adapter, dropped: bool) -> tuple[dict[str, Any], list[str] | str | None]:
+    """The input's config fields the output keeps, and its target_modules (None: the
+    written modules' paths, when a dropped layer would otherwise be created empty)."""
+    extra = {k: v for k, v in adapter.config.items() if k not in _DERIVED}
+    if dropped or not adapter.config.get("target_modules"):
+        for key in _TARGETING:
+            extra.pop(key, None)
+        return extra, None
+    return extra, adapter.config["target_modules"]
+
+
+def _write(adapter: Adapter, layers: list[LoraLayer], tmp: Path, fmt: str, code: str, dropped: bool,
+           metadata: dict[str, str]) -> None:
+    import numpy as np
+
+    from lora_tools.formats.diffusers import METADATA_KEY, write_diffusers
+    from lora_tools.formats.kohya import write_kohya
+    from lora_tools.formats.peft import write_peft_adapter
+
+    if fmt == "kohya":
+        kept = {k: v for k, v in adapter.metadata.items() if k not in ("ss_network_dim", "ss_network_alpha")}
+        write_kohya(layers, tmp, dtype=code, metadata={**kept, **metadata})
+    elif fmt == "diffusers":
+        kept = {k: v for k, v in adapter.metadata.items() if k not in (METADATA_KEY, "format")}
+        write_diffusers(layers, tmp, dtype=code, metadata={**kept, **metadata})
+    else:
+        adapted = {layer.name for layer in adapter.layers}
+        tensors = {k: np.asarray(v) for k, v in adapter.full_tensors.items()}
+        copies = {k: v for k, v in tensors.items() if k.rpartition(".")[0] in adapted}
+        full = {k: v for k, v in tensors.items() if k not in copies}
+        full_code = _common(list(adapter.full_tensor_dtypes.values()), "F32")
+        extra, targets = _peft_config_extra(adapter, dropped)
+        base = adapter.config.get("base_model_name_or_path")
+        write_peft_adapter(layers, tmp, base if isinstance(base, str) else None, dtype=code, full_tensors=full,
+                           full_tensor_dtype=full_code, base_copies=copies, target_modules=targets,
+                           config_extra=extra, metadata={**{k: v for k, v in adapter.metadata.items() if k != "format"},
+                                                         **metadata})
+
+
+def resize(
+    adapter_path: str | os.PathLike[str], out: str | os.PathLike[str], *,
+    rank: int | None = None, energy: float | None = None, sv_ratio: float | None = None, sv_fro: float | None = None,
+    sv_cumulative: float | None = None, budget: int | None = None, min_rank: int = 1, bake: bool = False,
+    out_format: str = "auto", dtype: str = "keep", force: bool = False,
+) -> ResizeReport:
+    """Read ADAPTER, resize every layer by the policy, write OUT atomically, report per layer."""
+    from lora_tools.formats import load_adapter
+    from lora_tools.io.atomic import atomic_output, wrap_write_errors
+    from lora_tools.io.encode import WriteError
+
+    started = time.perf_counter()
+    policy, name = check_options(rank, energy, sv_ratio, sv_fro, sv_cumulative, budget, min_rank, bake, out_format, dtype)
+    adapter = load_adapter(adapter_path)
+    fmt = adapter.format if out_format == "auto" else out_format
+    if fmt != adapter.format:
+        raise RequestError(out, f"--format {fmt} needs a {fmt} input (the input is {adapter.format}; names are not converted)")
+    if not adapter.layers:
+        raise RequestError(adapter_path, "has no LoRA layers to resize")
+    try:
+        layers, reports = resize_layers(adapter.layers, policy, budget=budget, bake=bake)
+    except ValueError as error:
+        raise RequestError(adapter_path, str(error)) from None
+    if not layers:
+        raise RequestError(adapter_path, "every layer's update is exactly zero: nothing to write")
+    dropped = [r.name for r in reports if r.rank_out == 0]
+    code = DTYPES[dtype] or _common([layer.dtype for layer in adapter.layers], "F32")
+    recipe = {"policy": name, "rank": rank, "energy": energy, "sv_ratio": sv_ratio, "sv_fro": sv_fro,
+              "sv_cumulative": sv_cumulative, "budget": budget, "min_rank": min_rank, "bake": bake}
+    metadata = {"lora_tools.resize": json.dumps({k: v for k, v in recipe.items() if v is not None})}
+    try:
+        with wrap_write_errors(out), atomic_output(out, force, [Path(adapter_path)]) as tmp:
+            _write(adapter, layers, tmp, fmt, code, bool(dropped), metadata)
+    except WriteError as error:
+        raise LoraToolsError(out, str(error)) from None
+    notes = []
+    if any(r.dora for r in reports):
+        notes.append("DoRA: magnitudes kept; the low-rank direction update s·B·A is truncated (figures are for it)")
+    if adapter.unrecognized_keys:
+        notes.append(f"{len(adapter.unrecognized_keys)} unrecognized tensor(s) not carried over")
+    total_sq = sum(r.fro_norm**2 for r in reports)
+    lost_sq = sum(r.residual_fro**2 for r in reports)
+    worst = max(reports, key=lambda r: r.relative_error)
+    full_params = sum(math.prod(t.shape) for t in adapter.full_tensors.values())
+    return ResizeReport(
+        adapter=os.fspath(adapter_path), out=os.fspath(out), format=fmt, dtype=code, policy=name, rank=rank,
+        energy=energy, sv_ratio=sv_ratio, sv_fro=sv_fro, sv_cumulative=sv_cumulative, budget=budget,
+        min_rank=min_rank, bake=bake, n_layers_in=len(adapter.layers), n_layers_out=len(layers),
+        params_in=adapter.n_params, params_out=sum(layer.n_params for layer in layers) + full_params,
+        file_bytes_in=_size(adapter_path), file_bytes_out=_size(out),
+        energy_kept=1.0 if total_sq == 0.0 else max(0.0, 1.0 - lost_sq / total_sq),
+        mean_energy_kept=sum(r.energy_kept for r in reports) / len(reports),
+        relative_error=math.sqrt(lost_sq / total_sq) if total_sq > 0.0 else 0.0,
+        worst_layer=worst.name, worst_relative_error=worst.relative_error,
+        dropped_layers=dropped, full_tensors=sorted(adapter.full_tensors), notes=notes,
+        seconds=time.perf_counter() - started, layers=reports,
+    )

@@ -1,0 +1,311 @@
+"""`lora-tools resize`: every policy against a dense float64 Eckart–Young truncation, PEFT
+loading the output, --bake under one global alpha/r rule, the --budget bounds, the other
+formats, resize → merge → verify, and bad input (exit 2, one line). Real and offline."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from builders import KohyaCase, PeftCase
+from cli_run import run_cli
+from safetensors.numpy import load_file
+
+from lora_tools.formats import load_adapter
+from lora_tools.linalg.rank_policy import sv_cumulative_rank, sv_fro_rank, sv_ratio_rank
+from lora_tools.resize import resize
+
+POLICIES: dict[str, list[str]] = {
+    "rank": ["--rank", "2"],
+    "energy": ["--energy", "0.9"],
+    "sv_ratio": ["--sv-ratio", "2.5"],
+    "sv_fro": ["--sv-fro", "0.9"],
+    "sv_cumulative": ["--sv-cumulative", "0.7"],
+    "rank_cap": ["--energy", "0.999", "--rank", "3"],
+    "min_rank": ["--sv-ratio", "1", "--min-rank", "2"],
+}
+KINDS = ["llama_plain", "llama_rslora", "llama_patterns", "llama_embedding", "gpt2_conv1d", "llama_dora",
+         "llama_lora_bias", "llama_modules_to_save"]
+
+
+def _matrix(update: np.ndarray) -> np.ndarray:
+    return update.reshape(update.shape[0], -1)
+
+
+def _expected_rank(sigma: np.ndarray, args: list[str]) -> int:
+    """The rank each policy should pick, computed here from numpy's σ (independent code)."""
+    opts = dict(zip(args[::2], args[1::2]))
+    sigma = sigma[sigma > sigma[0] * 1e-12]
+    energy, total = np.cumsum(sigma**2), float(np.sum(sigma**2))
+    if "--energy" in opts:
+        k = int(np.argmax(energy >= float(opts["--energy"]) * total * (1 - 1e-12))) + 1
+    elif "--sv-ratio" in opts:
+        k = max(1, int(np.sum(sigma > sigma[0] / float(opts["--sv-ratio"]))))
+    elif "--sv-fro" in opts:
+        k = int(np.argmax(np.sqrt(energy / total) >= float(opts["--sv-fro"]) * (1 - 1e-12))) + 1
+    elif "--sv-cumulative" in opts:
+        k = int(np.argmax(np.cumsum(sigma) / sigma.sum() >= float(opts["--sv-cumulative"]) * (1 - 1e-12))) + 1
+    else:
+        k = len(sigma)
+    if "--rank" in opts:
+        k = min(k, int(opts["--rank"]))
+    return max(k, int(opts.get("--min-rank", 1)))
+
+
+def check_truncation(source_path: Path, out: Path, args: list[str] | None) -> dict[str, int]:
+    """Each written layer is the Eckart–Young truncation of the input's ΔW (float64), its
+    residual √(Σ discarded σ²) to 1e-9 relative; returns the ranks written."""
+    source, written = load_adapter(source_path), load_adapter(out)
+    ranks = {}
+    for layer in source.layers:
+        delta = _matrix(layer.dense_update())
+        u, sigma, vt = np.linalg.svd(delta, full_matrices=False)
+        got = _matrix(written.layer(layer.name).dense_update())
+        k = written.layer(layer.name).rank
+        if args is not None:
+            assert k == min(_expected_rank(sigma, args), layer.rank), (layer.name, k)
+        best = (u[:, :k] * sigma[:k]) @ vt[:k]
+        norm = np.linalg.norm(delta)
+        assert np.linalg.norm(got - best) <= 1e-9 * norm, layer.name
+        residual = np.sqrt(np.sum(sigma[k:] ** 2))
+        assert abs(np.linalg.norm(delta - got) - residual) <= 1e-9 * norm, layer.name
+        if layer.magnitude is not None:
+            np.testing.assert_array_equal(np.asarray(written.layer(layer.name).magnitude), np.asarray(layer.magnitude))
+        if layer.bias is not None:
+            np.testing.assert_allclose(np.asarray(written.layer(layer.name).bias), np.asarray(layer.bias), rtol=1e-15)
+        ranks[layer.name] = k
+    return ranks
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_every_policy_is_the_eckart_young_truncation(peft_case_factory: Callable[[str], PeftCase], tmp_path: Path,
+                                                     kind: str, policy: str) -> None:
+    case = peft_case_factory(kind)
+    out = tmp_path / "small"
+    code, stdout, stderr = run_cli("resize", case.adapter_dir, "-o", out, *POLICIES[policy], "--dtype", "fp64", "--json")
+    assert code == 0, stderr
+    report = json.loads(stdout)
+    ranks = check_truncation(case.adapter_dir, out, POLICIES[policy])
+    assert {layer["name"]: layer["rank_out"] for layer in report["layers"]} == ranks
+    source, written = load_adapter(case.adapter_dir), load_adapter(out)
+    assert sorted(written.full_tensors) == sorted(source.full_tensors) == report["full_tensors"]
+    for key, tensor in source.full_tensors.items():
+        np.testing.assert_array_equal(np.asarray(written.full_tensors[key]), np.asarray(tensor))
+    assert written.config.get("use_rslora", False) == source.config.get("use_rslora", False)
+    assert report["dtype"] == "F64" and report["params_out"] == written.n_params
+    assert ("DoRA" in " ".join(report["notes"])) == (kind == "llama_dora")
+    for layer in report["layers"]:
+        assert abs(layer["relative_error"] ** 2 + layer["energy_kept"] - 1.0) < 1e-9
+
+
+@pytest.mark.parametrize("kind", ["llama_plain", "llama_rslora", "llama_patterns", "llama_dora"])
+def test_peft_loads_the_output_and_merges_the_truncated_update(peft_case_factory: Callable[[str], PeftCase],
+                                                               tmp_path: Path, kind: str) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    case = peft_case_factory(kind)
+    out = tmp_path / "small"
+    resize(case.adapter_dir, out, energy=0.8, dtype="fp64")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        base = AutoModelForCausalLM.from_pretrained(case.base_dir, dtype=torch.float64)
+        model = PeftModel.from_pretrained(base, out).eval()
+    assert not [w for w in caught if "missing" in str(w.message).lower() or "unexpected" in str(w.message).lower()]
+    if kind == "llama_dora":
+        return  # DoRA's merge renormalises W0 + ΔW; loading with every key is what is checked here
+    before = {k: v.clone() for k, v in AutoModelForCausalLM.from_pretrained(case.base_dir, dtype=torch.float64).state_dict().items()}
+    merged = model.merge_and_unload().state_dict()
+    written = load_adapter(out)
+    for layer in written.layers:
+        key = layer.name + ".weight"
+        np.testing.assert_allclose((merged[key] - before[key]).numpy(), layer.dense_update(), atol=1e-12, rtol=1e-9)
+    check_truncation(case.adapter_dir, out, None)
+
+
+@pytest.mark.parametrize("kind", ["llama_plain", "llama_rslora", "llama_patterns"])
+@pytest.mark.parametrize("policy", [[], ["--rank", "2"]])
+def test_bake_is_exact_under_one_global_alpha_over_r(peft_case_factory: Callable[[str], PeftCase], tmp_path: Path,
+                                                     kind: str, policy: list[str]) -> None:
+    case = peft_case_factory(kind)
+    out = tmp_path / "baked"
+    code, _, stderr = run_cli("resize", case.adapter_dir, "-o", out, "--bake", *policy, "--dtype", "fp64")
+    assert code == 0, stderr
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert not config["use_rslora"] and not config["alpha_pattern"]
+    tensors = load_file(out / "adapter_model.safetensors")
+    source = load_adapter(case.adapter_dir)
+    for layer in source.layers:
+        stem = f"base_model.model.{layer.name}"
+        b, a = tensors[f"{stem}.lora_B.weight"], tensors[f"{stem}.lora_A.weight"]
+        scale = config["lora_alpha"] / a.shape[0]  # one global alpha over the tensor's rank (llama.cpp, TensorRT-LLM)
+        if not policy:
+            assert a.shape[0] == layer.rank
+            np.testing.assert_allclose(scale * b @ a, layer.dense_update(), atol=1e-12 * np.abs(layer.dense_update()).max())
+        else:
+            assert config["lora_alpha"] == 2 and not config["rank_pattern"]
+    check_truncation(case.adapter_dir, out, ["--rank", "2"] if policy else None)
+
+
+def _spectra(source_path: Path) -> tuple[list[np.ndarray], list[int]]:
+    source = load_adapter(source_path)
+    spectra = [np.linalg.svd(_matrix(layer.dense_update()), compute_uv=False)[: layer.rank] for layer in source.layers]
+    return spectra, [sum(layer.update_matrix_shape) for layer in source.layers]
+
+
+def _kept(spectra: list[np.ndarray], ranks: list[int]) -> float:
+    return sum(float(np.sum(s[:k] ** 2) / np.sum(s**2)) for s, k in zip(spectra, ranks))
+
+
+@pytest.mark.parametrize("kind", ["llama_plain", "llama_patterns", "gpt2_conv1d"])
+@pytest.mark.parametrize("share", [0.3, 0.45, 0.7])
+def test_budget_bounds(peft_case_factory: Callable[[str], PeftCase], tmp_path: Path, kind: str, share: float) -> None:
+    case = peft_case_factory(kind)
+    spectra, costs = _spectra(case.adapter_dir)
+    budget = int(share * sum(len(s) * c for s, c in zip(spectra, costs)))
+    out = tmp_path / "fit"
+    report = resize(case.adapter_dir, out, budget=budget, dtype="fp64")
+    ranks = check_truncation(case.adapter_dir, out, None)
+    order = [layer.name for layer in load_adapter(case.adapter_dir).layers]
+    chosen = [ranks[name] for name in order]
+    assert sum(k * c for k, c in zip(chosen, costs)) <= budget
+    kept = _kept(spectra, chosen)
+    assert abs(kept - report.mean_energy_kept * len(chosen)) < 1e-9
+    uniform = 0.0  # the best uniform rank that fits
+    for u in range(1, max(len(s) for s in spectra) + 1):
+        ranks_u = [min(u, len(s)) for s in spectra]
+        if sum(k * c for k, c in zip(ranks_u, costs)) <= budget:
+            uniform = _kept(spectra, ranks_u)
+    assert kept >= uniform - 1e-12
+    steps = sorted(((float(s[k] ** 2 / np.sum(s**2)), c) for s, c in zip(spectra, costs) for k in range(1, len(s))),
+                   key=lambda step: -step[0] / step[1])
+    bound, left = _kept(spectra, [1] * len(spectra)), budget - sum(costs)  # every layer's first rank, then fractional greedy
+    for gain, cost in steps:
+        if left <= 0:
+            break
+        bound += min(1.0, left / cost) * gain
+        left -= cost
+    biggest_step = max(gain for gain, _ in steps)
+    assert bound - biggest_step - 1e-12 <= kept <= bound + 1e-12
+
+
+def test_budget_below_the_floors_is_refused(llama_plain_case: PeftCase, tmp_path: Path) -> None:
+    code, stdout, stderr = run_cli("resize", llama_plain_case.adapter_dir, "-o", tmp_path / "o", "--budget", "10")
+    assert code == 2 and stdout == "" and len(stderr.strip().splitlines()) == 1 and "budget" in stderr
+
+
+def test_kohya_in_kohya_out(kohya_case: KohyaCase, tmp_path: Path) -> None:
+    out = tmp_path / "small.safetensors"
+    code, stdout, stderr = run_cli("resize", kohya_case.lora_file, "-o", out, "--sv-fro", "0.9", "--dtype", "fp64")
+    assert code == 0, stderr
+    written = load_adapter(out)
+    assert written.format == "kohya"
+    assert any(layer.kind == "conv" for layer in written.layers)
+    check_truncation(kohya_case.lora_file, out, ["--sv-fro", "0.9"])
+    metadata = written.metadata
+    ranks = {layer.rank for layer in written.layers}
+    assert metadata["ss_network_dim"] == (str(ranks.pop()) if len(ranks) == 1 else "Dynamic")
+    assert "lora_tools.resize" in metadata
+
+
+@pytest.mark.parametrize("kind", ["diffusers_current", "diffusers_legacy"])
+def test_diffusers_in_diffusers_out(diffusers_case_factory: Callable[[str], object], tmp_path: Path, kind: str) -> None:
+    case = diffusers_case_factory(kind)
+    path = Path(case.lora_file)  # type: ignore[attr-defined]
+    out = tmp_path / "small.safetensors"
+    source = load_adapter(path)
+    code, _, stderr = run_cli("resize", path, "-o", out, "--rank", "2", "--dtype", "fp64")
+    if source.format != "diffusers":  # a legacy file reads as its own format; it is written back as that
+        assert code == 0 or "names are not converted" in stderr
+        return
+    assert code == 0, stderr
+    assert load_adapter(out).format == "diffusers"
+    check_truncation(path, out, ["--rank", "2"])
+
+
+def test_zero_layers_are_dropped(llama_plain_case: PeftCase, tmp_path: Path) -> None:
+    import shutil
+
+    from safetensors.numpy import save_file
+
+    src = tmp_path / "zeroed"
+    shutil.copytree(llama_plain_case.adapter_dir, src)
+    tensors = load_file(src / "adapter_model.safetensors")
+    victim = next(k for k in tensors if k.endswith("lora_B.weight"))
+    tensors[victim] = np.zeros_like(tensors[victim])
+    save_file(tensors, src / "adapter_model.safetensors", metadata={"format": "pt"})
+    report = resize(src, tmp_path / "o", rank=2)
+    name = victim.removeprefix("base_model.model.").removesuffix(".lora_B.weight")
+    assert report.dropped_layers == [name] and report.n_layers_out == report.n_layers_in - 1
+    written = json.loads((tmp_path / "o" / "adapter_config.json").read_text())
+    assert name in json.dumps(report.to_json()) and name not in written["target_modules"]
+
+
+def test_resize_merge_verify(llama_plain_case: PeftCase, tmp_path: Path) -> None:
+    small, merged = tmp_path / "small", tmp_path / "merged"
+    assert run_cli("resize", llama_plain_case.adapter_dir, "--energy", "0.9", "-o", small)[0] == 0
+    code, _, stderr = run_cli("merge", llama_plain_case.base_dir, small, "-o", merged, "-q")
+    assert code == 0, stderr
+    code, stdout, stderr = run_cli("verify", llama_plain_case.base_dir, small, merged)
+    assert code == 0, stdout + stderr
+
+
+def test_table_output(llama_plain_case: PeftCase, tmp_path: Path) -> None:
+    code, stdout, _ = run_cli("resize", llama_plain_case.adapter_dir, "--rank", "2", "-o", tmp_path / "o", "--all")
+    assert code == 0 and "4 → 2" in stdout and "worst layer" in stdout
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    ([], "choose a policy"),
+    (["--energy", "0.9", "--sv-fro", "0.9"], "choose one of"),
+    (["--energy", "1.5"], "--energy"),
+    (["--energy", "0"], "--energy"),
+    (["--sv-ratio", "0.5"], "--sv-ratio"),
+    (["--sv-cumulative", "nan"], "--sv-cumulative"),
+    (["--rank", "0"], "--rank"),
+    (["--rank", "2", "--min-rank", "3"], "--min-rank"),
+    (["--min-rank", "0", "--rank", "2"], "--min-rank"),
+    (["--budget", "0"], "--budget"),
+    (["--rank", "2", "--format", "kohya"], "names are not converted"),
+])
+def test_bad_input_is_one_line_exit_2(llama_plain_case: PeftCase, tmp_path: Path, args: list[str], message: str) -> None:
+    code, stdout, stderr = run_cli("resize", llama_plain_case.adapter_dir, "-o", tmp_path / "o", *args)
+    assert code == 2 and stdout == "", stderr
+    assert len(stderr.strip().splitlines()) == 1 and message in stderr, stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_input_and_existing_out(llama_plain_case: PeftCase, tmp_path: Path) -> None:
+    code, _, stderr = run_cli("resize", tmp_path / "nope", "-o", tmp_path / "o", "--rank", "2")
+    assert code == 2 and len(stderr.strip().splitlines()) == 1 and "no such file" in stderr
+    (tmp_path / "o").mkdir()
+    code, _, stderr = run_cli("resize", llama_plain_case.adapter_dir, "-o", tmp_path / "o", "--rank", "2")
+    assert code == 2 and len(stderr.strip().splitlines()) == 1
+    assert run_cli("resize", llama_plain_case.adapter_dir, "-o", tmp_path / "o", "--rank", "2", "--force")[0] == 0
+
+
+def test_kohya_semantics_of_the_dynamic_policies() -> None:
+    sigma = np.array([4.0, 2.0, 1.0, 1.0])
+    assert sv_ratio_rank(sigma, 2.0) == 1  # strict: σ₂ = σ₁/2 is not kept
+    assert sv_ratio_rank(sigma, 4.5) == 4
+    assert sv_cumulative_rank(sigma, 0.75) == 2  # (4 + 2) / 8 = 0.75 exactly
+    assert sv_fro_rank(sigma, np.sqrt(20 / 22)) == 2  # σ², then the square root
+
+
+def test_resize_of_safetensors_imports_no_torch(llama_plain_case: PeftCase, tmp_path: Path) -> None:
+    script = (
+        "import sys; from lora_tools.cli import cli\n"
+        f"cli.main(['resize', {str(llama_plain_case.adapter_dir)!r}, '--energy', '0.9', '-o', {str(tmp_path / 'o')!r},"
+        " '--json'], standalone_mode=False)\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
