@@ -111,6 +111,15 @@ def test_blend_fits(llama_plain_case: PeftCase, tmp_path: Path, width: int) -> N
     assert code == 0 and check_tables(out, width, names) == len(names)
 
 
+@pytest.mark.parametrize("width", WIDTHS)
+def test_resize_fits(llama_plain_case: PeftCase, tmp_path: Path, width: int) -> None:
+    a = llama_plain_case.adapter_dir
+    code, document = run(width, "resize", a, "--energy", "0.9", "-o", tmp_path / "j", "--json")
+    names = {layer["name"] for layer in json.loads(document)["layers"]}
+    code, out = run(width, "resize", a, "--energy", "0.9", "-o", tmp_path / "t")
+    assert code == 0 and check_tables(out, width, names) == len(names)
+
+
 def test_narrow_table_says_what_it_hid(llama_plain_case: PeftCase, merged: Path) -> None:
     code, out = run(80, "verify", llama_plain_case.base_dir, llama_plain_case.adapter_dir, merged)
     footer = re.search(r"hidden at 80 columns: ([^(]*) \(--json or a wider terminal shows them\)", " ".join(out.split()))
