@@ -18,6 +18,7 @@ import numpy as np
 from lora_tools.adapter import Adapter, LoraLayer
 from lora_tools.errors import FormatError
 from lora_tools.formats import load_adapter
+from lora_tools.formats.names import LAYER_NUMBER, module_family
 from lora_tools.linalg import factored, spectrum
 
 # A layer whose ‖ΔW‖_F is below this fraction of the adapter's median is "dead".
@@ -29,7 +30,6 @@ MIN_FAMILY_FOR_OUTLIERS = 4
 # tight family (same init, MAD of a few percent) makes a layer 15 % off an "outlier".
 OUTLIER_MIN_RATIO = 2.0
 
-_NUMBER = re.compile(r"(?<=[._])\d+(?=[._]|$)")
 
 
 @dataclass
@@ -116,7 +116,7 @@ def layer_report(layer: LoraLayer) -> LayerReport:
     b, a, scale = np.asarray(layer.b_matrix), np.asarray(layer.a_matrix), layer.scale
     sv = factored.singular_values(b, a, scale)
     name = layer.name
-    depth_match = _NUMBER.search(name) or re.search(r"\d+", name)
+    depth_match = LAYER_NUMBER.search(name) or re.search(r"\d+", name)
     return LayerReport(
         name=name,
         shape=[int(layer.b.shape[0]), int(layer.a.shape[1]), *layer.kernel_size],
@@ -134,7 +134,7 @@ def layer_report(layer: LoraLayer) -> LayerReport:
         stable_rank=spectrum.stable_rank(sv),
         dora=layer.magnitude is not None,
         dtype=layer.dtype,
-        family=_NUMBER.sub("*", name),
+        family=module_family(name),
         module_type=module_type(name),
         depth=int(depth_match.group()) if depth_match else None,
     )

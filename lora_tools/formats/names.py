@@ -17,6 +17,7 @@ The prefixes live here, so that readers, writers and this module agree on them.
 from __future__ import annotations
 
 import json
+import re
 from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
@@ -24,10 +25,7 @@ from pathlib import Path
 from lora_tools.adapter import Adapter
 from lora_tools.errors import MismatchError
 
-__all__ = [
-    "COMPONENTS", "DIFFUSERS_COMPONENTS", "KOHYA_COMPONENTS", "KOHYA_PREFIXES", "PEFT_PREFIX", "format_key", "resolve_names",
-    "tied_hint",
-]
+__all__ = ["COMPONENTS", "DIFFUSERS_COMPONENTS", "KOHYA_COMPONENTS", "KOHYA_PREFIXES", "LAYER_NUMBER", "PEFT_PREFIX", "format_key", "module_family", "resolve_names", "tied_hint"]
 
 PEFT_PREFIX = "base_model.model."
 # kohya's component (the part between `lora_` and the module) -> its key prefix. SD1/2
@@ -146,3 +144,13 @@ def resolve_names(adapter: Adapter, modules: set[str], base_path: str | Path) ->
         new: adapter.full_tensor_dtypes[old] for new, old in zip(full, adapter.full_tensors) if old in adapter.full_tensor_dtypes
     }
     return replace(adapter, layers=layers, full_tensors=full, full_tensor_dtypes=dtypes, names_resolved=True)
+
+
+LAYER_NUMBER = re.compile(r"(?<=[._])\d+(?=[._]|$)")
+
+
+def module_family(name: str) -> str:
+    """The module path with its layer numbers as "*" ("model.layers.*.self_attn.q_proj"):
+    the same module type across depth, which inspect's outlier test and the grouped
+    tables compare layers within."""
+    return LAYER_NUMBER.sub("*", name)

@@ -2,24 +2,12 @@
 
 from __future__ import annotations
 
-import re
-from collections import defaultdict
 from typing import TYPE_CHECKING
 
 from rich.console import Console
 
 from lora_tools.errors import printable
-from lora_tools.render.columns import (
-    MAX_ROWS,
-    NAME,
-    Column,
-    escape,
-    fit_table,
-    number_list,
-    numbers,
-    prefix_line,
-    shared_prefix,
-)
+from lora_tools.render.columns import MAX_ROWS, NAME, Column, escape, group_by_family, number_list, numbers, print_table, shared_prefix
 
 if TYPE_CHECKING:
     from lora_tools.blend.layers import LayerBlendReport
@@ -69,13 +57,7 @@ def render_blend(report: BlendReport, console: Console, *, show_all: bool = Fals
     columns, prefix = (_family_columns if grouped else _layer_columns)(layers)
     if grouped:
         console.print("layers grouped by module (min / median / max over depth)")
-    line = prefix_line(prefix)
-    if line:
-        console.print(line)
-    table, footer = fit_table(columns, console.width)
-    console.print(table)
-    for text in footer:
-        console.print(text)
+    print_table(console, columns, prefix)
     if grouped:
         console.print(f"{len(layers)} layers grouped by module; --all shows every layer")
     console.print(
@@ -109,9 +91,7 @@ def _layer_columns(layers: list[LayerBlendReport]) -> tuple[list[Column], str]:
 
 
 def _family_columns(layers: list[LayerBlendReport]) -> tuple[list[Column], str]:
-    families: dict[str, list[LayerBlendReport]] = defaultdict(list)
-    for layer in layers:
-        families[re.sub(r"(?<=[._])\d+(?=[._]|$)", "*", layer.name)].append(layer)
+    families = group_by_family(layers, lambda layer: layer.name)
     groups = list(families.values())
     names = [printable(family) for family in families]
     prefix = shared_prefix(names)

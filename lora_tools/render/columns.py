@@ -17,13 +17,18 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from rich.cells import cell_len
+from rich.console import Console
 from rich.markup import escape as markup_escape
 from rich.table import Table
 from rich.text import Text
 
 from lora_tools.errors import printable
+from lora_tools.formats.names import module_family
+
+T = TypeVar("T")
 
 # Above this many layers the table groups layers by family unless --all is given.
 MAX_ROWS = 40
@@ -155,3 +160,22 @@ def fit_table(columns: Sequence[Column], width: int) -> tuple[Table, list[str]]:
     if table_width(shown) > width:
         footer.append(f"[dim]columns shortened to fit {width} columns (--json or a wider terminal shows them whole)[/dim]")
     return table, footer
+
+
+def print_table(console: Console, columns: Sequence[Column], prefix: str, width: int | None = None) -> None:
+    """The prefix line, the table fitted to `width` (default: the console's), its footer."""
+    line = prefix_line(prefix)
+    if line:
+        console.print(line)
+    table, footer = fit_table(columns, console.width if width is None else width)
+    console.print(table)
+    for text in footer:
+        console.print(text)
+
+
+def group_by_family(items: Sequence[T], name_of: Callable[[T], str]) -> dict[str, list[T]]:
+    """Items grouped by the family of their module path (`formats.names.module_family`), in order."""
+    groups: dict[str, list[T]] = {}
+    for item in items:
+        groups.setdefault(module_family(name_of(item)), []).append(item)
+    return groups

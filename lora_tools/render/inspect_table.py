@@ -10,18 +10,7 @@ from rich.console import Console
 
 from lora_tools.errors import printable
 from lora_tools.inspect import DEAD_FRACTION, InspectReport, LayerReport
-from lora_tools.render.columns import (
-    MAX_ROWS,
-    NAME,
-    Column,
-    escape,
-    fit_table,
-    number_list,
-    numbers,
-    prefix_line,
-    shared_prefix,
-    spreads,
-)
+from lora_tools.render.columns import MAX_ROWS, NAME, Column, escape, number_list, numbers, print_table, shared_prefix, spreads
 
 # Rank usage worth a word: 99 % of the energy in at most this share of every layer's rank.
 LOW_USAGE = 0.5
@@ -94,7 +83,7 @@ def _print_layer_table(console: Console, layers: list[LayerReport], with_base: b
         columns.append(Column("‖ΔW‖/‖W0‖", numbers([layer.relative_norm for layer in layers], 3), 85))
     if any(flags):
         columns.append(Column("flags", flags, 90, justify="left", styles=["red" if f else "" for f in flags]))
-    _print_table(console, columns, prefix, width)
+    print_table(console, columns, prefix, width)
 
 
 def _print_family_table(console: Console, layers: list[LayerReport], with_base: bool, width: int) -> None:
@@ -121,17 +110,7 @@ def _print_family_table(console: Console, layers: list[LayerReport], with_base: 
     if any(n_flagged):
         flags = [f"{n} flagged" if n else "" for n in n_flagged]
         columns.append(Column("flags", flags, 95, justify="left", styles=["red" if f else "" for f in flags]))
-    _print_table(console, columns, prefix, width)
-
-
-def _print_table(console: Console, columns: list[Column], prefix: str, width: int) -> None:
-    line = prefix_line(prefix)
-    if line:
-        console.print(line)
-    table, footer = fit_table(columns, width)
-    console.print(table)
-    for text in footer:
-        console.print(text)
+    print_table(console, columns, prefix, width)
 
 
 def _directions(layer: LayerReport) -> int:

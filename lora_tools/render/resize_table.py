@@ -4,13 +4,10 @@ relative error and the parameters, then the totals and the worst layer. (`--json
 
 from __future__ import annotations
 
-import re
-from collections import defaultdict
-
 from rich.console import Console
 
 from lora_tools.errors import printable
-from lora_tools.render.columns import MAX_ROWS, NAME, Column, escape, fit_table, numbers, prefix_line, shared_prefix
+from lora_tools.render.columns import MAX_ROWS, NAME, Column, escape, group_by_family, numbers, print_table, shared_prefix
 from lora_tools.resize.layers import LayerResizeReport
 from lora_tools.resize.operation import ResizeReport
 
@@ -39,9 +36,7 @@ def _layer_columns(layers: list[LayerResizeReport]) -> tuple[list[Column], str]:
 
 
 def _family_columns(layers: list[LayerResizeReport]) -> tuple[list[Column], str]:
-    families: dict[str, list[LayerResizeReport]] = defaultdict(list)
-    for layer in layers:
-        families[re.sub(r"(?<=[._])\d+(?=[._]|$)", "*", layer.name)].append(layer)
+    families = group_by_family(layers, lambda layer: layer.name)
     groups = list(families.values())
     names = [printable(family) for family in families]
     prefix = shared_prefix(names)
@@ -75,13 +70,7 @@ def render_resize(report: ResizeReport, console: Console, *, show_all: bool = Fa
     columns, prefix = (_family_columns if grouped else _layer_columns)(report.layers)
     if grouped:
         console.print("layers grouped by module (min / median / max over depth)")
-    line = prefix_line(prefix)
-    if line:
-        console.print(line)
-    table, footer = fit_table(columns, console.width)
-    console.print(table)
-    for text in footer:
-        console.print(text)
+    print_table(console, columns, prefix)
     if grouped:
         console.print(f"{len(report.layers)} layers grouped by module; --all shows every layer")
     console.print(
