@@ -16,6 +16,7 @@ from lora_tools.blend.options import FORMATS as BLEND_FORMATS
 from lora_tools.blend.options import METHODS as BLEND_METHODS
 from lora_tools.errors import LoraToolsError, RequestError, printable
 from lora_tools.io.dtypes import MERGE_DTYPE_CHOICES
+from lora_tools.render.console import RichProgress, stdout_console
 from lora_tools.resize.options import DTYPES as RESIZE_DTYPES
 from lora_tools.resize.options import FORMATS as RESIZE_FORMATS
 
@@ -43,21 +44,6 @@ class _Commands(click.Group):
             return super().invoke(ctx)
         except LoraToolsError as error:
             raise InputError(str(error)) from None
-
-
-def _stdout_console() -> Any:
-    """stdout's console: the terminal's width, else COLUMNS, else 200 columns (a pipe or a
-    file: every column fits; tables never take more width than they need)."""
-    import os
-
-    from rich.console import Console
-
-    console = Console(soft_wrap=False)
-    if not console.is_terminal:
-        columns = os.environ.get("COLUMNS", "").strip()
-        width = int(columns) if columns.isdigit() and int(columns) > 0 else 200
-        console = Console(soft_wrap=False, width=max(width, 20))
-    return console
 
 
 @click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
@@ -102,43 +88,7 @@ def inspect_command(
     if as_json:
         click.echo(to_json_text(report.to_json()))
     else:
-        render_inspect(report, _stdout_console(), show_all=show_all, resize="resize" in cli.commands)
-
-
-class _RichProgress:
-    """A progress bar on stderr (tensors, bytes, throughput); stdout stays clean."""
-
-    def __init__(self) -> None:
-        from rich.console import Console
-        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
-
-        self._bar = Progress(
-            TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-            TextColumn("{task.fields[tensors]} tensors"), TimeRemainingColumn(),
-            console=Console(stderr=True), transient=True,
-        )
-        self._task: Any = None
-        self._tensors = 0
-        self._started = False
-
-    def start(self, total_tensors: int, total_bytes: int) -> None:
-        if not self._bar.console.is_terminal:  # a log file gets the summary line, not a bar
-            return
-        self._started = True
-        self._bar.start()
-        self._task = self._bar.add_task("merging", total=total_bytes, tensors=f"0/{total_tensors}")
-        self._total_tensors = total_tensors
-
-    def advance(self, tensors: int, nbytes: int) -> None:
-        if not self._started:
-            return
-        self._tensors += tensors
-        self._bar.update(self._task, advance=nbytes, tensors=f"{self._tensors}/{self._total_tensors}")
-
-    def stop(self) -> None:
-        if self._started:
-            self._started = False
-            self._bar.stop()
+        render_inspect(report, stdout_console(), show_all=show_all, resize="resize" in cli.commands)
 
 
 @cli.command("merge")
@@ -168,7 +118,7 @@ def merge_command(
     """
     from lora_tools.merge import merge
 
-    progress = None if quiet else _RichProgress()
+    progress = None if quiet else RichProgress()
     try:
         result = merge(
             base, list(adapters), out, weights=list(weights) or None, device=device, dtype=dtype,
@@ -198,7 +148,7 @@ def _run_verify(
     if as_json:
         click.echo(to_json_text(report.to_json()))
     else:
-        render_verify(report, _stdout_console(), show_all=show_all)
+        render_verify(report, stdout_console(), show_all=show_all)
     if not report.equivalent:
         sys.exit(1)
 
@@ -273,7 +223,7 @@ def blend_command(
     if as_json:
         click.echo(to_json_text(report.to_json()))
     else:
-        render_blend(report, _stdout_console(), show_all=show_all)
+        render_blend(report, stdout_console(), show_all=show_all)
 
 
 @cli.command("resize")
@@ -317,7 +267,7 @@ def resize_command(
     if as_json:
         click.echo(to_json_text(report.to_json()))
     else:
-        render_resize(report, _stdout_console(), show_all=show_all)
+        render_resize(report, stdout_console(), show_all=show_all)
 
 
 def _stopped(signum: int, written: str | None) -> int:

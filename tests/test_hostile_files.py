@@ -28,6 +28,7 @@ import pytest
 
 from builders import PeftCase
 from cli_run import run_cli
+from test_hostile import sha256_tree
 from lora_tools.errors import FormatError, LoraToolsError
 from lora_tools.io.atomic import wrap_write_errors
 from lora_tools.io.checkpoint import BaseCheckpoint
@@ -40,13 +41,6 @@ TMP_MARKER = ".lora-tools-"
 
 # --------------------------------------------------------------------------- helpers
 
-def sha256_tree(*paths: Path) -> dict[str, str]:
-    digests = {}
-    for path in paths:
-        files = [path] if not path.is_dir() else sorted(p for p in path.rglob("*") if p.is_file())
-        for file in files:
-            digests[str(file)] = hashlib.sha256(file.read_bytes()).hexdigest()
-    return digests
 
 
 def refused(*args: object, culprit: object, says: tuple[str, ...] = (), out: Path | None = None) -> str:
