@@ -88,7 +88,8 @@ def orthonormal_factor(
     dropped (rounding noise of the Gram matrix); if X has more than rounding in them, a
     Householder QR is used instead. An all-zero X gives p = 0.
     complete=True: p = min(m, k) always, as a reduced QR has, so q spans more than X's
-    range when X is rank-deficient: any dropped direction (or X = 0) means Householder.
+    range when X is rank-deficient: any dropped direction (or X = 0) means Householder;
+    and q orthonormal to rounding (the second pass always runs), as a QR's Q is.
     """
     m, k = x.shape
     if gram is None:
@@ -109,8 +110,8 @@ def orthonormal_factor(
         lam, vec = lam[keep], vec[:, keep]
     t = vec / np.sqrt(lam)  # (k, p)
     r = np.sqrt(lam)[:, None] * vec.T  # (p, k)
-    if k * _EPS * lam[-1] / lam[0] <= _ORTHO_TOL:
-        return x, t, r
+    if not complete and k * _EPS * lam[-1] / lam[0] <= _ORTHO_TOL:
+        return x, t, r  # orthogonal to ≤ 1e-10: enough for factors written in float32 or less
     q1 = x @ t  # (m, p)
     lam2, vec2 = np.linalg.eigh(q1.T @ q1)  # ≈ I
     return q1, vec2 / np.sqrt(lam2), (np.sqrt(lam2)[:, None] * vec2.T) @ r
