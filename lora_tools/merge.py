@@ -20,7 +20,6 @@ from lora_tools.engine.placement import factors_on
 from lora_tools.engine.plan import MergePlan, TensorPlan, is_plain, make_plan
 from lora_tools.engine.staging import ByteRing
 from lora_tools.engine.stream import Progress, TensorStream, all_finite, first_new_non_finite, may_overflow, refuse_overflow
-from lora_tools.engine.weights import check_weights
 from lora_tools.errors import FormatError, LoraToolsError, RequestError
 from lora_tools.io.atomic import atomic_output, wrap_write_errors
 from lora_tools.io.dtypes import DTYPE_ALIASES
@@ -77,7 +76,6 @@ def merge(
     out = Path(out)
     target_device = resolve_device(device)
     out_code = output_dtype_code(dtype)
-    check_weights(weights, adapter_paths)
     plan = make_plan(base_path, adapter_paths, weights, alpha=alpha, place=factors_on(target_device))
     inputs = [Path(base_path), *map(Path, adapter_paths)]
     try:

@@ -14,6 +14,7 @@ from typing import Any
 
 from lora_tools.adapter import Adapter, Factor
 from lora_tools.engine.binding import LayerTarget, fit_to_base
+from lora_tools.engine.weights import check_weights
 from lora_tools.errors import FormatError, MismatchError, RequestError
 from lora_tools.formats import load_adapter
 from lora_tools.formats.names import resolve_names
@@ -132,6 +133,7 @@ def make_plan(
     verify ask for torch tensors on their compute device)."""
     if not adapter_paths:
         raise RequestError(None, "no adapter given")
+    check_weights(weights, adapter_paths)  # before the count: it names the adapter a bad weight belongs to
     weights = normalize_weights(weights, len(adapter_paths), Path(adapter_paths[0]))
     base = BaseCheckpoint.open(base_path)
     try:

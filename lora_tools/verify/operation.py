@@ -26,7 +26,6 @@ import torch
 
 from lora_tools.engine.placement import factors_on
 from lora_tools.engine.plan import TensorPlan, make_plan
-from lora_tools.engine.weights import check_weights
 from lora_tools.errors import FormatError
 from lora_tools.io.checkpoint import BaseCheckpoint
 from lora_tools.verify.block_math import Workspace
@@ -100,7 +99,6 @@ def verify(
     seed: int = 0,
 ) -> VerifyReport:
     """Check `merged_path` against BASE + Σ wᵢ·ΔWᵢ; see the module docstring."""
-    check_weights(weights, adapter_paths)
     # factors as stored (bf16 at half the size of float32), widened per use like merge's
     plan = make_plan(base_path, adapter_paths, weights, alpha=alpha, place=factors_on(torch.device("cpu")))
     try:
