@@ -21,7 +21,7 @@ from lora_tools.engine.plan import MergePlan, TensorPlan, is_plain, make_plan
 from lora_tools.engine.staging import ByteRing
 from lora_tools.engine.stream import Progress, TensorStream, all_finite, first_new_non_finite, may_overflow, refuse_overflow
 from lora_tools.errors import FormatError, LoraToolsError, RequestError
-from lora_tools.io.atomic import atomic_output, wrap_write_errors
+from lora_tools.io.atomic import written_atomically
 from lora_tools.io.dtypes import DTYPE_ALIASES
 from lora_tools.io.extra_files import copy_extra_files
 from lora_tools.io.hf_layout import update_config_dtype, write_index
@@ -80,7 +80,7 @@ def merge(
     inputs = [Path(base_path), *map(Path, adapter_paths)]
     try:
         stream = TensorStream(target_device, plan.tensors, _Merger(plan, target_device), out_code, progress)
-        with wrap_write_errors(out), atomic_output(out, force, inputs) as tmp:
+        with written_atomically(out, force, inputs) as tmp:
             if plan.base.is_dir:
                 tmp.mkdir()
                 copy_extra_files(plan.base.path, plan.base.extra_files(), tmp)

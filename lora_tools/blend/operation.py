@@ -34,7 +34,7 @@ import numpy as np
 from lora_tools.adapter import Adapter
 from lora_tools.blend.inputs import DTYPES, check_inputs, check_options, resolve_weights
 from lora_tools.blend.layers import BlendResult, LayerBlendReport, blend_adapters, default_rank
-from lora_tools.errors import LoraToolsError, RequestError
+from lora_tools.errors import RequestError
 
 # PEFT config fields that decide which modules an adapter creates: copied to the
 # output only when every input agrees on them and adapts the same modules.
@@ -123,8 +123,7 @@ def blend(
     from lora_tools.formats import load_adapter
     from lora_tools.formats.kohya import write_kohya
     from lora_tools.formats.peft import write_peft_adapter
-    from lora_tools.io.atomic import atomic_output, wrap_write_errors
-    from lora_tools.io.encode import WriteError
+    from lora_tools.io.atomic import written_atomically
 
     started = time.perf_counter()
     check_options(method, rank, energy, density, out_format, dtype)
@@ -151,17 +150,14 @@ def blend(
     base_name = base_model_name_or_path or (bases[0] if bases else None)
     recipe = {"method": method, "weights": weights, "inputs": [Path(p).name for p in inputs]}
     metadata = {"lora_tools.blend": json.dumps(recipe)}
-    try:
-        with wrap_write_errors(out), atomic_output(out, force, [Path(p) for p in inputs]) as tmp:
-            if fmt == "kohya":
-                write_kohya(result.layers, tmp, dtype=code, metadata=metadata)
-            else:
-                extra, targets = _peft_extras(adapters, result)
-                write_peft_adapter(result.layers, tmp, base_name, dtype=code, full_tensors=result.full_tensors,
-                                   full_tensor_dtype=full_code, base_copies={k: np.asarray(v) for k, v in result.base_copies.items()},
-                                   target_modules=targets, config_extra=extra, metadata=metadata)
-    except WriteError as error:
-        raise LoraToolsError(out, str(error)) from None
+    with written_atomically(out, force, [Path(p) for p in inputs]) as tmp:
+        if fmt == "kohya":
+            write_kohya(result.layers, tmp, dtype=code, metadata=metadata)
+        else:
+            extra, targets = _peft_extras(adapters, result)
+            write_peft_adapter(result.layers, tmp, base_name, dtype=code, full_tensors=result.full_tensors,
+                               full_tensor_dtype=full_code, base_copies={k: np.asarray(v) for k, v in result.base_copies.items()},
+                               target_modules=targets, config_extra=extra, metadata=metadata)
     return _report(adapters, weights, result, out, fmt, code, method, rank, energy, density, seed, notes,
                    time.perf_counter() - started)
 

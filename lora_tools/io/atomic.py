@@ -162,3 +162,19 @@ def wrap_write_errors(out: str | os.PathLike[str]) -> Iterator[None]:
         yield
     except OSError as exc:
         raise LoraToolsError(out, f"cannot write: {exc.strerror or exc}") from exc
+
+
+@contextlib.contextmanager
+def written_atomically(
+    out: str | os.PathLike[str], force: bool = False, inputs: Sequence[Path] = ()
+) -> Iterator[Path]:
+    """How every command writes OUT: `atomic_output` inside `wrap_write_errors`, and a
+    writer's refusal (`encode.WriteError`: something the format cannot hold) as one line
+    naming OUT. Yields the temporary path to write."""
+    from lora_tools.io.encode import WriteError
+
+    try:
+        with wrap_write_errors(out), atomic_output(out, force, inputs) as tmp:
+            yield tmp
+    except WriteError as error:
+        raise LoraToolsError(out, str(error)) from None

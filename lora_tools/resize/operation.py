@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_tools.adapter import Adapter, LoraLayer
-from lora_tools.errors import LoraToolsError, RequestError
+from lora_tools.errors import RequestError
 from lora_tools.linalg.rank_policy import RankPolicy
 from lora_tools.resize.layers import LayerResizeReport, resize_layers
 from lora_tools.resize.options import DTYPES, FORMATS
@@ -164,8 +164,7 @@ def resize(
 ) -> ResizeReport:
     """Read ADAPTER, resize every layer by the policy, write OUT atomically, report per layer."""
     from lora_tools.formats import load_adapter
-    from lora_tools.io.atomic import atomic_output, wrap_write_errors
-    from lora_tools.io.encode import WriteError
+    from lora_tools.io.atomic import written_atomically
 
     started = time.perf_counter()
     policy, name = check_options(rank, energy, sv_ratio, sv_fro, sv_cumulative, budget, min_rank, bake, out_format, dtype)
@@ -186,11 +185,8 @@ def resize(
     recipe = {"policy": name, "rank": rank, "energy": energy, "sv_ratio": sv_ratio, "sv_fro": sv_fro,
               "sv_cumulative": sv_cumulative, "budget": budget, "min_rank": min_rank, "bake": bake}
     metadata = {"lora_tools.resize": json.dumps({k: v for k, v in recipe.items() if v is not None})}
-    try:
-        with wrap_write_errors(out), atomic_output(out, force, [Path(adapter_path)]) as tmp:
-            _write(adapter, layers, tmp, fmt, code, bool(dropped), metadata)
-    except WriteError as error:
-        raise LoraToolsError(out, str(error)) from None
+    with written_atomically(out, force, [Path(adapter_path)]) as tmp:
+        _write(adapter, layers, tmp, fmt, code, bool(dropped), metadata)
     notes = []
     if any(r.dora for r in reports):
         notes.append("DoRA: magnitudes kept; the low-rank direction update s·B·A is truncated (figures are for it)")
