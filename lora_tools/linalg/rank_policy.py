@@ -22,30 +22,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lora_tools.linalg.spectrum import energy_rank
-
-# A cumulative share within this relative tolerance of the target counts as reaching it,
-# so that p = 1.0 (or a share hit exactly) cannot fail by rounding.
-_RTOL = 1e-12
+from lora_tools.linalg.spectrum import descending, energy_rank, share_rank
 
 PER_LAYER = ("energy", "sv_ratio", "sv_fro", "sv_cumulative")
 
 
-def _sigma(singular_values: np.ndarray) -> np.ndarray:
-    return np.sort(np.abs(np.asarray(singular_values, dtype=np.float64).ravel()))[::-1]
-
-
-def _share_rank(values: np.ndarray, share: float) -> int:
-    """Smallest k with Σ_{i≤k} vᵢ ≥ share·Σv (v ≥ 0 descending); 0 for all-zero."""
-    cum = np.cumsum(values)
-    if cum.size == 0 or cum[-1] == 0.0 or share <= 0.0:
-        return 0
-    return min(int(np.searchsorted(cum, share * cum[-1] * (1.0 - _RTOL), side="left")) + 1, cum.size)
-
-
 def sv_ratio_rank(singular_values: np.ndarray, ratio: float) -> int:
     """kohya's sv_ratio: the number of σᵢ > σ₁/ratio; 0 for an all-zero spectrum."""
-    s = _sigma(singular_values)
+    s = descending(singular_values)
     if s.size == 0 or s[0] == 0.0:
         return 0
     return max(1, int(np.count_nonzero(s > s[0] / ratio)))
@@ -53,12 +37,12 @@ def sv_ratio_rank(singular_values: np.ndarray, ratio: float) -> int:
 
 def sv_fro_rank(singular_values: np.ndarray, fraction: float) -> int:
     """kohya's sv_fro: smallest k with √(Σ_{i≤k} σᵢ² / Σσ²) ≥ fraction."""
-    return _share_rank(_sigma(singular_values) ** 2, fraction**2)
+    return share_rank(descending(singular_values) ** 2, fraction**2)
 
 
 def sv_cumulative_rank(singular_values: np.ndarray, fraction: float) -> int:
     """kohya's sv_cumulative: smallest k with Σ_{i≤k} σᵢ / Σσ ≥ fraction (σ, not σ²)."""
-    return _share_rank(_sigma(singular_values), fraction)
+    return share_rank(descending(singular_values), fraction)
 
 
 @dataclass(frozen=True)
@@ -74,7 +58,7 @@ class RankPolicy:
     def choose(self, singular_values: np.ndarray) -> int:
         """k for this layer: the policy's rank, capped by `rank` and by r = len(σ),
         floored by `min_rank`; 0 when the update is exactly zero (the layer is dropped)."""
-        s = _sigma(singular_values)
+        s = descending(singular_values)
         if s.size == 0 or s[0] == 0.0:
             return 0
         if self.kind is None:
@@ -98,7 +82,7 @@ def kept_relative_energy(spectra: Sequence[np.ndarray], ranks: Sequence[int]) ->
     """Σ over layers of Σ_{i≤kₗ} σᵢ² / Σσ² (each layer's kept share; zero layers count 0)."""
     total = 0.0
     for s, k in zip(spectra, ranks):
-        energy = _sigma(s) ** 2
+        energy = descending(s) ** 2
         if energy.sum() > 0.0:
             total += float(energy[:k].sum() / energy.sum())
     return total
@@ -137,7 +121,7 @@ def budget_ranks(spectra: Sequence[np.ndarray], costs: Sequence[int], budget: in
         raise ValueError(f"the budget {budget} is below the {used} parameters the minimum ranks need")
     shares = []
     for s in spectra:
-        energy = _sigma(s) ** 2
+        energy = descending(s) ** 2
         shares.append(energy / energy.sum() if energy.sum() > 0.0 else np.zeros_like(energy))
     limits = [min(len(s), cap) if cap is not None else len(s) for s in spectra]
     heap = [(-float(shares[i][ranks[i]]) / costs[i], i) for i in range(len(spectra))
@@ -167,7 +151,7 @@ def fractional_bound(spectra: Sequence[np.ndarray], costs: Sequence[int], budget
     value = kept_relative_energy(spectra, ranks)
     steps = []
     for i, s in enumerate(spectra):
-        energy = _sigma(s) ** 2
+        energy = descending(s) ** 2
         if energy.sum() == 0.0:
             continue
         limit = min(len(s), cap) if cap is not None else len(s)
