@@ -14,20 +14,12 @@ import json
 from typing import Any
 
 from lora_tools.render.blend_table import render_blend
-from lora_tools.render.columns import MAX_ROWS, escape
 from lora_tools.render.inspect_table import render_inspect
-from lora_tools.render.verify_table import describe, render_verify, verify_summary_line
+from lora_tools.render.verify_table import render_verify
 
-__all__ = [
-    "MAX_ROWS", "describe", "escape", "render_blend", "render_inspect", "render_verify", "to_json_text",
-    "verify_summary_line",
-]
+__all__ = ["render_blend", "render_inspect", "render_verify", "to_json_text"]
 
 
 def to_json_text(document: dict[str, Any]) -> str:
     """One JSON document; non-finite floats are not JSON, so they must not occur."""
     return json.dumps(document, indent=2, allow_nan=False)
-
-
-def _g(value: float | None, digits: int = 4) -> str:
-    return "-" if value is None else f"{value:.{digits}g}"
