@@ -22,7 +22,7 @@ from lora_tools.engine.staging import ByteRing
 from lora_tools.engine.stream import Progress, TensorStream, all_finite, first_new_non_finite, may_overflow, refuse_overflow
 from lora_tools.errors import FormatError, LoraToolsError, RequestError
 from lora_tools.io.atomic import written_atomically
-from lora_tools.io.dtypes import DTYPE_ALIASES
+from lora_tools.io.dtypes import dtype_code
 from lora_tools.io.extra_files import copy_extra_files
 from lora_tools.io.hf_layout import update_config_dtype, write_index
 from lora_tools.linalg.dense import accumulation_dtype, merge_rows_into, merged_tensor
@@ -51,10 +51,8 @@ class MergeResult:
 
 def output_dtype_code(dtype: str) -> str | None:
     """None for "keep", else the safetensors code every float tensor is stored in."""
-    if dtype == "keep":
-        return None
     try:
-        return DTYPE_ALIASES[dtype.lower()]
+        return dtype_code(dtype)
     except KeyError:
         raise RequestError(None, f"unknown --dtype {dtype!r} (use keep, bf16, fp16 or fp32)") from None
 

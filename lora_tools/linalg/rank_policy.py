@@ -139,27 +139,3 @@ def budget_ranks(spectra: Sequence[np.ndarray], costs: Sequence[int], budget: in
     if uniform is not None and kept_relative_energy(spectra, uniform) > kept_relative_energy(spectra, ranks):
         return uniform
     return ranks
-
-
-def fractional_bound(spectra: Sequence[np.ndarray], costs: Sequence[int], budget: int, *, cap: int | None = None,
-                     min_rank: int = 1) -> float:
-    """The fractional-knapsack upper bound on Σ kept relative energy under `budget` (the
-    greedy order, its last step taken in part): what no integer choice can exceed."""
-    floor = RankPolicy(rank=min_rank, min_rank=min_rank)
-    ranks = [floor.choose(s) for s in spectra]
-    left = budget - sum(k * c for k, c in zip(ranks, costs))
-    value = kept_relative_energy(spectra, ranks)
-    steps = []
-    for i, s in enumerate(spectra):
-        energy = descending(s) ** 2
-        if energy.sum() == 0.0:
-            continue
-        limit = min(len(s), cap) if cap is not None else len(s)
-        steps += [(float(energy[k] / energy.sum()), costs[i]) for k in range(ranks[i], limit)]
-    for gain, cost in sorted(steps, key=lambda step: -step[0] / step[1]):
-        if left <= 0:
-            break
-        take = min(1.0, left / cost)
-        value += take * gain
-        left -= cost
-    return value
