@@ -78,7 +78,8 @@ def inspect_command(
         lora-tools inspect ./my-adapter --plot report.png
     """
     from lora_tools.inspect import inspect_adapter
-    from lora_tools.render.tables import render_inspect, to_json_text
+    from lora_tools.render.inspect_table import render_inspect
+    from lora_tools.render.tables import to_json_text
 
     report = inspect_adapter(adapter, base_path=base, alpha=alpha)
     if plot_path is not None:
@@ -141,7 +142,8 @@ def _run_verify(
     base: str, adapters: list[str], merged: str, weights: list[float], alpha: float | None,
     atol: float | None, rtol: float | None, as_json: bool, show_all: bool = False,
 ) -> None:
-    from lora_tools.render.tables import render_verify, to_json_text
+    from lora_tools.render.tables import to_json_text
+    from lora_tools.render.verify_table import render_verify
     from lora_tools.verify.operation import verify
 
     report = verify(base, list(adapters), merged, weights=weights or None, atol=atol, rtol=rtol, alpha=alpha)
@@ -213,7 +215,8 @@ def blend_command(
         lora-tools blend a/ b/ --weight 0.5 --energy 0.99 -o small/
     """
     from lora_tools.blend.operation import blend
-    from lora_tools.render.tables import render_blend, to_json_text
+    from lora_tools.render.blend_table import render_blend
+    from lora_tools.render.tables import to_json_text
 
     report = blend(
         list(adapters), out, list(weights), method=method, rank=rank, energy=energy, density=density, seed=seed,
@@ -256,8 +259,6 @@ def resize_command(
         lora-tools resize ./my-adapter --budget 2000000 -o fit/
         lora-tools resize ./rslora-adapter --bake -o baked/      # alpha = r: right under any alpha/r runtime
     """
-    from lora_tools.render.resize_table import render_resize
-    from lora_tools.render.tables import to_json_text
     from lora_tools.resize.operation import resize
 
     report = resize(
@@ -265,8 +266,12 @@ def resize_command(
         budget=budget, min_rank=min_rank, bake=bake, out_format=out_format, dtype=dtype, force=force,
     )
     if as_json:
+        from lora_tools.render.tables import to_json_text
+
         click.echo(to_json_text(report.to_json()))
     else:
+        from lora_tools.render.resize_table import render_resize  # rich tables: only when drawn
+
         render_resize(report, stdout_console(), show_all=show_all)
 
 

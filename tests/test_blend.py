@@ -563,6 +563,22 @@ def test_bf16_rounding_matches_torch(values: list[float]) -> None:
     np.testing.assert_array_equal(float32_to_bf16_bits(x), expected)
 
 
+def test_bf16_rounding_matches_torch_across_chunks() -> None:
+    """Many chunks, every exponent, ties, subnormals, ±0; float64 input rounds through float32 as torch does."""
+    rng = np.random.default_rng(7)
+    bits = rng.integers(0, 2**32, size=300_001, dtype=np.uint64).astype(np.uint32)
+    bits[::7] &= 0xFFFF8000  # exact ties and near-ties
+    bits[::7] |= 0x8000
+    x = bits.view(np.float32)
+    x = x[np.isfinite(x) & (np.abs(x) < 3.3e38)].reshape(-1, 1)
+    expected = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    np.testing.assert_array_equal(float32_to_bf16_bits(x), expected)
+    wide = rng.standard_normal((513, 257)) * 10.0 ** rng.integers(-40, 38, size=(513, 257))
+    expected = torch.from_numpy(wide).to(torch.float32).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    np.testing.assert_array_equal(float32_to_bf16_bits(wide), expected)
+    assert float32_to_bf16_bits(np.zeros((0, 3), np.float32)).shape == (0, 3)
+
+
 def test_single_threaded_blas_restores_the_thread_count() -> None:
     """The factored blend runs OpenBLAS on one thread and gives the setting back (where it can)."""
     import ctypes

@@ -26,7 +26,7 @@ from lora_tools.linalg.factored import (
     frobenius_norm,
     truncate,
 )
-from lora_tools.linalg.qr import Stack
+from lora_tools.linalg.tall import Stack
 
 
 @dataclass

@@ -25,16 +25,44 @@ class WriteError(ValueError):
     unrepresentable value); callers turn it into a LoraToolsError naming the output."""
 
 
+# Elements encoded at a time: the float32 copy and its carry bits stay in cache, and no
+# whole-tensor temporaries are allocated (their page faults cost more than the arithmetic).
+_CHUNK = 1 << 16
+
+
 def float32_to_bf16_bits(values: np.ndarray) -> np.ndarray:
-    """bf16 bit patterns (uint16) of float32 values, rounded to nearest, ties to even.
+    """bf16 bit patterns (uint16) of `values` (any float dtype, rounded to float32 first,
+    as torch's `.to(bfloat16)` does for float64), rounded to nearest, ties to even.
 
     bf16 is the top half of a float32: add 0x7FFF plus the lowest kept bit, then drop the
-    low 16 bits. Finite inputs only (NaN payloads are not preserved); values that round
-    past bf16's largest finite number become ±inf, which `encode_array` refuses.
+    low 16 bits (no uint32 overflow for finite values: 0xFF7FFFFF + 0x8000 < 2³²).
+    Finite inputs only: a non-finite value, or one that rounds past bf16's largest finite
+    number, gives an exponent of all ones (inf or NaN), which `encode_array` refuses.
     """
-    bits = np.ascontiguousarray(values, dtype="<f4").view("<u4").astype(np.uint64)
-    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-    return rounded.astype("<u2")
+    flat = np.ascontiguousarray(values).reshape(-1)
+    out = np.empty(flat.size, dtype="<u2")
+    f32 = np.empty(min(_CHUNK, flat.size), dtype="<f4")
+    bits, carry = f32.view("<u4"), np.empty(f32.size, dtype="<u4")
+    with np.errstate(over="ignore", invalid="ignore"):
+        for lo in range(0, flat.size, _CHUNK):
+            n = min(_CHUNK, flat.size - lo)
+            chunk, chunk_bits, chunk_carry = f32[:n], bits[:n], carry[:n]
+            np.copyto(chunk, flat[lo:lo + n], casting="unsafe")
+            infinite = ~np.isfinite(chunk)
+            np.right_shift(chunk_bits, 16, out=chunk_carry)
+            np.bitwise_and(chunk_carry, 1, out=chunk_carry)
+            chunk_carry += 0x7FFF
+            chunk_bits += chunk_carry
+            chunk_bits >>= 16
+            chunk_bits[infinite] = 0x7F80  # NaN and ±inf (whose carry may wrap) as +inf
+            out[lo:lo + n] = chunk_bits
+    return out.reshape(np.shape(values))
+
+
+def _bf16_finite(encoded: np.ndarray) -> bool:
+    """No bf16 pattern with an exponent of all ones (inf, NaN)."""
+    flat = encoded.reshape(-1)
+    return not any(bool(((flat[lo:lo + _CHUNK] & 0x7F80) == 0x7F80).any()) for lo in range(0, flat.size, _CHUNK))
 
 
 def encode_array(values: np.ndarray, dtype: str, name: str = "tensor") -> np.ndarray:
@@ -44,15 +72,14 @@ def encode_array(values: np.ndarray, dtype: str, name: str = "tensor") -> np.nda
     a value that does not fit the dtype (fp16 beyond ±65504) raises WriteError.
     """
     if dtype == "BF16":
-        f32 = np.asarray(values, dtype=np.float32)
-        encoded = float32_to_bf16_bits(f32)
-        decoded = (encoded.astype(np.uint32) << 16).view(np.float32)
+        encoded = float32_to_bf16_bits(values)
+        finite = _bf16_finite(encoded)
     elif dtype in FLOAT_DTYPES:
         encoded = np.ascontiguousarray(values, dtype=NUMPY_DTYPE[dtype])
-        decoded = encoded
+        finite = bool(np.isfinite(encoded).all())
     else:
         raise WriteError(f"{name}: cannot write dtype {dtype!r} (use one of {', '.join(WRITABLE_DTYPES)})")
-    if not np.isfinite(decoded).all():
+    if not finite:
         raise WriteError(f"{name}: values overflow {dtype} (largest |value| {float(np.max(np.abs(values))):.4g}); use F32 or BF16")
     return encoded
 

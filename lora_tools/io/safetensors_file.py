@@ -309,7 +309,8 @@ class SafetensorsFile:
         info = self.info(name)
         raw = self.read_bytes(name)
         if info.dtype == "BF16":
-            bits = np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16
+            bits = np.empty(info.numel, dtype=np.uint32)  # one pass, no widened temporary
+            np.left_shift(np.frombuffer(raw, dtype="<u2"), 16, out=bits, dtype=np.uint32)
             array = bits.view(np.float32)
         elif info.dtype in NUMPY_DTYPE:
             array = np.frombuffer(raw, dtype=NUMPY_DTYPE[info.dtype])

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lora_tools.linalg.qr import Stack, Tall, orthonormal_factor, r_factor
+from lora_tools.linalg.qr import orthonormal_factor, r_factor
 from lora_tools.linalg.spectrum import rank_for_energy
+from lora_tools.linalg.tall import Tall, as_tall, times
 
 # The Gram sum for ‖BA‖_F² carries a rounding error ≈ eps·(Σᵢ‖bᵢ‖‖aᵢ‖)²; below this share
 # of that bound cancellation has eaten too many digits and a QR-based norm is used instead.
@@ -32,16 +33,6 @@ def _factors(b: np.ndarray, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return b, a
 
 
-def _tall(x: Tall) -> Tall:
-    """A Stack as it is, an array as float64 (m, k)."""
-    if isinstance(x, Stack):
-        return x
-    x = np.asarray(x, dtype=np.float64)
-    if x.ndim != 2:
-        raise ValueError(f"a factor must be 2-D, got shape {x.shape}")
-    return x
-
-
 def _core(b: np.ndarray, a: np.ndarray) -> np.ndarray:
     """R_B·R_Aᵀ, (min(m,r), min(n,r)): with B = Q_B·R_B and Aᵀ = Q_A·R_A (reduced QR),
     B·A = Q_B·(R_B·R_Aᵀ)·Q_Aᵀ and the Q's are orthonormal, so the core has BA's
@@ -49,27 +40,58 @@ def _core(b: np.ndarray, a: np.ndarray) -> np.ndarray:
     return r_factor(b) @ r_factor(a.T).T
 
 
-def _svd_of_factors(
+@dataclass
+class FactorSVD:
+    """B·A = (base_b·left)·diag(s)·(base_a·rightᵀ)ᵀ, the tall products not yet formed.
+
+    base_b (m, ·) and base_a (n, ·) are tall (`linalg.tall`: often the factors
+    themselves), left (·, t), s (t,) descending, right (t, ·); t is the numerical rank,
+    or min(m, n, k) from `complete`. Holding this instead of U and V costs only r×r
+    matrices, so a caller can look at every layer's spectrum before it forms anything.
+    """
+
+    base_b: Tall
+    left: np.ndarray
+    s: np.ndarray
+    right: np.ndarray
+    base_a: Tall
+
+    def balanced(self, keep: int, dtype: type = np.float64, *, scale_b: float = 1.0,
+                 scale_a: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+        """The rank-`keep` truncation as b = scale_b·U·√S (m, keep) and a = scale_a·√S·Vᵀ
+        (keep, n), C-ordered, computed in float64 and stored as `dtype`. keep ≤ t."""
+        root = np.sqrt(self.s[:keep])
+        b = times(self.base_b, self.left[:, :keep] * (scale_b * root), dtype)
+        a = times(self.base_a, self.right[:keep].T * (scale_a * root), dtype, transposed=True)
+        return b, a
+
+
+def svd_of_factors(
     b: Tall,
     a_t: Tall,
     gram_b: np.ndarray | None = None,
     gram_a: np.ndarray | None = None,
     complete: bool = False,
-) -> tuple[Tall, np.ndarray, np.ndarray, np.ndarray, Tall]:
-    """B·A = (base_B·L)·diag(s)·(base_A·Rtᵀ)ᵀ for B (m, k) and a_t = Aᵀ (n, k): returns
-    base_B (m, ·), L (·, t), s (t,) descending, Rt (t, ·), base_A (n, ·).
+) -> FactorSVD:
+    """The SVD of B·A for B (m, k) and a_t = Aᵀ (n, k), either a `Tall` (an array of any
+    float dtype is used as float64 without a widened copy); gram_b = BᵀB and gram_a = AAᵀ
+    when the caller has them.
 
     B·A = Q_B·(R_B·R_Aᵀ)·Q_Aᵀ with the factors of `orthonormal_factor`, so the SVD of
     the small core is that of the product; the tall products are left to the caller,
     which forms only the columns it keeps. t is the numerical rank, or min(m, n, k)
     with `complete` (see orthonormal_factor).
     """
+    b, a_t = as_tall(b), as_tall(a_t)
+    if b.shape[1] != a_t.shape[1]:
+        raise ValueError(f"factors do not chain: b {b.shape} · a {(a_t.shape[1], a_t.shape[0])}")
     q1_b, w_b, r_b = orthonormal_factor(b, gram_b, complete=complete)  # (m, ·), (·, p), (p, k)
     q1_a, w_a, r_a = orthonormal_factor(a_t, gram_a, complete=complete)  # (n, ·), (·, q), (q, k)
     if r_b.shape[0] == 0 or r_a.shape[0] == 0:
-        return np.zeros((b.shape[0], 0)), np.zeros((0, 0)), np.zeros(0), np.zeros((0, 0)), np.zeros((a_t.shape[0], 0))
+        return FactorSVD(np.zeros((b.shape[0], 0)), np.zeros((0, 0)), np.zeros(0), np.zeros((0, 0)),
+                         np.zeros((a_t.shape[0], 0)))
     u_c, s, vt_c = np.linalg.svd(r_b @ r_a.T, full_matrices=False)  # (p, t), (t,), (t, q)
-    return q1_b, w_b @ u_c, s, vt_c @ w_a.T, q1_a
+    return FactorSVD(q1_b, w_b @ u_c, s, vt_c @ w_a.T, q1_a)
 
 
 def factored_svd(
@@ -90,9 +112,9 @@ def factored_svd(
     (m, r), n = b.shape, a.shape[1]
     if min(m, n, r) == 0:
         return np.zeros((m, 0)), np.zeros(0), np.zeros((0, n))
-    base_b, left, s, right, base_a = _svd_of_factors(b, a.T, complete=True)
+    parts = svd_of_factors(b, a.T, complete=True)
     sign = -1.0 if scale < 0 else 1.0
-    return sign * (base_b @ left), abs(scale) * s, (base_a @ right.T).T
+    return sign * (parts.base_b @ parts.left), abs(scale) * parts.s, (parts.base_a @ parts.right.T).T
 
 
 def singular_values(b: np.ndarray, a: np.ndarray, scale: float = 1.0) -> np.ndarray:
@@ -211,7 +233,7 @@ def truncate(
     Both factors come as tall matrices, B (m, r) and a_t = Aᵀ (n, r) (note: A
     transposed), each an array or a Stack of blocks (what a blend holds); gram_b = BᵀB
     and gram_a = AAᵀ (r, r) when the caller has them. From the SVD of B·A limited to its
-    numerical rank t (`_svd_of_factors`, Gram route): R = min(rank, t), further capped
+    numerical rank t (`svd_of_factors`, Gram route): R = min(rank, t), further capped
     by `energy` (the smallest rank keeping that share of ‖BA‖_F², at least 1), and
     b = U_R·√S_R (m, R), a = √S_R·Vt_R (R, n), so b·a = U_R·S_R·Vt_R. The singular values
     are split evenly between the factors so that both stay in a similar numeric range
@@ -221,18 +243,14 @@ def truncate(
     """
     if rank is not None and rank < 0:
         raise ValueError(f"rank must be ≥ 0, got {rank}")
-    b, a_t = _tall(b), _tall(a_t)
-    if b.shape[1] != a_t.shape[1]:
-        raise ValueError(f"factors do not chain: b {b.shape} · a {(a_t.shape[1], a_t.shape[0])}")
-    base_b, left, s, right, base_a = _svd_of_factors(b, a_t, gram_b, gram_a)
+    parts = svd_of_factors(b, a_t, gram_b, gram_a)
+    s = parts.s
     keep = s.size if rank is None else min(rank, s.size)
     if energy is not None:
         keep = min(keep, rank_for_energy(s, energy))
-    root = np.sqrt(s[:keep])
     energies = s**2
     total_sq, kept_sq = float(energies.sum()), float(energies[:keep].sum())
-    b_out = base_b @ (left[:, :keep] * root)  # (m, R)
-    a_out = np.ascontiguousarray((base_a @ (right[:keep].T * root)).T)  # (R, n)
+    b_out, a_out = parts.balanced(keep)  # (m, R), (R, n)
     if pad and rank is not None and rank > keep:
         b_out = np.concatenate([b_out, np.zeros((b_out.shape[0], rank - keep))], axis=1)  # (m, rank)
         a_out = np.concatenate([a_out, np.zeros((rank - keep, a_out.shape[1]))], axis=0)  # (rank, n)

@@ -12,10 +12,12 @@ has lost the digits. numpy float64; no I/O, no torch.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import cast
 
 import numpy as np
+
+from lora_tools.linalg.tall import Tall, dense
+from lora_tools.linalg.tall import gram as tall_gram
 
 # Eigen-directions of XᵀX below this share of the largest are too close to the Gram
 # matrix's rounding (≈ k·eps·λ_max) for pass 2 to make them orthogonal: dropped. They
@@ -32,44 +34,9 @@ _EPS = float(np.finfo(np.float64).eps)
 _CHOLESKY_MAX_CONDITION = 1e6
 
 
-class Stack:
-    """X = [c₁·X₁ | c₂·X₂ | …] (m, Σkᵢ), kept as its blocks: the tall side of a blend.
-
-    Copying 8192×24 factors side by side costs as much as their Gram product (rows of a
-    C-ordered array are short), so X is only ever applied to small matrices, block by
-    block, with the coefficients moved onto the small side.
-    """
-
-    def __init__(self, blocks: Sequence[np.ndarray], coefficients: Sequence[float]) -> None:
-        self.blocks = list(blocks)  # each (m, kᵢ)
-        self.coefficients = [float(c) for c in coefficients]
-        self.edges = np.cumsum([0] + [blk.shape[1] for blk in self.blocks])
-        self.shape = (self.blocks[0].shape[0], int(self.edges[-1]))
-
-    def __matmul__(self, small: np.ndarray) -> np.ndarray:
-        """X·small (m, j) = Σ Xᵢ·(cᵢ·smallᵢ); O(m·k·j)."""
-        out = None
-        for blk, c, lo, hi in zip(self.blocks, self.coefficients, self.edges[:-1], self.edges[1:]):
-            part = blk @ (c * small[lo:hi])
-            out = part if out is None else out + part
-        assert out is not None
-        return out
-
-    def dense(self) -> np.ndarray:
-        return np.concatenate([c * blk for blk, c in zip(self.blocks, self.coefficients)], axis=1)
-
-
-# A tall factor: B (m, r) or Aᵀ (n, r), as one array or as a Stack of blocks.
-Tall = np.ndarray | Stack
-
-
-def _dense(x: Tall) -> np.ndarray:
-    return x.dense() if isinstance(x, Stack) else x
-
-
 def _householder(x: Tall) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(q, I, r) of LAPACK's reduced QR: q (m, min(m, k)) orthonormal, r (min(m, k), k)."""
-    q, r = np.linalg.qr(_dense(x))
+    q, r = np.linalg.qr(dense(x))
     return q, np.eye(q.shape[1]), r
 
 
@@ -93,8 +60,7 @@ def orthonormal_factor(
     """
     m, k = x.shape
     if gram is None:
-        x = _dense(x)
-        gram = x.T @ x  # (k, k)
+        gram = tall_gram(x)  # (k, k)
     if m == 0 or k == 0:
         return np.zeros((m, 0)), np.zeros((0, 0)), np.zeros((0, k))
     lam, vec = np.linalg.eigh(gram)  # ascending

@@ -2,10 +2,11 @@
 
 Only `render/` and the CLI print. Tables go to stdout because they are the data;
 progress and warnings go to stderr. Each command's tables live in their own module
-(`inspect_table`, `verify_table`, `blend_table`), and follow the conventions of `columns`:
-names whole without their shared prefix, columns hidden by priority to fit the console's
-width (a footer says which), one number format per column. `--json` is the full-precision
-channel: `to_json_text`.
+(`inspect_table`, `verify_table`, `blend_table`, `resize_table`), and follow the
+conventions of `columns`: names whole without their shared prefix, columns hidden by
+priority to fit the console's width (a footer says which), one number format per column.
+`--json` is the full-precision channel: `to_json_text`, here alone so that a `--json` run
+does not import Rich's tables.
 """
 
 from __future__ import annotations
@@ -13,11 +14,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from lora_tools.render.blend_table import render_blend
-from lora_tools.render.inspect_table import render_inspect
-from lora_tools.render.verify_table import render_verify
-
-__all__ = ["render_blend", "render_inspect", "render_verify", "to_json_text"]
+__all__ = ["to_json_text"]
 
 
 def to_json_text(document: dict[str, Any]) -> str:

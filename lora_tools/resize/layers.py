@@ -2,9 +2,12 @@
 ranks a policy chooses, and the truncated layers with their figures. No file is read or
 written here (`operation` does that).
 
-For ΔW = s·B·A: `factored.truncate(B, Aᵀ)` gives B·A = Σ σᵢ·uᵢ·vᵢᵀ as balanced factors
-U√Σ, √ΣVᵀ, so the first k columns / rows are the Eckart–Young rank-k truncation, and
-‖ΔW − ΔW_k‖_F = |s|·√(Σ_{i>k} σᵢ²) exactly. The written layer keeps s (alpha re-derived:
+For ΔW = s·B·A: `factored.svd_of_factors(B, Aᵀ)` gives B·A = Σ σᵢ·uᵢ·vᵢᵀ with U and V
+not yet formed, so every layer's spectrum is known before any tall product is made; the
+written factors are the balanced U_k√Σ_k, √Σ_kV_kᵀ (the Eckart–Young rank-k truncation),
+formed from the stored factors in float64 row blocks and kept in float32 unless the
+output is float64 or float16 (bf16 and float32 outputs round through float32 anyway),
+and ‖ΔW − ΔW_k‖_F = |s|·√(Σ_{i>k} σᵢ²) exactly. The written layer keeps s (alpha re-derived:
 s·k, or s·√k under rsLoRA) or, baked, carries its scale in the factors under one global
 alpha c = the most common written rank (alpha = r there, scale 1) and no rsLoRA: a layer
 at another rank k folds s·k/c into its factors, so that c/k (alpha/r with r read from the
@@ -24,7 +27,7 @@ import numpy as np
 
 from lora_tools.adapter import LoraLayer
 from lora_tools.linalg.blas import single_threaded_blas
-from lora_tools.linalg.factored import TruncationResult, truncate
+from lora_tools.linalg.factored import FactorSVD, svd_of_factors
 from lora_tools.linalg.rank_policy import RankPolicy, budget_ranks
 
 
@@ -49,12 +52,13 @@ class LayerResizeReport:
     dora: bool  # DoRA: magnitude kept, only the direction's low-rank update truncated
 
 
-def _spectrum(layer: LoraLayer) -> tuple[TruncationResult, np.ndarray]:
-    """The full balanced SVD of B·A (all numerical ranks) and σ(ΔW) = |s|·σ(B·A)."""
-    b = np.asarray(layer.b_matrix, dtype=np.float64)  # (m, r)
-    a_t = np.asarray(layer.a_matrix, dtype=np.float64).T  # (n, r)
-    full = truncate(b, a_t, None, pad=False)
-    return full, abs(layer.scale) * full.singular_values
+def _spectrum(layer: LoraLayer) -> tuple[FactorSVD, np.ndarray]:
+    """The SVD of B·A (numerical rank t, tall products unformed) and σ(ΔW) = |s|·σ(B·A),
+    all r of them (zero past t)."""
+    parts = svd_of_factors(np.asarray(layer.b_matrix), np.asarray(layer.a_matrix).T)  # (m, r), (n, r)
+    sigma = np.zeros(layer.rank)
+    sigma[: parts.s.size] = abs(layer.scale) * parts.s
+    return parts, sigma
 
 
 def choose_ranks(spectra: Sequence[np.ndarray], layers: Sequence[LoraLayer], policy: RankPolicy,
@@ -83,34 +87,34 @@ def _alpha_for(layer: LoraLayer, k: int) -> float:
     return layer.scale * (math.sqrt(k) if layer.use_rslora else k)
 
 
-def resize_layer(layer: LoraLayer, full: TruncationResult, sigma: np.ndarray, k: int,
-                 bake_alpha: float | None) -> tuple[LoraLayer | None, LayerResizeReport]:
-    """The layer truncated to rank k (None when k = 0), and its figures; with `bake_alpha`
-    c, its scale folded into the factors under alpha = c (scale c/k, no rsLoRA)."""
+def resize_layer(layer: LoraLayer, parts: FactorSVD, sigma: np.ndarray, k: int, bake_alpha: float | None,
+                 dtype: type = np.float64) -> tuple[LoraLayer | None, LayerResizeReport]:
+    """The layer truncated to rank k (None when k = 0), its factors stored as `dtype`, and
+    its figures; with `bake_alpha` c, its scale folded into the factors under alpha = c
+    (scale c/k, no rsLoRA)."""
     energies = sigma**2
     total = float(energies.sum())
     residual = math.sqrt(float(energies[k:].sum()))
     norm = math.sqrt(total)
     out: LoraLayer | None = None
     if k > 0:
-        t = full.a.shape[0]
-        b, a = full.b[:, :k], full.a[:k]
-        if k > t:  # the floor asks for more than the numerical rank: zero columns / rows
-            b = np.concatenate([b, np.zeros((b.shape[0], k - t))], axis=1)
-            a = np.concatenate([a, np.zeros((k - t, a.shape[1]))], axis=0)
         bias = None if layer.bias is None else np.asarray(layer.bias, dtype=np.float64)
+        fold = 1.0
         if bake_alpha is not None:
             fold = layer.scale * k / bake_alpha  # (c/k)·fold·B_k·A_k = s·B_k·A_k
-            root = math.sqrt(abs(fold))
-            b, a = math.copysign(root, fold) * b, root * a
             alpha, rslora = bake_alpha, False
             bias = None if bias is None else fold * bias
         else:
             alpha, rslora = _alpha_for(layer, k), layer.use_rslora
+        t = parts.s.size
+        root = math.sqrt(abs(fold))  # on the small side, so each stored value is rounded once
+        b, a = parts.balanced(min(k, t), dtype, scale_b=math.copysign(root, fold), scale_a=root)
+        if k > t:  # the floor asks for more than the numerical rank: zero columns / rows
+            b = np.concatenate([b, np.zeros((b.shape[0], k - t), dtype)], axis=1)
+            a = np.concatenate([a, np.zeros((k - t, a.shape[1]), dtype)], axis=0)
         b, a = _stored(layer, b, a)
         magnitude = None if layer.magnitude is None else np.asarray(layer.magnitude)
-        out = replace(layer, a=np.ascontiguousarray(a), b=np.ascontiguousarray(b), alpha=alpha, use_rslora=rslora,
-                      magnitude=magnitude, bias=bias)
+        out = replace(layer, a=a, b=b, alpha=alpha, use_rslora=rslora, magnitude=magnitude, bias=bias)
     report = LayerResizeReport(
         name=layer.name, kind=layer.kind, shape=list(layer.update_matrix_shape), rank_in=layer.rank, rank_out=k,
         alpha_in=float(layer.alpha), alpha_out=float(out.alpha) if out is not None else 0.0, fro_norm=norm,
@@ -123,8 +127,9 @@ def resize_layer(layer: LoraLayer, full: TruncationResult, sigma: np.ndarray, k:
 
 
 def resize_layers(layers: Sequence[LoraLayer], policy: RankPolicy, *, budget: int | None = None,
-                  bake: bool = False) -> tuple[list[LoraLayer], list[LayerResizeReport]]:
-    """Every layer resized by `policy` (or the budget); dropped layers have no output."""
+                  bake: bool = False, dtype: type = np.float64) -> tuple[list[LoraLayer], list[LayerResizeReport]]:
+    """Every layer resized by `policy` (or the budget), factors stored as `dtype`; dropped
+    layers have no output."""
     # many small QRs and SVDs: one BLAS thread each, the layers spread over the cores
     # (numpy releases the GIL inside LAPACK/BLAS), results in layer order
     workers = max(1, min(8, os.cpu_count() or 1, len(layers)))
@@ -134,6 +139,6 @@ def resize_layers(layers: Sequence[LoraLayer], policy: RankPolicy, *, budget: in
         ranks = choose_ranks(spectra, layers, policy, budget)
         written = [k for k in ranks if k > 0]
         bake_alpha = float(max(written, key=lambda k: (written.count(k), -written.index(k)))) if bake and written else None
-        done = list(pool.map(lambda job: resize_layer(job[0], job[1][0], job[1][1], job[2], bake_alpha),
+        done = list(pool.map(lambda job: resize_layer(job[0], job[1][0], job[1][1], job[2], bake_alpha, dtype),
                              zip(layers, pairs, ranks)))
     return [layer for layer, _ in done if layer is not None], [report for _, report in done]

@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from lora_tools.adapter import Adapter, LoraLayer
 from lora_tools.errors import RequestError
 from lora_tools.linalg.rank_policy import RankPolicy
@@ -130,8 +132,6 @@ def _peft_config_extra(adapter: Adapter, dropped: bool) -> tuple[dict[str, Any],
 
 def _write(adapter: Adapter, layers: list[LoraLayer], tmp: Path, fmt: str, code: str, dropped: bool,
            metadata: dict[str, str]) -> None:
-    import numpy as np
-
     from lora_tools.formats.diffusers import METADATA_KEY, write_diffusers
     from lora_tools.formats.kohya import write_kohya
     from lora_tools.formats.peft import write_peft_adapter
@@ -174,14 +174,16 @@ def resize(
         raise RequestError(out, f"--format {fmt} needs a {fmt} input (the input is {adapter.format}; names are not converted)")
     if not adapter.layers:
         raise RequestError(adapter_path, "has no LoRA layers to resize")
+    code = DTYPES[dtype] or _common([layer.dtype for layer in adapter.layers], "F32")
+    # bf16 and float32 are written through float32 in any case (io.encode): no float64 copies
+    held = np.float32 if code in ("BF16", "F32") else np.float64
     try:
-        layers, reports = resize_layers(adapter.layers, policy, budget=budget, bake=bake)
+        layers, reports = resize_layers(adapter.layers, policy, budget=budget, bake=bake, dtype=held)
     except ValueError as error:
         raise RequestError(adapter_path, str(error)) from None
     if not layers:
         raise RequestError(adapter_path, "every layer's update is exactly zero: nothing to write")
     dropped = [r.name for r in reports if r.rank_out == 0]
-    code = DTYPES[dtype] or _common([layer.dtype for layer in adapter.layers], "F32")
     recipe = {"policy": name, "rank": rank, "energy": energy, "sv_ratio": sv_ratio, "sv_fro": sv_fro,
               "sv_cumulative": sv_cumulative, "budget": budget, "min_rank": min_rank, "bake": bake}
     metadata = {"lora_tools.resize": json.dumps({k: v for k, v in recipe.items() if v is not None})}

@@ -1,0 +1,133 @@
+"""Tall matrices X (m, k), k ≪ m, that the factored math only ever applies to small ones.
+
+Three kinds: a float64 array; a `Stack` of blocks (the side of a blend); a `Widened`
+array stored in float32/float16 (a loaded factor). Every product here is float64 and
+costs O(m·k·j); the point of the two classes is to get there without a float64 copy of
+the whole tall matrix: copying 8192×24 blocks side by side costs as much as their Gram
+product, and widening a whole 1B adapter's factors to float64 (360 MB) costs more in
+page faults than the products themselves take (~0.4 s of a 1.6 s resize). No I/O, no torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+# Rows widened at a time: 2048×64 float64 is 1 MB, which stays in a core's cache
+# between the widening copy and the product that reads it.
+ROW_BLOCK = 2048
+
+
+class Stack:
+    """X = [c₁·X₁ | c₂·X₂ | …] (m, Σkᵢ), kept as its blocks: the tall side of a blend.
+
+    Copying 8192×24 factors side by side costs as much as their Gram product (rows of a
+    C-ordered array are short), so X is only ever applied to small matrices, block by
+    block, with the coefficients moved onto the small side.
+    """
+
+    def __init__(self, blocks: Sequence[np.ndarray], coefficients: Sequence[float]) -> None:
+        self.blocks = list(blocks)  # each (m, kᵢ)
+        self.coefficients = [float(c) for c in coefficients]
+        self.edges = np.cumsum([0] + [blk.shape[1] for blk in self.blocks])
+        self.shape = (self.blocks[0].shape[0], int(self.edges[-1]))
+
+    def __matmul__(self, small: np.ndarray) -> np.ndarray:
+        """X·small (m, j) = Σ Xᵢ·(cᵢ·smallᵢ); O(m·k·j)."""
+        out = None
+        for blk, c, lo, hi in zip(self.blocks, self.coefficients, self.edges[:-1], self.edges[1:]):
+            part = blk @ (c * small[lo:hi])
+            out = part if out is None else out + part
+        assert out is not None
+        return out
+
+    def dense(self) -> np.ndarray:
+        return np.concatenate([c * blk for blk, c in zip(self.blocks, self.coefficients)], axis=1)
+
+
+class Widened:
+    """A float32/float16 X (m, k) used as float64, ROW_BLOCK rows at a time.
+
+    Each block is copied into one reused float64 buffer of X's own memory order (so the
+    copy reads contiguous runs: Aᵀ of a C-ordered A is F-ordered), then multiplied;
+    results equal those of the widened whole matrix up to the order of float64 sums.
+    """
+
+    def __init__(self, x: np.ndarray) -> None:
+        if x.ndim != 2:
+            raise ValueError(f"a factor must be 2-D, got shape {x.shape}")
+        self.x = x
+        self.shape = x.shape
+
+    def _blocks(self) -> Iterator[tuple[int, int, np.ndarray]]:
+        m, k = self.shape
+        fortran = self.x.flags.f_contiguous and not self.x.flags.c_contiguous
+        buffer = np.empty((min(ROW_BLOCK, m), k), order="F" if fortran else "C")
+        for lo in range(0, m, ROW_BLOCK):
+            hi = min(lo + ROW_BLOCK, m)
+            block = buffer[: hi - lo]
+            np.copyto(block, self.x[lo:hi])
+            yield lo, hi, block
+
+    def gram(self) -> np.ndarray:
+        """XᵀX (k, k) in float64."""
+        k = self.shape[1]
+        out = np.zeros((k, k))
+        for _, _, block in self._blocks():
+            out += block.T @ block
+        return out
+
+    def times(self, small: np.ndarray, out: np.ndarray) -> None:
+        """out[:] = X·small, each row block's float64 product stored as out's dtype."""
+        for lo, hi, block in self._blocks():
+            out[lo:hi] = block @ small
+
+    def __matmul__(self, small: np.ndarray) -> np.ndarray:
+        out = np.empty((self.shape[0], small.shape[1]))
+        self.times(small, out)
+        return out
+
+    def dense(self) -> np.ndarray:
+        return np.asarray(self.x, dtype=np.float64)
+
+
+Tall = np.ndarray | Stack | Widened
+
+
+def as_tall(x: Tall) -> Tall:
+    """A Stack or Widened as it is, a float64 array as it is, any other array Widened
+    (2-D checked)."""
+    if isinstance(x, (Stack, Widened)):
+        return x
+    x = np.asarray(x)
+    if x.ndim != 2:
+        raise ValueError(f"a factor must be 2-D, got shape {x.shape}")
+    return x if x.dtype == np.float64 else Widened(x)
+
+
+def dense(x: Tall) -> np.ndarray:
+    """X as one float64 array."""
+    return x if isinstance(x, np.ndarray) else x.dense()
+
+
+def gram(x: Tall) -> np.ndarray:
+    """XᵀX (k, k), float64."""
+    if isinstance(x, Widened):
+        return x.gram()
+    x = dense(x)
+    return x.T @ x
+
+
+def times(x: Tall, small: np.ndarray, dtype: type = np.float64, *, transposed: bool = False) -> np.ndarray:
+    """X·small (m, j) computed in float64 and stored as `dtype`; with `transposed`,
+    (X·small)ᵀ (j, m), C-ordered, without a transposing copy."""
+    m, j = x.shape[0], small.shape[1]
+    if isinstance(x, Widened):
+        out = np.empty((j, m), dtype=dtype).T if transposed else np.empty((m, j), dtype=dtype)
+        x.times(small, out)
+        return out.T if transposed else out
+    if transposed and isinstance(x, np.ndarray):
+        return np.asarray(small.T @ x.T, dtype=dtype)  # (j, m), C-ordered as the product is
+    product = x @ small
+    return np.ascontiguousarray(product.T if transposed else product, dtype=dtype)
