@@ -243,12 +243,14 @@ def blend_command(
 @click.option("--format", "out_format", default="auto", show_default=True, type=click.Choice(RESIZE_FORMATS), help="Output format; auto: the input's.")
 @click.option("--dtype", default="keep", show_default=True, type=click.Choice(list(RESIZE_DTYPES)), help="Dtype of the written factors.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists (only after the resize succeeded).")
+@click.option("--base", "base", default=None, type=click.Path(readable=False),
+              help="Base model: also report the error of each merged weight (W0 + ΔW; DoRA renormalises it).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout instead of tables.")
 @click.option("--all", "show_all", is_flag=True, help="Show every layer instead of grouping long adapters by module.")
 def resize_command(
     adapter: str, out: str, rank: int | None, energy: float | None, sv_ratio: float | None, sv_fro: float | None,
     sv_cumulative: float | None, budget: int | None, min_rank: int, bake: bool, out_format: str, dtype: str,
-    force: bool, as_json: bool, show_all: bool,
+    force: bool, base: str | None, as_json: bool, show_all: bool,
 ) -> None:
     """Shrink an adapter's ranks exactly, from its factors (Eckart–Young per layer).
 
@@ -263,7 +265,7 @@ def resize_command(
 
     report = resize(
         adapter, out, rank=rank, energy=energy, sv_ratio=sv_ratio, sv_fro=sv_fro, sv_cumulative=sv_cumulative,
-        budget=budget, min_rank=min_rank, bake=bake, out_format=out_format, dtype=dtype, force=force,
+        budget=budget, min_rank=min_rank, bake=bake, out_format=out_format, dtype=dtype, force=force, base=base,
     )
     if as_json:
         from lora_tools.render.tables import to_json_text

@@ -309,3 +309,74 @@ def test_resize_of_safetensors_imports_no_torch(llama_plain_case: PeftCase, tmp_
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def _peft_merged(base_dir: Path, adapter_dir: Path) -> dict[str, torch.Tensor]:
+    """PEFT's own merge_and_unload in float64: the oracle for the merged weights."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float64)
+    return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload().state_dict()
+
+
+@pytest.mark.parametrize("kind", ["llama_dora", "llama_plain"])
+def test_base_gives_the_merged_weights_error(peft_case_factory: Callable[[str], PeftCase], tmp_path: Path,
+                                             kind: str) -> None:
+    """--base: ‖W'_in − W'_out‖ per layer as PEFT's own merges give it (DoRA renormalises;
+    for plain LoRA it is exactly the ΔW residual)."""
+    case = peft_case_factory(kind)
+    out = tmp_path / "small"
+    code, stdout, stderr = run_cli("resize", case.adapter_dir, "-o", out, "--energy", "0.8", "--dtype", "fp64",
+                                   "--base", case.base_dir, "--json")
+    assert code == 0, stderr
+    report = json.loads(stdout)
+    before, after = _peft_merged(case.base_dir, case.adapter_dir), _peft_merged(case.base_dir, out)
+    errors, norms = [], []
+    for layer in report["layers"]:
+        key = layer["name"] + ".weight"
+        error = float(torch.linalg.vector_norm(before[key] - after[key]))
+        norm = float(torch.linalg.vector_norm(before[key]))
+        assert layer["merged_error"] == pytest.approx(error, rel=1e-9, abs=1e-12 * norm), layer["name"]
+        assert layer["merged_relative_error"] == pytest.approx(error / norm, rel=1e-9, abs=1e-12)
+        if kind == "llama_plain":
+            assert layer["merged_error"] == pytest.approx(layer["residual_fro"], rel=1e-9, abs=1e-12 * norm)
+        errors.append(error)
+        norms.append(norm)
+    assert report["merged_relative_error"] == pytest.approx(np.linalg.norm(errors) / np.linalg.norm(norms), rel=1e-9)
+    assert report["base"] == str(case.base_dir)
+    assert any(e > 0 for e in errors)
+    code, table, _ = run_cli("resize", case.adapter_dir, "-o", tmp_path / "again", "--energy", "0.8",
+                             "--base", case.base_dir)
+    assert code == 0 and "merged weights" in table and "merged" in table.split("layers,")[0]
+
+
+def test_a_dora_layer_with_a_zero_update_is_kept(peft_case_factory: Callable[[str], PeftCase], tmp_path: Path) -> None:
+    """Its magnitude still rescales W0: dropping it would change the merged model."""
+    import shutil
+
+    llama_dora_case = peft_case_factory("llama_dora")
+    from safetensors.numpy import save_file
+
+    src = tmp_path / "zeroed"
+    shutil.copytree(llama_dora_case.adapter_dir, src)
+    tensors = load_file(src / "adapter_model.safetensors")
+    victim = next(k for k in tensors if k.endswith("lora_B.weight"))
+    tensors[victim] = np.zeros_like(tensors[victim])
+    save_file(tensors, src / "adapter_model.safetensors", metadata={"format": "pt"})
+    report = resize(src, tmp_path / "o", rank=2, dtype="fp64", base=llama_dora_case.base_dir)
+    name = victim.removeprefix("base_model.model.").removesuffix(".lora_B.weight")
+    assert report.dropped_layers == []
+    kept = next(layer for layer in report.layers if layer.name == name)
+    assert kept.rank_out == 1 and kept.merged_error == 0.0
+    before, after = _peft_merged(llama_dora_case.base_dir, src), _peft_merged(llama_dora_case.base_dir, tmp_path / "o")
+    torch.testing.assert_close(after[name + ".weight"], before[name + ".weight"], rtol=0, atol=0)
+
+
+def test_a_base_that_does_not_fit_writes_nothing(peft_case_factory: Callable[[str], PeftCase], tmp_path: Path) -> None:
+    llama_plain_case, gpt2_conv1d_case = peft_case_factory("llama_plain"), peft_case_factory("gpt2_conv1d")
+    out = tmp_path / "small"
+    code, stdout, stderr = run_cli("resize", llama_plain_case.adapter_dir, "-o", out, "--rank", "2",
+                                   "--base", gpt2_conv1d_case.base_dir)
+    assert code == 2 and len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr, stderr
+    assert not out.exists()

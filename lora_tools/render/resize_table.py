@@ -32,7 +32,15 @@ def _layer_columns(layers: list[LayerResizeReport]) -> tuple[list[Column], str]:
         Column("energy kept", [_pct(layer.energy_kept) for layer in layers], 85),
         Column("rel. error", numbers([layer.relative_error for layer in layers], 3), 80),
         Column("params", [f"{layer.params_in:,} → {layer.params_out:,}" for layer in layers], 50),
+        *_merged([[layer] for layer in layers], "merged rel. error"),
     ], prefix
+
+
+def _merged(groups: list[list[LayerResizeReport]], title: str) -> list[Column]:
+    """The merged weights' largest relative error per row, when --base measured it."""
+    if any(m.merged_relative_error is None for members in groups for m in members):
+        return []
+    return [Column(title, numbers([max(m.merged_relative_error or 0.0 for m in members) for members in groups], 3), 75)]
 
 
 def _family_columns(layers: list[LayerResizeReport]) -> tuple[list[Column], str]:
@@ -54,6 +62,7 @@ def _family_columns(layers: list[LayerResizeReport]) -> tuple[list[Column], str]
         Column("max rel. error", numbers([max(m.relative_error for m in members) for members in groups], 3), 80),
         Column("params", [f"{sum(m.params_in for m in members):,} → {sum(m.params_out for m in members):,}"
                           for members in groups], 50),
+        *_merged(groups, "max merged rel. error"),
     ], prefix
 
 
@@ -76,7 +85,9 @@ def render_resize(report: ResizeReport, console: Console, *, show_all: bool = Fa
     console.print(
         f"{report.n_layers_out}/{report.n_layers_in} layers, parameters {report.params_in:,} → {report.params_out:,}, "
         f"file {report.file_bytes_in:,} → {report.file_bytes_out:,} bytes; energy kept {_pct(report.energy_kept)}, "
-        f"relative error {report.relative_error:.3g}; {report.seconds:.2f} s",
+        f"relative error {report.relative_error:.3g}"
+        + ("" if report.merged_relative_error is None else f", merged weights {report.merged_relative_error:.3g}")
+        + f"; {report.seconds:.2f} s",
         soft_wrap=True,  # a summary: the terminal wraps it, Rich does not break it mid-number
     )
     if report.worst_layer is not None:

@@ -50,6 +50,8 @@ class LayerResizeReport:
     params_out: int
     singular_values: list[float]  # of ΔW = s·B·A, descending, r of them
     dora: bool  # DoRA: magnitude kept, only the direction's low-rank update truncated
+    merged_error: float | None = None  # with --base: ‖W'_in − W'_out‖_F of the merged weights
+    merged_relative_error: float | None = None  # ... over ‖W'_in‖_F
 
 
 def _spectrum(layer: LoraLayer) -> tuple[FactorSVD, np.ndarray]:
@@ -64,11 +66,14 @@ def _spectrum(layer: LoraLayer) -> tuple[FactorSVD, np.ndarray]:
 def choose_ranks(spectra: Sequence[np.ndarray], layers: Sequence[LoraLayer], policy: RankPolicy,
                  budget: int | None) -> list[int]:
     """k per layer: the per-layer policy, or the global budget (parameters per rank =
-    rows + cols of B·A); 0 for a zero update."""
+    rows + cols of B·A); 0 for a zero update, except under DoRA: its magnitude still
+    rescales W0 row by row, so that layer keeps the floor rank with zero factors."""
     if budget is None:
-        return [policy.choose(s) for s in spectra]
-    costs = [sum(layer.update_matrix_shape) for layer in layers]
-    return budget_ranks(spectra, costs, budget, cap=policy.rank, min_rank=policy.min_rank)
+        ranks = [policy.choose(s) for s in spectra]
+    else:
+        costs = [sum(layer.update_matrix_shape) for layer in layers]
+        ranks = budget_ranks(spectra, costs, budget, cap=policy.rank, min_rank=policy.min_rank)
+    return [policy.min_rank if k == 0 and layer.magnitude is not None else k for k, layer in zip(ranks, layers)]
 
 
 def _stored(template: LoraLayer, b: np.ndarray, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -61,6 +61,8 @@ class ResizeReport:
     relative_error: float  # √(Σ residual²) / √(Σ ‖ΔW‖²) over layers
     worst_layer: str | None
     worst_relative_error: float
+    base: str | None  # --base: the merged weights W0 + ΔW were compared too
+    merged_relative_error: float | None  # √(Σ ‖W'_in − W'_out‖²) / √(Σ ‖W'_in‖²) over layers, with --base
     dropped_layers: list[str]  # exactly zero updates
     full_tensors: list[str]  # carried over unchanged
     notes: list[str]
@@ -160,9 +162,10 @@ def resize(
     adapter_path: str | os.PathLike[str], out: str | os.PathLike[str], *,
     rank: int | None = None, energy: float | None = None, sv_ratio: float | None = None, sv_fro: float | None = None,
     sv_cumulative: float | None = None, budget: int | None = None, min_rank: int = 1, bake: bool = False,
-    out_format: str = "auto", dtype: str = "keep", force: bool = False,
+    out_format: str = "auto", dtype: str = "keep", force: bool = False, base: str | os.PathLike[str] | None = None,
 ) -> ResizeReport:
-    """Read ADAPTER, resize every layer by the policy, write OUT atomically, report per layer."""
+    """Read ADAPTER, resize every layer by the policy, write OUT atomically, report per
+    layer; with `base`, also the error of each merged weight (what DoRA needs)."""
     from lora_tools.formats import load_adapter
     from lora_tools.io.atomic import written_atomically
 
@@ -184,6 +187,16 @@ def resize(
     if not layers:
         raise RequestError(adapter_path, "every layer's update is exactly zero: nothing to write")
     dropped = [r.name for r in reports if r.rank_out == 0]
+    merged_figure = None
+    if base is not None:  # before anything is written: a base that does not fit is an input error
+        from lora_tools.resize.merged_error import merged_errors
+
+        written = iter(layers)
+        figures = merged_errors(adapter, [None if r.rank_out == 0 else next(written) for r in reports], base)
+        for report, figure in zip(reports, figures):
+            report.merged_error, report.merged_relative_error = figure.error, figure.relative
+        merged_sq = sum(f.merged_norm**2 for f in figures)
+        merged_figure = math.sqrt(sum(f.error**2 for f in figures) / merged_sq) if merged_sq > 0.0 else 0.0
     recipe = {"policy": name, "rank": rank, "energy": energy, "sv_ratio": sv_ratio, "sv_fro": sv_fro,
               "sv_cumulative": sv_cumulative, "budget": budget, "min_rank": min_rank, "bake": bake}
     metadata = {"lora_tools.resize": json.dumps({k: v for k, v in recipe.items() if v is not None})}
@@ -191,7 +204,11 @@ def resize(
         _write(adapter, layers, tmp, fmt, code, bool(dropped), metadata)
     notes = []
     if any(r.dora for r in reports):
-        notes.append("DoRA: magnitudes kept; the low-rank direction update s·B·A is truncated (figures are for it)")
+        notes.append("DoRA: magnitudes kept; the low-rank direction update s·B·A is truncated (figures are for it"
+                     + ("; merged: the error of m·(W0 + ΔW)/‖W0 + ΔW‖)" if base is not None else "; --base gives the merged weights' error)"))
+    if fmt == "kohya" and len({layer.alpha for layer in layers}) > 1:
+        notes.append("kohya: per-module alphas differ; diffusers' kohya loader gives attention layers the most common "
+                     "alpha instead (--bake writes one alpha, exact there too)")
     if adapter.unrecognized_keys:
         notes.append(f"{len(adapter.unrecognized_keys)} unrecognized tensor(s) not carried over")
     total_sq = sum(r.fro_norm**2 for r in reports)
@@ -208,6 +225,7 @@ def resize(
         mean_energy_kept=sum(r.energy_kept for r in reports) / len(reports),
         relative_error=math.sqrt(lost_sq / total_sq) if total_sq > 0.0 else 0.0,
         worst_layer=worst.name, worst_relative_error=worst.relative_error,
+        base=None if base is None else os.fspath(base), merged_relative_error=merged_figure,
         dropped_layers=dropped, full_tensors=sorted(adapter.full_tensors), notes=notes,
         seconds=time.perf_counter() - started, layers=reports,
     )
