@@ -770,3 +770,22 @@ def test_diffusers_itself_reads_the_written_file(tmp_path: Path) -> None:
     )
     assert network_alphas is None and metadata == packed
     assert sorted(state_dict) == sorted(load_file(path))
+
+
+def test_diffusers_save_lora_adapter_keeps_its_flat_patterns(tmp_path: Path) -> None:
+    """diffusers' own `save_lora_adapter` writes alpha_pattern / rank_pattern flat in the
+    lora_adapter_metadata header; every layer's scale must be PEFT's own."""
+    pytest.importorskip("diffusers")
+    from peft import LoraConfig
+    from peft.tuners.lora import LoraLayer as PeftLoraLayer
+    from sd_pipeline import tiny_unet
+
+    unet = tiny_unet()
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                rank_pattern={"attn2.to_q": 2}, alpha_pattern={"attn1.to_k": 3, "attn2.to_q": 0.75}))
+    unet.save_lora_adapter(tmp_path)
+    adapter = load_adapter(tmp_path / DIFFUSERS_WEIGHTS)
+    scales = {name: module.scaling["default"] for name, module in unet.named_modules() if isinstance(module, PeftLoraLayer)}
+    assert sorted(layer.name for layer in adapter.layers) == sorted(scales)
+    assert {layer.name: layer.scale for layer in adapter.layers} == scales
+    assert len(set(scales.values())) == 3  # 8/4, 3/4 and 0.75/2: the patterns are in play

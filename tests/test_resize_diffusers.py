@@ -17,39 +17,17 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from cli_run import run_cli
 from safetensors.torch import load_file, save_file
+from sd_pipeline import tiny_pipeline as _pipeline
 
 diffusers = pytest.importorskip("diffusers")  # a test dependency ([test] extra); the skip only guards odd installs
 
 RANK = 8
-
-
-def _pipeline(tmp: Path) -> Any:
-    """A Stable Diffusion pipeline small enough to build in a second, from configs only."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    torch.manual_seed(0)
-    vocab, merges = tmp / "vocab.json", tmp / "merges.txt"
-    vocab.write_text(json.dumps({"<|startoftext|>": 0, "<|endoftext|>": 1, "a</w>": 2, "a": 3}))
-    merges.write_text("#version: 0.2\n")
-    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=4, hidden_size=32, intermediate_size=37, num_attention_heads=4,
-                                                num_hidden_layers=2, projection_dim=32, max_position_embeddings=77))
-    unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4,
-                                out_channels=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-                                norm_num_groups=8, attention_head_dim=4)
-    vae = AutoencoderKL(block_out_channels=[32], in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"],
-                        up_block_types=["UpDecoderBlock2D"], latent_channels=4, norm_num_groups=8)
-    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=CLIPTokenizer(str(vocab), str(merges)),
-                                   unet=unet, scheduler=DDIMScheduler(), safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
 
 
 @pytest.fixture(scope="module")

@@ -94,9 +94,11 @@ def adapter_metadata(source: TensorSource) -> dict[str, Any]:
 
 
 def _config_for(metadata: dict[str, Any], module: str) -> dict[str, Any]:
-    """Component-prefixed keys ("unet.lora_alpha") or nested dicts win over flat ones."""
+    """Component-prefixed keys ("unet.lora_alpha") or nested component dicts win over flat
+    ones. Flat dict-valued fields (alpha_pattern, rank_pattern: what a model's own
+    `save_lora_adapter` writes) are config, not components."""
     component = module.split(".", 1)[0]
-    config = {k: v for k, v in metadata.items() if "." not in k and not isinstance(v, dict)}
+    config = {k: v for k, v in metadata.items() if "." not in k and not (isinstance(v, dict) and k in DIFFUSERS_COMPONENTS)}
     nested = metadata.get(component)
     if isinstance(nested, dict):
         config.update(nested)
