@@ -22,17 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from lora_tools.adapter import Adapter, LoraLayer
 from lora_tools.errors import RequestError
 from lora_tools.linalg.rank_policy import RankPolicy
 from lora_tools.resize.layers import LayerResizeReport, resize_layers
 from lora_tools.resize.options import DTYPES, FORMATS
-
-# adapter_config.json fields `formats.peft.peft_config` derives from the written layers
-_DERIVED = {"peft_type", "base_model_name_or_path", "r", "lora_alpha", "rank_pattern", "alpha_pattern",
-            "target_modules", "use_rslora", "use_dora", "fan_in_fan_out", "lora_bias", "init_lora_weights",
-            "inference_mode"}
-_TARGETING = ("exclude_modules", "layers_to_transform", "layers_pattern")
 
 
 @dataclass
@@ -117,47 +110,6 @@ def _size(path: str | os.PathLike[str]) -> int:
     return p.stat().st_size if p.exists() else 0
 
 
-def _common(values: list[str], fallback: str) -> str:
-    return values[0] if len(set(values)) == 1 else fallback
-
-
-def _peft_config_extra(adapter: Adapter, dropped: bool) -> tuple[dict[str, Any], list[str] | str | None]:
-    """The input's config fields the output keeps, and its target_modules (None: the
-    written modules' paths, when a dropped layer would otherwise be created empty)."""
-    extra = {k: v for k, v in adapter.config.items() if k not in _DERIVED}
-    if dropped or not adapter.config.get("target_modules"):
-        for key in _TARGETING:
-            extra.pop(key, None)
-        return extra, None
-    return extra, adapter.config["target_modules"]
-
-
-def _write(adapter: Adapter, layers: list[LoraLayer], tmp: Path, fmt: str, code: str, dropped: bool,
-           metadata: dict[str, str]) -> None:
-    from lora_tools.formats.diffusers import METADATA_KEY, write_diffusers
-    from lora_tools.formats.kohya import write_kohya
-    from lora_tools.formats.peft import write_peft_adapter
-
-    if fmt == "kohya":
-        kept = {k: v for k, v in adapter.metadata.items() if k not in ("ss_network_dim", "ss_network_alpha")}
-        write_kohya(layers, tmp, dtype=code, metadata={**kept, **metadata})
-    elif fmt == "diffusers":
-        kept = {k: v for k, v in adapter.metadata.items() if k not in (METADATA_KEY, "format")}
-        write_diffusers(layers, tmp, dtype=code, metadata={**kept, **metadata})
-    else:
-        adapted = {layer.name for layer in adapter.layers}
-        tensors = {k: np.asarray(v) for k, v in adapter.full_tensors.items()}
-        copies = {k: v for k, v in tensors.items() if k.rpartition(".")[0] in adapted}
-        full = {k: v for k, v in tensors.items() if k not in copies}
-        full_code = _common(list(adapter.full_tensor_dtypes.values()), "F32")
-        extra, targets = _peft_config_extra(adapter, dropped)
-        base = adapter.config.get("base_model_name_or_path")
-        write_peft_adapter(layers, tmp, base if isinstance(base, str) else None, dtype=code, full_tensors=full,
-                           full_tensor_dtype=full_code, base_copies=copies, target_modules=targets,
-                           config_extra=extra, metadata={**{k: v for k, v in adapter.metadata.items() if k != "format"},
-                                                         **metadata})
-
-
 def resize(
     adapter_path: str | os.PathLike[str], out: str | os.PathLike[str], *,
     rank: int | None = None, energy: float | None = None, sv_ratio: float | None = None, sv_fro: float | None = None,
@@ -167,6 +119,7 @@ def resize(
     """Read ADAPTER, resize every layer by the policy, write OUT atomically, report per
     layer; with `base`, also the error of each merged weight (what DoRA needs)."""
     from lora_tools.formats import load_adapter
+    from lora_tools.formats.rewrite import common_dtype, write_like
     from lora_tools.io.atomic import written_atomically
 
     started = time.perf_counter()
@@ -177,7 +130,7 @@ def resize(
         raise RequestError(out, f"--format {fmt} needs a {fmt} input (the input is {adapter.format}; names are not converted)")
     if not adapter.layers:
         raise RequestError(adapter_path, "has no LoRA layers to resize")
-    code = DTYPES[dtype] or _common([layer.dtype for layer in adapter.layers], "F32")
+    code = DTYPES[dtype] or common_dtype([layer.dtype for layer in adapter.layers])
     # bf16 and float32 are written through float32 in any case (io.encode): no float64 copies
     held = np.float32 if code in ("BF16", "F32") else np.float64
     try:
@@ -201,7 +154,7 @@ def resize(
               "sv_cumulative": sv_cumulative, "budget": budget, "min_rank": min_rank, "bake": bake}
     metadata = {"lora_tools.resize": json.dumps({k: v for k, v in recipe.items() if v is not None})}
     with written_atomically(out, force, [Path(adapter_path)]) as tmp:
-        _write(adapter, layers, tmp, fmt, code, bool(dropped), metadata)
+        write_like(adapter, layers, tmp, fmt, code, dropped=bool(dropped), metadata=metadata)
     notes = []
     if any(r.dora for r in reports):
         notes.append("DoRA: magnitudes kept; the low-rank direction update s·B·A is truncated (figures are for it"
