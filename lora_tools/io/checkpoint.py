@@ -72,7 +72,7 @@ def _is_present(path: Path) -> bool:
     return path.exists() and not path.is_dir()
 
 
-def _read_regular(path: Path) -> bytes:
+def read_regular(path: Path) -> bytes:
     """A small file's bytes (an index); a FIFO or device is refused, never opened."""
     with os.fdopen(open_regular(path), "rb") as handle:
         return handle.read()
@@ -125,7 +125,7 @@ class BaseCheckpoint:
     def _open_index(cls, folder: Path) -> BaseCheckpoint:
         index_path = folder / INDEX_NAME
         try:
-            index = json.loads(_read_regular(index_path).decode("utf-8"))
+            index = json.loads(read_regular(index_path).decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError, 5000-digit ints
             raise FormatError(index_path, f"not valid JSON ({exc})") from None
         except RecursionError:  # "[[[[…" a hundred thousand deep

@@ -15,7 +15,7 @@ import numpy as np
 
 from lora_tools.io.dtypes import FLOAT_DTYPES, NUMPY_DTYPE
 
-__all__ = ["WRITABLE_DTYPES", "WriteError", "encode_array", "float32_to_bf16_bits", "write_safetensors"]
+__all__ = ["WRITABLE_DTYPES", "WriteError", "encode_array", "float32_to_bf16_bits", "stored_values", "write_safetensors"]
 
 WRITABLE_DTYPES = ("F64", "F32", "F16", "BF16")  # the float dtypes (FLOAT_DTYPES), in the order messages list them
 
@@ -81,6 +81,15 @@ def encode_array(values: np.ndarray, dtype: str, name: str = "tensor") -> np.nda
         raise WriteError(f"{name}: cannot write dtype {dtype!r} (use one of {', '.join(WRITABLE_DTYPES)})")
     if not finite:
         raise WriteError(f"{name}: values overflow {dtype} (largest |value| {float(np.max(np.abs(values))):.4g}); use F32 or BF16")
+    return encoded
+
+
+def stored_values(values: np.ndarray, dtype: str) -> np.ndarray:
+    """`values` as a reader gets them back once written as `dtype` (bf16 as float32,
+    exactly, the way `SafetensorsFile.numpy` widens it): what a written file must hold."""
+    encoded = encode_array(values, dtype)
+    if dtype == "BF16":
+        return (encoded.astype(np.uint32) << 16).view(np.float32)
     return encoded
 
 

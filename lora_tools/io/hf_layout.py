@@ -1,14 +1,38 @@
-"""The Hugging Face files around the weights that must follow a change of dtype:
-`model.safetensors.index.json`'s total_size and config.json's dtype."""
+"""The Hugging Face files around the weights: config.json as a base describes itself
+(`read_base_config`), and what must follow a change of dtype: the index's total_size and
+config.json's dtype."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+from typing import Any
 
 from lora_tools.io.checkpoint import INDEX_NAME, BaseCheckpoint
 from lora_tools.io.dtypes import CONFIG_DTYPE_NAMES, DTYPE_ITEMSIZE, FLOAT_DTYPES
 from lora_tools.io.extra_files import copy_extra_files
+
+
+def read_base_config(base: str | os.PathLike[str]) -> dict[str, Any]:
+    """The base's config.json (in its folder, or next to a single weights file) as a dict;
+    FormatError naming the file when it is missing or not a JSON object."""
+    from lora_tools.errors import FormatError
+    from lora_tools.io.checkpoint import read_regular
+
+    where = Path(base)
+    path = where / "config.json" if where.is_dir() else where.parent / "config.json"
+    if not path.exists():
+        raise FormatError(base, f"has no config.json ({path}): it names the model's architecture")
+    try:
+        config = json.loads(read_regular(path).decode("utf-8"))
+    except (ValueError, RecursionError) as error:
+        raise FormatError(path, f"is not JSON ({error})") from None
+    except OSError as error:
+        raise FormatError(path, f"cannot be read ({error.strerror or error})") from None
+    if not isinstance(config, dict):
+        raise FormatError(path, "is not a JSON object")
+    return config
 
 
 def update_config_dtype(out_dir: Path, out_code: str | None) -> None:
