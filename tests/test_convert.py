@@ -231,3 +231,37 @@ def test_a_base_that_does_not_fit_is_refused(peft_case_factory: Callable[[str], 
     code, _, stderr = run_cli("convert", peft_case_factory("llama_plain").adapter_dir, "--to", "peft", "--base",
                               peft_case_factory("gpt2_conv1d").base_dir, "-o", tmp_path / "o")
     assert code == 2 and len(stderr.strip().splitlines()) == 1 and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("kind", ["llama_plain", "llama_rslora", "llama_patterns", "llama_embedding", "llama_bf16"])
+def test_peft_to_gguf_is_proven(peft_case_factory: Callable[[str], PeftCase], tmp_path: Path, kind: str) -> None:
+    """Read back by the GGUF reader (q/k rows un-permuted): unfolded layers bit for bit,
+    folded ones (alpha patterns under llama.cpp's one alpha) within one ulp of the dtype;
+    the layouts themselves are checked against llama.cpp in tests/test_gguf.py."""
+    case = peft_case_factory(kind)
+    args: list[object] = ["--drop-unsupported"] if kind == "llama_embedding" else []
+    report = _convert(case.adapter_dir, "--to", "gguf", "--base", case.base_dir, "-o", tmp_path / "a.gguf", *args)
+    assert report["gguf_architecture"] == "llama"
+    kinds = {layer["factors"] for layer in report["layers"]}
+    assert kinds == ({"identical", "folded"} if kind == "llama_patterns" else {"identical"})
+    if kind == "llama_embedding":  # the layer goes (token_embd), PEFT's saved copy of the base embedding cannot
+        assert [d.split(":")[0] for d in report["dropped"]] == ["model.embed_tokens.weight"]
+
+
+def test_gguf_refusals(peft_case_factory: Callable[[str], PeftCase], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    plain, dora, gpt2 = (peft_case_factory(k) for k in ("llama_plain", "llama_dora", "gpt2_conv1d"))
+    out = tmp_path / "a.gguf"
+    for adapter, base, message in ((dora, dora.base_dir, "DoRA has no GGUF form"),
+                                   (gpt2, gpt2.base_dir, "fan_in_fan_out"),
+                                   (plain, gpt2.base_dir, "")):
+        code, _, stderr = run_cli("convert", adapter.adapter_dir, "--to", "gguf", "--base", base, "-o", out)
+        assert code == 2 and message in stderr and len(stderr.strip().splitlines()) == 1, stderr
+        assert not list(tmp_path.iterdir())
+    code, _, stderr = run_cli("convert", gpt2.adapter_dir, "--to", "gguf", "--base", gpt2.base_dir, "--drop-unsupported",
+                              "-o", out)
+    assert code == 2 and "no layer can be written" in stderr and not list(tmp_path.iterdir())
+    import lora_tools.formats.gguf as gguf_format
+
+    monkeypatch.setattr(gguf_format, "gguf_available", lambda: False)
+    code, _, stderr = run_cli("convert", plain.adapter_dir, "--to", "gguf", "--base", plain.base_dir, "-o", out)
+    assert code == 2 and "pip install 'lora-tools[gguf]'" in stderr and not out.exists()

@@ -28,6 +28,7 @@ LAYER_OF = {
     "blend": "operation",
     "verify": "operation",
     "resize": "operation",
+    "convert": "operation",
     "render": "render",
     "cli": "cli",
     "__main__": "cli",

@@ -175,7 +175,7 @@ def convert(
             write_like(adapter if component is None else replace(adapter, full_tensors={}), layers, tmp, to, code,
                        dropped=bool(dropped), metadata=metadata,
                        base_model=os.fspath(base) if base is not None and to == "peft" else None)
-    proofs = _prove(Path(out), to, sources, names, code, folded, resolved, keep)
+    proofs = _prove(Path(out), to, sources, names, code, folded, resolved, keep, base)
     if to == "kohya" and len({float(layer.scale * layer.rank) for layer in layers}) > 1:
         notes.append("per-module alphas differ: diffusers' kohya loader gives attention layers the most common alpha "
                      "(see docs/formats.md)")
@@ -199,14 +199,16 @@ def _write_gguf(layers: Sequence[LoraLayer], tmp: Path, base: str | os.PathLike[
 
 
 def _prove(out: Path, to: str, sources: Sequence[LoraLayer], names: Sequence[str], code: str, folded: set[str],
-           resolved: Adapter | None, keep: Sequence[int]) -> list[LayerProof]:
+           resolved: Adapter | None, keep: Sequence[int], base: str | os.PathLike[str] | None) -> list[LayerProof]:
     """Read OUT back with lora-tools' own readers and compare every layer with its source."""
     if to == "gguf":
         from lora_tools.formats.gguf import read_gguf_adapter
 
-        assert resolved is not None
+        from lora_tools.io.hf_layout import read_base_config
+
+        assert resolved is not None and base is not None
         modules = [resolved.layers[i].name for i in keep]
-        written = read_gguf_adapter(out, modules)
+        written = read_gguf_adapter(out, modules, base_config=read_base_config(base))
         return [prove_layer(source, written.get(module), name, code, module in folded)
                 for source, module, name in zip(sources, modules, names)]
     from lora_tools.formats import load_adapter

@@ -48,6 +48,13 @@ def _same(x: object, y: object) -> bool:
     return a.shape == b.shape and bool(np.array_equal(a, b))
 
 
+def _as_stored(values: object, stored: str, dtype: str) -> np.ndarray:
+    """What a file in `dtype` holds for `values` read from a file in `stored`: the values
+    themselves when the dtype is kept (a stored value survives decoding and encoding)."""
+    array = np.asarray(values)
+    return array if dtype == stored else stored_values(array, dtype)
+
+
 def _relative_error(source: LoraLayer, written: LoraLayer, identical: bool) -> float:
     """‖s'·B'A' − s·BA‖_F / ‖s·BA‖_F in float64 from the factors."""
     norm = frobenius_norm(np.asarray(source.b_matrix), np.asarray(source.a_matrix), source.scale)
@@ -70,14 +77,14 @@ def prove_layer(source: LoraLayer, written: LoraLayer | None, written_as: str, d
     shapes_match = np.shape(written.a) == np.shape(source.a) and np.shape(written.b) == np.shape(source.b)
     if not shapes_match:
         return LayerProof(source.name, written_as, source.rank, "differ", source.scale, written.scale, 1.0, 0.0, False)
-    same_extras = all(_same(stored_values(np.asarray(x), dtype) if x is not None else None, y)
+    same_extras = all(_same(_as_stored(x, source.dtype, dtype) if x is not None else None, y)
                       for x, y in ((source.magnitude, written.magnitude), (source.bias, written.bias)))
     if folded:
         error = _relative_error(source, written, identical=False)
         tolerance = ULP[dtype]
         return LayerProof(source.name, written_as, source.rank, "folded", source.scale, written.scale, error, tolerance,
                           error <= tolerance and same_extras)
-    expect_a, expect_b = stored_values(np.asarray(source.a), dtype), stored_values(np.asarray(source.b), dtype)
+    expect_a, expect_b = _as_stored(source.a, source.dtype, dtype), _as_stored(source.b, source.dtype, dtype)
     bitwise = _same(expect_a, written.a) and _same(expect_b, written.b)
     kind = ("identical" if dtype == source.dtype else "rounded") if bitwise else "differ"
     error = _relative_error(source, written, identical=bitwise and dtype == source.dtype)
