@@ -203,7 +203,6 @@ def _prove(out: Path, to: str, sources: Sequence[LoraLayer], names: Sequence[str
     """Read OUT back with lora-tools' own readers and compare every layer with its source."""
     if to == "gguf":
         from lora_tools.formats.gguf import read_gguf_adapter
-
         from lora_tools.io.hf_layout import read_base_config
 
         assert resolved is not None and base is not None
