@@ -9,8 +9,8 @@ r = lora_b.ne[0] (llama-adapter.h `get_scale`), token_embd's lora_a is stored (v
 conversion/llama.py `LlamaModel.permute`, copied below as `llama_permute`.
 
 `test_matches_llama_cpp_converter` runs llama.cpp's convert_lora_to_gguf.py itself; it is
-marked slow and needs LLAMA_CPP_DIR = a llama.cpp tree (e.g. the sdist's vendor/llama.cpp:
-`pip download --no-deps --no-binary :all: llama-cpp-python`, then untar).
+marked slow: the llama.cpp tree comes from llama-cpp-python's sdist (package registry),
+fetched and cached by tests/llama_cpp_tools.py (a failure to fetch it fails the test).
 """
 
 from __future__ import annotations
@@ -325,9 +325,9 @@ def test_tied_lm_head_refused(case_dirs: Callable[[str], tuple[Path, Path]], tmp
 def test_matches_llama_cpp_converter(kind: str, case_dirs: Callable[[str], tuple[Path, Path]], tmp_path: Path) -> None:
     """Same names, shapes, types and bytes as convert_lora_to_gguf.py, except that the
     converter ignores alpha_pattern: where we fold f into B, its B is ours / f."""
-    tree = Path(os.environ.get("LLAMA_CPP_DIR", "/nonexistent"))
-    if not (tree / "convert_lora_to_gguf.py").is_file():
-        pytest.skip("set LLAMA_CPP_DIR to a llama.cpp tree (e.g. llama-cpp-python's sdist vendor/llama.cpp)")
+    from llama_cpp_tools import llama_cpp_dir
+
+    tree = llama_cpp_dir()
     base, adapter = case_dirs(kind)
     theirs = tmp_path / "theirs.gguf"
     command = [sys.executable, str(tree / "convert_lora_to_gguf.py"), "--base", str(base), "--outfile", str(theirs),
