@@ -265,3 +265,17 @@ def test_gguf_refusals(peft_case_factory: Callable[[str], PeftCase], tmp_path: P
     monkeypatch.setattr(gguf_format, "gguf_available", lambda: False)
     code, _, stderr = run_cli("convert", plain.adapter_dir, "--to", "gguf", "--base", plain.base_dir, "-o", out)
     assert code == 2 and "pip install 'lora-tools[gguf]'" in stderr and not out.exists()
+
+
+def test_gguf_base_of_an_unknown_architecture(llama_plain_case: PeftCase, tmp_path: Path) -> None:
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(llama_plain_case.base_dir, base)
+    config = json.loads((base / "config.json").read_text())
+    config["architectures"] = ["GPTNeoXForCausalLM"]
+    (base / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "a.gguf"
+    code, _, stderr = run_cli("convert", llama_plain_case.adapter_dir, "--to", "gguf", "--base", base, "-o", out)
+    assert code == 2 and "GPTNeoXForCausalLM" in stderr and "LlamaForCausalLM" in stderr, stderr
+    assert len(stderr.strip().splitlines()) == 1 and not out.exists()
