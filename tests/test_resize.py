@@ -131,6 +131,21 @@ def test_peft_loads_the_output_and_merges_the_truncated_update(peft_case_factory
     check_truncation(case.adapter_dir, out, None)
 
 
+def _with_one_zero_layer(adapter_dir: Path, tmp_path: Path) -> tuple[Path, str]:
+    """A copy of the adapter whose first lora_B is all zero, and that layer's name."""
+    import shutil
+
+    from safetensors.numpy import save_file
+
+    src = tmp_path / "zeroed"
+    shutil.copytree(adapter_dir, src)
+    tensors = load_file(src / "adapter_model.safetensors")
+    victim = next(k for k in tensors if k.endswith("lora_B.weight"))
+    tensors[victim] = np.zeros_like(tensors[victim])
+    save_file(tensors, src / "adapter_model.safetensors", metadata={"format": "pt"})
+    return src, victim.removeprefix("base_model.model.").removesuffix(".lora_B.weight")
+
+
 @pytest.mark.parametrize("kind", ["llama_plain", "llama_rslora", "llama_patterns"])
 @pytest.mark.parametrize("policy", [[], ["--rank", "2"]])
 def test_bake_is_exact_under_one_global_alpha_over_r(peft_case_factory: Callable[[str], PeftCase], tmp_path: Path,
@@ -232,18 +247,8 @@ def test_diffusers_in_diffusers_out(diffusers_case_factory: Callable[[str], obje
 
 
 def test_zero_layers_are_dropped(llama_plain_case: PeftCase, tmp_path: Path) -> None:
-    import shutil
-
-    from safetensors.numpy import save_file
-
-    src = tmp_path / "zeroed"
-    shutil.copytree(llama_plain_case.adapter_dir, src)
-    tensors = load_file(src / "adapter_model.safetensors")
-    victim = next(k for k in tensors if k.endswith("lora_B.weight"))
-    tensors[victim] = np.zeros_like(tensors[victim])
-    save_file(tensors, src / "adapter_model.safetensors", metadata={"format": "pt"})
+    src, name = _with_one_zero_layer(llama_plain_case.adapter_dir, tmp_path)
     report = resize(src, tmp_path / "o", rank=2)
-    name = victim.removeprefix("base_model.model.").removesuffix(".lora_B.weight")
     assert report.dropped_layers == [name] and report.n_layers_out == report.n_layers_in - 1
     written = json.loads((tmp_path / "o" / "adapter_config.json").read_text())
     assert name in json.dumps(report.to_json()) and name not in written["target_modules"]
@@ -353,19 +358,9 @@ def test_base_gives_the_merged_weights_error(peft_case_factory: Callable[[str], 
 
 def test_a_dora_layer_with_a_zero_update_is_kept(peft_case_factory: Callable[[str], PeftCase], tmp_path: Path) -> None:
     """Its magnitude still rescales W0: dropping it would change the merged model."""
-    import shutil
-
     llama_dora_case = peft_case_factory("llama_dora")
-    from safetensors.numpy import save_file
-
-    src = tmp_path / "zeroed"
-    shutil.copytree(llama_dora_case.adapter_dir, src)
-    tensors = load_file(src / "adapter_model.safetensors")
-    victim = next(k for k in tensors if k.endswith("lora_B.weight"))
-    tensors[victim] = np.zeros_like(tensors[victim])
-    save_file(tensors, src / "adapter_model.safetensors", metadata={"format": "pt"})
+    src, name = _with_one_zero_layer(llama_dora_case.adapter_dir, tmp_path)
     report = resize(src, tmp_path / "o", rank=2, dtype="fp64", base=llama_dora_case.base_dir)
-    name = victim.removeprefix("base_model.model.").removesuffix(".lora_B.weight")
     assert report.dropped_layers == []
     kept = next(layer for layer in report.layers if layer.name == name)
     assert kept.rank_out == 1 and kept.merged_error == 0.0
