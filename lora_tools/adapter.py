@@ -10,10 +10,11 @@ and verify load them as torch tensors in the stored dtype instead, on the comput
 the checks) only uses what both kinds have: shape, ndim, reshape, and
 `linalg.dense.factor_tensor` to widen. `Factor` names that contract.
 
-Update kinds: a layer here is a LoRA update, ΔW = s·B·A. LoHa, LoKr and full-difference
-updates come as sibling dataclasses with the same surface (name, shapes, n_params,
-dtype, `b_matrix`/`a_matrix` where an exact low-rank factorisation exists, e.g. LoHa as
-row-wise Kronecker products), so that factored math and the merge recipe take them
+Update kinds: a layer here is a LoRA update, ΔW = s·B·A. LyCORIS' algorithms (LoHa, LoKr,
+LoCon with Tucker cores, full differences) all have an exact factorisation of that form
+(LoHa as row-wise Khatri–Rao products, LoKr as Kronecker products of each side's factors,
+a full diff against an identity), which `formats.lycoris` builds when it reads them;
+`algo` says what the file held, so factored math and the merge recipe take every kind
 without knowing the file format (docs/architecture.md).
 """
 
@@ -53,10 +54,13 @@ class LoraLayer:
     kind: LayerKind = "linear"
     use_rslora: bool = False
     fan_in_fan_out: bool = False
-    magnitude: Factor | None = None  # DoRA: PEFT's lora_magnitude_vector
+    magnitude: Factor | None = None  # DoRA: PEFT's lora_magnitude_vector, LyCORIS' dora_scale
     bias: Factor | None = None  # lora_bias: added to the base bias times scale
-    dtype: str = "F32"  # stored dtype code of the factors, e.g. "BF16"
+    dtype: str = "F32"  # stored dtype code of the factors, e.g. "BF16" (built factors: one that holds them exactly)
     source_keys: tuple[str, ...] = ()  # the file's keys this layer was read from
+    algo: str = "lora"  # what the file stored: "lora", "locon" (Tucker), "loha", "lokr", "full"
+    magnitude_axis: Literal["out", "in"] = "out"  # DoRA norm per output feature (PEFT) or per input column (LyCORIS)
+    magnitude_eps: float = 0.0  # added to DoRA's norm: LyCORIS adds float32's eps, PEFT nothing
 
     @property
     def rank(self) -> int:

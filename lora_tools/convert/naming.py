@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from lora_tools.formats.names import DIFFUSERS_COMPONENTS, KOHYA_COMPONENTS, KOHYA_PREFIXES
 
 # kohya key prefix -> diffusers component
-KOHYA_TO_COMPONENT = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
-                      "lora_te2_": "text_encoder_2", "lora_te3_": "text_encoder_3", "lora_transformer_": "transformer"}
+KOHYA_TO_COMPONENT: dict[str, str | None] = {
+    "lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2",
+    "lora_te3_": "text_encoder_3", "lora_transformer_": "transformer", "lycoris_": None}  # lycoris_: one plain model
 _COMPONENT_TO_KOHYA = {"unet": "lora_unet_", "transformer": "lora_unet_", "text_encoder_2": "lora_te2_",
                        "text_encoder_3": "lora_te3_"}
 
@@ -34,7 +35,7 @@ class Location:
     kohya_name: str | None = None  # the input's own kohya name, kept for kohya → kohya
 
 
-def kohya_component(name: str) -> tuple[str, str]:
+def kohya_component(name: str) -> tuple[str, str | None]:
     """(kohya prefix, diffusers component) of a kohya layer name."""
     prefix = next(p for p in KOHYA_PREFIXES if name.startswith(p))
     return prefix, KOHYA_TO_COMPONENT[prefix]

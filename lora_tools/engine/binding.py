@@ -3,11 +3,13 @@
 PEFT decides fan_in_fan_out by layer type (GPT-2 `Conv1D` stores W as (in, out)); a
 checkpoint reader only has shapes, so the shape decides, and the adapter's own flag
 breaks the tie for square weights. kohya writes 4-D factors for 1×1 convs that may
-sit on Linear bases (and the reverse), so equal element counts with a 1×1 kernel fit.
+sit on Linear bases (and the reverse), so equal element counts with a 1×1 kernel fit;
+LyCORIS stores some conv factors flattened, (r, in·kh·kw), which fit the conv weight.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -49,6 +51,8 @@ def orientation(layer: LoraLayer, base_shape: Sequence[int]) -> bool | None:
     pointwise = all(d == 1 for d in base_shape[2:]) and all(d == 1 for d in layer.kernel_size)
     if pointwise and len(base_shape) >= 2 and base_shape[:2] == (out_dim, in_dim):
         return False
+    if layer.kind == "linear" and len(base_shape) > 2 and base_shape[0] == out_dim and math.prod(base_shape[1:]) == in_dim:
+        return False  # a conv update stored flattened (LyCORIS' LoHa/LoKr: (r, in·kh·kw))
     return None
 
 

@@ -1,7 +1,8 @@
 """Reading adapters: detect the format of a path and parse it into an `Adapter`.
 
 Key-name conventions live in this package and nowhere else: one module per format reads
-and writes it (peft.py, kohya.py, diffusers.py), names.py maps names both ways.
+and writes it (peft.py, kohya.py, diffusers.py, gguf.py; lycoris.py reads LyCORIS files into
+exact LoRA layers), names.py maps names both ways.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from lora_tools.formats.diffusers import (
     looks_like_legacy_diffusers,
 )
 from lora_tools.formats.kohya import load_kohya, looks_like_kohya
+from lora_tools.formats.lycoris import load_lycoris, looks_like_lycoris
 from lora_tools.formats.peft import PEFT_CONFIG, load_peft, looks_like_peft, read_config
 from lora_tools.formats.source import Place, TensorSource, keep_numpy, open_source
 
@@ -80,6 +82,8 @@ def _read_source(path: Path, source: TensorSource, alpha: float | None) -> Adapt
     # PEFT keys saved without `base_model.model.` can start like a diffusers component
     # (GPT-2's `transformer.h.0…`); a sibling adapter_config.json says which they are.
     peft_with_config = looks_like_peft(keys) and sibling.is_file() and METADATA_KEY not in source.metadata
+    if looks_like_lycoris(keys):  # before kohya: LyCORIS files hold kohya's LoRA keys too
+        return load_lycoris(source, alpha_override=alpha)
     if looks_like_kohya(keys):
         return load_kohya(source, alpha_override=alpha)
     if not peft_with_config and (looks_like_legacy_diffusers(keys) or looks_like_diffusers(keys, source.metadata)):
@@ -92,5 +96,5 @@ def _read_source(path: Path, source: TensorSource, alpha: float | None) -> Adapt
     sample = ", ".join(repr(k) for k in keys[:3])
     raise FormatError(
         path,
-        f"unknown key format: no PEFT (lora_A/lora_B), kohya (lora_down/lora_up) or diffusers LoRA keys (first keys: {sample})",
+        f"unknown key format: no PEFT (lora_A/lora_B), kohya (lora_down/lora_up), LyCORIS (hada_, lokr_, diff) or diffusers LoRA keys (first keys: {sample})",
     )

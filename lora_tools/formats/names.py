@@ -33,7 +33,7 @@ PEFT_PREFIX = "base_model.model."
 # in sd-scripts ("for ComfyUI"), `transformer` in some other trainers.
 KOHYA_COMPONENTS = {
     "unet": "lora_unet_", "te": "lora_te_", "te1": "lora_te1_", "te2": "lora_te2_", "te3": "lora_te3_",
-    "transformer": "lora_transformer_",
+    "transformer": "lora_transformer_", "lycoris": "lycoris_",  # lycoris_: create_lycoris on a plain model
 }
 KOHYA_PREFIXES = tuple(KOHYA_COMPONENTS.values())
 # diffusers' pipeline components whose LoRA keys carry their name as a prefix (`unet.…`).

@@ -172,13 +172,16 @@ def merge_rows_into(
 
 
 def dora_norm_dims(target: LayerTarget) -> tuple[int, ...]:
-    """Axes PEFT's DoRA norm runs over, in the stored weight's orientation.
+    """Axes the DoRA norm runs over, in the stored weight's orientation.
 
-    Per output feature: rows of a Linear (out, in), every axis but 0 of a conv, and
-    columns when the weight is stored transposed (fan_in_fan_out, embeddings, whose
-    magnitude is per embedding dimension).
+    Per output feature (PEFT, LyCORIS' wd_on_output): rows of a Linear (out, in), every
+    axis but 0 of a conv, and columns when the weight is stored transposed (fan_in_fan_out,
+    embeddings, whose magnitude is per embedding dimension). Per input column (LyCORIS'
+    older dora_scale (1, in, …)): every axis but 1.
     """
     ndim = len(target.weight_shape)
+    if target.layer.magnitude_axis == "in":
+        return tuple(d for d in range(ndim) if d != 1)
     if target.transposed:
         return (0,)
     return tuple(range(1, ndim))
@@ -191,7 +194,8 @@ def apply_layer(
 
     current: the weight so far (other adapters already folded in), compute dtype.
     base:    the original W0, compute dtype; DoRA's norm is taken of W0 + ΔW, never of
-             a weight that already holds another adapter (as PEFT's merge does).
+             a weight that already holds another adapter (as PEFT's merge does), plus
+             the layer's eps (LyCORIS adds one, PEFT does not).
     """
     delta = delta_weight(target, weight, current.device, current.dtype)
     magnitude = target.layer.magnitude
@@ -199,6 +203,8 @@ def apply_layer(
         return current + delta
     dims = dora_norm_dims(target)
     norm = torch.linalg.vector_norm(base + delta, dim=dims, keepdim=True)
+    if target.layer.magnitude_eps:
+        norm = norm + target.layer.magnitude_eps
     m = factor_tensor(magnitude, current.device, current.dtype).reshape(norm.shape)
     return (m / norm) * (current + delta)
 

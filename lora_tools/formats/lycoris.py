@@ -1,0 +1,302 @@
+"""LyCORIS files (kohya-style keys): LoHa, LoKr, LoCon with Tucker cores, full diffs, DoRA
+scales, read into exact LoRA layers.
+
+Keys are `<prefix>_<module path with "." as "_">.<role>` with the prefix `lycoris` (networks
+made by `create_lycoris` on a plain model) or kohya's `lora_unet`, `lora_te[1-3]`. Every
+algorithm's ΔW has an exact low-rank factorisation, so each layer becomes a `LoraLayer`
+(ΔW = s·B·A) with `algo` naming what the file held; inspect, merge, verify, blend,
+resize and convert then take them unchanged. From lycoris-lora 4.1.3's sources:
+
+- LoCon (`modules/locon.py`, `functional/locon.py` `_diff_weight`): ΔW = s·up·down; with a
+  Tucker core `lora_mid` (r, r, kh, kw): ΔW[o, i, k] = s·Σ_pq up[o,p]·mid[p,q,k]·down[q,i],
+  i.e. B = up, A[p, (i, k)] = Σ_q mid[p,q,k]·down[q,i].
+- LoHa (`modules/loha.py` `get_weight`, `functional/loha.py` `_diff_weight`): ΔW =
+  s·(w1_a·w1_b) ⊙ (w2_a·w2_b) = s·(U₁ ⊙ᵣ U₂)(V₁ ⊙ᵣ V₂)ᵀ (row-wise Khatri–Rao: B[o, (i,j)] =
+  U₁[o,i]·U₂[o,j], A[(i,j), c] = V₁[i,c]·V₂[j,c]), rank r₁·r₂. With Tucker cores `hada_t1`,
+  `hada_t2` (r, r, kh, kw) the factors are stored transposed: `hada_w1_a` (r, out), `hada_w1_b`
+  (r, in), W₁[o, (i,k)] = Σ_ab t1[a,b,k]·w1_a[a,o]·w1_b[b,i].
+- LoKr (`modules/lokr.py` `get_weight`, `functional/lokr.py` `_kron_weight`, `make_kron`): ΔW =
+  s·kron(W₁, W₂), W₁ = `lokr_w1` or `lokr_w1_a`·`lokr_w1_b`, W₂ = `lokr_w2` or
+  `lokr_w2_a`·`lokr_w2_b` (or the Tucker form with `lokr_t2`), kron(U₁V₁, U₂V₂) =
+  kron(U₁,U₂)·kron(V₁,V₂); a full side is I·W or W·I, whichever is smaller. When both sides
+  are full, alpha is ignored (s = 1: `alpha = lora_dim` in `LokrModule.__init__`).
+- Full (`modules/full.py`): ΔW = `diff`, the bias changes by `diff_b`; as a LoRA, B = diff and
+  A = I (or I and diff, the smaller identity), s = 1.
+- s = alpha / r with r the algorithm's own dim (`lora_down`, `hada_w1_b`, the factored LoKr
+  side's rows): LyCORIS saves alpha·dim/r_factor, so rsLoRA reads right too; alpha absent
+  or 0 means s = 1.
+- DoRA (`functional/general.py` `_weight_decompose`): W' = (W0 + ΔW)·m / (‖W0 + ΔW‖ + eps),
+  eps = `finfo(dora_scale.dtype).eps`, the norm per output row when `dora_scale` is
+  (out, 1, …) (wd_on_output) or per input column when it is (1, in, …).
+
+Factors made of products are kept in float64 and `dtype` says the narrowest float that
+holds them exactly (products of bf16/fp16 values are exact in float32; of float32 values,
+and any sum, only in float64), so no reader of these layers rounds what the file means.
+Conv factors whose kernel the file flattens (`hada_w1_b` (r, in·kh·kw)) stay 2-D; a base
+weight fits them flattened (`engine.binding`).
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from lora_tools.adapter import Adapter, LoraLayer
+from lora_tools.errors import FormatError
+from lora_tools.formats.common import DuplicateRole, KeyGroups, scalar_alpha
+from lora_tools.formats.source import TensorSource, finite_factor
+
+__all__ = ["LYCORIS_PREFIX", "load_lycoris", "looks_like_lycoris"]
+
+LYCORIS_PREFIX = "lycoris_"
+_ROLES = ("lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha", "dora_scale", "hada_w1_a", "hada_w1_b",
+          "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a",
+          "lokr_w2_b", "lokr_t2", "diff", "diff_b")
+_KEY = re.compile(r"^(?P<m>(?:lycoris|lora_unet|lora_te[123]?|lora_transformer)_[A-Za-z0-9_]+?)\.(?P<role>"
+                  + "|".join(re.escape(r) for r in _ROLES) + ")$")
+_LYCORIS_ONLY = {r for r in _ROLES if r not in ("lora_down.weight", "lora_up.weight", "alpha", "dora_scale")}
+# the stored dtype whose products are exact in float32
+_NARROW = {"BF16", "F16"}
+
+
+def looks_like_lycoris(keys: list[str]) -> bool:
+    """LyCORIS-only roles, or create_lycoris' `lycoris_` names."""
+    for key in keys:
+        match = _KEY.match(key)
+        if match and (match.group("role") in _LYCORIS_ONLY or match.group("m").startswith(LYCORIS_PREFIX)):
+            return True
+    return False
+
+
+class _Module:
+    """One module's tensors, read on demand with their shapes checked as they are used."""
+
+    def __init__(self, source: TensorSource, name: str, roles: dict[str, str]) -> None:
+        self.source, self.name, self.roles = source, name, roles
+
+    def has(self, role: str) -> bool:
+        return role in self.roles
+
+    def get(self, role: str) -> np.ndarray:
+        if role not in self.roles:
+            raise FormatError(self.source.path, f"module {self.name!r}: has no {role!r} (its {self._algo()} "
+                                                "update needs it)")
+        return np.asarray(finite_factor(self.source, self.roles[role]), dtype=np.float64)
+
+    def matrix(self, role: str, rows: int | None = None) -> np.ndarray:
+        """The tensor as a 2-D matrix (its first axis kept), rows checked."""
+        value = self.get(role)
+        value = value.reshape(value.shape[0], -1) if value.ndim != 2 else value
+        if rows is not None and value.shape[0] != rows:
+            self.fail(f"{role!r} has {value.shape[0]} rows, expected {rows}")
+        return value
+
+    def fail(self, problem: str) -> None:
+        raise FormatError(self.source.path, f"module {self.name!r}: {problem}")
+
+    def stored(self) -> str:
+        """The factors' stored dtype code (the widest, should a file mix them)."""
+        codes = {self.source.dtype(key) for role, key in self.roles.items() if role not in ("alpha", "dora_scale")}
+        for code in ("F64", "F32", "F16", "BF16"):
+            if code in codes:
+                return code
+        return "F32"
+
+    def _algo(self) -> str:
+        return _algo(self.roles)
+
+
+def _algo(roles: dict[str, str]) -> str:
+    if any(r.startswith("hada_") for r in roles):
+        return "loha"
+    if any(r.startswith("lokr_") for r in roles):
+        return "lokr"
+    if "diff" in roles:
+        return "full"
+    return "locon" if "lora_mid.weight" in roles else "lora"
+
+
+def _khatri_rao_rows(u1: np.ndarray, u2: np.ndarray) -> np.ndarray:
+    """X[o, (i,j)] = u1[o,i]·u2[o,j] for u1 (n, r1), u2 (n, r2): (n, r1·r2)."""
+    return (u1[:, :, None] * u2[:, None, :]).reshape(u1.shape[0], -1)
+
+
+def _tucker_side(module: _Module, core: str, outer: str, inner: str) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
+    """(U (out, R), V (R, in·k), kernel) of Σ_ab core[a,b,k]·outer[a,o]·inner[b,i], with
+    outer (R, out) and inner (R, in) as LyCORIS stores Tucker factors."""
+    t = module.get(core)  # (R, R, *k)
+    wa, wb = module.matrix(outer), module.matrix(inner)  # (R, out), (R, in)
+    if t.ndim < 2 or t.shape[0] != wa.shape[0] or t.shape[1] != wb.shape[0]:
+        module.fail(f"Tucker core {core!r} of shape {list(t.shape)} does not match {outer!r} rank {wa.shape[0]} "
+                    f"and {inner!r} rank {wb.shape[0]}")
+    v = np.einsum("ab...,bi->ai...", t, wb)  # (R, in, *k)
+    return wa.T, v.reshape(v.shape[0], -1), tuple(t.shape[2:])
+
+
+def _loha(module: _Module) -> tuple[np.ndarray, np.ndarray, int, tuple[int, ...]]:
+    if module.has("hada_t1") or module.has("hada_t2"):
+        u1, v1, kernel = _tucker_side(module, "hada_t1", "hada_w1_a", "hada_w1_b")
+        u2, v2, kernel2 = _tucker_side(module, "hada_t2", "hada_w2_a", "hada_w2_b")
+        if kernel != kernel2:
+            module.fail(f"Tucker cores of kernels {list(kernel)} and {list(kernel2)}")
+        dim = module.get("hada_w1_b").shape[0]
+    else:
+        u1, u2 = module.matrix("hada_w1_a"), module.matrix("hada_w2_a")  # (out, r)
+        w1b, w2b = module.get("hada_w1_b"), module.get("hada_w2_b")  # (r, in·k) or (r, in, *k)
+        kernel = tuple(w1b.shape[2:])
+        v1, v2 = w1b.reshape(w1b.shape[0], -1), w2b.reshape(w2b.shape[0], -1)
+        dim = v1.shape[0]
+    if u1.shape[0] != u2.shape[0] or v1.shape[1] != v2.shape[1] or u1.shape[1] != v1.shape[0] \
+            or u2.shape[1] != v2.shape[0]:
+        module.fail(f"LoHa factors do not fit: w1 {list(u1.shape)}·{list(v1.shape)}, w2 {list(u2.shape)}·{list(v2.shape)}")
+    b = _khatri_rao_rows(u1, u2)  # (out, r1·r2)
+    a = _khatri_rao_rows(v1.T, v2.T).T  # (r1·r2, in·k)
+    return b, a, dim, kernel
+
+
+def _lokr_side(module: _Module, n: int) -> tuple[np.ndarray, np.ndarray, int | None, tuple[int, ...]]:
+    """(U, V, the factored dim or None, kernel) of W_n = U·V, as matrices (rows, cols·k)."""
+    full = f"lokr_w{n}"
+    if module.has(full):
+        w = module.get(full)
+        kernel = tuple(w.shape[2:])
+        w = w.reshape(w.shape[0], -1)
+        rows, cols = w.shape
+        return (w, np.eye(cols), None, kernel) if cols <= rows else (np.eye(rows), w, None, kernel)
+    if n == 2 and module.has("lokr_t2"):
+        u, v, kernel = _tucker_side(module, "lokr_t2", "lokr_w2_a", "lokr_w2_b")
+        return u, v, u.shape[1], kernel
+    u = module.matrix(f"lokr_w{n}_a")  # (rows, dim)
+    b = module.get(f"lokr_w{n}_b")  # (dim, cols[·k]) or (dim, cols, *k)
+    v = b.reshape(b.shape[0], -1)
+    if u.shape[1] != v.shape[0]:
+        module.fail(f"lokr_w{n}_a {list(u.shape)} and lokr_w{n}_b {list(b.shape)} do not chain")
+    return u, v, v.shape[0], tuple(b.shape[2:])
+
+
+def _lokr(module: _Module) -> tuple[np.ndarray, np.ndarray, int | None, tuple[int, ...]]:
+    u1, v1, dim1, kernel1 = _lokr_side(module, 1)
+    u2, v2, dim2, kernel = _lokr_side(module, 2)
+    if kernel1:
+        module.fail(f"lokr_w1 has a kernel {list(kernel1)}: LyCORIS keeps kernels in W2")
+    return np.kron(u1, u2), np.kron(v1, v2), dim1 or dim2, kernel
+
+
+def _full(module: _Module) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
+    diff = module.get("diff")
+    kernel = tuple(diff.shape[2:])
+    matrix = diff.reshape(diff.shape[0], -1)
+    rows, cols = matrix.shape
+    b, a = (matrix, np.eye(cols)) if cols <= rows else (np.eye(rows), matrix)
+    return b, a, kernel
+
+
+def _locon(module: _Module) -> tuple[np.ndarray, np.ndarray, int, tuple[int, ...]]:
+    up = module.matrix("lora_up.weight")  # (out, r)
+    down = module.get("lora_down.weight")  # (r, in[, kh, kw]) or (r, in, 1, 1) under a Tucker core
+    if module.has("lora_mid.weight"):
+        mid = module.get("lora_mid.weight")  # (r_up, r_down, *k)
+        if mid.ndim < 2 or mid.shape[0] != up.shape[1] or mid.shape[1] != down.shape[0]:
+            module.fail(f"lora_mid of shape {list(mid.shape)} does not match lora_up rank {up.shape[1]} "
+                        f"and lora_down rank {down.shape[0]}")
+        a = np.einsum("pq...,qi->pi...", mid, down.reshape(down.shape[0], -1))  # (r, in, *k)
+        return up, a.reshape(a.shape[0], -1), down.shape[0], tuple(mid.shape[2:])
+    if up.shape[1] != down.shape[0]:
+        module.fail(f"lora_up rank {up.shape[1]} and lora_down rank {down.shape[0]} differ")
+    return up, down.reshape(down.shape[0], -1), down.shape[0], tuple(down.shape[2:])
+
+
+def _layer(source: TensorSource, name: str, roles: dict[str, str], alpha_override: float | None) -> LoraLayer:
+    module = _Module(source, name, roles)
+    algo = _algo(roles)
+    dim: int | None
+    if algo == "loha":
+        b, a, dim, kernel = _loha(module)
+    elif algo == "lokr":
+        b, a, dim, kernel = _lokr(module)
+    elif algo == "full":
+        b, a, kernel = _full(module)
+        dim = None
+    else:
+        b, a, dim, kernel = _locon(module)
+    if alpha_override is not None and dim is not None:
+        scale = alpha_override / dim
+    elif dim is None or "alpha" not in roles:
+        scale = 1.0
+    else:
+        alpha = scalar_alpha(source, roles["alpha"])
+        scale = alpha / dim if alpha != 0 else 1.0
+    rank = a.shape[0]
+    conv = len(kernel) > 0  # a kernel the file shows; a flattened one stays a matrix
+    in_dim = a.shape[1] // int(np.prod(kernel)) if conv else a.shape[1]
+    stored = module.stored()
+    layer = LoraLayer(
+        name=name, a=a.reshape(rank, in_dim, *kernel) if conv else a,
+        b=b.reshape(b.shape[0], rank, *(1,) * len(kernel)) if conv else b,
+        alpha=scale * rank, kind="conv" if conv else "linear", dtype=_exact_dtype(algo, roles, stored),
+        source_keys=tuple(roles.values()), algo=algo,
+    )
+    if "diff_b" in roles:  # full: s = 1, so the LoRA bias rule (bias + s·bias_B) adds diff_b itself
+        layer.bias = module.get("diff_b")
+        if layer.bias.shape != (b.shape[0],):
+            module.fail(f"diff_b has shape {list(layer.bias.shape)}, expected ({b.shape[0]},)")
+    if "dora_scale" in roles:
+        _dora(module, layer)
+    return layer
+
+
+def _exact_dtype(algo: str, roles: dict[str, str], stored: str) -> str:
+    """The narrowest dtype holding the built factors exactly: the stored one for plain
+    LoRA and full diffs (their values as read), float32 for products of bf16/fp16 values,
+    float64 for products of wider ones and for the sums Tucker cores make."""
+    if algo in ("lora", "full"):
+        return stored
+    if _sums(roles) or stored not in _NARROW:
+        return "F64"
+    return "F32"
+
+
+def _sums(roles: dict[str, str]) -> bool:
+    """Tucker cores make sums of products: exact only in float64."""
+    return any(r in roles for r in ("lora_mid.weight", "hada_t1", "hada_t2", "lokr_t2"))
+
+
+def _dora(module: _Module, layer: LoraLayer) -> None:
+    """dora_scale (out, 1, …): per output row; (1, in, …): per input column. LyCORIS
+    builds its dora_scale parameter in float32 and adds that dtype's eps to the norm."""
+    scale = module.get("dora_scale")
+    out_dim, in_dim = int(layer.b.shape[0]), int(layer.a.shape[1])
+    rest = scale.shape[2:] if scale.ndim >= 2 else ()
+    if scale.ndim >= 2 and scale.shape[:2] == (out_dim, 1) and all(d == 1 for d in rest) and (out_dim, 1) != (1, in_dim):
+        layer.magnitude_axis = "out"
+    elif scale.ndim >= 2 and scale.shape[:2] == (1, in_dim) and all(d == 1 for d in rest):
+        layer.magnitude_axis = "in"
+    else:
+        module.fail(f"dora_scale of shape {list(scale.shape)} is neither (out, 1, …) = ({out_dim}, 1, …) nor "
+                    f"(1, in, …) = (1, {in_dim}, …)")
+    layer.magnitude = scale.reshape(-1)
+    layer.magnitude_eps = float(np.finfo(np.float32).eps)
+
+
+def load_lycoris(source: TensorSource, *, alpha_override: float | None = None) -> Adapter:
+    groups = KeyGroups()
+    try:
+        for key in source.keys():
+            match = _KEY.match(key)
+            if match:
+                groups.add(match.group("m"), match.group("role"), key)
+            else:
+                groups.unclaimed.append(key)
+    except DuplicateRole as exc:
+        raise FormatError(source.path, str(exc)) from None
+    layers = []
+    for name, roles in groups.modules.items():
+        if set(roles) <= {"alpha", "dora_scale"}:  # nothing to apply
+            groups.unclaimed.extend(roles.values())
+            continue
+        layers.append(_layer(source, name, roles, alpha_override))
+    if not layers:
+        raise FormatError(source.path, "no LyCORIS or LoRA modules found")
+    return Adapter(path=str(source.path), format="kohya", layers=layers, metadata=source.metadata,
+                   unrecognized_keys=groups.unclaimed, names_resolved=False)
