@@ -59,6 +59,7 @@ class LayerReport:
     relative_norm: float | None = None  # ‖s·BA‖_F / ‖W0‖_F, with --base
     norm_z_score: float | None = None  # robust z of log ‖ΔW‖_F within the family
     flags: list[str] = field(default_factory=list)
+    algo: str = "lora"  # what the file stored: lora, locon (Tucker), loha, lokr, full; rank is that of the exact LoRA form
 
 
 @dataclass
@@ -133,6 +134,7 @@ def layer_report(layer: LoraLayer) -> LayerReport:
         effective_rank=spectrum.effective_rank(sv),
         stable_rank=spectrum.stable_rank(sv),
         dora=layer.magnitude is not None,
+        algo=layer.algo,
         dtype=layer.dtype,
         family=module_family(name),
         module_type=module_type(name),

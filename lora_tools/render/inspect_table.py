@@ -71,6 +71,7 @@ def _print_layer_table(console: Console, layers: list[LayerReport], with_base: b
         Column("layer", [name[len(prefix):] for name in names], NAME),
         Column("shape", ["×".join(map(str, layer.shape)) for layer in layers], 30),
         Column("r", [str(layer.rank) for layer in layers], 80),
+        *([Column("algo", [layer.algo for layer in layers], 82)] if any(layer.algo != "lora" for layer in layers) else []),
         Column("alpha", numbers([layer.alpha for layer in layers], integers=True), 20),
         Column("scale", numbers([layer.scale for layer in layers], integers=True), 25),
         Column("‖ΔW‖_F", numbers([layer.fro_norm for layer in layers]), 75),
@@ -99,6 +100,8 @@ def _print_family_table(console: Console, layers: list[LayerReport], with_base: 
         Column("module", [name[len(prefix):] for name in names], NAME),
         Column("layers", [str(len(members)) for members in groups], 90),
         Column("r", [",".join(map(str, sorted({m.rank for m in members}))) for members in groups], 80),
+        *([Column("algo", [",".join(sorted({m.algo for m in members})) for members in groups], 82)]
+          if any(m.algo != "lora" for members in groups for m in members) else []),
         Column("‖ΔW‖_F", spreads([[m.fro_norm for m in members] for members in groups]), 75),
         Column("σ1", spreads([[m.spectral_norm for m in members] for members in groups]), 35),
         Column("e90", spreads([[float(m.energy_rank_90) for m in members] for members in groups], integers=True), 60),
