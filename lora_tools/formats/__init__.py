@@ -21,7 +21,7 @@ from lora_tools.formats.diffusers import (
     looks_like_legacy_diffusers,
 )
 from lora_tools.formats.kohya import load_kohya, looks_like_kohya
-from lora_tools.formats.lycoris import load_lycoris, looks_like_lycoris
+from lora_tools.formats.lycoris import PEFT_LYCORIS_TYPES, load_lycoris, load_peft_lycoris, looks_like_lycoris
 from lora_tools.formats.peft import PEFT_CONFIG, load_peft, looks_like_peft, read_config
 from lora_tools.formats.source import Place, TensorSource, keep_numpy, open_source
 
@@ -59,6 +59,8 @@ def _load_directory(path: Path, alpha: float | None, place: Place) -> Adapter:
                 config = read_config(config_path)
                 source = open_source(path / name, place)
                 try:  # readers copy every tensor they keep, so the file can close after
+                    if config["peft_type"] in PEFT_LYCORIS_TYPES:
+                        return load_peft_lycoris(source, config, adapter_path=path, alpha_override=alpha)
                     return load_peft(source, config, adapter_path=path, alpha_override=alpha)
                 finally:
                     source.close()

@@ -39,15 +39,22 @@ weight fits them flattened (`engine.binding`).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from lora_tools.adapter import Adapter, LoraLayer
 from lora_tools.errors import FormatError
 from lora_tools.formats.common import DuplicateRole, KeyGroups, scalar_alpha
+from lora_tools.formats.patterns import PatternTable, UnsafePattern
 from lora_tools.formats.source import TensorSource, finite_factor
 
-__all__ = ["LYCORIS_PREFIX", "load_lycoris", "looks_like_lycoris"]
+__all__ = ["LYCORIS_PREFIX", "PEFT_LYCORIS_TYPES", "load_lycoris", "load_peft_lycoris", "looks_like_lycoris"]
+
+# the scale s of a layer, given the dim of its factored part (None: no factored part)
+ScaleRule = Callable[[int | None], float]
 
 LYCORIS_PREFIX = "lycoris_"
 _ROLES = ("lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha", "dora_scale", "hada_w1_a", "hada_w1_b",
@@ -207,7 +214,22 @@ def _locon(module: _Module) -> tuple[np.ndarray, np.ndarray, int, tuple[int, ...
     return up, down.reshape(down.shape[0], -1), down.shape[0], tuple(down.shape[2:])
 
 
-def _layer(source: TensorSource, name: str, roles: dict[str, str], alpha_override: float | None) -> LoraLayer:
+def _file_scale(source: TensorSource, roles: dict[str, str], alpha_override: float | None) -> ScaleRule:
+    """LyCORIS' own rule: s = alpha / dim, alpha from the module's `.alpha` tensor; no
+    factored side (full LoKr, full diff) or no alpha means s = 1."""
+    def scale(dim: int | None) -> float:
+        if dim is None:
+            return 1.0
+        if alpha_override is not None:
+            return alpha_override / dim
+        if "alpha" not in roles:
+            return 1.0
+        alpha = scalar_alpha(source, roles["alpha"])
+        return alpha / dim if alpha != 0 else 1.0
+    return scale
+
+
+def _layer(source: TensorSource, name: str, roles: dict[str, str], scale_rule: ScaleRule) -> LoraLayer:
     module = _Module(source, name, roles)
     algo = _algo(roles)
     dim: int | None
@@ -220,13 +242,7 @@ def _layer(source: TensorSource, name: str, roles: dict[str, str], alpha_overrid
         dim = None
     else:
         b, a, dim, kernel = _locon(module)
-    if alpha_override is not None and dim is not None:
-        scale = alpha_override / dim
-    elif dim is None or "alpha" not in roles:
-        scale = 1.0
-    else:
-        alpha = scalar_alpha(source, roles["alpha"])
-        scale = alpha / dim if alpha != 0 else 1.0
+    scale = scale_rule(dim)
     rank = a.shape[0]
     conv = len(kernel) > 0  # a kernel the file shows; a flattened one stays a matrix
     in_dim = a.shape[1] // int(np.prod(kernel)) if conv else a.shape[1]
@@ -295,8 +311,53 @@ def load_lycoris(source: TensorSource, *, alpha_override: float | None = None) -
         if set(roles) <= {"alpha", "dora_scale"}:  # nothing to apply
             groups.unclaimed.extend(roles.values())
             continue
-        layers.append(_layer(source, name, roles, alpha_override))
+        layers.append(_layer(source, name, roles, _file_scale(source, roles, alpha_override)))
     if not layers:
         raise FormatError(source.path, "no LyCORIS or LoRA modules found")
     return Adapter(path=str(source.path), format="kohya", layers=layers, metadata=source.metadata,
                    unrecognized_keys=groups.unclaimed, names_resolved=False)
+
+
+# PEFT's tuners for the same algorithms (peft/tuners/loha, lokr): keys `base_model.model.<module>.<role>`,
+# LoHaConfig/LoKrConfig `r` and `alpha` with rank_pattern/alpha_pattern, s = alpha / r always
+# (`update_layer`: `self.scaling[adapter_name] = alpha / r`, LoKr's full sides included).
+PEFT_LYCORIS_TYPES = {"LOHA": "hada_", "LOKR": "lokr_"}
+_PEFT_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<m>.+)\.(?P<role>"
+                       + "|".join(re.escape(r) for r in _ROLES if r.startswith(("hada_", "lokr_"))) + ")$")
+
+
+def load_peft_lycoris(source: TensorSource, config: dict[str, Any], *, adapter_path: Path,
+                      alpha_override: float | None = None) -> Adapter:
+    """A PEFT LoHa or LoKr adapter folder, its layers as exact LoRA layers."""
+    config_path = source.path.parent / "adapter_config.json"
+    groups = KeyGroups()
+    try:
+        for key in source.keys():
+            match = _PEFT_KEY.match(key)
+            if match:
+                groups.add(match.group("m"), match.group("role"), key)
+            else:
+                groups.unclaimed.append(key)
+    except DuplicateRole as exc:
+        raise FormatError(source.path, str(exc)) from None
+    try:
+        ranks, alphas = PatternTable("rank_pattern", config.get("rank_pattern") or {}), \
+            PatternTable("alpha_pattern", config.get("alpha_pattern") or {})
+    except UnsafePattern as exc:
+        raise FormatError(config_path, str(exc)) from None
+
+    def rule(module: str) -> ScaleRule:
+        try:
+            r = float(ranks.value(module, config["r"]))
+            alpha = alpha_override if alpha_override is not None else float(alphas.value(module, config["alpha"]))
+        except UnsafePattern as exc:
+            raise FormatError(config_path, str(exc)) from None
+        return lambda dim: alpha / r
+
+    layers = [_layer(source, name, roles, rule(name)) for name, roles in groups.modules.items()]
+    if not layers:
+        raise FormatError(source.path, f"no {config.get('peft_type')} tensors found (keys like '...hada_w1_a')")
+    if groups.unclaimed:
+        raise FormatError(source.path, f"tensor {groups.unclaimed[0]!r} is no {config.get('peft_type')} factor "
+                                       "(modules_to_save are not read for LoHa/LoKr adapters)")
+    return Adapter(path=str(adapter_path), format="peft", layers=layers, config=config, metadata=source.metadata)

@@ -29,7 +29,7 @@ from lora_tools.formats.patterns import PatternTable, UnsafePattern
 
 __all__ = ["SUPPORTED_PEFT_TYPES", "check_layers", "pattern_table", "read_config"]
 
-SUPPORTED_PEFT_TYPES = {"LORA"}
+SUPPORTED_PEFT_TYPES = {"LORA", "LOHA", "LOKR"}  # LoHa/LoKr: formats.lycoris
 
 
 def read_config(path: Path) -> dict[str, Any]:
@@ -48,8 +48,9 @@ def read_config(path: Path) -> dict[str, Any]:
         raise FormatError(path, "adapter config is not a JSON object")
     peft_type = config.get("peft_type", "LORA")
     if not isinstance(peft_type, str) or peft_type.upper() not in SUPPORTED_PEFT_TYPES:
-        raise FormatError(path, f"peft_type {peft_type!r} is not supported (only LoRA adapters are)")
-    for field_name in ("r", "lora_alpha"):
+        raise FormatError(path, f"peft_type {peft_type!r} is not supported (LoRA, LoHa and LoKr adapters are)")
+    config["peft_type"] = peft_type.upper()
+    for field_name in ("r", "lora_alpha" if config["peft_type"] == "LORA" else "alpha"):
         if field_name not in config:
             raise FormatError(path, f"missing {field_name!r}")
         value = config[field_name]

@@ -53,6 +53,8 @@ def write_like(adapter: Adapter, layers: Sequence[LoraLayer], path: Path, fmt: s
     layers are not written (then PEFT's target_modules are the written paths).
     """
     same = fmt == adapter.format
+    if same and fmt == "peft" and adapter.config.get("peft_type", "LORA") != "LORA":
+        same = False  # a LoHa/LoKr config describes other tensors than the LoRA ones written
     if fmt == "kohya":
         kept = {k: v for k, v in adapter.metadata.items() if k not in _KOHYA_DERIVED} if same else {}
         write_kohya(layers, path, dtype=code, metadata={**kept, **metadata})
