@@ -61,6 +61,8 @@ class LoraLayer:
     algo: str = "lora"  # what the file stored: "lora", "locon" (Tucker), "loha", "lokr", "full"
     magnitude_axis: Literal["out", "in"] = "out"  # DoRA norm per output feature (PEFT) or per input column (LyCORIS)
     magnitude_eps: float = 0.0  # added to DoRA's norm: LyCORIS adds float32's eps, PEFT nothing
+    stored_params: int | None = None  # the file's own count when a and b are built from other tensors (LoHa, LoKr)
+    kron_sides: Any = None  # LoKr: ((U₁, V₁), (U₂, V₂)) with B·A = kron(U₁V₁, U₂V₂), for σ without forming B·A
 
     @property
     def rank(self) -> int:
@@ -105,6 +107,8 @@ class LoraLayer:
 
     @property
     def n_params(self) -> int:
+        if self.stored_params is not None:
+            return self.stored_params
         return sum(math.prod(x.shape) for x in (self.a, self.b, self.magnitude, self.bias) if x is not None)
 
     def dense_update(self) -> np.ndarray:

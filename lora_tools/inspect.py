@@ -114,8 +114,12 @@ def module_type(name: str) -> str:
 
 def layer_report(layer: LoraLayer) -> LayerReport:
     """The spectral figures of one layer's scaled update s·B·A (DoRA: its low-rank part)."""
-    b, a, scale = np.asarray(layer.b_matrix), np.asarray(layer.a_matrix), layer.scale
-    sv = factored.singular_values(b, a, scale)
+    scale = layer.scale
+    if layer.kron_sides is not None:  # LoKr: σ(W₁⊗W₂) = σ(W₁)·σ(W₂), no product formed
+        side1, side2 = layer.kron_sides
+        sv = factored.kron_singular_values(side1, side2, scale)
+    else:
+        sv = factored.singular_values(np.asarray(layer.b_matrix), np.asarray(layer.a_matrix), scale)
     name = layer.name
     depth_match = LAYER_NUMBER.search(name) or re.search(r"\d+", name)
     return LayerReport(
@@ -209,6 +213,26 @@ def summarize(adapter: Adapter, base: str | None) -> AdapterSummary:
     )
 
 
+def _quiet_report(layer: LoraLayer) -> LayerReport:
+    with np.errstate(all="ignore"):  # overflow shows as inf and is reported once, by the caller
+        return layer_report(layer)
+
+
+def _layer_reports(layers: list[LoraLayer]) -> list[LayerReport]:
+    """Every layer's figures, in order. Many small QRs and SVDs (LoHa's r² columns make them
+    less small): one BLAS thread each, the layers spread over the cores (numpy releases the
+    GIL inside BLAS/LAPACK), as resize does."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lora_tools.linalg.blas import single_threaded_blas
+
+    workers = max(1, min(8, os.cpu_count() or 1, len(layers)))
+    if workers == 1:
+        return [_quiet_report(layer) for layer in layers]
+    with single_threaded_blas(), ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(_quiet_report, layers))
+
+
 def inspect_adapter(
     adapter_path: str | os.PathLike[str],
     *,
@@ -220,8 +244,7 @@ def inspect_adapter(
     base_norms: dict[str, float] = {}
     if base_path is not None:
         adapter, base_norms = _against_base(adapter, base_path)
-    with np.errstate(all="ignore"):  # overflow shows as inf below and is reported once
-        layers = [layer_report(layer) for layer in adapter.layers]
+    layers = _layer_reports(adapter.layers)
     for report in layers:
         figures = [report.scale, report.fro_norm, report.effective_rank, *report.singular_values]
         if not all(math.isfinite(x) for x in figures):  # finite factors, but 1e200·1e200 is not

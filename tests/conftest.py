@@ -153,3 +153,21 @@ def malformed_files(fixture_root: Path) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def pickle_marker(fixture_root: Path, malformed_files: dict[str, Path]) -> Path:
     return pickle_marker_path(fixture_root)
+
+
+# --------------------------------------------------------------------------- LyCORIS (tests/lycoris_builders.py)
+
+from lycoris_builders import LycorisCase, build_lycoris_case  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def lycoris_case_factory(fixture_root: Path) -> Callable[[str], LycorisCase]:
+    """kind (lycoris_builders.LYCORIS_CASE_KINDS) -> lycoris_builders.LycorisCase, built once."""
+    cache: dict[str, LycorisCase] = {}
+
+    def get(kind: str) -> LycorisCase:
+        if kind not in cache:
+            cache[kind] = build_lycoris_case(kind, fixture_root)
+        return cache[kind]
+
+    return get

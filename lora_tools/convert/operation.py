@@ -159,7 +159,9 @@ def convert(
         raise RequestError(adapter_path, f"two layers would both be written as {names[len(set(names))]!r}")
     sources = [adapter.layers[i] for i in keep]
     code = DTYPES[dtype] or common_dtype([layer.dtype for layer in sources])
-    layers = [replace(layer, name=name) for layer, name in zip(sources, names)]
+    # written as what they are exactly: LoRA factors (LoHa, LoKr, Tucker and full diffs built out)
+    layers = [replace(layer, name=name, algo="lora", stored_params=None, kron_sides=None)
+              for layer, name in zip(sources, names)]
     metadata = {"lora_tools.convert": json.dumps({"from": adapter.format, "to": to, "input": Path(adapter_path).name})}
     notes: list[str] = []
     gguf_arch, gguf_alpha, folded = None, None, set()

@@ -77,8 +77,11 @@ def prove_layer(source: LoraLayer, written: LoraLayer | None, written_as: str, d
     shapes_match = np.shape(written.a) == np.shape(source.a) and np.shape(written.b) == np.shape(source.b)
     if not shapes_match:
         return LayerProof(source.name, written_as, source.rank, "differ", source.scale, written.scale, 1.0, 0.0, False)
+    # PEFT's lora_bias gives every layer a bias once one has it: a zero bias is no bias
+    written_bias = None if written.bias is not None and source.bias is None and not np.any(np.asarray(written.bias)) \
+        else written.bias
     same_extras = all(_same(_as_stored(x, source.dtype, dtype) if x is not None else None, y)
-                      for x, y in ((source.magnitude, written.magnitude), (source.bias, written.bias)))
+                      for x, y in ((source.magnitude, written.magnitude), (source.bias, written_bias)))
     if folded:
         error = _relative_error(source, written, identical=False)
         tolerance = ULP[dtype]

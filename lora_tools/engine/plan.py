@@ -100,6 +100,8 @@ def bind_adapters(base: BaseCheckpoint, adapters: list[Adapter], weights: list[f
             plan.layers.append((target, weight))
             plan.sources.append(adapter.path)
             if target.layer.bias is not None:
+                if not base.has(target.bias_key) and not _any_nonzero(target.layer.bias):
+                    continue  # PEFT's lora_bias writes a zero bias for every layer, biasless ones too
                 if not base.has(target.bias_key):
                     raise MismatchError(
                         adapter.path, f"layer {target.layer.name!r} has a LoRA bias but base {base_label} has no {target.bias_key!r}"
@@ -143,3 +145,9 @@ def make_plan(
         base.close()
         raise
     return MergePlan(base, adapters, weights, tensors)
+
+
+def _any_nonzero(tensor: object) -> bool:
+    """Whether a numpy array or torch tensor has a non-zero element."""
+    any_of = getattr(tensor, "any", None)
+    return bool(any_of()) if any_of is not None else True

@@ -55,6 +55,8 @@ __all__ = ["LYCORIS_PREFIX", "PEFT_LYCORIS_TYPES", "load_lycoris", "load_peft_ly
 
 # the scale s of a layer, given the dim of its factored part (None: no factored part)
 ScaleRule = Callable[[int | None], float]
+# LoKr's two sides as (U, V) with W = U·V: ΔW = s·kron(W₁, W₂)
+KronSides = tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 LYCORIS_PREFIX = "lycoris_"
 _ROLES = ("lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha", "dora_scale", "hada_w1_a", "hada_w1_b",
@@ -65,6 +67,27 @@ _KEY = re.compile(r"^(?P<m>(?:lycoris|lora_unet|lora_te[123]?|lora_transformer)_
 _LYCORIS_ONLY = {r for r in _ROLES if r not in ("lora_down.weight", "lora_up.weight", "alpha", "dora_scale")}
 # the stored dtype whose products are exact in float32
 _NARROW = {"BF16", "F16"}
+
+
+class BuiltFactor:
+    """A factor made from the stored tensors (a Khatri–Rao or Kronecker product), computed
+    each time it is read (`np.asarray`, `reshape`) and never held: a LoHa/LoKr file's exact
+    LoRA form can be far larger than the file (a LoKr W₁⊗(W₂ₐ·W₂ᵦ) on a 10240×1280 weight is
+    10240×160 of float64), and inspect needs one layer at a time. Shape, ndim and dtype are
+    known without computing it, which is all most code asks of a factor."""
+
+    def __init__(self, shape: tuple[int, ...], make: Callable[[], np.ndarray]) -> None:
+        self.shape = shape
+        self.ndim = len(shape)
+        self.dtype = np.dtype(np.float64)
+        self._make = make
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        value = self._make().reshape(self.shape)
+        return value if dtype is None else value.astype(dtype)
+
+    def reshape(self, *shape: Any) -> np.ndarray:
+        return np.asarray(self).reshape(*shape)
 
 
 def looks_like_lycoris(keys: list[str]) -> bool:
@@ -129,6 +152,11 @@ def _khatri_rao_rows(u1: np.ndarray, u2: np.ndarray) -> np.ndarray:
     return (u1[:, :, None] * u2[:, None, :]).reshape(u1.shape[0], -1)
 
 
+def _khatri_rao_columns(v1: np.ndarray, v2: np.ndarray) -> np.ndarray:
+    """X[(i,j), c] = v1[i,c]·v2[j,c] for v1 (r1, n), v2 (r2, n): (r1·r2, n), rows contiguous."""
+    return (v1[:, None, :] * v2[None, :, :]).reshape(-1, v1.shape[1])
+
+
 def _tucker_side(module: _Module, core: str, outer: str, inner: str) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
     """(U (out, R), V (R, in·k), kernel) of Σ_ab core[a,b,k]·outer[a,o]·inner[b,i], with
     outer (R, out) and inner (R, in) as LyCORIS stores Tucker factors."""
@@ -141,7 +169,7 @@ def _tucker_side(module: _Module, core: str, outer: str, inner: str) -> tuple[np
     return wa.T, v.reshape(v.shape[0], -1), tuple(t.shape[2:])
 
 
-def _loha(module: _Module) -> tuple[np.ndarray, np.ndarray, int, tuple[int, ...]]:
+def _loha(module: _Module) -> tuple[Any, Any, int, tuple[int, ...], None]:
     if module.has("hada_t1") or module.has("hada_t2"):
         u1, v1, kernel = _tucker_side(module, "hada_t1", "hada_w1_a", "hada_w1_b")
         u2, v2, kernel2 = _tucker_side(module, "hada_t2", "hada_w2_a", "hada_w2_b")
@@ -157,9 +185,10 @@ def _loha(module: _Module) -> tuple[np.ndarray, np.ndarray, int, tuple[int, ...]
     if u1.shape[0] != u2.shape[0] or v1.shape[1] != v2.shape[1] or u1.shape[1] != v1.shape[0] \
             or u2.shape[1] != v2.shape[0]:
         module.fail(f"LoHa factors do not fit: w1 {list(u1.shape)}·{list(v1.shape)}, w2 {list(u2.shape)}·{list(v2.shape)}")
-    b = _khatri_rao_rows(u1, u2)  # (out, r1·r2)
-    a = _khatri_rao_rows(v1.T, v2.T).T  # (r1·r2, in·k)
-    return b, a, dim, kernel
+    rank = u1.shape[1] * u2.shape[1]
+    b = BuiltFactor((u1.shape[0], rank), lambda: _khatri_rao_rows(u1, u2))  # (out, r1·r2)
+    a = BuiltFactor((rank, v1.shape[1]), lambda: _khatri_rao_columns(v1, v2))  # (r1·r2, in·k)
+    return b, a, dim, kernel, None
 
 
 def _lokr_side(module: _Module, n: int) -> tuple[np.ndarray, np.ndarray, int | None, tuple[int, ...]]:
@@ -182,12 +211,15 @@ def _lokr_side(module: _Module, n: int) -> tuple[np.ndarray, np.ndarray, int | N
     return u, v, v.shape[0], tuple(b.shape[2:])
 
 
-def _lokr(module: _Module) -> tuple[np.ndarray, np.ndarray, int | None, tuple[int, ...]]:
+def _lokr(module: _Module) -> tuple[Any, Any, int | None, tuple[int, ...], KronSides]:
     u1, v1, dim1, kernel1 = _lokr_side(module, 1)
     u2, v2, dim2, kernel = _lokr_side(module, 2)
     if kernel1:
         module.fail(f"lokr_w1 has a kernel {list(kernel1)}: LyCORIS keeps kernels in W2")
-    return np.kron(u1, u2), np.kron(v1, v2), dim1 or dim2, kernel
+    rank = u1.shape[1] * u2.shape[1]
+    b = BuiltFactor((u1.shape[0] * u2.shape[0], rank), lambda: np.kron(u1, u2))
+    a = BuiltFactor((rank, v1.shape[1] * v2.shape[1]), lambda: np.kron(v1, v2))
+    return b, a, dim1 or dim2, kernel, ((u1, v1), (u2, v2))
 
 
 def _full(module: _Module) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
@@ -199,7 +231,7 @@ def _full(module: _Module) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
     return b, a, kernel
 
 
-def _locon(module: _Module) -> tuple[np.ndarray, np.ndarray, int, tuple[int, ...]]:
+def _locon(module: _Module) -> tuple[np.ndarray, np.ndarray, int, tuple[int, ...], None]:
     up = module.matrix("lora_up.weight")  # (out, r)
     down = module.get("lora_down.weight")  # (r, in[, kh, kw]) or (r, in, 1, 1) under a Tucker core
     if module.has("lora_mid.weight"):
@@ -208,10 +240,10 @@ def _locon(module: _Module) -> tuple[np.ndarray, np.ndarray, int, tuple[int, ...
             module.fail(f"lora_mid of shape {list(mid.shape)} does not match lora_up rank {up.shape[1]} "
                         f"and lora_down rank {down.shape[0]}")
         a = np.einsum("pq...,qi->pi...", mid, down.reshape(down.shape[0], -1))  # (r, in, *k)
-        return up, a.reshape(a.shape[0], -1), down.shape[0], tuple(mid.shape[2:])
+        return up, a.reshape(a.shape[0], -1), down.shape[0], tuple(mid.shape[2:]), None
     if up.shape[1] != down.shape[0]:
         module.fail(f"lora_up rank {up.shape[1]} and lora_down rank {down.shape[0]} differ")
-    return up, down.reshape(down.shape[0], -1), down.shape[0], tuple(down.shape[2:])
+    return up, down.reshape(down.shape[0], -1), down.shape[0], tuple(down.shape[2:]), None
 
 
 def _file_scale(source: TensorSource, roles: dict[str, str], alpha_override: float | None) -> ScaleRule:
@@ -233,25 +265,28 @@ def _layer(source: TensorSource, name: str, roles: dict[str, str], scale_rule: S
     module = _Module(source, name, roles)
     algo = _algo(roles)
     dim: int | None
+    kron: KronSides | None = None
     if algo == "loha":
-        b, a, dim, kernel = _loha(module)
+        b, a, dim, kernel, _ = _loha(module)
     elif algo == "lokr":
-        b, a, dim, kernel = _lokr(module)
+        b, a, dim, kernel, kron = _lokr(module)
     elif algo == "full":
         b, a, kernel = _full(module)
         dim = None
     else:
-        b, a, dim, kernel = _locon(module)
+        b, a, dim, kernel, _ = _locon(module)
     scale = scale_rule(dim)
     rank = a.shape[0]
     conv = len(kernel) > 0  # a kernel the file shows; a flattened one stays a matrix
     in_dim = a.shape[1] // int(np.prod(kernel)) if conv else a.shape[1]
     stored = module.stored()
     layer = LoraLayer(
-        name=name, a=a.reshape(rank, in_dim, *kernel) if conv else a,
-        b=b.reshape(b.shape[0], rank, *(1,) * len(kernel)) if conv else b,
+        name=name, a=_shaped(a, (rank, in_dim, *kernel)) if conv else a,
+        b=_shaped(b, (b.shape[0], rank, *(1,) * len(kernel))) if conv else b,
         alpha=scale * rank, kind="conv" if conv else "linear", dtype=_exact_dtype(algo, roles, stored),
         source_keys=tuple(roles.values()), algo=algo,
+        stored_params=sum(int(np.prod(source.shape(key))) for role, key in roles.items() if role != "alpha"),
+        kron_sides=kron,
     )
     if "diff_b" in roles:  # full: s = 1, so the LoRA bias rule (bias + s·bias_B) adds diff_b itself
         layer.bias = module.get("diff_b")
@@ -260,6 +295,13 @@ def _layer(source: TensorSource, name: str, roles: dict[str, str], scale_rule: S
     if "dora_scale" in roles:
         _dora(module, layer)
     return layer
+
+
+def _shaped(factor: Any, shape: tuple[int, ...]) -> Any:
+    """The factor in the layer's stored shape (conv kernels), built lazily if it was."""
+    if isinstance(factor, BuiltFactor):
+        return BuiltFactor(shape, lambda: np.asarray(factor))
+    return factor.reshape(shape)
 
 
 def _exact_dtype(algo: str, roles: dict[str, str], stored: str) -> str:

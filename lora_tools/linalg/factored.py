@@ -129,6 +129,18 @@ def singular_values(b: np.ndarray, a: np.ndarray, scale: float = 1.0) -> np.ndar
     return out
 
 
+def kron_singular_values(
+    side1: tuple[np.ndarray, np.ndarray], side2: tuple[np.ndarray, np.ndarray], scale: float = 1.0
+) -> np.ndarray:
+    """Descending singular values of scale·kron(U₁V₁, U₂V₂), as many as U₁V₁'s factor rank
+    times U₂V₂'s: σ(X⊗Y) = {σᵢ(X)·σⱼ(Y)} (Kronecker products of the two SVDs are an SVD),
+    each side's σ from its factors (`singular_values`). O(cost of the two sides), never
+    the product: what makes LyCORIS' LoKr cheap to inspect."""
+    s1 = singular_values(*side1)
+    s2 = singular_values(*side2)
+    return np.sort(np.outer(s1, s2).ravel())[::-1] * abs(scale)
+
+
 def frobenius_norm(b: np.ndarray, a: np.ndarray, scale: float = 1.0) -> float:
     """‖scale·B·A‖_F from Gram matrices: ‖BA‖_F² = Σᵢⱼ (BᵀB)ᵢⱼ·(AAᵀ)ᵢⱼ; O((m+n)·r²).
 

@@ -1,0 +1,141 @@
+"""LyCORIS files made by lycoris-lora itself (tests/lycoris_builders.py: LoHa, LoKr factored,
+full and Tucker, LoCon-Tucker, full diffs, DoRA on either axis, a bf16 file) on a tiny
+model with Linear, 1×1 and 3×3 convs. The truth is what the trained network computes
+(its forward pass, float64); lora-tools' merge must equal it (fp32: 1e-6 of the update's
+largest value; bf16 files within the fp32 output's rounding of the float64 truth), verify
+must prove the merge, inspect's σ must be the dense float64 SVD's (1e-9·σ₁), and bad files
+are one line, exit 2."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cli_run import run_cli
+from lycoris_builders import LYCORIS_CASE_KINDS, LycorisCase
+from safetensors.numpy import load_file as load_numpy
+from safetensors.numpy import save_file as save_numpy
+from safetensors.torch import load_file
+
+from lora_tools.formats import load_adapter
+from lora_tools.formats.names import resolve_names
+from lora_tools.inspect import inspect_adapter
+from lora_tools.io.checkpoint import BaseCheckpoint
+
+pytest.importorskip("lycoris")
+
+ALGO = {"loha": "loha", "loha_tucker": "loha", "lokr_factored": "lokr", "lokr_full": "lokr", "lokr_tucker": "lokr",
+        "locon_tucker": "locon", "full": "full", "locon_dora_out": "lora", "locon_dora_in": "lora", "loha_bf16": "loha"}
+
+
+@pytest.mark.parametrize("kind", LYCORIS_CASE_KINDS)
+def test_merge_equals_the_trained_network(lycoris_case_factory: Callable[[str], LycorisCase], tmp_path: Path,
+                                          kind: str) -> None:
+    case = lycoris_case_factory(kind)
+    merged = tmp_path / "merged.safetensors"
+    code, _, stderr = run_cli("merge", case.base_file, case.lora_file, "-o", merged, "-q")
+    assert code == 0, stderr
+    got = load_file(merged)
+    for module in case.modules.values():
+        weight = got[f"{module.module}.weight"].double().numpy()
+        largest = float(np.abs(module.delta).max())
+        # fp32 output: its own rounding of W′ (≤ ½ ulp of |W′|) plus 1e-6 of the update
+        tolerance = 1e-6 * largest + float(np.abs(module.merged).max()) * 2.0**-24
+        np.testing.assert_allclose(weight, module.merged, rtol=0, atol=tolerance, err_msg=module.module)
+        if module.bias_delta is not None:
+            bias = got[f"{module.module}.bias"].double().numpy()
+            base = load_file(case.base_file)[f"{module.module}.bias"].double().numpy()
+            np.testing.assert_allclose(bias - base, module.bias_delta, rtol=0, atol=1e-6 * np.abs(module.bias_delta).max())
+    code, stdout, stderr = run_cli("verify", case.base_file, case.lora_file, merged)
+    assert code == 0, stdout + stderr
+
+
+@pytest.mark.parametrize("kind", [k for k in LYCORIS_CASE_KINDS if "dora" not in k])
+def test_inspect_sigma_is_the_dense_svd(lycoris_case_factory: Callable[[str], LycorisCase], kind: str) -> None:
+    case = lycoris_case_factory(kind)
+    report = inspect_adapter(case.lora_file, base_path=case.base_file)
+    by_name = {layer.name: layer for layer in report.layers}
+    for module in case.modules.values():
+        figures = by_name[module.module]
+        assert figures.algo == ("lora" if kind == "locon_tucker" and not module.tucker else ALGO[kind])
+        sigma = np.linalg.svd(module.delta.reshape(module.delta.shape[0], -1), compute_uv=False)
+        ours = np.asarray(figures.singular_values)
+        k = min(len(ours), len(sigma))
+        np.testing.assert_allclose(ours[:k], sigma[:k], rtol=0, atol=1e-9 * sigma[0], err_msg=module.module)
+        assert np.all(ours[k:] <= 1e-9 * sigma[0])
+        assert figures.fro_norm == pytest.approx(float(np.linalg.norm(module.delta)), rel=1e-9)
+
+
+def test_lokr_with_both_sides_full_ignores_alpha(lycoris_case_factory: Callable[[str], LycorisCase]) -> None:
+    case = lycoris_case_factory("lokr_full")
+    adapter = load_adapter(case.lora_file)
+    assert all(layer.scale == 1.0 for layer in adapter.layers)
+    stored = load_numpy(case.lora_file)
+    assert any(float(v) != 1.0 for k, v in stored.items() if k.endswith(".alpha"))  # the file has alphas: ignored
+
+
+@pytest.mark.parametrize("kind", ["loha", "lokr_factored", "locon_tucker", "full"])
+def test_convert_to_plain_lora_is_exact(lycoris_case_factory: Callable[[str], LycorisCase], tmp_path: Path,
+                                        kind: str) -> None:
+    """LoHa/LoKr/Tucker/full as the LoRA factors they are exactly (float64: products of float32),
+    read back and proven, and merging that LoRA gives the trained network's weights."""
+    case = lycoris_case_factory(kind)
+    out = tmp_path / "lora"
+    # a full diff's diff_b is a LoRA bias: PEFT holds it (lora_bias), kohya does not
+    target = ["--to", "peft", "--base", case.base_file] if kind == "full" else ["--to", "kohya"]
+    code, stdout, stderr = run_cli("convert", case.lora_file, *target, "-o", out, "--json")
+    assert code == 0, stderr
+    report = json.loads(stdout)
+    assert report["exact"] and report["dtype"] in ("F64", "F32")
+    written = load_adapter(out)
+    assert {layer.algo for layer in written.layers} == {"lora"}
+    merged = tmp_path / "merged.safetensors"
+    assert run_cli("merge", case.base_file, out, "-o", merged, "-q")[0] == 0
+    got = load_file(merged)
+    for module in case.modules.values():
+        tolerance = 1e-6 * float(np.abs(module.delta).max()) + float(np.abs(module.merged).max()) * 2.0**-24
+        np.testing.assert_allclose(got[f"{module.module}.weight"].double().numpy(), module.merged, rtol=0, atol=tolerance)
+
+
+def test_resize_of_a_loha_file_truncates_its_exact_form(lycoris_case_factory: Callable[[str], LycorisCase],
+                                                        tmp_path: Path) -> None:
+    case = lycoris_case_factory("loha")
+    out = tmp_path / "small.safetensors"
+    code, stdout, stderr = run_cli("resize", case.lora_file, "--rank", "2", "--dtype", "fp64", "-o", out, "--json")
+    assert code == 0, stderr
+    report = {layer["name"]: layer for layer in json.loads(stdout)["layers"]}
+    with BaseCheckpoint.open(case.base_file) as base:
+        written = resolve_names(load_adapter(out), base.module_paths(), str(case.base_file))
+        names = resolve_names(load_adapter(case.lora_file), base.module_paths(), str(case.base_file))
+    for source, layer in zip(names.layers, written.layers):
+        delta = case.modules[source.name].delta
+        matrix = delta.reshape(delta.shape[0], -1)
+        u, s, vt = np.linalg.svd(matrix, full_matrices=False)
+        best = (u[:, :2] * s[:2]) @ vt[:2]
+        got = layer.dense_update().reshape(matrix.shape)
+        np.testing.assert_allclose(got, best, rtol=0, atol=1e-9 * s[0])
+        entry = next(r for r in report.values() if r["rank_out"] == layer.rank and r["name"].endswith(source.name.replace(".", "_")))
+        assert entry["residual_fro"] == pytest.approx(float(np.sqrt(np.sum(s[2:] ** 2))), rel=1e-9)
+
+
+@pytest.mark.parametrize(("case_kind", "edit", "message"), [
+    ("loha", lambda t: t.pop(next(k for k in sorted(t) if k.endswith("hada_w2_b"))), "hada_w2_b"),
+    ("loha_tucker", lambda t: t.update({k: t[k][:2] for k in t if k.endswith("hada_t1")}), "Tucker core"),
+    ("locon_tucker", lambda t: t.update({k: t[k][:, :2] for k in t if k.endswith("lora_mid.weight")}), "lora_mid"),
+    ("lokr_factored", lambda t: t.update({k: t[k][:, :1] for k in t if k.endswith("lokr_w1_b")}), "does not fit"),
+])
+def test_broken_files_are_one_line_exit_2(lycoris_case_factory: Callable[[str], LycorisCase], tmp_path: Path,
+                                          case_kind: str, edit: Callable[[dict[str, np.ndarray]], object],
+                                          message: str) -> None:
+    case = lycoris_case_factory(case_kind)
+    tensors = {k: v for k, v in load_numpy(case.lora_file).items()} if case_kind != "loha_bf16" else {}
+    edit(tensors)
+    broken = tmp_path / "broken.safetensors"
+    save_numpy(tensors, broken)
+    out = tmp_path / "merged.safetensors"
+    code, _, stderr = run_cli("merge", case.base_file, broken, "-o", out, "-q")
+    assert code == 2 and message in stderr and str(broken) in stderr, stderr
+    assert len(stderr.strip().splitlines()) == 1 and not out.exists()
