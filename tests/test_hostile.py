@@ -563,7 +563,8 @@ BAD_CONFIGS: dict[str, tuple[str | bytes, str]] = {  # name -> (file text, words
     "target_modules_int": (json.dumps({**CONFIG, "target_modules": 7}), "'target_modules'"),
     "modules_to_save_dict": (json.dumps({**CONFIG, "modules_to_save": {"lm_head": 1}}), "'modules_to_save'"),
     "peft_type_ia3": (json.dumps({**CONFIG, "peft_type": "IA3"}), "'IA3' is not supported"),
-    "peft_type_loha": (json.dumps({**CONFIG, "peft_type": "LOHA"}), "'LOHA' is not supported"),
+    # LoHa is read (formats.lycoris), but its config names alpha "alpha", not "lora_alpha"
+    "peft_type_loha": (json.dumps({**CONFIG, "peft_type": "LOHA"}), "missing 'alpha'"),
     "peft_type_adalora": (json.dumps({**CONFIG, "peft_type": "ADALORA"}), "'ADALORA' is not supported"),
     "peft_type_prefix": (json.dumps({**CONFIG, "peft_type": "PREFIX_TUNING"}), "'PREFIX_TUNING' is not supported"),
     "peft_type_number": (json.dumps({**CONFIG, "peft_type": 5}), "5 is not supported"),
