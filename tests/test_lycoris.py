@@ -139,3 +139,20 @@ def test_broken_files_are_one_line_exit_2(lycoris_case_factory: Callable[[str], 
     code, _, stderr = run_cli("merge", case.base_file, broken, "-o", out, "-q")
     assert code == 2 and message in stderr and str(broken) in stderr, stderr
     assert len(stderr.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_blend_takes_lycoris_inputs_through_their_exact_form(lycoris_case_factory: Callable[[str], LycorisCase],
+                                                             tmp_path: Path) -> None:
+    """cat of a LoHa and a LoKr file (1×1 convs flattened in one, 4-D in the other) is
+    exactly 0.6·ΔW_LoHa + 0.4·ΔW_LoKr per module."""
+    loha, lokr = lycoris_case_factory("loha"), lycoris_case_factory("lokr_factored")
+    out = tmp_path / "blend.safetensors"
+    code, _, stderr = run_cli("blend", loha.lora_file, lokr.lora_file, "--weight", "0.6", "--weight", "0.4",
+                              "--method", "cat", "-o", out)
+    assert code == 0, stderr
+    with BaseCheckpoint.open(loha.base_file) as base:
+        blended = resolve_names(load_adapter(out), base.module_paths(), str(loha.base_file))
+    for layer in blended.layers:
+        expected = 0.6 * loha.modules[layer.name].delta + 0.4 * lokr.modules[layer.name].delta
+        got = layer.dense_update().reshape(expected.shape)
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-9 * np.abs(expected).max(), err_msg=layer.name)

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from lora_tools.adapter import Adapter, Factor
+from lora_tools.adapter import Adapter, Factor, LoraLayer
 from lora_tools.blend.factored import Term
 from lora_tools.blend.options import DENSE_METHODS, DTYPES, FORMATS, METHODS
 from lora_tools.errors import MismatchError, RequestError
@@ -85,6 +85,17 @@ def check_inputs(adapters: Sequence[Adapter]) -> None:
         )
 
 
+def _same_target(first: LoraLayer, layer: LoraLayer) -> bool:
+    """Whether two layers can update the same base weight: the same B·A matrix and
+    orientation, and the same kernel where both state one (LyCORIS stores some conv
+    factors flattened, (r, in·kh·kw), which fits the same weight as (r, in, kh, kw))."""
+    if (first.kind == "embedding", first.fan_in_fan_out) != (layer.kind == "embedding", layer.fan_in_fan_out):
+        return False
+    if first.kind == layer.kind == "conv":
+        return first.weight_shape == layer.weight_shape
+    return first.update_matrix_shape == layer.update_matrix_shape
+
+
 def align_layers(adapters: Sequence[Adapter], weights: Sequence[float]) -> dict[str, list[Term]]:
     """Module name -> the inputs that adapt it, in input order; shapes must agree."""
     groups: dict[str, list[Term]] = {}
@@ -93,7 +104,7 @@ def align_layers(adapters: Sequence[Adapter], weights: Sequence[float]) -> dict[
             terms = groups.setdefault(layer.name, [])
             if terms:
                 first = terms[0].layer
-                if (first.kind, first.weight_shape, first.fan_in_fan_out) != (layer.kind, layer.weight_shape, layer.fan_in_fan_out):
+                if not _same_target(first, layer):
                     raise MismatchError(
                         adapter.path,
                         f"layer {layer.name!r} is {layer.kind} {list(layer.weight_shape)} but {first.kind} "
