@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -99,7 +99,10 @@ class InspectReport:
     layers: list[LayerReport]
 
     def to_json(self) -> dict[str, Any]:
-        return {"adapter": asdict(self.adapter), "layers": [asdict(layer) for layer in self.layers]}
+        # layers by their fields, not asdict: its deep copy of every singular value took
+        # longer than computing them for a 700-module LoKr file (~180 K values)
+        return {"adapter": asdict(self.adapter), "layers": [{f.name: getattr(layer, f.name) for f in fields(layer)}
+                                                            for layer in self.layers]}
 
 
 def module_type(name: str) -> str:
