@@ -76,17 +76,19 @@ def test_merge_equals_peft_and_verify_proves_it(peft_lycoris: Callable[[str], tu
     assert changed == len(load_adapter(adapter).layers)
     code, stdout, stderr = run_cli("verify", base, adapter, merged)
     assert code == 0, stdout + stderr
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    for extra in merged.iterdir():
-        if extra.name != "model.safetensors":
-            (bad / extra.name).write_bytes(extra.read_bytes())
     victim = next(k for k in got if "v_proj" in k or "down_proj" in k)
-    corrupted = dict(got)
-    corrupted[victim] = original[victim] + (got[victim] - original[victim]) * 1.05  # 5 % too strong
-    save_file(corrupted, bad / "model.safetensors", metadata={"format": "pt"})
-    code, stdout, _ = run_cli("verify", base, adapter, bad)
-    assert code == 1 and victim in stdout
+    delta = got[victim] - original[victim]
+    for defect, tensor in {"not applied": original[victim], "half": original[victim] + delta / 2,
+                           "double": original[victim] + 2 * delta, "sign": original[victim] - delta,
+                           "5 % too strong": original[victim] + delta * 1.05}.items():
+        bad = tmp_path / defect.replace(" ", "_").replace("%", "pct")
+        bad.mkdir()
+        for extra in merged.iterdir():
+            if extra.name != "model.safetensors":
+                (bad / extra.name).write_bytes(extra.read_bytes())
+        save_file({**got, victim: tensor}, bad / "model.safetensors", metadata={"format": "pt"})
+        code, stdout, _ = run_cli("verify", base, adapter, bad)
+        assert code == 1 and victim in stdout, defect
 
 
 @pytest.mark.parametrize("kind", list(CONFIGS))
