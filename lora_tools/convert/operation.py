@@ -15,7 +15,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -51,25 +51,21 @@ class ConvertReport:
         return asdict(self)
 
 
+# What each target cannot hold: (target, the layer has it, why), first match reported.
+_LIMITS: list[tuple[str, Callable[[LoraLayer], bool], str]] = [
+    ("gguf", lambda layer: layer.magnitude is not None, "DoRA has no GGUF form (llama.cpp applies plain LoRA)"),
+    ("gguf", lambda layer: layer.bias is not None, "a LoRA bias has no GGUF form"),
+    ("gguf", lambda layer: layer.kind == "conv", "a conv LoRA has no GGUF form"),
+    ("gguf", lambda layer: layer.fan_in_fan_out, "fan_in_fan_out (Conv1D) layers are not mapped to GGUF"),
+    ("kohya", lambda layer: layer.bias is not None, "kohya files hold no LoRA bias"),
+    ("kohya", lambda layer: layer.kind == "embedding", "kohya files hold no embedding LoRA"),
+    ("kohya", lambda layer: layer.fan_in_fan_out, "kohya files hold no fan_in_fan_out (Conv1D) layers"),
+]
+
+
 def _unsupported(layer: LoraLayer, target: str) -> str | None:
     """Why `target` cannot hold this layer, or None."""
-    if target == "gguf":
-        if layer.magnitude is not None:
-            return "DoRA has no GGUF form (llama.cpp applies plain LoRA)"
-        if layer.bias is not None:
-            return "a LoRA bias has no GGUF form"
-        if layer.kind == "conv":
-            return "a conv LoRA has no GGUF form"
-        if layer.fan_in_fan_out:
-            return "fan_in_fan_out (Conv1D) layers are not mapped to GGUF"
-    if target == "kohya":
-        if layer.bias is not None:
-            return "kohya files hold no LoRA bias"
-        if layer.kind == "embedding":
-            return "kohya files hold no embedding LoRA"
-        if layer.fan_in_fan_out:
-            return "kohya files hold no fan_in_fan_out (Conv1D) layers"
-    return None
+    return next((why for where, has, why in _LIMITS if where == target and has(layer)), None)
 
 
 def _locations(adapter: Adapter, base: str | os.PathLike[str] | None) -> tuple[list[Location], Adapter | None]:

@@ -337,17 +337,23 @@ def _dora(module: _Module, layer: LoraLayer) -> None:
     layer.magnitude_eps = float(np.finfo(np.float32).eps)
 
 
-def load_lycoris(source: TensorSource, *, alpha_override: float | None = None) -> Adapter:
+def _grouped(source: TensorSource, pattern: re.Pattern[str]) -> KeyGroups:
+    """The file's keys by module (`m`) and role (`role`), the rest unclaimed."""
     groups = KeyGroups()
     try:
         for key in source.keys():
-            match = _KEY.match(key)
+            match = pattern.match(key)
             if match:
                 groups.add(match.group("m"), match.group("role"), key)
             else:
                 groups.unclaimed.append(key)
     except DuplicateRole as exc:
         raise FormatError(source.path, str(exc)) from None
+    return groups
+
+
+def load_lycoris(source: TensorSource, *, alpha_override: float | None = None) -> Adapter:
+    groups = _grouped(source, _KEY)
     layers = []
     for name, roles in groups.modules.items():
         if set(roles) <= {"alpha", "dora_scale"}:  # nothing to apply
@@ -372,16 +378,7 @@ def load_peft_lycoris(source: TensorSource, config: dict[str, Any], *, adapter_p
                       alpha_override: float | None = None) -> Adapter:
     """A PEFT LoHa or LoKr adapter folder, its layers as exact LoRA layers."""
     config_path = source.path.parent / "adapter_config.json"
-    groups = KeyGroups()
-    try:
-        for key in source.keys():
-            match = _PEFT_KEY.match(key)
-            if match:
-                groups.add(match.group("m"), match.group("role"), key)
-            else:
-                groups.unclaimed.append(key)
-    except DuplicateRole as exc:
-        raise FormatError(source.path, str(exc)) from None
+    groups = _grouped(source, _PEFT_KEY)
     try:
         ranks, alphas = PatternTable("rank_pattern", config.get("rank_pattern") or {}), \
             PatternTable("alpha_pattern", config.get("alpha_pattern") or {})
