@@ -112,7 +112,7 @@ class _Module:
         if role not in self.roles:
             raise FormatError(self.source.path, f"module {self.name!r}: has no {role!r} (its {self._algo()} "
                                                 "update needs it)")
-        return np.asarray(finite_factor(self.source, self.roles[role]), dtype=np.float64)
+        return np.asarray(finite_factor(self.source, self.roles[role]))  # as stored (bf16/fp16 widened exactly)
 
     def matrix(self, role: str, rows: int | None = None) -> np.ndarray:
         """The tensor as a 2-D matrix (its first axis kept), rows checked."""
@@ -148,13 +148,19 @@ def _algo(roles: dict[str, str]) -> str:
 
 
 def _khatri_rao_rows(u1: np.ndarray, u2: np.ndarray) -> np.ndarray:
-    """X[o, (i,j)] = u1[o,i]·u2[o,j] for u1 (n, r1), u2 (n, r2): (n, r1·r2)."""
-    return (u1[:, :, None] * u2[:, None, :]).reshape(u1.shape[0], -1)
+    """X[o, (i,j)] = u1[o,i]·u2[o,j] for u1 (n, r1), u2 (n, r2): (n, r1·r2), float64
+    (a product of two float32 values is exact there)."""
+    return np.multiply(u1[:, :, None], u2[:, None, :], dtype=np.float64).reshape(u1.shape[0], -1)
 
 
 def _khatri_rao_columns(v1: np.ndarray, v2: np.ndarray) -> np.ndarray:
-    """X[(i,j), c] = v1[i,c]·v2[j,c] for v1 (r1, n), v2 (r2, n): (r1·r2, n), rows contiguous."""
-    return (v1[:, None, :] * v2[None, :, :]).reshape(-1, v1.shape[1])
+    """X[(i,j), c] = v1[i,c]·v2[j,c] for v1 (r1, n), v2 (r2, n): (r1·r2, n), rows contiguous, float64."""
+    return np.multiply(v1[:, None, :], v2[None, :, :], dtype=np.float64).reshape(-1, v1.shape[1])
+
+
+def _kron(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """kron(x, y) in float64: each element a product of one of each, exact there."""
+    return np.kron(x.astype(np.float64), y.astype(np.float64))
 
 
 def _tucker_side(module: _Module, core: str, outer: str, inner: str) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
@@ -165,8 +171,8 @@ def _tucker_side(module: _Module, core: str, outer: str, inner: str) -> tuple[np
     if t.ndim < 2 or t.shape[0] != wa.shape[0] or t.shape[1] != wb.shape[0]:
         module.fail(f"Tucker core {core!r} of shape {list(t.shape)} does not match {outer!r} rank {wa.shape[0]} "
                     f"and {inner!r} rank {wb.shape[0]}")
-    v = np.einsum("ab...,bi->ai...", t, wb)  # (R, in, *k)
-    return wa.T, v.reshape(v.shape[0], -1), tuple(t.shape[2:])
+    v = np.einsum("ab...,bi->ai...", t.astype(np.float64), wb.astype(np.float64))  # (R, in, *k): sums, float64
+    return wa.T.astype(np.float64), v.reshape(v.shape[0], -1), tuple(t.shape[2:])
 
 
 def _loha(module: _Module) -> tuple[Any, Any, int, tuple[int, ...], None]:
@@ -217,8 +223,8 @@ def _lokr(module: _Module) -> tuple[Any, Any, int | None, tuple[int, ...], KronS
     if kernel1:
         module.fail(f"lokr_w1 has a kernel {list(kernel1)}: LyCORIS keeps kernels in W2")
     rank = u1.shape[1] * u2.shape[1]
-    b = BuiltFactor((u1.shape[0] * u2.shape[0], rank), lambda: np.kron(u1, u2))
-    a = BuiltFactor((rank, v1.shape[1] * v2.shape[1]), lambda: np.kron(v1, v2))
+    b = BuiltFactor((u1.shape[0] * u2.shape[0], rank), lambda: _kron(u1, u2))
+    a = BuiltFactor((rank, v1.shape[1] * v2.shape[1]), lambda: _kron(v1, v2))
     return b, a, dim1 or dim2, kernel, ((u1, v1), (u2, v2))
 
 
@@ -239,7 +245,7 @@ def _locon(module: _Module) -> tuple[np.ndarray, np.ndarray, int, tuple[int, ...
         if mid.ndim < 2 or mid.shape[0] != up.shape[1] or mid.shape[1] != down.shape[0]:
             module.fail(f"lora_mid of shape {list(mid.shape)} does not match lora_up rank {up.shape[1]} "
                         f"and lora_down rank {down.shape[0]}")
-        a = np.einsum("pq...,qi->pi...", mid, down.reshape(down.shape[0], -1))  # (r, in, *k)
+        a = np.einsum("pq...,qi->pi...", mid.astype(np.float64), down.reshape(down.shape[0], -1).astype(np.float64))
         return up, a.reshape(a.shape[0], -1), down.shape[0], tuple(mid.shape[2:]), None
     if up.shape[1] != down.shape[0]:
         module.fail(f"lora_up rank {up.shape[1]} and lora_down rank {down.shape[0]} differ")
