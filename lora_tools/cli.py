@@ -54,7 +54,8 @@ def cli() -> None:
     """Inspect, merge, blend and verify LoRA adapters.
 
     \b
-    Adapters: PEFT folders/files, kohya sd-scripts and diffusers LoRA files.
+    Adapters: PEFT folders/files (LoRA, LoHa, LoKr), kohya sd-scripts, LyCORIS and
+    diffusers files; convert also writes llama.cpp GGUF adapters.
     Bases: Hugging Face folders (single or sharded safetensors) or one .safetensors file.
     """
 
