@@ -29,6 +29,7 @@ LAYER_OF = {
     "verify": "operation",
     "resize": "operation",
     "convert": "operation",
+    "extract": "operation",
     "render": "render",
     "cli": "cli",
     "__main__": "cli",

@@ -1,0 +1,231 @@
+"""`extract`: a LoRA adapter from a full fine-tune, BASE and TUNED read one tensor pair at a
+time, with the error it costs stated exactly.
+
+Every weight matrix that differs (conv kernels as (out, in·k)) becomes a LoRA layer: the
+truncated SVD of D = W_tuned − W_base (`layers`), written balanced with alpha = r (scale 1).
+Tensors that are no matrix (norms), embeddings and heads (`--full-modules`) that changed
+are written whole (PEFT modules_to_save); changed biases go with PEFT's `bias: "all"`.
+Memory: one tensor pair and its difference at a time; `--budget` reads the pairs twice
+(spectra first, then the factors at the ranks chosen over the whole model).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lora_tools.adapter import LoraLayer
+from lora_tools.errors import MismatchError, RequestError
+from lora_tools.extract.layers import LayerExtractReport, Spectrum, choose_rank, factors, report, spectrum
+from lora_tools.extract.options import DEFAULT_FULL_MODULES, DTYPES, EXACT_UP_TO, FORMATS, METHODS
+from lora_tools.linalg.rank_policy import RankPolicy, budget_ranks
+
+
+@dataclass
+class ExtractReport:
+    base: str
+    tuned: str
+    out: str
+    format: str
+    dtype: str
+    method: str  # what was asked: auto, exact or randomized (each layer says which it got)
+    policy: str  # rank, energy, sv_ratio or budget
+    n_layers: int
+    full_tensors: list[str]  # written whole (modules_to_save, biases)
+    unchanged: int  # tensors equal in BASE and TUNED, skipped
+    params: int  # the adapter's parameters: factors and full tensors
+    energy_kept: float  # 1 − Σ residual² / Σ ‖D‖² over layers
+    relative_error: float  # √(Σ residual²) / √(Σ ‖D‖²)
+    worst_layer: str | None
+    worst_relative_error: float
+    notes: list[str]
+    seconds: float
+    layers: list[LayerExtractReport]
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def check_options(rank: int | None, energy: float | None, sv_ratio: float | None, budget: int | None, min_rank: int,
+                  method: str, out_format: str, dtype: str) -> tuple[RankPolicy, str]:
+    chosen = {k: v for k, v in (("energy", energy), ("sv_ratio", sv_ratio), ("budget", budget)) if v is not None}
+    if len(chosen) > 1:
+        raise RequestError(None, "choose one of --energy, --sv-ratio, --budget (--rank caps any of them)")
+    if not chosen and rank is None:
+        raise RequestError(None, "choose a policy: --rank, --energy, --sv-ratio or --budget")
+    for name, value in chosen.items():
+        if not math.isfinite(value):
+            raise RequestError(None, f"--{name.replace('_', '-')} must be a finite number, got {value}")
+    if energy is not None and not 0.0 < energy <= 1.0:
+        raise RequestError(None, f"--energy must lie in (0, 1], got {energy}")
+    if sv_ratio is not None and sv_ratio < 1.0:
+        raise RequestError(None, f"--sv-ratio must be ≥ 1, got {sv_ratio}")
+    if budget is not None and budget < 1:
+        raise RequestError(None, f"--budget must be a positive number of parameters, got {budget}")
+    if rank is not None and rank < 1:
+        raise RequestError(None, f"--rank must be ≥ 1, got {rank}")
+    if min_rank < 1 or (rank is not None and min_rank > rank):
+        raise RequestError(None, f"--min-rank must be ≥ 1 and ≤ --rank, got {min_rank}")
+    for option, choices, flag in ((method, METHODS, "method"), (out_format, FORMATS, "--format"), (dtype, DTYPES, "--dtype")):
+        if option not in choices:
+            raise RequestError(None, f"{flag} must be one of {', '.join(choices)}, got {option!r}")
+    kind = next(iter(chosen), None)
+    name = kind or "rank"
+    per_layer = None if kind == "budget" else kind
+    return RankPolicy(per_layer, None if per_layer is None else float(chosen[per_layer]), rank, min_rank), name
+
+
+def _compile(pattern: str | None, flag: str) -> re.Pattern[str] | None:
+    if pattern is None:
+        return None
+    try:
+        return re.compile(pattern)
+    except re.error as error:
+        raise RequestError(None, f"{flag}: not a regular expression ({error})") from None
+
+
+def _pairs_agree(base: Any, tuned: Any, base_path: str, tuned_path: str) -> list[str]:
+    """BASE's tensor names in storage order, after checking TUNED has the same names and shapes."""
+    names = base.tensor_names()
+    missing = [n for n in names if not tuned.has(n)]
+    if missing:
+        raise MismatchError(tuned_path, f"has no tensor {missing[0]!r} (BASE {base_path} has it): not the same architecture")
+    extra = sorted(set(tuned.weight_map) - set(names))
+    if extra:
+        raise MismatchError(tuned_path, f"has tensor {extra[0]!r} that BASE {base_path} has not: not the same architecture")
+    for name in names:
+        if tuple(base.info(name).shape) != tuple(tuned.info(name).shape):
+            raise MismatchError(tuned_path, f"tensor {name!r} has shape {list(tuned.info(name).shape)}, "
+                                            f"BASE {base_path} has {list(base.info(name).shape)}")
+    return names
+
+
+@dataclass
+class _Matrix:
+    name: str  # module path
+    key: str
+    shape: tuple[int, ...]  # the weight's
+    method: str
+    spec: Spectrum
+    base_fro: float
+
+
+def extract(
+    base_path: str | os.PathLike[str], tuned_path: str | os.PathLike[str], out: str | os.PathLike[str], *,
+    rank: int | None = None, energy: float | None = None, sv_ratio: float | None = None, budget: int | None = None,
+    min_rank: int = 1, modules: str | None = None, exclude: str | None = None, full_modules: str | None = None,
+    method: str = "auto", out_format: str = "peft", dtype: str = "fp32", force: bool = False,
+) -> ExtractReport:
+    """Read BASE and TUNED pair by pair, extract, write OUT atomically, report per layer."""
+    from lora_tools.io.atomic import written_atomically
+    from lora_tools.io.checkpoint import BaseCheckpoint
+
+    started = time.perf_counter()
+    policy, policy_name = check_options(rank, energy, sv_ratio, budget, min_rank, method, out_format, dtype)
+    wanted, unwanted = _compile(modules, "--modules"), _compile(exclude, "--exclude")
+    whole = _compile(full_modules if full_modules is not None else DEFAULT_FULL_MODULES, "--full-modules")
+    where_base, where_tuned = os.fspath(base_path), os.fspath(tuned_path)
+    matrices: list[_Matrix] = []
+    full: dict[str, np.ndarray] = {}
+    full_dtypes: dict[str, str] = {}
+    unchanged = 0
+    with BaseCheckpoint.open(base_path) as base, BaseCheckpoint.open(tuned_path) as tuned:
+        for key in _pairs_agree(base, tuned, where_base, where_tuned):
+            module = key.rpartition(".")[0]
+            if (wanted is not None and not wanted.search(module)) or (unwanted is not None and unwanted.search(module)):
+                continue
+            w0, w1 = base.numpy(key), tuned.numpy(key)
+            if np.array_equal(w0, w1):
+                unchanged += 1
+                continue
+            is_matrix = key.endswith(".weight") and w0.ndim >= 2 and not (whole is not None and whole.search(module))
+            if not is_matrix:
+                full[key], full_dtypes[key] = w1, tuned.info(key).dtype
+                continue
+            d = _difference(w0, w1)
+            how = method if method != "auto" else ("exact" if min(d.shape) <= EXACT_UP_TO else "randomized")
+            matrices.append(_Matrix(module, key, tuple(w0.shape), how, spectrum(d, how, policy, 0),
+                                    float(np.linalg.norm(w0.astype(np.float64)))))
+        if not matrices and not full:
+            raise RequestError(tuned_path, f"TUNED equals BASE ({where_base}): nothing to extract")
+        if not matrices:
+            raise RequestError(tuned_path, f"no weight matrix differs from BASE (only {', '.join(sorted(full)[:3])}): "
+                                           "nothing for a LoRA")
+        ranks = _ranks(matrices, policy, budget)
+        layers, reports = [], []
+        for matrix, k in zip(matrices, ranks):
+            d = _difference(base.numpy(matrix.key), tuned.numpy(matrix.key))
+            b, a, sigma = factors(d, k, matrix.method, 0)
+            reports.append(report(matrix.name, d.shape, matrix.spec, sigma, k, matrix.base_fro, matrix.method))
+            layers.append(_layer(matrix, b, a, DTYPES[dtype]))
+    code = DTYPES[dtype]
+    notes = []
+    with written_atomically(out, force, [Path(base_path), Path(tuned_path)]) as tmp:
+        if out_format == "kohya":
+            from lora_tools.formats.kohya import write_kohya
+
+            write_kohya(layers, tmp, dtype=code, component="unet", metadata={"lora_tools.extract": policy_name})
+            if full:
+                notes.append(f"kohya files hold no full tensors: left out {', '.join(sorted(full))}")
+        else:
+            _write_peft(layers, full, full_dtypes, tmp, where_base, code)
+    total_sq = sum(r.diff_fro**2 for r in reports)
+    lost_sq = sum(r.residual_fro**2 for r in reports)
+    worst = max(reports, key=lambda r: r.relative_error)
+    params = sum(layer.n_params for layer in layers) + (sum(t.size for t in full.values()) if out_format == "peft" else 0)
+    return ExtractReport(
+        base=where_base, tuned=where_tuned, out=os.fspath(out), format=out_format, dtype=code, method=method,
+        policy=policy_name, n_layers=len(layers), full_tensors=sorted(full) if out_format == "peft" else [],
+        unchanged=unchanged, params=params,
+        energy_kept=1.0 - lost_sq / total_sq if total_sq > 0 else 1.0,
+        relative_error=math.sqrt(lost_sq / total_sq) if total_sq > 0 else 0.0,
+        worst_layer=worst.name, worst_relative_error=worst.relative_error, notes=notes,
+        seconds=time.perf_counter() - started, layers=reports,
+    )
+
+
+def _difference(w0: np.ndarray, w1: np.ndarray) -> np.ndarray:
+    """D = W_tuned − W_base in float64 as a matrix (out, in·k): exact for stored floats."""
+    return (w1.astype(np.float64) - w0.astype(np.float64)).reshape(w0.shape[0], -1)
+
+
+def _ranks(matrices: list[_Matrix], policy: RankPolicy, budget: int | None) -> list[int]:
+    if budget is None:
+        return [choose_rank(m.spec, policy) for m in matrices]
+    costs = [m.shape[0] + math.prod(m.shape[1:]) for m in matrices]
+    try:
+        return budget_ranks([m.spec.singular_values for m in matrices], costs, budget, cap=policy.rank,
+                            min_rank=policy.min_rank)
+    except ValueError as error:
+        raise RequestError(None, f"--budget: {error}") from None
+
+
+def _layer(matrix: _Matrix, b: np.ndarray, a: np.ndarray, code: str) -> LoraLayer:
+    """The factors as a LoRA layer with alpha = r (scale 1); conv kernels in PEFT's layout."""
+    k = a.shape[0]
+    kernel = matrix.shape[2:]
+    if kernel:
+        b, a = b.reshape(b.shape[0], k, *(1,) * len(kernel)), a.reshape(k, matrix.shape[1], *kernel)
+    return LoraLayer(name=matrix.name, a=a, b=b, alpha=float(k), kind="conv" if kernel else "linear", dtype=code)
+
+
+def _write_peft(layers: list[LoraLayer], full: dict[str, np.ndarray], full_dtypes: dict[str, str], tmp: Path,
+                base: str, code: str) -> None:
+    from lora_tools.formats.peft import write_peft_adapter
+    from lora_tools.formats.rewrite import common_dtype
+
+    biases = {k: v for k, v in full.items() if k.endswith(".bias")}
+    whole = {k: v for k, v in full.items() if k not in biases}
+    extra: dict[str, Any] = {"modules_to_save": sorted({k.rpartition(".")[0] for k in whole}) or None}
+    if biases:
+        extra["bias"] = "all"
+    write_peft_adapter(layers, tmp, base, dtype=code, full_tensors=full,
+                       full_tensor_dtype=common_dtype(list(full_dtypes.values())) if full_dtypes else None,
+                       config_extra=extra, metadata={"lora_tools.extract": "1"})
