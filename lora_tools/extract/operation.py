@@ -121,9 +121,10 @@ def extract(
     base_path: str | os.PathLike[str], tuned_path: str | os.PathLike[str], out: str | os.PathLike[str], *,
     rank: int | None = None, energy: float | None = None, sv_ratio: float | None = None, budget: int | None = None,
     min_rank: int = 1, modules: str | None = None, exclude: str | None = None, full_modules: str | None = None,
-    method: str = "auto", out_format: str = "peft", dtype: str = "fp32", force: bool = False,
+    method: str = "auto", out_format: str = "peft", dtype: str = "fp32", force: bool = False, progress: Any = None,
 ) -> ExtractReport:
-    """Read BASE and TUNED pair by pair, extract, write OUT atomically, report per layer."""
+    """Read BASE and TUNED pair by pair, extract, write OUT atomically, report per layer.
+    `progress` (start(tensors, bytes, label), advance(tensors, bytes)): the pairs read."""
     from lora_tools.io.atomic import written_atomically
     from lora_tools.io.checkpoint import BaseCheckpoint
 
@@ -137,7 +138,12 @@ def extract(
     full_dtypes: dict[str, str] = {}
     unchanged = 0
     with BaseCheckpoint.open(base_path) as base, BaseCheckpoint.open(tuned_path) as tuned:
-        for key in _pairs_agree(base, tuned, where_base, where_tuned):
+        keys = _pairs_agree(base, tuned, where_base, where_tuned)
+        if progress is not None:
+            progress.start(len(keys), 2 * sum(base.info(k).nbytes for k in keys), "extracting")
+        for key in keys:
+            if progress is not None:
+                progress.advance(1, 2 * base.info(key).nbytes)
             module = key.rpartition(".")[0]
             if (wanted is not None and not wanted.search(module)) or (unwanted is not None and unwanted.search(module)):
                 continue

@@ -38,12 +38,12 @@ class RichProgress:
         self._tensors = 0
         self._started = False
 
-    def start(self, total_tensors: int, total_bytes: int) -> None:
+    def start(self, total_tensors: int, total_bytes: int, label: str = "merging") -> None:
         if not self._bar.console.is_terminal:  # a log file gets the summary line, not a bar
             return
         self._started = True
         self._bar.start()
-        self._task = self._bar.add_task("merging", total=total_bytes, tensors=f"0/{total_tensors}")
+        self._task = self._bar.add_task(label, total=total_bytes, tensors=f"0/{total_tensors}")
         self._total_tensors = total_tensors
 
     def advance(self, tensors: int, nbytes: int) -> None:
