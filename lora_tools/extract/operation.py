@@ -147,10 +147,10 @@ def extract(
             module = key.rpartition(".")[0]
             if (wanted is not None and not wanted.search(module)) or (unwanted is not None and unwanted.search(module)):
                 continue
-            w0, w1 = base.numpy(key), tuned.numpy(key)
-            if np.array_equal(w0, w1):
+            if _same_bytes(base, tuned, key):  # most of a fine-tune's tensors, embeddings too: compared, not widened
                 unchanged += 1
                 continue
+            w0, w1 = base.numpy(key), tuned.numpy(key)
             is_matrix = key.endswith(".weight") and w0.ndim >= 2 and not (whole is not None and whole.search(module))
             if not is_matrix:
                 full[key], full_dtypes[key] = w1, tuned.info(key).dtype
@@ -195,6 +195,26 @@ def extract(
         worst_layer=worst.name, worst_relative_error=worst.relative_error, notes=notes,
         seconds=time.perf_counter() - started, layers=reports,
     )
+
+
+# bytes compared at a time: two buffers of this size, whatever the tensor's
+_COMPARE_BLOCK = 16 << 20
+
+
+def _same_bytes(base: Any, tuned: Any, key: str) -> bool:
+    """Whether the two files store the same bytes for `key` (same dtype), block by block."""
+    first, second = base.info(key), tuned.info(key)
+    if first.dtype != second.dtype:
+        return False
+    left, right = bytearray(min(_COMPARE_BLOCK, first.nbytes)), bytearray(min(_COMPARE_BLOCK, first.nbytes))
+    for offset in range(0, first.nbytes, _COMPARE_BLOCK):
+        size = min(_COMPARE_BLOCK, first.nbytes - offset)
+        a, b = memoryview(left)[:size], memoryview(right)[:size]
+        base.shard_of(key).read_into(key, a, offset)
+        tuned.shard_of(key).read_into(key, b, offset)
+        if a != b:
+            return False
+    return True
 
 
 def _difference(w0: np.ndarray, w1: np.ndarray) -> np.ndarray:
