@@ -52,12 +52,29 @@ def sketch_rank(policy: RankPolicy, shape: tuple[int, int]) -> int:
     return min(policy.rank if policy.rank is not None else DEFAULT_SKETCH_RANK, *shape)
 
 
+def energy(d: np.ndarray) -> float:
+    """‖D‖²_F (one BLAS dot, no squared copy)."""
+    flat = d.reshape(-1)
+    return float(np.dot(flat, flat))
+
+
 def spectrum(d: np.ndarray, method: str, policy: RankPolicy, seed: int) -> Spectrum:
-    total_sq = float(np.sum(d * d))
+    """The singular values alone (what `--budget` looks at before any factor is formed)."""
     if method == "exact":
-        return Spectrum(np.linalg.svd(d, compute_uv=False), total_sq, True)
+        return Spectrum(np.linalg.svd(d, compute_uv=False), energy(d), True)
     _, s, _ = randomized_svd(d, sketch_rank(policy, d.shape), seed=seed)
-    return Spectrum(s, total_sq, s.size == min(d.shape))
+    return Spectrum(s, energy(d), s.size == min(d.shape))
+
+
+def decompose(d: np.ndarray, method: str, policy: RankPolicy, seed: int,
+              k: int | None = None) -> tuple[Spectrum, np.ndarray, np.ndarray, np.ndarray]:
+    """(spectrum, u, s, vt): one SVD serves the policy and the factors. A randomized
+    sketch finds `k` directions when given (the budget's choice), else the policy's."""
+    if method == "exact":
+        u, s, vt = np.linalg.svd(d, full_matrices=False)
+        return Spectrum(s, energy(d), True), u, s, vt
+    u, s, vt = randomized_svd(d, k if k is not None else sketch_rank(policy, d.shape), seed=seed)
+    return Spectrum(s, energy(d), s.size == min(d.shape)), u, s, vt
 
 
 def choose_rank(spec: Spectrum, policy: RankPolicy) -> int:
@@ -79,15 +96,11 @@ def choose_rank(spec: Spectrum, policy: RankPolicy) -> int:
     return min(max(k, policy.min_rank, 1), s.size)
 
 
-def factors(d: np.ndarray, k: int, method: str, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(b (m, k), a (k, n), σ used): the truncation written balanced, b = U√Σ, a = √ΣVᵀ,
-    so both factors stay in a similar range in fp16/bf16 (as resize writes them)."""
-    if method == "exact":
-        u, s, vt = np.linalg.svd(d, full_matrices=False)
-    else:
-        u, s, vt = randomized_svd(d, k, seed=seed)
+def balanced(u: np.ndarray, s: np.ndarray, vt: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(b (m, k), a (k, n)): the truncation written balanced, b = U√Σ, a = √ΣVᵀ, so both
+    factors stay in a similar range in fp16/bf16 (as resize writes them)."""
     root = np.sqrt(s[:k])
-    return u[:, :k] * root, root[:, None] * vt[:k], s
+    return u[:, :k] * root, root[:, None] * vt[:k]
 
 
 def report(name: str, d_shape: tuple[int, int], spec: Spectrum, sigma: np.ndarray, k: int, base_fro: float,

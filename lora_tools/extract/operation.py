@@ -23,7 +23,7 @@ import numpy as np
 
 from lora_tools.adapter import LoraLayer
 from lora_tools.errors import MismatchError, RequestError
-from lora_tools.extract.layers import LayerExtractReport, Spectrum, choose_rank, factors, report, spectrum
+from lora_tools.extract.layers import LayerExtractReport, Spectrum, balanced, choose_rank, decompose, report, spectrum
 from lora_tools.extract.options import DEFAULT_FULL_MODULES, DTYPES, EXACT_UP_TO, FORMATS, METHODS
 from lora_tools.linalg.rank_policy import RankPolicy, budget_ranks
 
@@ -134,6 +134,7 @@ def extract(
     whole = _compile(full_modules if full_modules is not None else DEFAULT_FULL_MODULES, "--full-modules")
     where_base, where_tuned = os.fspath(base_path), os.fspath(tuned_path)
     matrices: list[_Matrix] = []
+    built: list[tuple[LayerExtractReport, np.ndarray, np.ndarray]] = []  # per matrix: figures, b, a
     full: dict[str, np.ndarray] = {}
     full_dtypes: dict[str, str] = {}
     unchanged = 0
@@ -157,20 +158,28 @@ def extract(
                 continue
             d = _difference(w0, w1)
             how = method if method != "auto" else ("exact" if min(d.shape) <= EXACT_UP_TO else "randomized")
-            matrices.append(_Matrix(module, key, tuple(w0.shape), how, spectrum(d, how, policy, 0),
-                                    float(np.linalg.norm(w0.astype(np.float64)))))
+            matrix = _Matrix(module, key, tuple(w0.shape), how, Spectrum(np.zeros(0), 0.0, False), _norm64(w0))
+            if budget is None:  # one SVD: the policy's rank and the factors
+                matrix.spec, u, sigma, vt = decompose(d, how, policy, 0)
+                k = choose_rank(matrix.spec, policy)
+                built.append((report(module, d.shape, matrix.spec, sigma, k, matrix.base_fro, how), *balanced(u, sigma, vt, k)))
+            else:  # the spectra first; the factors once every layer's rank is known
+                matrix.spec = spectrum(d, how, policy, 0)
+            matrices.append(matrix)
+            del d, w0, w1
         if not matrices and not full:
             raise RequestError(tuned_path, f"TUNED equals BASE ({where_base}): nothing to extract")
         if not matrices:
             raise RequestError(tuned_path, f"no weight matrix differs from BASE (only {', '.join(sorted(full)[:3])}): "
                                            "nothing for a LoRA")
-        ranks = _ranks(matrices, policy, budget)
-        layers, reports = [], []
-        for matrix, k in zip(matrices, ranks):
-            d = _difference(base.numpy(matrix.key), tuned.numpy(matrix.key))
-            b, a, sigma = factors(d, k, matrix.method, 0)
-            reports.append(report(matrix.name, d.shape, matrix.spec, sigma, k, matrix.base_fro, matrix.method))
-            layers.append(_layer(matrix, b, a, DTYPES[dtype]))
+        if budget is not None:
+            for matrix, k in zip(matrices, _ranks(matrices, policy, budget)):
+                d = _difference(base.numpy(matrix.key), tuned.numpy(matrix.key))
+                spec, u, sigma, vt = decompose(d, matrix.method, policy, 0, k)
+                built.append((report(matrix.name, d.shape, matrix.spec, sigma, k, matrix.base_fro, matrix.method),
+                              *balanced(u, sigma, vt, k)))
+        reports = [item[0] for item in built]
+        layers = [_layer(matrix, b, a, DTYPES[dtype]) for matrix, (_, b, a) in zip(matrices, built)]
     code = DTYPES[dtype]
     notes = []
     with written_atomically(out, force, [Path(base_path), Path(tuned_path)]) as tmp:
@@ -217,9 +226,16 @@ def _same_bytes(base: Any, tuned: Any, key: str) -> bool:
     return True
 
 
+def _norm64(w: np.ndarray) -> float:
+    """‖W‖_F accumulated in float64 without a widened copy (einsum casts in buffers)."""
+    flat = w.reshape(-1)
+    return math.sqrt(float(np.einsum("i,i->", flat, flat, dtype=np.float64)))
+
+
 def _difference(w0: np.ndarray, w1: np.ndarray) -> np.ndarray:
-    """D = W_tuned − W_base in float64 as a matrix (out, in·k): exact for stored floats."""
-    return (w1.astype(np.float64) - w0.astype(np.float64)).reshape(w0.shape[0], -1)
+    """D = W_tuned − W_base in float64 as a matrix (out, in·k): exact for stored floats;
+    one pass, the operands widened inside the subtraction."""
+    return np.subtract(w1, w0, dtype=np.float64).reshape(w0.shape[0], -1)
 
 
 def _ranks(matrices: list[_Matrix], policy: RankPolicy, budget: int | None) -> list[int]:
