@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 
 from lora_tools.errors import printable
-from lora_tools.render.columns import MAX_ROWS, NAME, Column, escape, group_by_family, number_list, numbers, print_table, shared_prefix
+from lora_tools.render.columns import MAX_ROWS, NAME, Column, escape, family_head, number_list, numbers, print_table, shared_prefix
 
 if TYPE_CHECKING:
     from lora_tools.blend.layers import LayerBlendReport
@@ -91,10 +91,7 @@ def _layer_columns(layers: list[LayerBlendReport]) -> tuple[list[Column], str]:
 
 
 def _family_columns(layers: list[LayerBlendReport]) -> tuple[list[Column], str]:
-    families = group_by_family(layers, lambda layer: layer.name)
-    groups = list(families.values())
-    names = [printable(family) for family in families]
-    prefix = shared_prefix(names)
+    groups, head, prefix = family_head(layers, lambda layer: layer.name, layers_priority=90)
 
     def kept_spread(members: list[LayerBlendReport]) -> str:
         kept = sorted(m.energy_kept for m in members if m.energy_kept is not None)
@@ -105,8 +102,7 @@ def _family_columns(layers: list[LayerBlendReport]) -> tuple[list[Column], str]:
         return "-" if not cos else " / ".join(f"{v:+.3f}" for v in (cos[0], cos[len(cos) // 2], cos[-1]))
 
     return [
-        Column("module", [name[len(prefix):] for name in names], NAME),
-        Column("layers", [str(len(members)) for members in groups], 90),
+        *head,
         Column("r in", [",".join(sorted({_ranks_in(m) for m in members})) for members in groups], 70),
         Column("r out", [",".join(map(str, sorted({m.rank_out for m in members}))) for members in groups], 88),
         Column("cos", [cos_spread(members) for members in groups], 60),

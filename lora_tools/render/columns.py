@@ -179,3 +179,15 @@ def group_by_family(items: Sequence[T], name_of: Callable[[T], str]) -> dict[str
     for item in items:
         groups.setdefault(module_family(name_of(item)), []).append(item)
     return groups
+
+
+def family_head(items: Sequence[T], name_of: Callable[[T], str],
+                layers_priority: int = 40) -> tuple[list[list[T]], list[Column], str]:
+    """What every grouped table starts with: the items grouped by family, the "module" and
+    "layers" columns, and the shared prefix of the family names (for `print_table`)."""
+    families = group_by_family(items, name_of)
+    names = [printable(family) for family in families]
+    prefix = shared_prefix(names)
+    groups = list(families.values())
+    return groups, [Column("module", [name[len(prefix):] for name in names], NAME),
+                    Column("layers", [str(len(members)) for members in groups], layers_priority)], prefix

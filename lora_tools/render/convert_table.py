@@ -9,7 +9,7 @@ from rich.console import Console
 from lora_tools.convert.operation import ConvertReport
 from lora_tools.convert.proof import LayerProof
 from lora_tools.errors import printable
-from lora_tools.render.columns import MAX_ROWS, NAME, Column, escape, group_by_family, numbers, print_table, shared_prefix
+from lora_tools.render.columns import MAX_ROWS, NAME, Column, escape, family_head, numbers, print_table, shared_prefix
 
 
 def _layer_columns(layers: list[LayerProof]) -> tuple[list[Column], str]:
@@ -26,13 +26,9 @@ def _layer_columns(layers: list[LayerProof]) -> tuple[list[Column], str]:
 
 
 def _family_columns(layers: list[LayerProof]) -> tuple[list[Column], str]:
-    families = group_by_family(layers, lambda layer: layer.name)
-    groups = list(families.values())
-    names = [printable(family) for family in families]
-    prefix = shared_prefix(names)
+    groups, head, prefix = family_head(layers, lambda layer: layer.name)
     return [
-        Column("module", [name[len(prefix):] for name in names], NAME),
-        Column("layers", [str(len(members)) for members in groups], 40),
+        *head,
         Column("factors", [", ".join(sorted({m.factors for m in members})) for members in groups], 90),
         Column("max rel. error", numbers([max(m.relative_error for m in members) for members in groups], 3), 80),
         Column("ok", [f"{sum(m.exact for m in members)}/{len(members)}" for members in groups], 95),

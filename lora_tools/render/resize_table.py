@@ -7,7 +7,7 @@ from __future__ import annotations
 from rich.console import Console
 
 from lora_tools.errors import printable
-from lora_tools.render.columns import MAX_ROWS, NAME, Column, escape, group_by_family, numbers, print_table, shared_prefix
+from lora_tools.render.columns import MAX_ROWS, NAME, Column, escape, family_head, numbers, print_table, shared_prefix
 from lora_tools.resize.layers import LayerResizeReport
 from lora_tools.resize.operation import ResizeReport
 
@@ -44,18 +44,14 @@ def _merged(groups: list[list[LayerResizeReport]], title: str) -> list[Column]:
 
 
 def _family_columns(layers: list[LayerResizeReport]) -> tuple[list[Column], str]:
-    families = group_by_family(layers, lambda layer: layer.name)
-    groups = list(families.values())
-    names = [printable(family) for family in families]
-    prefix = shared_prefix(names)
+    groups, head, prefix = family_head(layers, lambda layer: layer.name)
 
     def kept_spread(members: list[LayerResizeReport]) -> str:
         kept = sorted(m.energy_kept for m in members)
         return " / ".join(_pct(v) for v in (kept[0], kept[len(kept) // 2], kept[-1]))
 
     return [
-        Column("module", [name[len(prefix):] for name in names], NAME),
-        Column("layers", [str(len(members)) for members in groups], 40),
+        *head,
         Column("r", [f"{_ranks([m.rank_in for m in members])} → {_ranks([m.rank_out for m in members])}"
                      for members in groups], 90),
         Column("energy kept", [kept_spread(members) for members in groups], 85),
