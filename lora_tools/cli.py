@@ -340,6 +340,7 @@ def convert_command(
 @click.option("--randomized", "method", flag_value="randomized", help="Randomized SVD (Halko et al.); the reported error stays exact.")
 @click.option("--format", "out_format", default="peft", show_default=True, type=click.Choice(EXTRACT_FORMATS), help="Output format.")
 @click.option("--dtype", default="fp32", show_default=True, type=click.Choice(list(EXTRACT_DTYPES)), help="Dtype of the written factors.")
+@click.option("--device", default="auto", show_default=True, help="Where the SVDs run: auto (CUDA when present), cpu (numpy), cuda or cuda:N; float64 either way.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists (only after the extraction succeeded).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar on stderr.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout instead of tables.")
@@ -347,7 +348,7 @@ def convert_command(
 def extract_command(
     base: str, tuned: str, out: str, rank: int | None, energy: float | None, sv_ratio: float | None, budget: int | None,
     min_rank: int, modules: str | None, exclude: str | None, full_modules: str | None, method: str | None,
-    out_format: str, dtype: str, force: bool, quiet: bool, as_json: bool, show_all: bool,
+    out_format: str, dtype: str, device: str, force: bool, quiet: bool, as_json: bool, show_all: bool,
 ) -> None:
     """Extract a LoRA from a full fine-tune: the truncated SVD of each changed weight.
 
@@ -362,7 +363,7 @@ def extract_command(
     try:
         report = extract(base, tuned, out, rank=rank, energy=energy, sv_ratio=sv_ratio, budget=budget, min_rank=min_rank,
                          modules=modules, exclude=exclude, full_modules=full_modules, method=method or "auto",
-                         out_format=out_format, dtype=dtype, force=force, progress=progress)
+                         out_format=out_format, dtype=dtype, force=force, progress=progress, device=device)
     finally:
         if progress is not None:
             progress.stop()

@@ -534,3 +534,59 @@ def test_same_residuals_as_mergekit(plain_case: PeftCase, dense_tuned: Path, tmp
         d = _diff(base, tuned, name + ".weight")
         residual = float(np.linalg.norm(d - peer.layer(name).dense_update().reshape(d.shape)))
         assert entry["residual_fro"] == pytest.approx(residual, rel=1e-5, abs=1e-6 * entry["diff_fro"]), (name, entry["residual_fro"], residual)
+
+
+# --------------------------------------------------------------------------- the torch (GPU) path, run on the CPU
+
+
+def test_device_svd_matches_numpy() -> None:
+    """linalg.device_svd (what --device cuda runs) on a CPU tensor: the exact SVD equals
+    numpy's, the randomized one finds the same top singular values, and both report ‖D‖²."""
+    import torch
+
+    from lora_tools.extract.layers import decompose
+    from lora_tools.linalg.rank_policy import RankPolicy
+
+    rng = np.random.default_rng(11)
+    d = (rng.standard_normal((90, 60)) * np.logspace(0, -3, 60)) @ rng.standard_normal((60, 60))
+    policy = RankPolicy(rank=6)
+    exact = np.linalg.svd(d, compute_uv=False)
+    for method, rtol in (("exact", 1e-9), ("randomized", 1e-4)):  # two RNG streams: sketches differ, both near σ
+        spec_np, _, s_np, _ = decompose(d, method, policy, 0)
+        spec_t, u, s, vt = decompose(torch.from_numpy(d), method, policy, 0)
+        assert spec_t.total_sq == pytest.approx(spec_np.total_sq, rel=1e-12)
+        np.testing.assert_allclose(s[:6], exact[:6], rtol=rtol)
+        np.testing.assert_allclose(s_np[:6], exact[:6], rtol=rtol)
+        kept = (u[:, :6] * s[:6]) @ vt[:6]
+        assert np.linalg.norm(d - kept) ** 2 == pytest.approx(spec_t.total_sq - float(np.sum(s[:6] ** 2)), rel=1e-9)
+
+
+def test_torch_path_gives_the_numpy_result(plain_case: PeftCase, dense_tuned: Path, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole extract through the device code (torch on the CPU standing in for CUDA)."""
+    import torch
+
+    import lora_tools.extract.operation as operation
+    from lora_tools.extract import extract
+    from lora_tools.formats import load_adapter
+
+    reference = extract(plain_case.base_dir, dense_tuned, tmp_path / "numpy", rank=3, method="exact", dtype="fp64")
+    monkeypatch.setattr(operation, "_gpu", lambda device: torch.device("cpu"))
+    through = extract(plain_case.base_dir, dense_tuned, tmp_path / "torch", rank=3, method="exact", dtype="fp64")
+    for a, b in zip(reference.layers, through.layers):
+        assert (a.name, a.rank) == (b.name, b.rank)
+        assert b.residual_fro == pytest.approx(a.residual_fro, rel=1e-9) and b.base_fro == pytest.approx(a.base_fro, rel=1e-12)
+    numpy_layers, torch_layers = load_adapter(tmp_path / "numpy").layers, load_adapter(tmp_path / "torch").layers
+    for a, b in zip(numpy_layers, torch_layers):
+        np.testing.assert_allclose(b.dense_update(), a.dense_update(), rtol=0, atol=1e-9 * np.abs(a.dense_update()).max())
+
+
+def test_cuda_without_a_gpu_is_one_line_exit_2(plain_case: PeftCase, dense_tuned: Path, tmp_path: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the request is valid here")
+    code, stdout, stderr = run_cli("extract", plain_case.base_dir, dense_tuned, "--rank", "2", "--device", "cuda",
+                                   "-o", tmp_path / "o")
+    assert code == 2 and "CUDA is not available" in stderr and len(stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()

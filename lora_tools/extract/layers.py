@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -58,18 +59,28 @@ def energy(d: np.ndarray) -> float:
     return float(np.dot(flat, flat))
 
 
-def spectrum(d: np.ndarray, method: str, policy: RankPolicy, seed: int) -> Spectrum:
+def spectrum(d: Any, method: str, policy: RankPolicy, seed: int) -> Spectrum:
     """The singular values alone (what `--budget` looks at before any factor is formed)."""
+    if not isinstance(d, np.ndarray):
+        return decompose(d, method, policy, seed)[0]
     if method == "exact":
         return Spectrum(np.linalg.svd(d, compute_uv=False), energy(d), True)
     _, s, _ = randomized_svd(d, sketch_rank(policy, d.shape), seed=seed)
     return Spectrum(s, energy(d), s.size == min(d.shape))
 
 
-def decompose(d: np.ndarray, method: str, policy: RankPolicy, seed: int,
+def decompose(d: Any, method: str, policy: RankPolicy, seed: int,
               k: int | None = None) -> tuple[Spectrum, np.ndarray, np.ndarray, np.ndarray]:
     """(spectrum, u, s, vt): one SVD serves the policy and the factors. A randomized
-    sketch finds `k` directions when given (the budget's choice), else the policy's."""
+    sketch finds `k` directions when given (the budget's choice), else the policy's.
+    `d` is numpy (the CPU, float64) or a torch tensor on its device (`linalg.device_svd`)."""
+    if not isinstance(d, np.ndarray):
+        from lora_tools.linalg import device_svd
+
+        shape = (int(d.shape[0]), int(d.shape[1]))
+        u, s, vt, total_sq = device_svd.svd(d, None if method == "exact" else
+                                            (k if k is not None else sketch_rank(policy, shape)), seed=seed)
+        return Spectrum(s, total_sq, method == "exact" or s.size == min(shape)), u, s, vt
     if method == "exact":
         u, s, vt = np.linalg.svd(d, full_matrices=False)
         return Spectrum(s, energy(d), True), u, s, vt

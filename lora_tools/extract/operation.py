@@ -122,14 +122,17 @@ def extract(
     rank: int | None = None, energy: float | None = None, sv_ratio: float | None = None, budget: int | None = None,
     min_rank: int = 1, modules: str | None = None, exclude: str | None = None, full_modules: str | None = None,
     method: str = "auto", out_format: str = "peft", dtype: str = "fp32", force: bool = False, progress: Any = None,
+    device: str = "cpu",
 ) -> ExtractReport:
     """Read BASE and TUNED pair by pair, extract, write OUT atomically, report per layer.
-    `progress` (start(tensors, bytes, label), advance(tensors, bytes)): the pairs read."""
+    `progress` (start(tensors, bytes, label), advance(tensors, bytes)): the pairs read.
+    `device`: "cpu" (numpy, float64), "cuda[:N]" (torch, float64 on the GPU) or "auto"."""
     from lora_tools.io.atomic import written_atomically
     from lora_tools.io.checkpoint import BaseCheckpoint
 
     started = time.perf_counter()
     policy, policy_name = check_options(rank, energy, sv_ratio, budget, min_rank, method, out_format, dtype)
+    gpu = _gpu(device)
     wanted, unwanted = _compile(modules, "--modules"), _compile(exclude, "--exclude")
     whole = _compile(full_modules if full_modules is not None else DEFAULT_FULL_MODULES, "--full-modules")
     where_base, where_tuned = os.fspath(base_path), os.fspath(tuned_path)
@@ -151,14 +154,14 @@ def extract(
             if _same_bytes(base, tuned, key):  # most of a fine-tune's tensors, embeddings too: compared, not widened
                 unchanged += 1
                 continue
-            w0, w1 = base.numpy(key), tuned.numpy(key)
-            is_matrix = key.endswith(".weight") and w0.ndim >= 2 and not (whole is not None and whole.search(module))
+            shape = tuple(base.info(key).shape)
+            is_matrix = key.endswith(".weight") and len(shape) >= 2 and not (whole is not None and whole.search(module))
             if not is_matrix:
-                full[key], full_dtypes[key] = w1, tuned.info(key).dtype
+                full[key], full_dtypes[key] = tuned.numpy(key), tuned.info(key).dtype
                 continue
-            d = _difference(w0, w1)
+            d, base_fro = _pair(base, tuned, key, gpu)
             how = method if method != "auto" else ("exact" if min(d.shape) <= EXACT_UP_TO else "randomized")
-            matrix = _Matrix(module, key, tuple(w0.shape), how, Spectrum(np.zeros(0), 0.0, False), _norm64(w0))
+            matrix = _Matrix(module, key, shape, how, Spectrum(np.zeros(0), 0.0, False), base_fro)
             if budget is None:  # one SVD: the policy's rank and the factors
                 matrix.spec, u, sigma, vt = decompose(d, how, policy, 0)
                 k = choose_rank(matrix.spec, policy)
@@ -166,7 +169,7 @@ def extract(
             else:  # the spectra first; the factors once every layer's rank is known
                 matrix.spec = spectrum(d, how, policy, 0)
             matrices.append(matrix)
-            del d, w0, w1
+            del d
         if not matrices and not full:
             raise RequestError(tuned_path, f"TUNED equals BASE ({where_base}): nothing to extract")
         if not matrices:
@@ -174,7 +177,7 @@ def extract(
                                            "nothing for a LoRA")
         if budget is not None:
             for matrix, k in zip(matrices, _ranks(matrices, policy, budget)):
-                d = _difference(base.numpy(matrix.key), tuned.numpy(matrix.key))
+                d, _ = _pair(base, tuned, matrix.key, gpu)
                 spec, u, sigma, vt = decompose(d, matrix.method, policy, 0, k)
                 built.append((report(matrix.name, d.shape, matrix.spec, sigma, k, matrix.base_fro, matrix.method),
                               *balanced(u, sigma, vt, k)))
@@ -224,6 +227,29 @@ def _same_bytes(base: Any, tuned: Any, key: str) -> bool:
         if a != b:
             return False
     return True
+
+
+def _gpu(device: str) -> Any:
+    """The torch device for the SVDs, or None for numpy on the CPU (no torch import)."""
+    if device == "cpu":
+        return None
+    from lora_tools.linalg.device import resolve_device
+
+    resolved = resolve_device(device)
+    return None if resolved.type == "cpu" else resolved
+
+
+def _pair(base: Any, tuned: Any, key: str, gpu: Any) -> tuple[Any, float]:
+    """(D, ‖W_base‖_F): D as float64 numpy, or a float64 tensor on `gpu`."""
+    if gpu is None:
+        w0 = base.numpy(key)
+        return _difference(w0, tuned.numpy(key)), _norm64(w0)
+    import torch
+
+    from lora_tools.linalg.device_svd import difference
+
+    w0 = base.torch(key)
+    return difference(w0, tuned.torch(key), gpu), float(torch.linalg.vector_norm(w0.to(gpu, torch.float64)))
 
 
 def _norm64(w: np.ndarray) -> float:
