@@ -15,6 +15,7 @@ import math
 import os
 import re
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -145,23 +146,30 @@ def extract(
         keys = _pairs_agree(base, tuned, where_base, where_tuned)
         if progress is not None:
             progress.start(len(keys), 2 * sum(base.info(k).nbytes for k in keys), "extracting")
-        for key in keys:
-            if progress is not None:
-                progress.advance(1, 2 * base.info(key).nbytes)
+        def read(key: str) -> tuple[str, Any, Any]:
+            """What `key` is and its data: read on a worker thread while the previous pair
+            is decomposed (reads, widening and LAPACK all release the GIL)."""
             module = key.rpartition(".")[0]
             if (wanted is not None and not wanted.search(module)) or (unwanted is not None and unwanted.search(module)):
-                continue
+                return "skipped", None, None
             if _same_bytes(base, tuned, key):  # most of a fine-tune's tensors, embeddings too: compared, not widened
-                unchanged += 1
+                return "unchanged", None, None
+            shape = base.info(key).shape
+            if not key.endswith(".weight") or len(shape) < 2 or (whole is not None and whole.search(module)):
+                return "full", tuned.numpy(key), tuned.info(key).dtype
+            return ("matrix", *_pair(base, tuned, key, gpu))
+
+        for key, (kind, d, extra) in _read_ahead(read, keys):
+            if progress is not None:
+                progress.advance(1, 2 * base.info(key).nbytes)
+            unchanged += kind == "unchanged"
+            if kind == "full":
+                full[key], full_dtypes[key] = d, extra
+            if kind != "matrix":
                 continue
-            shape = tuple(base.info(key).shape)
-            is_matrix = key.endswith(".weight") and len(shape) >= 2 and not (whole is not None and whole.search(module))
-            if not is_matrix:
-                full[key], full_dtypes[key] = tuned.numpy(key), tuned.info(key).dtype
-                continue
-            d, base_fro = _pair(base, tuned, key, gpu)
+            module = key.rpartition(".")[0]
             how = method if method != "auto" else ("exact" if min(d.shape) <= EXACT_UP_TO else "randomized")
-            matrix = _Matrix(module, key, shape, how, Spectrum(np.zeros(0), 0.0, False), base_fro)
+            matrix = _Matrix(module, key, tuple(base.info(key).shape), how, Spectrum(np.zeros(0), 0.0, False), extra)
             if budget is None:  # one SVD: the policy's rank and the factors
                 matrix.spec, u, sigma, vt = decompose(d, how, policy, 0)
                 k = choose_rank(matrix.spec, policy)
@@ -227,6 +235,20 @@ def _same_bytes(base: Any, tuned: Any, key: str) -> bool:
         if a != b:
             return False
     return True
+
+
+def _read_ahead(read: Callable[[str], Any], keys: list[str]) -> Iterator[tuple[str, Any]]:
+    """(key, read(key)) in order, the next key read on a worker thread while the caller
+    works on this one: reading overlaps decomposing, and at most two pairs are in memory."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(read, keys[0]) if keys else None
+        for index, key in enumerate(keys):
+            assert pending is not None
+            result = pending.result()
+            pending = pool.submit(read, keys[index + 1]) if index + 1 < len(keys) else None
+            yield key, result
 
 
 def _gpu(device: str) -> Any:
