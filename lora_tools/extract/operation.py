@@ -252,8 +252,9 @@ def _read_ahead(read: Callable[[str], Any], keys: list[str]) -> Iterator[tuple[s
 
 
 def _gpu(device: str) -> Any:
-    """The torch device for the SVDs, or None for numpy on the CPU (no torch import)."""
-    if device == "cpu":
+    """The torch device for the SVDs, or None for numpy on the CPU. "auto" on a machine
+    without an NVIDIA driver stays on numpy without importing torch (1.5 s and ~200 MB)."""
+    if device == "cpu" or (device == "auto" and not os.path.exists("/dev/nvidiactl")):
         return None
     from lora_tools.linalg.device import resolve_device
 
