@@ -159,7 +159,10 @@ def extract(
                 return "full", tuned.numpy(key), tuned.info(key).dtype
             return ("matrix", *_pair(base, tuned, key, gpu))
 
-        for key, (kind, d, extra) in _read_ahead(read, keys):
+        # on a GPU the next pair is read while this one is decomposed; on the CPU the BLAS
+        # threads already use every core, and a second pair in memory only costs memory
+        pairs = _read_ahead(read, keys) if gpu is not None else ((key, read(key)) for key in keys)
+        for key, (kind, d, extra) in pairs:
             if progress is not None:
                 progress.advance(1, 2 * base.info(key).nbytes)
             unchanged += kind == "unchanged"
