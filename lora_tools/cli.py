@@ -62,6 +62,20 @@ def cli() -> None:
     """
 
 
+def _show(report: Any, verb: str, as_json: bool, **table_options: Any) -> None:
+    """A report on stdout: one JSON document, or the verb's Rich tables (`render/<verb>_table`,
+    imported only when drawn)."""
+    if as_json:
+        from lora_tools.render.tables import to_json_text
+
+        click.echo(to_json_text(report.to_json()))
+        return
+    import importlib
+
+    render = getattr(importlib.import_module(f"lora_tools.render.{verb}_table"), f"render_{verb}")
+    render(report, stdout_console(), **table_options)
+
+
 @cli.command("inspect")
 @click.argument("adapter", type=click.Path(readable=False))
 @click.option("--base", "base", type=click.Path(readable=False), default=None, help="Base checkpoint: adds ‖ΔW‖/‖W0‖ and checks the adapter fits.")
@@ -83,18 +97,13 @@ def inspect_command(
         lora-tools inspect ./my-adapter --plot report.png
     """
     from lora_tools.inspect import inspect_adapter
-    from lora_tools.render.inspect_table import render_inspect
-    from lora_tools.render.tables import to_json_text
 
     report = inspect_adapter(adapter, base_path=base, alpha=alpha)
     if plot_path is not None:
         from lora_tools.render.plot import save_plot
 
         save_plot(report, plot_path, force=force)
-    if as_json:
-        click.echo(to_json_text(report.to_json()))
-    else:
-        render_inspect(report, stdout_console(), show_all=show_all, resize="resize" in cli.commands)
+    _show(report, "inspect", as_json, show_all=show_all, resize="resize" in cli.commands)
 
 
 @cli.command("merge")
@@ -147,15 +156,10 @@ def _run_verify(
     base: str, adapters: list[str], merged: str, weights: list[float], alpha: float | None,
     atol: float | None, rtol: float | None, as_json: bool, show_all: bool = False,
 ) -> None:
-    from lora_tools.render.tables import to_json_text
-    from lora_tools.render.verify_table import render_verify
     from lora_tools.verify.operation import verify
 
     report = verify(base, list(adapters), merged, weights=weights or None, atol=atol, rtol=rtol, alpha=alpha)
-    if as_json:
-        click.echo(to_json_text(report.to_json()))
-    else:
-        render_verify(report, stdout_console(), show_all=show_all)
+    _show(report, "verify", as_json, show_all=show_all)
     if not report.equivalent:
         sys.exit(1)
 
@@ -220,18 +224,13 @@ def blend_command(
         lora-tools blend a/ b/ --weight 0.5 --energy 0.99 -o small/
     """
     from lora_tools.blend.operation import blend
-    from lora_tools.render.blend_table import render_blend
-    from lora_tools.render.tables import to_json_text
 
     report = blend(
         list(adapters), out, list(weights), method=method, rank=rank, energy=energy, density=density, seed=seed,
         normalize=normalize, out_format=out_format, dtype=dtype, device=device, alpha=alpha,
         base_model_name_or_path=base_model, force=force,
     )
-    if as_json:
-        click.echo(to_json_text(report.to_json()))
-    else:
-        render_blend(report, stdout_console(), show_all=show_all)
+    _show(report, "blend", as_json, show_all=show_all)
 
 
 @cli.command("resize")
@@ -272,14 +271,7 @@ def resize_command(
         adapter, out, rank=rank, energy=energy, sv_ratio=sv_ratio, sv_fro=sv_fro, sv_cumulative=sv_cumulative,
         budget=budget, min_rank=min_rank, bake=bake, out_format=out_format, dtype=dtype, force=force, base=base,
     )
-    if as_json:
-        from lora_tools.render.tables import to_json_text
-
-        click.echo(to_json_text(report.to_json()))
-    else:
-        from lora_tools.render.resize_table import render_resize  # rich tables: only when drawn
-
-        render_resize(report, stdout_console(), show_all=show_all)
+    _show(report, "resize", as_json, show_all=show_all)
 
 
 @cli.command("convert")
@@ -312,14 +304,7 @@ def convert_command(
 
     report = convert(adapter, out, to=to, base=base, prefix=prefix, component=component, dtype=dtype,
                      drop_unsupported=drop_unsupported, force=force)
-    if as_json:
-        from lora_tools.render.tables import to_json_text
-
-        click.echo(to_json_text(report.to_json()))
-    else:
-        from lora_tools.render.convert_table import render_convert
-
-        render_convert(report, stdout_console(), show_all=show_all)
+    _show(report, "convert", as_json, show_all=show_all)
     if not report.exact:
         sys.exit(1)
 
@@ -367,14 +352,7 @@ def extract_command(
     finally:
         if progress is not None:
             progress.stop()
-    if as_json:
-        from lora_tools.render.tables import to_json_text
-
-        click.echo(to_json_text(report.to_json()))
-    else:
-        from lora_tools.render.extract_table import render_extract
-
-        render_extract(report, stdout_console(), show_all=show_all)
+    _show(report, "extract", as_json, show_all=show_all)
 
 
 def _stopped(signum: int, written: str | None) -> int:
