@@ -21,8 +21,9 @@ from lora_tools.formats.diffusers import (
     looks_like_legacy_diffusers,
 )
 from lora_tools.formats.kohya import load_kohya, looks_like_kohya
-from lora_tools.formats.lycoris import PEFT_LYCORIS_TYPES, load_lycoris, load_peft_lycoris, looks_like_lycoris
+from lora_tools.formats.lycoris import load_lycoris, looks_like_lycoris
 from lora_tools.formats.peft import PEFT_CONFIG, load_peft, looks_like_peft, read_config
+from lora_tools.formats.peft_lycoris import PEFT_LYCORIS_TYPES, load_peft_lycoris
 from lora_tools.formats.source import Place, TensorSource, keep_numpy, open_source
 
 __all__ = ["load_adapter"]

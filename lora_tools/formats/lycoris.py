@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -48,10 +47,9 @@ import numpy as np
 from lora_tools.adapter import Adapter, LoraLayer
 from lora_tools.errors import FormatError
 from lora_tools.formats.common import DuplicateRole, KeyGroups, scalar_alpha
-from lora_tools.formats.patterns import PatternTable, UnsafePattern
 from lora_tools.formats.source import TensorSource, finite_factor
 
-__all__ = ["LYCORIS_PREFIX", "PEFT_LYCORIS_TYPES", "load_lycoris", "load_peft_lycoris", "looks_like_lycoris"]
+__all__ = ["LYCORIS_PREFIX", "ROLES", "ScaleRule", "build_layer", "grouped", "load_lycoris", "looks_like_lycoris"]
 
 # the scale s of a layer, given the dim of its factored part (None: no factored part)
 ScaleRule = Callable[[int | None], float]
@@ -59,12 +57,12 @@ ScaleRule = Callable[[int | None], float]
 KronSides = tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 LYCORIS_PREFIX = "lycoris_"
-_ROLES = ("lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha", "dora_scale", "hada_w1_a", "hada_w1_b",
+ROLES = ("lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha", "dora_scale", "hada_w1_a", "hada_w1_b",
           "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a",
           "lokr_w2_b", "lokr_t2", "diff", "diff_b")
 _KEY = re.compile(r"^(?P<m>(?:lycoris|lora_unet|lora_te[123]?|lora_transformer)_[A-Za-z0-9_]+?)\.(?P<role>"
-                  + "|".join(re.escape(r) for r in _ROLES) + ")$")
-_LYCORIS_ONLY = {r for r in _ROLES if r not in ("lora_down.weight", "lora_up.weight", "alpha", "dora_scale")}
+                  + "|".join(re.escape(r) for r in ROLES) + ")$")
+_LYCORIS_ONLY = {r for r in ROLES if r not in ("lora_down.weight", "lora_up.weight", "alpha", "dora_scale")}
 # the stored dtype whose products are exact in float32
 _NARROW = {"BF16", "F16"}
 
@@ -267,7 +265,7 @@ def _file_scale(source: TensorSource, roles: dict[str, str], alpha_override: flo
     return scale
 
 
-def _layer(source: TensorSource, name: str, roles: dict[str, str], scale_rule: ScaleRule) -> LoraLayer:
+def build_layer(source: TensorSource, name: str, roles: dict[str, str], scale_rule: ScaleRule) -> LoraLayer:
     module = _Module(source, name, roles)
     algo = _algo(roles)
     dim: int | None
@@ -343,7 +341,7 @@ def _dora(module: _Module, layer: LoraLayer) -> None:
     layer.magnitude_eps = float(np.finfo(np.float32).eps)
 
 
-def _grouped(source: TensorSource, pattern: re.Pattern[str]) -> KeyGroups:
+def grouped(source: TensorSource, pattern: re.Pattern[str]) -> KeyGroups:
     """The file's keys by module (`m`) and role (`role`), the rest unclaimed."""
     groups = KeyGroups()
     try:
@@ -359,50 +357,14 @@ def _grouped(source: TensorSource, pattern: re.Pattern[str]) -> KeyGroups:
 
 
 def load_lycoris(source: TensorSource, *, alpha_override: float | None = None) -> Adapter:
-    groups = _grouped(source, _KEY)
+    groups = grouped(source, _KEY)
     layers = []
     for name, roles in groups.modules.items():
         if set(roles) <= {"alpha", "dora_scale"}:  # nothing to apply
             groups.unclaimed.extend(roles.values())
             continue
-        layers.append(_layer(source, name, roles, _file_scale(source, roles, alpha_override)))
+        layers.append(build_layer(source, name, roles, _file_scale(source, roles, alpha_override)))
     if not layers:
         raise FormatError(source.path, "no LyCORIS or LoRA modules found")
     return Adapter(path=str(source.path), format="kohya", layers=layers, metadata=source.metadata,
                    unrecognized_keys=groups.unclaimed, names_resolved=False)
-
-
-# PEFT's tuners for the same algorithms (peft/tuners/loha, lokr): keys `base_model.model.<module>.<role>`,
-# LoHaConfig/LoKrConfig `r` and `alpha` with rank_pattern/alpha_pattern, s = alpha / r always
-# (`update_layer`: `self.scaling[adapter_name] = alpha / r`, LoKr's full sides included).
-PEFT_LYCORIS_TYPES = {"LOHA": "hada_", "LOKR": "lokr_"}
-_PEFT_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<m>.+)\.(?P<role>"
-                       + "|".join(re.escape(r) for r in _ROLES if r.startswith(("hada_", "lokr_"))) + ")$")
-
-
-def load_peft_lycoris(source: TensorSource, config: dict[str, Any], *, adapter_path: Path,
-                      alpha_override: float | None = None) -> Adapter:
-    """A PEFT LoHa or LoKr adapter folder, its layers as exact LoRA layers."""
-    config_path = source.path.parent / "adapter_config.json"
-    groups = _grouped(source, _PEFT_KEY)
-    try:
-        ranks, alphas = PatternTable("rank_pattern", config.get("rank_pattern") or {}), \
-            PatternTable("alpha_pattern", config.get("alpha_pattern") or {})
-    except UnsafePattern as exc:
-        raise FormatError(config_path, str(exc)) from None
-
-    def rule(module: str) -> ScaleRule:
-        try:
-            r = float(ranks.value(module, config["r"]))
-            alpha = alpha_override if alpha_override is not None else float(alphas.value(module, config["alpha"]))
-        except UnsafePattern as exc:
-            raise FormatError(config_path, str(exc)) from None
-        return lambda dim: alpha / r
-
-    layers = [_layer(source, name, roles, rule(name)) for name, roles in groups.modules.items()]
-    if not layers:
-        raise FormatError(source.path, f"no {config.get('peft_type')} tensors found (keys like '...hada_w1_a')")
-    if groups.unclaimed:
-        raise FormatError(source.path, f"tensor {groups.unclaimed[0]!r} is no {config.get('peft_type')} factor "
-                                       "(modules_to_save are not read for LoHa/LoKr adapters)")
-    return Adapter(path=str(adapter_path), format="peft", layers=layers, config=config, metadata=source.metadata)
