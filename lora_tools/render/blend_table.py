@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 
 from lora_tools.errors import printable
-from lora_tools.render.columns import MAX_ROWS, NAME, Column, escape, family_head, number_list, numbers, print_table, shared_prefix
+from lora_tools.render.columns import NAME, Column, escape, family_head, number_list, numbers, print_layers, shared_prefix
 
 if TYPE_CHECKING:
     from lora_tools.blend.layers import LayerBlendReport
@@ -53,13 +53,7 @@ def render_blend(report: BlendReport, console: Console, *, show_all: bool = Fals
         console.print("  " + ", ".join(d for d in details if d))
 
     layers = report.layers
-    grouped = not show_all and len(layers) > MAX_ROWS
-    columns, prefix = (_family_columns if grouped else _layer_columns)(layers)
-    if grouped:
-        console.print("layers grouped by module (min / median / max over depth)")
-    print_table(console, columns, prefix)
-    if grouped:
-        console.print(f"{len(layers)} layers grouped by module; --all shows every layer")
+    print_layers(console, layers, _layer_columns, _family_columns, show_all, spreads=True)
     console.print(
         f"{report.n_layers} layers, {report.n_params:,} parameters; energy kept {_kept_text(report.energy_kept)}"
         + (f" (min {_kept_text(report.min_energy_kept)})" if report.min_energy_kept is not None else "")

@@ -191,3 +191,18 @@ def family_head(items: Sequence[T], name_of: Callable[[T], str],
     groups = list(families.values())
     return groups, [Column("module", [name[len(prefix):] for name in names], NAME),
                     Column("layers", [str(len(members)) for members in groups], layers_priority)], prefix
+
+
+def print_layers(console: Console, layers: Sequence[T], layer_columns: Callable[[list[T]], tuple[list[Column], str]],
+                 family_columns: Callable[[list[T]], tuple[list[Column], str]], show_all: bool, *,
+                 spreads: bool = False) -> None:
+    """A verb's per-layer table, grouped by module family above MAX_ROWS layers unless
+    `show_all`, with the lines that say so (`spreads`: the grouped columns show min /
+    median / max over depth)."""
+    grouped = not show_all and len(layers) > MAX_ROWS
+    columns, prefix = (family_columns if grouped else layer_columns)(list(layers))
+    if grouped and spreads:
+        console.print("layers grouped by module (min / median / max over depth)")
+    print_table(console, columns, prefix)
+    if grouped:
+        console.print(f"{len(layers)} layers grouped by module; --all shows every layer")

@@ -9,7 +9,7 @@ from rich.console import Console
 from lora_tools.convert.operation import ConvertReport
 from lora_tools.convert.proof import LayerProof
 from lora_tools.errors import printable
-from lora_tools.render.columns import MAX_ROWS, NAME, Column, escape, family_head, numbers, print_table, shared_prefix
+from lora_tools.render.columns import NAME, Column, escape, family_head, numbers, print_layers, shared_prefix
 
 
 def _layer_columns(layers: list[LayerProof]) -> tuple[list[Column], str]:
@@ -40,11 +40,7 @@ def render_convert(report: ConvertReport, console: Console, *, show_all: bool = 
     console.print(f"[bold]convert[/bold] {escape(report.adapter)} ({report.from_format}) -> {escape(report.out)} "
                   f"([cyan]{report.to_format}[/cyan], {report.dtype})"
                   + (f"; GGUF {report.gguf_architecture}, alpha {report.gguf_alpha:g}" if report.gguf_alpha is not None else ""))
-    grouped = not show_all and len(report.layers) > MAX_ROWS
-    columns, prefix = (_family_columns if grouped else _layer_columns)(report.layers)
-    print_table(console, columns, prefix)
-    if grouped:
-        console.print(f"{len(report.layers)} layers grouped by module; --all shows every layer")
+    print_layers(console, report.layers, _layer_columns, _family_columns, show_all)
     if report.dropped:
         console.print(f"{len(report.dropped)} left out: {escape('; '.join(report.dropped[:5]))}"
                       + (" …" if len(report.dropped) > 5 else ""))

@@ -9,7 +9,7 @@ from rich.console import Console
 from lora_tools.errors import printable
 from lora_tools.extract.layers import LayerExtractReport
 from lora_tools.extract.operation import ExtractReport
-from lora_tools.render.columns import MAX_ROWS, NAME, Column, escape, family_head, numbers, print_table, shared_prefix
+from lora_tools.render.columns import NAME, Column, escape, family_head, numbers, print_layers, shared_prefix
 
 
 def _layer_columns(layers: list[LayerExtractReport]) -> tuple[list[Column], str]:
@@ -38,11 +38,7 @@ def _family_columns(layers: list[LayerExtractReport]) -> tuple[list[Column], str
 def render_extract(report: ExtractReport, console: Console, *, show_all: bool = False) -> None:
     console.print(f"[bold]extract[/bold] {escape(report.base)} → {escape(report.tuned)} -> {escape(report.out)} "
                   f"([cyan]{report.format}[/cyan], {report.dtype}): {report.policy}")
-    grouped = not show_all and len(report.layers) > MAX_ROWS
-    columns, prefix = (_family_columns if grouped else _layer_columns)(report.layers)
-    print_table(console, columns, prefix)
-    if grouped:
-        console.print(f"{len(report.layers)} layers grouped by module; --all shows every layer")
+    print_layers(console, report.layers, _layer_columns, _family_columns, show_all)
     console.print(f"{report.n_layers} layers, {report.params:,} parameters; energy kept {100 * report.energy_kept:.2f}%, "
                   f"relative error {report.relative_error:.3g}; {report.unchanged} tensors unchanged; {report.seconds:.2f} s",
                   soft_wrap=True)

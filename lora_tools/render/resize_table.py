@@ -7,7 +7,7 @@ from __future__ import annotations
 from rich.console import Console
 
 from lora_tools.errors import printable
-from lora_tools.render.columns import MAX_ROWS, NAME, Column, escape, family_head, numbers, print_table, shared_prefix
+from lora_tools.render.columns import NAME, Column, escape, family_head, numbers, print_layers, shared_prefix
 from lora_tools.resize.layers import LayerResizeReport
 from lora_tools.resize.operation import ResizeReport
 
@@ -71,13 +71,7 @@ def render_resize(report: ResizeReport, console: Console, *, show_all: bool = Fa
         f"[bold]resize[/bold] {escape(report.adapter)} -> {escape(report.out)} ([cyan]{report.format}[/cyan], {report.dtype}): "
         f"{policy}, min rank {report.min_rank}" + (", scale baked (alpha = r)" if report.bake else "")
     )
-    grouped = not show_all and len(report.layers) > MAX_ROWS
-    columns, prefix = (_family_columns if grouped else _layer_columns)(report.layers)
-    if grouped:
-        console.print("layers grouped by module (min / median / max over depth)")
-    print_table(console, columns, prefix)
-    if grouped:
-        console.print(f"{len(report.layers)} layers grouped by module; --all shows every layer")
+    print_layers(console, report.layers, _layer_columns, _family_columns, show_all, spreads=True)
     console.print(
         f"{report.n_layers_out}/{report.n_layers_in} layers, parameters {report.params_in:,} → {report.params_out:,}, "
         f"file {report.file_bytes_in:,} → {report.file_bytes_out:,} bytes; energy kept {_pct(report.energy_kept)}, "
