@@ -26,7 +26,7 @@ from lora_tools.adapter import LoraLayer
 from lora_tools.errors import MismatchError, RequestError
 from lora_tools.extract.layers import LayerExtractReport, Spectrum, balanced, choose_rank, decompose, report, spectrum
 from lora_tools.extract.options import DEFAULT_FULL_MODULES, DTYPES, EXACT_UP_TO, FORMATS, METHODS
-from lora_tools.linalg.rank_policy import RankPolicy, budget_ranks
+from lora_tools.linalg.rank_policy import RankPolicy, budget_ranks, policy_from_options
 
 
 @dataclass
@@ -57,30 +57,13 @@ class ExtractReport:
 def check_options(rank: int | None, energy: float | None, sv_ratio: float | None, budget: int | None, min_rank: int,
                   method: str, out_format: str, dtype: str) -> tuple[RankPolicy, str]:
     chosen = {k: v for k, v in (("energy", energy), ("sv_ratio", sv_ratio), ("budget", budget)) if v is not None}
-    if len(chosen) > 1:
-        raise RequestError(None, "choose one of --energy, --sv-ratio, --budget (--rank caps any of them)")
     if not chosen and rank is None:
         raise RequestError(None, "choose a policy: --rank, --energy, --sv-ratio or --budget")
-    for name, value in chosen.items():
-        if not math.isfinite(value):
-            raise RequestError(None, f"--{name.replace('_', '-')} must be a finite number, got {value}")
-    if energy is not None and not 0.0 < energy <= 1.0:
-        raise RequestError(None, f"--energy must lie in (0, 1], got {energy}")
-    if sv_ratio is not None and sv_ratio < 1.0:
-        raise RequestError(None, f"--sv-ratio must be ≥ 1, got {sv_ratio}")
-    if budget is not None and budget < 1:
-        raise RequestError(None, f"--budget must be a positive number of parameters, got {budget}")
-    if rank is not None and rank < 1:
-        raise RequestError(None, f"--rank must be ≥ 1, got {rank}")
-    if min_rank < 1 or (rank is not None and min_rank > rank):
-        raise RequestError(None, f"--min-rank must be ≥ 1 and ≤ --rank, got {min_rank}")
+    policy, kind = policy_from_options(rank, min_rank, chosen)
     for option, choices, flag in ((method, METHODS, "method"), (out_format, FORMATS, "--format"), (dtype, DTYPES, "--dtype")):
         if option not in choices:
             raise RequestError(None, f"{flag} must be one of {', '.join(choices)}, got {option!r}")
-    kind = next(iter(chosen), None)
-    name = kind or "rank"
-    per_layer = None if kind == "budget" else kind
-    return RankPolicy(per_layer, None if per_layer is None else float(chosen[per_layer]), rank, min_rank), name
+    return policy, kind or "rank"
 
 
 def _compile(pattern: str | None, flag: str) -> re.Pattern[str] | None:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lora_tools.errors import RequestError
 from lora_tools.linalg.spectrum import descending, energy_rank, share_rank
 
 PER_LAYER = ("energy", "sv_ratio", "sv_fro", "sv_cumulative")
@@ -76,6 +77,34 @@ class RankPolicy:
         if self.rank is not None:
             k = min(k, self.rank)
         return min(max(k, self.min_rank, 1), s.size)
+
+
+def policy_from_options(rank: int | None, min_rank: int, chosen: dict[str, float]) -> tuple[RankPolicy, str | None]:
+    """The policy the command-line options ask for (`chosen`: the given ones of energy,
+    sv_ratio, sv_fro, sv_cumulative, budget) and its kind (None: --rank alone or nothing);
+    RequestError for a conflicting or out-of-range one. resize and extract share it."""
+    if len(chosen) > 1:
+        flags = ", ".join("--" + name.replace("_", "-") for name in chosen)
+        raise RequestError(None, f"choose one of these policies, not several (got {flags}); --rank caps any of them")
+    for name, value in chosen.items():
+        if not np.isfinite(value):
+            raise RequestError(None, f"--{name.replace('_', '-')} must be a finite number, got {value}")
+    for name in ("energy", "sv_fro", "sv_cumulative"):
+        if name in chosen and not 0.0 < chosen[name] <= 1.0:
+            raise RequestError(None, f"--{name.replace('_', '-')} must lie in (0, 1], got {chosen[name]}")
+    if "sv_ratio" in chosen and chosen["sv_ratio"] < 1.0:
+        raise RequestError(None, f"--sv-ratio must be ≥ 1 (keep σ > σ₁/x), got {chosen['sv_ratio']}")
+    if "budget" in chosen and chosen["budget"] < 1:
+        raise RequestError(None, f"--budget must be a positive number of parameters, got {chosen['budget']}")
+    if rank is not None and rank < 1:
+        raise RequestError(None, f"--rank must be ≥ 1, got {rank}")
+    if min_rank < 1:
+        raise RequestError(None, f"--min-rank must be ≥ 1, got {min_rank}")
+    if rank is not None and min_rank > rank:
+        raise RequestError(None, f"--min-rank {min_rank} exceeds --rank {rank}")
+    kind = next(iter(chosen), None)
+    per_layer = None if kind == "budget" else kind
+    return RankPolicy(per_layer, None if per_layer is None else float(chosen[per_layer]), rank, min_rank), kind
 
 
 def kept_relative_energy(spectra: Sequence[np.ndarray], ranks: Sequence[int]) -> float:

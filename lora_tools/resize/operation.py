@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from lora_tools.errors import RequestError
-from lora_tools.linalg.rank_policy import RankPolicy
+from lora_tools.linalg.rank_policy import RankPolicy, policy_from_options
 from lora_tools.resize.layers import LayerResizeReport, resize_layers
 from lora_tools.resize.options import DTYPES, FORMATS
 
@@ -72,35 +72,14 @@ def check_options(rank: int | None, energy: float | None, sv_ratio: float | None
     """The policy the options ask for, and its name; RequestError for a bad or conflicting one."""
     chosen = {name: value for name, value in (("energy", energy), ("sv_ratio", sv_ratio), ("sv_fro", sv_fro),
                                                ("sv_cumulative", sv_cumulative), ("budget", budget)) if value is not None}
-    flags = ", ".join("--" + name.replace("_", "-") for name in chosen)
-    if len(chosen) > 1:
-        raise RequestError(None, f"choose one of --energy, --sv-ratio, --sv-fro, --sv-cumulative, --budget (got {flags})")
     if not chosen and rank is None and not bake:
         raise RequestError(None, "choose a policy: --rank, --energy, --sv-ratio, --sv-fro, --sv-cumulative, --budget or --bake")
-    for name, value in chosen.items():
-        if not math.isfinite(value):
-            raise RequestError(None, f"--{name.replace('_', '-')} must be a finite number, got {value}")
-    for name in ("energy", "sv_fro", "sv_cumulative"):
-        if name in chosen and not 0.0 < chosen[name] <= 1.0:
-            raise RequestError(None, f"--{name.replace('_', '-')} must lie in (0, 1], got {chosen[name]}")
-    if sv_ratio is not None and sv_ratio < 1.0:
-        raise RequestError(None, f"--sv-ratio must be ≥ 1 (keep σ > σ₁/x), got {sv_ratio}")
-    if budget is not None and budget < 1:
-        raise RequestError(None, f"--budget must be a positive number of parameters, got {budget}")
-    if rank is not None and rank < 1:
-        raise RequestError(None, f"--rank must be ≥ 1, got {rank}")
-    if min_rank < 1:
-        raise RequestError(None, f"--min-rank must be ≥ 1, got {min_rank}")
-    if rank is not None and min_rank > rank:
-        raise RequestError(None, f"--min-rank {min_rank} exceeds --rank {rank}")
+    policy, kind = policy_from_options(rank, min_rank, chosen)
     if out_format not in FORMATS:
         raise RequestError(None, f"--format must be one of {', '.join(FORMATS)}, got {out_format!r}")
     if dtype not in DTYPES:
         raise RequestError(None, f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    kind = next(iter(chosen), None)
-    name = kind or ("rank" if rank is not None else "bake")
-    per_layer = None if kind == "budget" else kind
-    return RankPolicy(per_layer, None if per_layer is None else float(chosen[per_layer]), rank, min_rank), name
+    return policy, kind or ("rank" if rank is not None else "bake")
 
 
 def _size(path: str | os.PathLike[str]) -> int:
