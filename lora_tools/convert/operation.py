@@ -160,12 +160,16 @@ def convert(
               for layer, name in zip(sources, names)]
     metadata = {"lora_tools.convert": json.dumps({"from": adapter.format, "to": to, "input": Path(adapter_path).name})}
     notes: list[str] = []
-    gguf_arch, gguf_alpha, folded = None, None, set()
+    gguf_arch, gguf_alpha, folded, base_config = None, None, set(), None
     with written_atomically(out, force, [Path(adapter_path)] + ([Path(base)] if base is not None else [])) as tmp:
         if to == "gguf":
             assert base is not None and resolved is not None
-            written = _write_gguf([replace(layer, name=resolved.layers[i].name) for i, layer in zip(keep, layers)],
-                                  tmp, base, code, metadata)
+            from lora_tools.formats.gguf import write_gguf_adapter
+            from lora_tools.io.hf_layout import read_base_config
+
+            base_config = read_base_config(base)  # once: the writer and the proof both need it
+            written = write_gguf_adapter([replace(layer, name=resolved.layers[i].name) for i, layer in zip(keep, layers)],
+                                         tmp, base_config=base_config, dtype=code, metadata=metadata)
             gguf_arch, gguf_alpha, folded = written.architecture, written.alpha, set(written.folded)
         else:
             if adapter.full_tensors and to == "peft" and adapter.format != "peft":
@@ -173,7 +177,7 @@ def convert(
             write_like(adapter if component is None else replace(adapter, full_tensors={}), layers, tmp, to, code,
                        dropped=bool(dropped), metadata=metadata,
                        base_model=os.fspath(base) if base is not None and to == "peft" else None)
-    proofs = _prove(Path(out), to, sources, names, code, folded, resolved, keep, base)
+    proofs = _prove(Path(out), to, sources, names, code, folded, resolved, keep, base_config)
     if to == "kohya" and len({float(layer.scale * layer.rank) for layer in layers}) > 1:
         notes.append("per-module alphas differ: diffusers' kohya loader gives attention layers the most common alpha "
                      "(see docs/formats.md)")
@@ -188,24 +192,15 @@ def convert(
     )
 
 
-def _write_gguf(layers: Sequence[LoraLayer], tmp: Path, base: str | os.PathLike[str], code: str,
-                metadata: dict[str, str]) -> Any:
-    from lora_tools.formats.gguf import write_gguf_adapter
-    from lora_tools.io.hf_layout import read_base_config
-
-    return write_gguf_adapter(layers, tmp, base_config=read_base_config(base), dtype=code, metadata=metadata)
-
-
 def _prove(out: Path, to: str, sources: Sequence[LoraLayer], names: Sequence[str], code: str, folded: set[str],
-           resolved: Adapter | None, keep: Sequence[int], base: str | os.PathLike[str] | None) -> list[LayerProof]:
+           resolved: Adapter | None, keep: Sequence[int], base_config: dict[str, Any] | None) -> list[LayerProof]:
     """Read OUT back with lora-tools' own readers and compare every layer with its source."""
     if to == "gguf":
         from lora_tools.formats.gguf import read_gguf_adapter
-        from lora_tools.io.hf_layout import read_base_config
 
-        assert resolved is not None and base is not None
+        assert resolved is not None and base_config is not None
         modules = [resolved.layers[i].name for i in keep]
-        written = read_gguf_adapter(out, modules, base_config=read_base_config(base))
+        written = read_gguf_adapter(out, modules, base_config=base_config)
         return [prove_layer(source, written.get(module), name, code, module in folded)
                 for source, module, name in zip(sources, modules, names)]
     from lora_tools.formats import load_adapter

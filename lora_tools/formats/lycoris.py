@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -120,7 +120,7 @@ class _Module:
             self.fail(f"{role!r} has {value.shape[0]} rows, expected {rows}")
         return value
 
-    def fail(self, problem: str) -> None:
+    def fail(self, problem: str) -> NoReturn:
         raise FormatError(self.source.path, f"module {self.name!r}: {problem}")
 
     def stored(self) -> str:
