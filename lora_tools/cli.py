@@ -16,7 +16,7 @@ from lora_tools.blend.options import FORMATS as BLEND_FORMATS
 from lora_tools.blend.options import METHODS as BLEND_METHODS
 from lora_tools.convert.options import DTYPES as CONVERT_DTYPES
 from lora_tools.convert.options import TARGETS as CONVERT_TARGETS
-from lora_tools.errors import LoraToolsError, RequestError, printable
+from lora_tools.errors import CheckFailed, LoraToolsError, RequestError, printable
 from lora_tools.extract.options import DTYPES as EXTRACT_DTYPES
 from lora_tools.extract.options import FORMATS as EXTRACT_FORMATS
 from lora_tools.io.dtypes import MERGE_DTYPE_CHOICES
@@ -46,6 +46,9 @@ class _Commands(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except CheckFailed as error:
+            click.echo(f"Error: {printable(str(error))}", err=True)
+            sys.exit(1)
         except LoraToolsError as error:
             raise InputError(str(error)) from None
 
@@ -112,14 +115,15 @@ def inspect_command(
 @click.option("-o", "--out", "out", required=True, type=click.Path(readable=False), help="Output folder (or file, for a single-file base).")
 @click.option("--weight", "weights", type=float, multiple=True, help="Weight of each adapter, in order (default 1 each).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--dtype", default="keep", show_default=True, type=click.Choice(MERGE_DTYPE_CHOICES), help="Dtype of the stored float tensors.")
+@click.option("--dtype", default="keep", show_default=True, type=click.Choice(MERGE_DTYPE_CHOICES), help="Dtype of the stored float tensors; an FP8 base: keep writes bf16, fp8 re-quantizes with fresh scales.")
 @click.option("--alpha", type=float, default=None, help="Override every layer's alpha.")
+@click.option("--min-survival", "min_survival", type=float, default=None, help="--dtype fp8: fail (exit 1, nothing written) if a weight keeps less than this share of its update.")
 @click.option("--verify", "run_verify", is_flag=True, help="Re-read OUT and verify it against BASE + adapters.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists (only after the merge succeeded).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary on stderr.")
 def merge_command(
     base: str, adapters: tuple[str, ...], out: str, weights: tuple[float, ...], device: str, dtype: str,
-    alpha: float | None, run_verify: bool, force: bool, quiet: bool,
+    alpha: float | None, min_survival: float | None, run_verify: bool, force: bool, quiet: bool,
 ) -> None:
     """Fold one or several adapters into a base checkpoint: W0 + Σ wᵢ·ΔWᵢ.
 
@@ -137,19 +141,36 @@ def merge_command(
     try:
         result = merge(
             base, list(adapters), out, weights=list(weights) or None, device=device, dtype=dtype,
-            force=force, alpha=alpha, progress=progress,
+            force=force, alpha=alpha, progress=progress, min_survival=min_survival,
         )
     finally:
         if progress is not None:
             progress.stop()
     if not quiet:
+        fp8 = {"dequantized": " (FP8 base dequantized)", "requantized": " (re-quantized to FP8, fresh scales)"}
         click.echo(
             f"merged {result.n_layers} adapter layers into {result.n_adapted} tensors "
-            f"({result.n_copied} copied) on {result.device} in {result.seconds:.2f} s -> {result.out}",
+            f"({result.n_copied} copied){fp8.get(result.fp8 or '', '')} on {result.device} "
+            f"in {result.seconds:.2f} s -> {result.out}",
             err=True,
         )
+    _warn_lost_updates(result)
     if run_verify:
         _run_verify(base, list(adapters), out, list(weights), alpha, None, None, False)
+
+
+def _warn_lost_updates(result: Any) -> None:
+    """--dtype fp8: one warning line when re-rounding erased most of some updates."""
+    if not result.survival:
+        return
+    lost = result.lost()
+    if lost:
+        worst = ", ".join(f"{s.name} ({s.survival:.2f})" for s in lost[:3])
+        click.echo(
+            f"Warning: FP8 re-quantization kept less than half of the update in {len(lost)} of "
+            f"{len(result.survival)} weights; worst: {worst}. Merge with --dtype bf16 to keep it.",
+            err=True,
+        )
 
 
 def _run_verify(

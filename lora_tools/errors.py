@@ -51,6 +51,11 @@ class RequestError(LoraToolsError):
     """The request itself is inconsistent (e.g. wrong number of weights)."""
 
 
+class CheckFailed(LoraToolsError):
+    """A check the user asked for failed (merge --min-survival): exit status 1, as a
+    failed verify, and nothing written."""
+
+
 class Terminated(SystemExit):
     """A stop signal (SIGTERM, SIGHUP, SIGQUIT; SIGINT once OUT is published) arrived while
     working: unwinds like an exception, exits with 128 + the signal's number.

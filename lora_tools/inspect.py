@@ -270,7 +270,7 @@ def _against_base(adapter: Adapter, base_path: str | os.PathLike[str]) -> tuple[
     with BaseCheckpoint.open(base_path) as base:
         adapter = resolve_names(adapter, base.module_paths(), os.fspath(base_path))
         targets = fit_to_base(
-            adapter, lambda k: base.info(k).shape if base.has(k) else None, os.fspath(base_path), lambda k: base.info(k).dtype
+            adapter, lambda k: base.info(k).shape if base.has(k) else None, os.fspath(base_path), base.value_dtype
         )
         norms = {
             t.layer.name: float(np.linalg.norm(base.numpy(t.weight_key).astype(np.float64).ravel()))

@@ -11,18 +11,19 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from lora_tools.engine.fp8_stream import Dequantizing, Requantizing, Survival, lost_updates
 from lora_tools.engine.placement import factors_on
 from lora_tools.engine.plan import MergePlan, TensorPlan, is_plain, make_plan
 from lora_tools.engine.staging import ByteRing
 from lora_tools.engine.stream import Progress, TensorStream, all_finite, first_new_non_finite, may_overflow, refuse_overflow
-from lora_tools.errors import FormatError, LoraToolsError, RequestError
+from lora_tools.errors import CheckFailed, FormatError, LoraToolsError, RequestError
 from lora_tools.io.atomic import written_atomically
-from lora_tools.io.dtypes import dtype_code
+from lora_tools.io.dtypes import KEEP_FP8, dtype_code
 from lora_tools.io.extra_files import copy_extra_files
 from lora_tools.io.hf_layout import update_config_dtype, write_index
 from lora_tools.linalg.dense import accumulation_dtype, merge_rows_into, merged_tensor
@@ -36,6 +37,10 @@ __all__ = ["MergeResult", "Progress", "merge", "output_dtype_code"]
 # 3.8-3.9 s with 4 M, 4.0-4.4 s with 1 M. On a GPU a tensor is one block.
 CPU_CHUNK_ELEMENTS = 4 * 1024 * 1024
 
+# An adapted FP8 weight that keeps less than this share of its update (‖stored − W0‖ /
+# ‖ΔW‖) after re-quantization is reported as lost: most of its update is gone.
+LOST_BELOW = 0.5
+
 
 @dataclass
 class MergeResult:
@@ -47,14 +52,25 @@ class MergeResult:
     n_layers: int  # adapter layers folded in
     bytes_written: int
     seconds: float
+    # An FP8 base: "dequantized" (written as floats) or "requantized" (--dtype fp8); else None.
+    fp8: str | None = None
+    # --dtype fp8: how much of each adapted FP8 weight's update the re-rounding kept.
+    survival: list[Survival] = field(default_factory=list)
+
+    def lost(self, threshold: float = LOST_BELOW) -> list[Survival]:
+        """The adapted FP8 weights that kept less than `threshold` of their update, worst first."""
+        return lost_updates(self.survival, threshold)
 
 
 def output_dtype_code(dtype: str) -> str | None:
-    """None for "keep", else the safetensors code every float tensor is stored in."""
+    """None for "keep" (and "fp8": the FP8 base's own format), else the safetensors code
+    every float tensor is stored in."""
+    if dtype == KEEP_FP8:
+        return None
     try:
         return dtype_code(dtype)
     except KeyError:
-        raise RequestError(None, f"unknown --dtype {dtype!r} (use keep, bf16, fp16 or fp32)") from None
+        raise RequestError(None, f"unknown --dtype {dtype!r} (use keep, bf16, fp16, fp32 or fp8)") from None
 
 
 def merge(
@@ -68,25 +84,35 @@ def merge(
     force: bool = False,
     alpha: float | None = None,
     progress: Progress | None = None,
+    min_survival: float | None = None,
 ) -> MergeResult:
-    """Write BASE + Σ wᵢ·ΔWᵢ to `out` in BASE's layout; see the module docstring."""
+    """Write BASE + Σ wᵢ·ΔWᵢ to `out` in BASE's layout; see the module docstring.
+
+    An FP8 base (`io.fp8_layout`) is merged on its dequantized weights and written as
+    bf16 (or `dtype`), or with `dtype="fp8"` re-quantized with fresh scales
+    (`engine.fp8_stream`); `min_survival`: refuse (CheckFailed, nothing written) when an
+    adapted FP8 weight keeps less than this share of its update."""
     started = time.perf_counter()
     out = Path(out)
     target_device = resolve_device(device)
     out_code = output_dtype_code(dtype)
     plan = make_plan(base_path, adapter_paths, weights, alpha=alpha, place=factors_on(target_device))
     inputs = [Path(base_path), *map(Path, adapter_paths)]
+    survival: list[Survival] = []
     try:
-        stream = TensorStream(target_device, plan.tensors, _Merger(plan, target_device), out_code, progress)
+        stream, fp8 = _stream_for(plan, target_device, dtype, out_code, progress, min_survival)
         with written_atomically(out, force, inputs) as tmp:
             if plan.base.is_dir:
                 tmp.mkdir()
                 copy_extra_files(plan.base.path, plan.base.extra_files(), tmp)
                 stream.write_files([(plan.base.shard(name), tmp / name) for name in plan.base.shard_names])
-                write_index(plan.base, tmp, out_code)
-                update_config_dtype(tmp, out_code)
+                write_index(plan.base, tmp, out_code, stream.out_codes, stream.dropped)
+                update_config_dtype(tmp, out_code, dequantized=fp8 == "dequantized")
             else:
                 stream.write_files([(plan.base.shard(plan.base.shard_names[0]), tmp)])
+            if isinstance(stream.compute, Requantizing):
+                survival = stream.compute.survival
+                _check_survival(survival, min_survival, plan.base.path)
     finally:
         plan.close()
     return MergeResult(
@@ -98,7 +124,47 @@ def merge(
         n_layers=plan.n_layers,
         bytes_written=stream.bytes_written,
         seconds=time.perf_counter() - started,
+        fp8=fp8,
+        survival=survival,
     )
+
+
+def _stream_for(
+    plan: MergePlan, device: torch.device, dtype: str, out_code: str | None, progress: Progress | None,
+    min_survival: float | None,
+) -> tuple[TensorStream, str | None]:
+    """The stream that writes this merge, and what it does with an FP8 base (or None)."""
+    merger = _Merger(plan, device)
+    layout = plan.base.fp8
+    if layout is None:
+        if dtype == KEEP_FP8 or min_survival is not None:
+            what = "--dtype fp8" if dtype == KEEP_FP8 else "--min-survival"
+            raise RequestError(plan.base.path, f"has no FP8 weights: {what} applies to FP8 bases only")
+        return TensorStream(device, plan.tensors, merger, out_code, progress), None
+    if dtype == KEEP_FP8:
+        requantizing = Requantizing(plan.base, merger, plan.tensors, device)
+        return TensorStream(device, requantizing.computed, requantizing, None, progress), "requantized"
+    if min_survival is not None:
+        raise RequestError(None, "--min-survival applies to --dtype fp8 (a dequantized merge keeps the whole update)")
+    dequantizing = Dequantizing(plan.base, merger, plan.tensors, out_code)
+    stream = TensorStream(
+        device, dequantizing.computed, dequantizing, out_code, progress,
+        out_codes=dequantizing.out_codes, dropped=dequantizing.dropped,
+    )
+    return stream, "dequantized"
+
+
+def _check_survival(survival: list[Survival], min_survival: float | None, base: Path) -> None:
+    if min_survival is None:
+        return
+    lost = lost_updates(survival, min_survival)
+    if lost:
+        worst = ", ".join(f"{s.name} ({s.survival:.2f})" for s in lost[:3])
+        raise CheckFailed(
+            base,
+            f"re-quantizing to FP8 keeps less than {min_survival:g} of the update in {len(lost)} weight(s): {worst}; "
+            "nothing written (merge with --dtype bf16 to keep the whole update)",
+        )
 
 
 class _Merger:

@@ -95,7 +95,7 @@ def bind_adapters(base: BaseCheckpoint, adapters: list[Adapter], weights: list[f
             )
         adapter = resolve_names(adapter, modules, base_label)
         adapters[index] = adapter
-        for target in fit_to_base(adapter, lambda k: _shape(base, k), base_label, lambda k: base.info(k).dtype):
+        for target in fit_to_base(adapter, lambda k: _shape(base, k), base_label, base.value_dtype):
             plan = plan_for(target.weight_key)
             plan.layers.append((target, weight))
             plan.sources.append(adapter.path)

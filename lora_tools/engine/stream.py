@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Protocol
 
@@ -58,27 +58,39 @@ class TensorStream:
         compute: Compute,
         out_code: str | None = None,
         progress: Progress | None = None,
+        *,
+        out_codes: Mapping[str, str] | None = None,
+        dropped: Collection[str] = (),
     ) -> None:
+        """`out_codes`: the stored dtype of particular tensors (a dequantized FP8 weight),
+        before `out_code`'s rule; `dropped`: tensors left out of the output (FP8 scales)."""
         self.device = device
         self.computed = computed
         self.compute = compute
         self.out_code = out_code
+        self.out_codes = out_codes or {}
+        self.dropped = dropped
         self.progress = progress
         self.n_computed = self.n_copied = self.bytes_written = 0
         # Loads alive at once: READ_AHEAD queued or being read, one being computed.
         # Results alive: WRITE_BEHIND queued or being written, one being computed.
         self.staging = staging_for(device, READ_AHEAD + 1, WRITE_BEHIND + 1)
 
-    def _stored_code(self, code: str) -> str:
+    def _stored_code(self, name: str, code: str) -> str:
+        if name in self.out_codes:
+            return self.out_codes[name]
         return self.out_code if self.out_code is not None and code in FLOAT_DTYPES else code
+
+    def _layout(self, src: SafetensorsFile) -> list[tuple[str, str, tuple[int, ...]]]:
+        return [(name, self._stored_code(name, code), tuple(shape)) for name, code, shape in file_layout(src) if name not in self.dropped]
 
     def write_files(self, files: list[tuple[SafetensorsFile, Path]]) -> None:
         """Write every (source shard, output file) pair, as one pipeline: the reader and
         the writer run on across shard boundaries instead of draining at each one."""
+        layouts = [self._layout(src) for src, _ in files]
         if self.progress is not None:
-            infos = [src.info(name) for src, _ in files for name, _, _ in file_layout(src)]
+            infos = [src.info(name) for (src, _), entries in zip(files, layouts) for name, _, _ in entries]
             self.progress.start(len(infos), sum(i.nbytes for i in infos))
-        layouts = [[(name, self._stored_code(code), shape) for name, code, shape in file_layout(src)] for src, _ in files]
         items = [(index, name) for index, entries in enumerate(layouts) for name, _, _ in entries]
         last_of_file = {(index, entries[-1][0]) for index, entries in enumerate(layouts) if entries}
         codes = [{name: code for name, code, _ in entries} for entries in layouts]

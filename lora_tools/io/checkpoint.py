@@ -12,12 +12,15 @@ import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from lora_tools.errors import FormatError, MismatchError
 from lora_tools.io.safetensors_file import SafetensorsFile, TensorInfo, open_regular
+
+if TYPE_CHECKING:
+    from lora_tools.io.fp8_layout import Fp8Layout
 
 SINGLE_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -93,12 +96,29 @@ class BaseCheckpoint:
     weight_map: dict[str, str]
     index_metadata: dict[str, Any] = field(default_factory=dict)
     _shards: dict[str, SafetensorsFile] = field(default_factory=dict, repr=False)
+    # FP8 weights and their scales (io.fp8_layout), when the checkpoint holds any.
+    fp8: Fp8Layout | None = None
 
     # -- opening ----------------------------------------------------------------------
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> BaseCheckpoint:
-        """Open and validate a model folder or a single .safetensors file."""
-        path = Path(path)
+        """Open and validate a model folder or a single .safetensors file, FP8 scales
+        included (`fp8`)."""
+        from lora_tools.io.fp8_layout import config_path_of, fp8_layout
+
+        checkpoint = cls._open_files(Path(path))
+        try:
+            checkpoint.fp8 = fp8_layout(
+                checkpoint.tensor_names(), checkpoint.info, lambda name: checkpoint.shard_of(name).path,
+                config_path_of(checkpoint.path, checkpoint.is_dir),
+            )
+        except BaseException:
+            checkpoint.close()
+            raise
+        return checkpoint
+
+    @classmethod
+    def _open_files(cls, path: Path) -> BaseCheckpoint:
         if not path.exists():
             raise FormatError(path, "no such file or folder")
         if not path.is_dir():
@@ -199,12 +219,34 @@ class BaseCheckpoint:
         return self.shard_of(tensor).info(tensor)
 
     def numpy(self, tensor: str) -> np.ndarray:
-        """The tensor as numpy (bf16 widened exactly to float32)."""
+        """The tensor's values as numpy (bf16 widened exactly to float32, an FP8 weight
+        dequantized to float32)."""
+        if self.is_fp8_weight(tensor):
+            return np.asarray(self.torch(tensor).numpy())
         return self.shard_of(tensor).numpy(tensor)
 
     def torch(self, tensor: str) -> Any:
-        """The tensor as a CPU torch tensor in its stored dtype."""
-        return self.shard_of(tensor).torch(tensor)
+        """The tensor's values as a CPU torch tensor in its stored dtype (an FP8 weight:
+        dequantized, float32)."""
+        stored = self.shard_of(tensor).torch(tensor)
+        return self.dequantized(tensor, stored) if self.is_fp8_weight(tensor) else stored
+
+    # -- FP8 weights --------------------------------------------------------------------
+    def is_fp8_weight(self, tensor: str) -> bool:
+        return self.fp8 is not None and tensor in self.fp8.weights
+
+    def value_dtype(self, tensor: str) -> str:
+        """The dtype code of the values a reader sees: F32 for a dequantized FP8 weight."""
+        return "F32" if self.is_fp8_weight(tensor) else self.info(tensor).dtype
+
+    def dequantized(self, tensor: str, stored: Any) -> Any:
+        """An FP8 weight's stored codes (`stored`, on any device) times its scales: float32
+        on the same device."""
+        from lora_tools.io.fp8 import dequantize
+
+        assert self.fp8 is not None
+        scaled = self.fp8.weights[tensor]
+        return dequantize(stored, self.shard_of(scaled.scale).torch(scaled.scale), scaled.block)
 
     def module_paths(self) -> set[str]:
         """Module paths that have a weight: `x.y.weight` gives `x.y`."""

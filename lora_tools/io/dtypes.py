@@ -14,8 +14,11 @@ DTYPE_ITEMSIZE: dict[str, int] = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2,
     "I64": 8, "I32": 4, "I16": 2, "I8": 1,
     "U64": 8, "U32": 4, "U16": 2, "U8": 1,
-    "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+    "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
 }
+
+# Dtypes an FP8 weight's scales may be stored in (E8M0: power-of-two "ue8m0" scales).
+SCALE_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E8M0"})
 
 # Float dtypes an update can be added to and factors can be stored in.
 FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
@@ -48,7 +51,9 @@ DTYPE_ALIASES: dict[str, str] = {
 }
 
 # The choices the commands offer, in the order their help lists them ("keep": as stored).
-MERGE_DTYPE_CHOICES = ("keep", "bf16", "fp16", "fp32")
+# "fp8": an FP8 base's own format, re-quantized with fresh scales (merge only).
+MERGE_DTYPE_CHOICES = ("keep", "bf16", "fp16", "fp32", "fp8")
+KEEP_FP8 = "fp8"
 FACTOR_DTYPE_CHOICES = ("keep", "fp32", "fp16", "bf16", "fp64")
 
 # What transformers' config.json calls each float dtype (`torch_dtype`, `dtype` from v5).
@@ -71,7 +76,7 @@ def torch_dtype(code: str) -> Any:
         "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
         "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
         "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
-        "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+        "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "F8_E8M0": torch.float8_e8m0fnu,
     }
     return table[code]
 
@@ -85,6 +90,6 @@ def safetensors_code(dtype: Any) -> str:
         torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32",
         torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
         torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64",
-        torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+        torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.float8_e8m0fnu: "F8_E8M0",
     }
     return table[dtype]

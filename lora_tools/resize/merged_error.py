@@ -45,8 +45,7 @@ def merged_errors(adapter: Adapter, resized: Sequence[LoraLayer | None],
     results = []
     with BaseCheckpoint.open(base_path) as base:
         resolved = resolve_names(adapter, base.module_paths(), where)
-        targets = fit_to_base(resolved, lambda k: base.info(k).shape if base.has(k) else None, where,
-                              lambda k: base.info(k).dtype)
+        targets = fit_to_base(resolved, lambda k: base.info(k).shape if base.has(k) else None, where, base.value_dtype)
         for target, out in zip(targets, resized):
             w0 = torch.from_numpy(base.numpy(target.weight_key)).to(torch.float64)
             before = apply_layer(w0, w0, target, 1.0)

@@ -1,0 +1,134 @@
+"""FP8 bases in the stream: a merge's `compute` made to read and write FP8 weights.
+
+A merge into an FP8 base computes on the dequantized weight (codes times scales, in
+float32) and then stores the result one of two ways:
+
+- dequantized (the default): every FP8 weight becomes a float tensor (bf16 unless a
+  --dtype says otherwise), adapted or not, and the scale tensors are left out: an
+  ordinary checkpoint, as DeepSeek's `fp8_cast_bf16.py` writes, with the update added
+  before the one rounding;
+- requantized (--dtype fp8): the layout stays the base's; every adapted FP8 weight is
+  quantized again with fresh scales computed from the merged values, as the format's
+  producers compute them, and its scale tensor is rewritten with them; unadapted
+  weights and their scales are copied byte for byte. Re-rounding to FP8 can erase a
+  small update (its step is 1/8 to 1/16 of a value), so each adapted weight reports how
+  much of its update survived.
+
+A weight and its scale tensor are two entries of the output, written in the source's
+order (safetensors puts float32 scales before e4m3 weights). Whichever comes first
+computes the merged weight and its fresh scales; the scales (1/16384 of the weight for
+128×128 blocks) are kept for the other, and the merged weight is computed again if the
+scales were needed first, so memory stays at one tensor whatever the order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass
+
+import torch
+
+from lora_tools.engine.staging import ByteRing
+from lora_tools.engine.stream import Compute, all_finite, refuse_overflow
+from lora_tools.io.checkpoint import BaseCheckpoint
+from lora_tools.io.dtypes import torch_dtype
+from lora_tools.io.fp8 import dequantize, requantize
+
+
+@dataclass
+class Survival:
+    """How much of one weight's update a re-quantization to FP8 kept.
+
+    `survival` = ‖deq(Q(W0+ΔW)) − W0‖_F / ‖ΔW‖_F (about 1 when the update is far above
+    FP8's step, 0 when it vanished; None for a zero update); `unchanged` = the share of
+    elements whose code did not change (a fresh scale a few units off the old one moves
+    every value of its block a little, codes unchanged: the ratio counts that as noise,
+    not as update kept, which is why a vanished update still shows 0.2-0.4 there)."""
+
+    name: str
+    survival: float | None
+    unchanged: float
+    update_norm: float
+
+
+def lost_updates(survival: list[Survival], below: float) -> list[Survival]:
+    """The weights that kept less than `below` of their update, worst first."""
+    return sorted((s for s in survival if s.survival is not None and s.survival < below), key=lambda s: s.survival or 0.0)
+
+
+class Dequantizing:
+    """The merge's compute on an FP8 base written dequantized: see the module docstring."""
+
+    def __init__(self, base: BaseCheckpoint, inner: Compute, adapted: Collection[str], out_code: str | None) -> None:
+        assert base.fp8 is not None
+        self.base, self.inner, self.adapted = base, inner, adapted
+        self.out_codes = dict.fromkeys(base.fp8.weights, out_code or "BF16")
+        self.dropped = base.fp8.aux
+        self.computed = set(adapted) | set(base.fp8.weights)
+
+    def __call__(self, name: str, w0: torch.Tensor, stored: torch.dtype, out: torch.Tensor) -> torch.Tensor:
+        if not self.base.is_fp8_weight(name):
+            return self.inner(name, w0, stored, out)
+        values = self.base.dequantized(name, w0)
+        if name in self.adapted:
+            return self.inner(name, values, stored, out)
+        out.copy_(values)
+        if not all_finite(out):  # fp16 cannot hold every code times its scale
+            refuse_overflow(self.base.shard_of(name).path, name, values, out)
+        return out
+
+
+class Requantizing:
+    """The merge's compute on an FP8 base written as FP8 with fresh scales."""
+
+    def __init__(self, base: BaseCheckpoint, inner: Compute, adapted: Collection[str], device: torch.device) -> None:
+        assert base.fp8 is not None
+        self.base, self.inner, self.device = base, inner, device
+        self.layout = base.fp8
+        self.adapted_fp8 = {name for name in adapted if base.is_fp8_weight(name)}
+        self.weight_of_scale = {self.layout.scale_of(name): name for name in self.adapted_fp8}
+        self.computed = set(adapted) | set(self.weight_of_scale)
+        self.survival: list[Survival] = []
+        self._scales: dict[str, torch.Tensor] = {}  # a weight's fresh scales, its scale tensor still to come
+        self._scale_written: set[str] = set()  # weights whose scale tensor is written
+        self._work = ByteRing(1, device)
+
+    def __call__(self, name: str, w0: torch.Tensor, stored: torch.dtype, out: torch.Tensor) -> torch.Tensor:
+        if name in self.weight_of_scale:
+            weight = self.weight_of_scale[name]
+            self._scale_written.add(weight)
+            scales = self._scales.pop(weight, None)  # the weight came first and left them
+            if scales is None:  # the scale comes first: merge now, only for the scales
+                codes = self.base.shard_of(weight).torch(weight).to(self.device)
+                scales = self._requantized(weight, self._merged(weight, codes)[0], codes.dtype)[1]
+            return out.copy_(scales)
+        if name not in self.adapted_fp8:
+            return self.inner(name, w0, stored, out)
+        merged, base_values = self._merged(name, w0)
+        codes, scales = self._requantized(name, merged, out.dtype)
+        if name not in self._scale_written:
+            self._scales[name] = scales
+        out.copy_(codes)
+        self._measure(name, out, w0, dequantize(out, scales, self.layout.weights[name].block), merged, base_values)
+        return out
+
+    def _merged(self, weight: str, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """W0 + ΔW of an adapted FP8 weight in float32 (in reused memory), and W0."""
+        base_values = self.base.dequantized(weight, codes)
+        work = self._work.tensor(tuple(base_values.shape), torch.float32)
+        return self.inner(weight, base_values, torch.float32, work), base_values
+
+    def _requantized(self, weight: str, merged: torch.Tensor, fp8: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes, scales) of the merged weight; deterministic, so the scale tensor and
+        the weight agree whichever of them was computed first."""
+        scale_dtype = torch_dtype(self.base.info(self.layout.scale_of(weight)).dtype)
+        return requantize(merged, self.layout.weights[weight].block, fp8, scale_dtype, self.layout.rule)
+
+    def _measure(
+        self, name: str, codes: torch.Tensor, base_codes: torch.Tensor, stored: torch.Tensor, merged: torch.Tensor,
+        base_values: torch.Tensor,
+    ) -> None:
+        update_norm = float(torch.linalg.vector_norm(merged - base_values, dtype=torch.float64))
+        kept = float(torch.linalg.vector_norm(stored - base_values, dtype=torch.float64))
+        unchanged = float((codes.view(torch.uint8) == base_codes.view(torch.uint8)).sum()) / max(1, codes.numel())
+        self.survival.append(Survival(name, kept / update_norm if update_norm > 0 else None, unchanged, update_norm))

@@ -1,0 +1,140 @@
+"""FP8 weights stored with scales: the codec (dequantize, quantize with fresh scales).
+
+Both families that ship FP8 checkpoints store W = q·s, q an e4m3 value and s its block's
+scale: block-scaled checkpoints ("quant_method": "fp8", DeepSeek-V3, Qwen3-FP8) call s
+`weight_scale_inv` and use 128×128 blocks; compressed-tensors calls it `weight_scale`,
+per tensor, channel, group or block. A (rows, cols) block covers all of them (a tensor
+scale is one block the size of the weight, a channel scale a block of one row), so one
+codec serves both; which tensor scales which is `fp8_layout`'s business.
+
+torch is imported lazily: this module is also imported (for its names) by inspect,
+which never needs it for an unquantized base.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+Block = tuple[int, int]
+
+FP8_CODES = frozenset({"F8_E4M3", "F8_E5M2"})
+
+
+@dataclass(frozen=True)
+class ScaleRule:
+    """How fresh scales are computed, as the checkpoint's producer computes them.
+
+    `multiplier_first`: transformers' `Fp8Quantize` (block-scaled checkpoints) computes
+    the multiplier 448/amax, quantizes w·multiplier and stores 1/multiplier;
+    compressed-tensors computes the scale amax/448, stores it and quantizes w/scale.
+    `power_of_two`: `scale_fmt: "ue8m0"` rounds each stored scale up to a power of two
+    (so that q·s is exact) and quantizes with its exact reciprocal.
+    """
+
+    multiplier_first: bool = True
+    power_of_two: bool = False
+
+
+def scale_grid(shape: tuple[int, ...], block: Block) -> tuple[int, int]:
+    """The scale tensor's (rows, cols) for a weight of `shape` cut in `block`s (edge
+    blocks are partial: ⌈rows/bo⌉ × ⌈cols/bi⌉, as DeepSeek and transformers lay them)."""
+    rows, cols = shape
+    return math.ceil(rows / block[0]) if rows else 0, math.ceil(cols / block[1]) if cols else 0
+
+
+def _per_element_rows(scale: Any, rows: int, block_rows: int) -> Any:
+    """The (rows, grid cols) scales of every weight row (a block row repeated)."""
+    return scale.repeat_interleave(block_rows, dim=0)[:rows]
+
+
+def _apply_per_block(values: Any, scale_rows: Any, block_cols: int, op: str) -> Any:
+    """values (rows, cols) *= or /= each element's scale, in place, through views of whole
+    column blocks (no weight-sized expanded scale) and one pass for a partial last one."""
+    cols = values.shape[1]
+    full = cols // block_cols
+    if full:
+        view = values[:, : full * block_cols].unflatten(-1, (full, block_cols))
+        factor = scale_rows[:, :full, None]
+        view.mul_(factor) if op == "mul" else view.div_(factor)
+    if full * block_cols < cols:
+        tail = values[:, full * block_cols :]
+        factor = scale_rows[:, full : full + 1]
+        tail.mul_(factor) if op == "mul" else tail.div_(factor)
+    return values
+
+
+def dequantize(q: Any, scale: Any, block: Block) -> Any:
+    """q·s in float32 on q's device, as DeepSeek's `weight_dequant` and transformers do
+    (each code widened to float32, times its block's scale widened to float32)."""
+    import torch
+
+    rows = q.shape[0]
+    grid = scale_grid(tuple(q.shape), block)
+    values = q.to(torch.float32, copy=True)
+    if not values.numel():
+        return values
+    scales = scale.to(device=q.device, dtype=torch.float32).reshape(grid)
+    return _apply_per_block(values, _per_element_rows(scales, rows, block[0]), block[1], "mul")
+
+
+def block_amax(values: Any, block: Block) -> Any:
+    """The largest |value| of every block, (⌈rows/bo⌉, ⌈cols/bi⌉), edge blocks partial."""
+    import torch
+    import torch.nn.functional as F
+
+    rows, cols = values.shape
+    grid_rows, grid_cols = scale_grid((rows, cols), block)
+    padded = F.pad(values.abs(), (0, grid_cols * block[1] - cols, 0, grid_rows * block[0] - rows))
+    return torch.amax(padded.reshape(grid_rows, block[0], grid_cols, block[1]), dim=(1, 3))
+
+
+def requantize(values: Any, block: Block, fp8: Any, scale_dtype: Any, rule: ScaleRule) -> tuple[Any, Any]:
+    """(codes, stored scales) of float32 `values` (rows, cols) with fresh scales from
+    each block's largest |value|, as the producer named by `rule` computes them (an
+    all-zero block gets scale 1). Values are clamped to the FP8 dtype's finite range
+    before the cast (past it a cast gives NaN)."""
+    import torch
+
+    limit = torch.finfo(fp8).max
+    amax = block_amax(values, block)
+    zero = amax == 0
+    if rule.multiplier_first:
+        multiplier = torch.where(zero, torch.ones_like(amax), limit / amax)
+        scales = 1.0 / multiplier
+    else:
+        scales = torch.where(zero, torch.ones_like(amax), amax / limit)
+    if rule.power_of_two:
+        scales = torch.pow(2.0, torch.ceil(torch.log2(scales.clamp(min=torch.finfo(torch.float32).tiny))))
+        multiplier = 1.0 / scales  # exact: a power of two
+    stored = scales.to(scale_dtype)
+    # A scale that rounds to zero in a narrow scale dtype (fp16 has not float32's range)
+    # would make its block's codes infinite: keep that dtype's smallest normal instead.
+    if bool((stored.to(torch.float32) == 0).any()):
+        stored = torch.where(stored.to(torch.float32) > 0, stored.to(torch.float32), torch.finfo(scale_dtype).tiny).to(scale_dtype)
+    work = values.to(torch.float32, copy=True)
+    if work.numel():
+        if rule.multiplier_first and stored.dtype == torch.float32:  # transformers: w·(448/amax), or w·2⁻ᵏ
+            factor, op = multiplier, "mul"
+        else:  # against what is stored: w / s
+            factor, op = stored.to(torch.float32), "div"
+        _apply_per_block(work, _per_element_rows(factor, values.shape[0], block[0]), block[1], op)
+    return work.clamp_(-limit, limit).to(fp8), stored
+
+
+def step_of(q: Any, scale: Any, block: Block) -> Any:
+    """The distance from each dequantized value to the next FP8 value away from zero
+    (one unit in the last place of its code, times its scale), float32 on q's device:
+    what a correct re-quantization may change an element by, at most half of it."""
+    import torch
+
+    fp8 = q.dtype
+    info = torch.finfo(fp8)
+    mantissa_bits = {torch.float8_e4m3fn: 3, torch.float8_e5m2: 2}[fp8]
+    codes = q.to(torch.float32).abs()
+    # ulp of a normal value 2^e·1.m is 2^(e - mantissa bits); subnormals share the
+    # smallest normal's ulp.
+    exponent = torch.floor(torch.log2(codes.clamp(min=info.smallest_normal)))
+    ulp = torch.pow(2.0, exponent - mantissa_bits)
+    return dequantize(ulp.to(torch.float32), scale, block)

@@ -1,0 +1,363 @@
+"""FP8 bases: reading them, merging into them (dequantized or re-quantized), refusing
+what cannot be read. Bases are quantized in the test run by transformers' own
+`Fp8Quantize` (tests/fp8_builders.py); transformers' dequantizing load and PEFT's
+merge_and_unload on it are the oracles, float64 codes×scales the truth."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from cli_run import run_cli
+from fp8_builders import build_block_fp8_base, build_channel_fp8_base, dequantized64
+from lora_tools.errors import CheckFailed, FormatError, RequestError
+from lora_tools.io.checkpoint import BaseCheckpoint
+from lora_tools.io.fp8 import ScaleRule, dequantize, requantize, step_of
+from lora_tools.merge import merge
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+# -- fixtures -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def fp8_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("fp8")
+
+
+@pytest.fixture(scope="module")
+def block_base(fp8_root: Path, llama_plain_case) -> Path:
+    return build_block_fp8_base(llama_plain_case.base_dir, fp8_root / "block16")
+
+
+@pytest.fixture(scope="module")
+def channel_base(fp8_root: Path, llama_plain_case) -> Path:
+    return build_channel_fp8_base(llama_plain_case.base_dir, fp8_root / "channel")
+
+
+def _update64(case, name: str) -> torch.Tensor:
+    """ΔW of one adapted weight in float64, from PEFT's own factors and scale."""
+    config = case.adapter_config
+    tensors = load_file(case.adapter_file)
+    module = name.removesuffix(".weight")
+    a = tensors[f"base_model.model.{module}.lora_A.weight"].double()
+    b = tensors[f"base_model.model.{module}.lora_B.weight"].double()
+    rank = a.shape[0]
+    scale = config["lora_alpha"] / (rank**0.5 if config.get("use_rslora") else rank)
+    return scale * (b @ a)
+
+
+def _adapted(case) -> set[str]:
+    keys = load_file(case.adapter_file)
+    return {k.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight") for k in keys if ".lora_A." in k}
+
+
+def _ulps_bf16(ours: torch.Tensor, truth: torch.Tensor) -> float:
+    """Largest |ours − truth| in units of bf16's spacing at truth."""
+    spacing = torch.finfo(torch.bfloat16).eps * torch.exp2(torch.floor(torch.log2(truth.abs().clamp_min(1e-30))))
+    return float(((ours.double() - truth).abs() / spacing).max())
+
+
+# -- the codec ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("scale_fmt", ["float", "ue8m0"])
+def test_codec_is_transformers_bit_for_bit(scale_fmt: str) -> None:
+    """Fresh scales, codes and dequantization equal transformers' Fp8Quantize and
+    Fp8Dequantize, an all-zero block included."""
+    from transformers import FineGrainedFP8Config
+    from transformers.integrations.finegrained_fp8 import Fp8Dequantize, Fp8Quantize
+
+    w = 0.05 * torch.randn(64, 96, generator=torch.Generator().manual_seed(3))
+    w[:16, :32] = 0
+    config = FineGrainedFP8Config(weight_block_size=[16, 32], scale_fmt=scale_fmt)
+    theirs = Fp8Quantize(SimpleNamespace(quantization_config=config))._quantize_one("x.weight", w)
+    scale_dtype = theirs["x.weight_scale_inv"].dtype
+    codes, scales = requantize(w, (16, 32), torch.float8_e4m3fn, scale_dtype, ScaleRule(True, scale_fmt == "ue8m0"))
+    assert torch.equal(codes.view(torch.uint8), theirs["x.weight"].view(torch.uint8))
+    assert scales.dtype == scale_dtype and torch.equal(scales.float(), theirs["x.weight_scale_inv"].float())
+    dequantized = Fp8Dequantize(None)._dequantize_one(theirs["x.weight"], theirs["x.weight_scale_inv"], torch.float32)
+    assert torch.equal(dequantize(codes, scales, (16, 32)), dequantized)
+
+
+@pytest.mark.parametrize("shape,block", [((50, 70), (16, 32)), ((7, 130), (1, 130)), ((33, 5), (33, 5)), ((40, 90), (1, 32))])
+def test_codec_partial_blocks_against_float64(shape: tuple[int, int], block: tuple[int, int]) -> None:
+    """Edge blocks that are partial: dequantization is codes×scales rounded once to
+    float32 (exact in float64), and re-quantization errs by at most half a step."""
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(5))
+    codes, scales = requantize(w, block, torch.float8_e4m3fn, torch.bfloat16, ScaleRule(multiplier_first=False))
+    rows, cols = shape
+    full = scales.double().repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
+    truth = codes.double() * full
+    values = dequantize(codes, scales, block)
+    assert torch.equal(values, truth.float())
+    half_step = step_of(codes, scales, block).double() / 2
+    assert bool(((values.double() - w.double()).abs() <= half_step * (1 + 1e-6)).all())
+
+
+# -- reading ----------------------------------------------------------------------------
+
+def test_base_reads_dequantized_weights_as_transformers_loads_them(block_base: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(block_base, dtype=torch.float32)  # dequantizes on a CPU
+    state = model.state_dict()
+    with BaseCheckpoint.open(block_base) as base:
+        assert base.fp8 is not None and base.fp8.method == "fp8"
+        assert len(base.fp8.weights) == 14 and all(w.block == (16, 16) for w in base.fp8.weights.values())
+        for name in base.fp8.weights:
+            assert torch.equal(base.torch(name), state[name]), name
+            assert base.value_dtype(name) == "F32"
+        assert all(name.endswith("_scale_inv") for name in base.fp8.aux)
+
+
+def _load_dequantized(folder: Path) -> torch.nn.Module:
+    """transformers' own dequantizing load of an FP8 folder (either family), float32."""
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    config = json.loads((folder / "config.json").read_text())["quantization_config"]
+    if config["quant_method"] == "compressed-tensors":
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True))
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)  # dequantizes on a CPU
+
+
+def test_channel_base_layout(channel_base: Path) -> None:
+    """compressed-tensors' per-channel scales; its own decompression (q times s in the
+    scale's dtype, bf16) is q·s rounded to bf16, and q·s is exact in float32."""
+    state = _load_dequantized(channel_base).state_dict()
+    with BaseCheckpoint.open(channel_base) as base:
+        assert base.fp8 is not None and base.fp8.method == "compressed-tensors"
+        truth = dequantized64(channel_base)
+        for name, scaled in base.fp8.weights.items():
+            assert scaled.block == (1, base.info(name).shape[1])
+            assert torch.equal(base.torch(name), truth[name].float()), name
+            assert torch.equal(base.torch(name).to(torch.bfloat16).float(), state[name]), name
+
+
+# -- merge, dequantized ------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["llama_plain", "llama_rslora", "llama_dora"])
+def test_merge_into_fp8_writes_bf16_equal_to_dequantize_then_peft(kind: str, block_base: Path, peft_case_factory, tmp_path: Path) -> None:
+    """Default merge: every FP8 weight dequantized, the update added in float32, rounded
+    once to bf16; equal to PEFT's merge_and_unload on transformers' dequantized load
+    (in float32, rounded once), within one bf16 unit of the float64 truth; scales gone,
+    config no longer FP8, and transformers loads it as a plain bf16 model."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    case = peft_case_factory(kind)
+    out = tmp_path / "merged"
+    result = merge(block_base, [case.adapter_dir], out, device="cpu")
+    assert result.fp8 == "dequantized"
+    ours = load_file(out / "model.safetensors")
+    assert not any(name.endswith("_scale_inv") for name in ours)
+    assert {t.dtype for t in ours.values()} == {torch.bfloat16}
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config and config.get("dtype", config.get("torch_dtype")) == "bfloat16"
+
+    dequantized = AutoModelForCausalLM.from_pretrained(block_base, dtype=torch.float32)
+    peft = PeftModel.from_pretrained(dequantized, case.adapter_dir).merge_and_unload().state_dict()
+    truth = dequantized64(block_base)
+    adapted = _adapted(case)
+    for name, value in ours.items():
+        if name in adapted and kind != "llama_dora":
+            expected = truth[name] + _update64(case, name)
+            assert _ulps_bf16(value, expected) <= 1.0, name
+        if name in adapted:
+            peft_value = peft[name].to(torch.bfloat16)
+            assert (value.float() - peft_value.float()).abs().max() <= torch.finfo(torch.bfloat16).eps * peft_value.float().abs().max(), name
+        else:  # dequantized or converted, rounded once
+            assert torch.equal(value, truth[name].to(torch.bfloat16)), name
+    loaded = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    assert all(torch.equal(loaded[name], value) for name, value in ours.items() if name in loaded)
+    assert loaded["model.layers.0.self_attn.q_proj.weight"].dtype == torch.bfloat16
+
+
+def test_merge_into_channel_fp8_base(channel_base: Path, llama_plain_case, tmp_path: Path) -> None:
+    out = tmp_path / "merged"
+    merge(channel_base, [llama_plain_case.adapter_dir], out, device="cpu", dtype="fp32")
+    ours = load_file(out / "model.safetensors")
+    truth = dequantized64(channel_base)
+    for name in _adapted(llama_plain_case):
+        expected = truth[name] + _update64(llama_plain_case, name)
+        assert float((ours[name].double() - expected).abs().max()) <= 4e-7 * float(expected.abs().max()), name
+    assert not any(name.endswith("_scale") for name in ours)
+
+
+def test_sharded_fp8_base_index_drops_scales(block_base: Path, llama_rslora_case_dir, tmp_path: Path) -> None:
+    """A sharded FP8 base: the merged index lists no scale and its total_size is the
+    bytes written; transformers loads the folder."""
+    from transformers import AutoModelForCausalLM
+
+    sharded = _sharded_copy(block_base, tmp_path / "sharded")
+    out = tmp_path / "merged"
+    merge(sharded, [llama_rslora_case_dir], out, device="cpu")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert not any(name.endswith("_scale_inv") for name in index["weight_map"])
+    total = 0
+    for shard in sorted(set(index["weight_map"].values())):
+        with safe_open(out / shard, "pt") as f:
+            total += sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys())
+    assert index["metadata"]["total_size"] == total
+    AutoModelForCausalLM.from_pretrained(out)
+
+
+@pytest.fixture(scope="module")
+def llama_rslora_case_dir(peft_case_factory) -> Path:
+    return peft_case_factory("llama_rslora").adapter_dir
+
+
+def _sharded_copy(folder: Path, out: Path) -> Path:
+    """The folder with its tensors split in two shards (a weight and its scale apart)."""
+    tensors = load_file(folder / "model.safetensors")
+    names = sorted(tensors)
+    halves = [names[: len(names) // 2], names[len(names) // 2 :]]
+    out.mkdir()
+    shutil.copy(folder / "config.json", out / "config.json")
+    weight_map = {}
+    for index, part in enumerate(halves, start=1):
+        shard = f"model-0000{index}-of-00002.safetensors"
+        save_file({k: tensors[k] for k in part}, out / shard, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, shard))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    return out
+
+
+# -- merge, re-quantized ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("which", ["block", "channel"])
+def test_merge_fp8_keeps_format_within_one_step(which: str, block_base: Path, channel_base: Path, peft_case_factory, tmp_path: Path) -> None:
+    """--dtype fp8: same tensors, dtypes and shapes as the base; unadapted weights and
+    their scales byte for byte; each adapted element within one FP8 step of the float64
+    truth; the update survives; transformers (and compressed-tensors) load the output."""
+    base = block_base if which == "block" else channel_base
+    case = peft_case_factory("llama_rslora")
+    out = tmp_path / "merged"
+    result = merge(base, [case.adapter_dir], out, device="cpu", dtype="fp8")
+    assert result.fp8 == "requantized" and (out / "config.json").read_bytes() == (base / "config.json").read_bytes()
+    before, after = load_file(base / "model.safetensors"), load_file(out / "model.safetensors")
+    assert {k: (v.dtype, v.shape) for k, v in before.items()} == {k: (v.dtype, v.shape) for k, v in after.items()}
+    adapted = _adapted(case)
+    scale_suffix = "_scale_inv" if which == "block" else "_scale"
+    truth = dequantized64(base)
+    with BaseCheckpoint.open(out) as merged:
+        assert merged.fp8 is not None
+        for name, value in after.items():
+            owner = name.removesuffix(scale_suffix)
+            if name in adapted:
+                scaled = merged.fp8.weights[name]
+                values = merged.torch(name).double()
+                step = step_of(value, after[scaled.scale], scaled.block).double()
+                error = (values - (truth[name] + _update64(case, name))).abs()
+                assert bool((error <= step).all()), name
+            elif owner not in adapted:
+                assert torch.equal(value.view(torch.uint8) if value.dtype.itemsize == 1 else value, before[name].view(torch.uint8) if value.dtype.itemsize == 1 else before[name]), name
+    assert len(result.survival) == len(adapted)
+    assert all(s.survival is not None and 0.9 < s.survival < 1.1 for s in result.survival)
+    assert not result.lost()
+    state = _load_dequantized(out).state_dict()
+    with BaseCheckpoint.open(out) as merged:
+        for name in adapted:
+            ours = merged.torch(name)
+            assert torch.equal(ours.to(torch.bfloat16).float() if which == "channel" else ours, state[name]), name
+
+
+def test_update_below_fp8_resolution_is_reported_and_refused(block_base: Path, llama_plain_case, tmp_path: Path) -> None:
+    """An adapter scaled down until FP8 cannot hold it: survival near 0, a warning on
+    stderr naming the worst layers; --min-survival makes it exit 1 with nothing written."""
+    result = merge(block_base, [llama_plain_case.adapter_dir], tmp_path / "a", device="cpu", dtype="fp8", weights=[1e-5])
+    assert len(result.lost()) == len(result.survival) == 14
+    assert all(s.survival is not None and s.survival < 0.5 and s.unchanged > 0.9 for s in result.survival)
+
+    code, _, err = run_cli("merge", block_base, llama_plain_case.adapter_dir, "-o", tmp_path / "b", "--dtype", "fp8", "--weight", "1e-5", "-q")
+    assert code == 0 and "Warning: FP8 re-quantization kept less than half of the update in 14 of 14 weights" in err
+    code, _, err = run_cli("merge", block_base, llama_plain_case.adapter_dir, "-o", tmp_path / "c", "--dtype", "fp8",
+                           "--weight", "1e-5", "--min-survival", "0.5", "-q")
+    assert code == 1 and err.count("\n") == 1 and "nothing written" in err and "Traceback" not in err
+    assert not (tmp_path / "c").exists() and not list(tmp_path.glob(".c*"))
+    with pytest.raises(CheckFailed):
+        merge(block_base, [llama_plain_case.adapter_dir], tmp_path / "d", device="cpu", dtype="fp8", weights=[1e-5], min_survival=0.5)
+    assert not (tmp_path / "d").exists()
+
+
+def test_ue8m0_scales_stay_powers_of_two(fp8_root: Path, llama_plain_case, tmp_path: Path) -> None:
+    base = build_block_fp8_base(llama_plain_case.base_dir, fp8_root / "ue8m0", scale_fmt="ue8m0")
+    out = tmp_path / "merged"
+    merge(base, [llama_plain_case.adapter_dir], out, device="cpu", dtype="fp8")
+    tensors = load_file(out / "model.safetensors")
+    scales = [v for k, v in tensors.items() if k.endswith("_scale_inv")]
+    assert scales and all(s.dtype == torch.float8_e8m0fnu for s in scales)
+    for s in scales:
+        values = s.float()
+        assert torch.equal(values, torch.exp2(torch.round(torch.log2(values))))
+
+
+# -- refusals ------------------------------------------------------------------------------
+
+def _rewrite(folder: Path, out: Path, drop: str | None = None, config: dict | None = None) -> Path:
+    shutil.copytree(folder, out)
+    if drop is not None:
+        tensors = load_file(out / "model.safetensors")
+        del tensors[drop]
+        save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    if config is not None:
+        current = json.loads((out / "config.json").read_text())
+        current["quantization_config"] = config
+        (out / "config.json").write_text(json.dumps(current))
+    return out
+
+
+@pytest.mark.parametrize("problem", ["no_scale", "wrong_block", "gptq", "asymmetric"])
+def test_bad_fp8_bases_exit_2_with_one_line(problem: str, block_base: Path, fp8_root: Path, llama_plain_case, tmp_path: Path) -> None:
+    q = "model.layers.0.self_attn.q_proj.weight"
+    if problem == "no_scale":
+        base, says = _rewrite(block_base, tmp_path / "base", drop=q + "_scale_inv"), "has no scale"
+    elif problem == "wrong_block":
+        config = json.loads((block_base / "config.json").read_text())["quantization_config"]
+        base, says = _rewrite(block_base, tmp_path / "base", config={**config, "weight_block_size": [32, 32]}), "in blocks of [32, 32] needs [2, 4]"
+    elif problem == "gptq":
+        base, says = _rewrite(block_base, tmp_path / "base", config={"quant_method": "gptq", "bits": 4}), "'gptq' is not supported"
+    else:
+        config = {"quant_method": "compressed-tensors", "format": "float-quantized",
+                  "config_groups": {"g": {"weights": {"num_bits": 8, "type": "float", "symmetric": False, "strategy": "channel"}}}}
+        base, says = _rewrite(block_base, tmp_path / "base", config=config), "asymmetric"
+    for args in (["merge", base, llama_plain_case.adapter_dir, "-o", tmp_path / "out", "-q"],
+                 ["inspect", llama_plain_case.adapter_dir, "--base", base]):
+        code, _, err = run_cli(*args)
+        assert code == 2 and err.count("\n") == 1 and says in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_fp8_options_need_an_fp8_base(llama_plain_case, block_base: Path, tmp_path: Path) -> None:
+    with pytest.raises(RequestError, match="no FP8 weights"):
+        merge(llama_plain_case.base_dir, [llama_plain_case.adapter_dir], tmp_path / "a", device="cpu", dtype="fp8")
+    with pytest.raises(RequestError, match="--min-survival applies to --dtype fp8"):
+        merge(block_base, [llama_plain_case.adapter_dir], tmp_path / "b", device="cpu", min_survival=0.5)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_inspect_base_sees_dequantized_weights(block_base: Path, llama_plain_case) -> None:
+    """inspect --base: ‖ΔW‖/‖W0‖ against the dequantized W0."""
+    from lora_tools.inspect import inspect_adapter
+
+    report = inspect_adapter(llama_plain_case.adapter_dir, base_path=block_base)
+    truth = dequantized64(block_base)
+    rows = {layer.name: layer for layer in report.layers}
+    for name in _adapted(llama_plain_case):
+        row = rows[name.removesuffix(".weight")]
+        expected = float(torch.linalg.vector_norm(_update64(llama_plain_case, name)) / torch.linalg.vector_norm(truth[name]))
+        assert row.relative_norm == pytest.approx(expected, rel=1e-5), name
+
+
+def test_fp8_weight_without_config_or_scale_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "model.safetensors"
+    save_file({"x.weight": torch.zeros(4, 4).to(torch.float8_e4m3fn)}, path)
+    with pytest.raises(FormatError, match="has no scale"):
+        BaseCheckpoint.open(path)
