@@ -59,17 +59,20 @@ def lost_updates(survival: list[Survival], below: float) -> list[Survival]:
 class Dequantizing:
     """The merge's compute on an FP8 base written dequantized: see the module docstring."""
 
-    def __init__(self, base: BaseCheckpoint, inner: Compute, adapted: Collection[str], out_code: str | None) -> None:
+    def __init__(
+        self, base: BaseCheckpoint, inner: Compute, adapted: Collection[str], out_code: str | None, device: torch.device
+    ) -> None:
         assert base.fp8 is not None
         self.base, self.inner, self.adapted = base, inner, adapted
         self.out_codes = dict.fromkeys(base.fp8.weights, out_code or "BF16")
         self.dropped = base.fp8.aux
         self.computed = set(adapted) | set(base.fp8.weights)
+        self._values = ByteRing(1, device)  # the dequantized weight, reused
 
     def __call__(self, name: str, w0: torch.Tensor, stored: torch.dtype, out: torch.Tensor) -> torch.Tensor:
         if not self.base.is_fp8_weight(name):
             return self.inner(name, w0, stored, out)
-        values = self.base.dequantized(name, w0)
+        values = self.base.dequantized(name, w0, self._values.tensor(tuple(w0.shape), torch.float32))
         if name in self.adapted:
             return self.inner(name, values, stored, out)
         out.copy_(values)
@@ -91,7 +94,8 @@ class Requantizing:
         self.survival: list[Survival] = []
         self._scales: dict[str, torch.Tensor] = {}  # a weight's fresh scales, its scale tensor still to come
         self._scale_written: set[str] = set()  # weights whose scale tensor is written
-        self._work = ByteRing(1, device)
+        # float32 buffers reused for every weight: W0, W0 + ΔW, and a difference
+        self._base, self._merged, self._scratch = (ByteRing(1, device) for _ in range(3))
 
     def __call__(self, name: str, w0: torch.Tensor, stored: torch.dtype, out: torch.Tensor) -> torch.Tensor:
         if name in self.weight_of_scale:
@@ -100,35 +104,32 @@ class Requantizing:
             scales = self._scales.pop(weight, None)  # the weight came first and left them
             if scales is None:  # the scale comes first: merge now, only for the scales
                 codes = self.base.shard_of(weight).torch(weight).to(self.device)
-                scales = self._requantized(weight, self._merged(weight, codes)[0], codes.dtype)[1]
+                merged, _ = self._merged_weight(weight, codes)
+                scales = self._requantized(weight, merged, codes.dtype)[1]
             return out.copy_(scales)
         if name not in self.adapted_fp8:
             return self.inner(name, w0, stored, out)
-        merged, base_values = self._merged(name, w0)
-        codes, scales = self._requantized(name, merged, out.dtype)
+        merged, base_values = self._merged_weight(name, w0)
+        scratch = self._scratch.tensor(tuple(w0.shape), torch.float32)
+        update_norm = float(torch.linalg.vector_norm(torch.sub(merged, base_values, out=scratch)))
+        codes, scales = self._requantized(name, merged, out.dtype)  # merged is the scratch from here on
         if name not in self._scale_written:
             self._scales[name] = scales
         out.copy_(codes)
-        self._measure(name, out, w0, dequantize(out, scales, self.layout.weights[name].block), merged, base_values)
+        kept = dequantize(out, scales, self.layout.weights[name].block, scratch).sub_(base_values)
+        kept_norm = float(torch.linalg.vector_norm(kept))
+        unchanged = float((out.view(torch.uint8) == w0.view(torch.uint8)).sum()) / max(1, out.numel())
+        self.survival.append(Survival(name, kept_norm / update_norm if update_norm > 0 else None, unchanged, update_norm))
         return out
 
-    def _merged(self, weight: str, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """W0 + ΔW of an adapted FP8 weight in float32 (in reused memory), and W0."""
-        base_values = self.base.dequantized(weight, codes)
-        work = self._work.tensor(tuple(base_values.shape), torch.float32)
-        return self.inner(weight, base_values, torch.float32, work), base_values
+    def _merged_weight(self, weight: str, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """W0 + ΔW of an adapted FP8 weight in float32, and W0 (both in reused memory)."""
+        shape = tuple(codes.shape)
+        base_values = self.base.dequantized(weight, codes, self._base.tensor(shape, torch.float32))
+        return self.inner(weight, base_values, torch.float32, self._merged.tensor(shape, torch.float32)), base_values
 
     def _requantized(self, weight: str, merged: torch.Tensor, fp8: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(codes, scales) of the merged weight; deterministic, so the scale tensor and
-        the weight agree whichever of them was computed first."""
+        """(codes, scales) of the merged weight, computed in `merged`'s memory;
+        deterministic, so the scale tensor and the weight agree whichever came first."""
         scale_dtype = torch_dtype(self.base.info(self.layout.scale_of(weight)).dtype)
-        return requantize(merged, self.layout.weights[weight].block, fp8, scale_dtype, self.layout.rule)
-
-    def _measure(
-        self, name: str, codes: torch.Tensor, base_codes: torch.Tensor, stored: torch.Tensor, merged: torch.Tensor,
-        base_values: torch.Tensor,
-    ) -> None:
-        update_norm = float(torch.linalg.vector_norm(merged - base_values, dtype=torch.float64))
-        kept = float(torch.linalg.vector_norm(stored - base_values, dtype=torch.float64))
-        unchanged = float((codes.view(torch.uint8) == base_codes.view(torch.uint8)).sum()) / max(1, codes.numel())
-        self.survival.append(Survival(name, kept / update_norm if update_norm > 0 else None, unchanged, update_norm))
+        return requantize(merged, self.layout.weights[weight].block, fp8, scale_dtype, self.layout.rule, in_place=True)

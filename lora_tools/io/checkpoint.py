@@ -239,14 +239,14 @@ class BaseCheckpoint:
         """The dtype code of the values a reader sees: F32 for a dequantized FP8 weight."""
         return "F32" if self.is_fp8_weight(tensor) else self.info(tensor).dtype
 
-    def dequantized(self, tensor: str, stored: Any) -> Any:
+    def dequantized(self, tensor: str, stored: Any, out: Any = None) -> Any:
         """An FP8 weight's stored codes (`stored`, on any device) times its scales: float32
-        on the same device."""
+        on the same device (in `out` when given)."""
         from lora_tools.io.fp8 import dequantize
 
         assert self.fp8 is not None
         scaled = self.fp8.weights[tensor]
-        return dequantize(stored, self.shard_of(scaled.scale).torch(scaled.scale), scaled.block)
+        return dequantize(stored, self.shard_of(scaled.scale).torch(scaled.scale), scaled.block, out)
 
     def module_paths(self) -> set[str]:
         """Module paths that have a weight: `x.y.weight` gives `x.y`."""

@@ -65,14 +65,15 @@ def _apply_per_block(values: Any, scale_rows: Any, block_cols: int, op: str) -> 
     return values
 
 
-def dequantize(q: Any, scale: Any, block: Block) -> Any:
+def dequantize(q: Any, scale: Any, block: Block, out: Any = None) -> Any:
     """q·s in float32 on q's device, as DeepSeek's `weight_dequant` and transformers do
-    (each code widened to float32, times its block's scale widened to float32)."""
+    (each code widened to float32, times its block's scale widened to float32); into
+    `out` (float32, q's shape) when given, reused memory sparing a fresh tensor's faults."""
     import torch
 
     rows = q.shape[0]
     grid = scale_grid(tuple(q.shape), block)
-    values = q.to(torch.float32, copy=True)
+    values = q.to(torch.float32, copy=True) if out is None else out.copy_(q)
     if not values.numel():
         return values
     scales = scale.to(device=q.device, dtype=torch.float32).reshape(grid)
@@ -86,15 +87,23 @@ def block_amax(values: Any, block: Block) -> Any:
 
     rows, cols = values.shape
     grid_rows, grid_cols = scale_grid((rows, cols), block)
+    if rows == grid_rows * block[0] and cols == grid_cols * block[1] and values.is_contiguous():
+        # whole blocks: min and max down each block's rows (no weight-sized |values| copy),
+        # then across its columns
+        low, high = torch.aminmax(values.view(grid_rows, block[0], grid_cols, block[1]), dim=1)
+        return torch.amax(torch.maximum(high, low.neg_()), dim=-1)
     padded = F.pad(values.abs(), (0, grid_cols * block[1] - cols, 0, grid_rows * block[0] - rows))
     return torch.amax(padded.reshape(grid_rows, block[0], grid_cols, block[1]), dim=(1, 3))
 
 
-def requantize(values: Any, block: Block, fp8: Any, scale_dtype: Any, rule: ScaleRule) -> tuple[Any, Any]:
+def requantize(
+    values: Any, block: Block, fp8: Any, scale_dtype: Any, rule: ScaleRule, *, in_place: bool = False
+) -> tuple[Any, Any]:
     """(codes, stored scales) of float32 `values` (rows, cols) with fresh scales from
     each block's largest |value|, as the producer named by `rule` computes them (an
     all-zero block gets scale 1). Values are clamped to the FP8 dtype's finite range
-    before the cast (past it a cast gives NaN)."""
+    before the cast (past it a cast gives NaN). `in_place`: `values` is used as the
+    scratch and left scaled and clamped."""
     import torch
 
     limit = torch.finfo(fp8).max
@@ -113,7 +122,7 @@ def requantize(values: Any, block: Block, fp8: Any, scale_dtype: Any, rule: Scal
     # would make its block's codes infinite: keep that dtype's smallest normal instead.
     if bool((stored.to(torch.float32) == 0).any()):
         stored = torch.where(stored.to(torch.float32) > 0, stored.to(torch.float32), torch.finfo(scale_dtype).tiny).to(scale_dtype)
-    work = values.to(torch.float32, copy=True)
+    work = values if in_place and values.dtype == torch.float32 else values.to(torch.float32, copy=True)
     if work.numel():
         if rule.multiplier_first and stored.dtype == torch.float32:  # transformers: w·(448/amax), or w·2⁻ᵏ
             factor, op = multiplier, "mul"
