@@ -6,6 +6,8 @@ variant runs in its own subprocess:
 
   floor: safetensors      per shard: safetensors.torch.load_file, then save_file into a
                           new folder (read every tensor once, write it once)
+  floor, durable          the same, then fsync of every output file and the folder, timed
+                          (lora-tools fsyncs before its rename: the fair floor does too)
   cp -r                   a plain byte copy of the folder, for scale
   lora-tools merge cpu    python -m lora_tools merge BASE ADAPTER -o OUT --device cpu -q
   lora-tools merge cuda   the same with --device cuda (only when torch sees a GPU), and
@@ -57,6 +59,20 @@ FLOOR_SCRIPT = textwrap.dedent('''
             save_file(tensors, os.path.join(dst, name), metadata={"format": "pt"})
             del tensors
 ''')
+
+# The durable floor: the same, and every output file fsynced (and the folder) inside the
+# timed part, as lora-tools does before it publishes OUT: a merge must be on the disk
+# before it is renamed into place, and the floor a merge is held to must pay that too.
+DURABLE_FLOOR_SCRIPT = FLOOR_SCRIPT + textwrap.dedent('''
+    for name in sorted(os.listdir(dst)):
+        fd = os.open(os.path.join(dst, name), os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+    fd = os.open(dst, os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+''')
+DURABLE_FLOOR = "floor, durable: load_file+save_file+fsync"
 
 # The host memory any CUDA merge pays before doing anything of its own: the interpreter,
 # torch, the CUDA context and cuBLAS (one small matmul of the merge's kind), and the same
@@ -197,7 +213,8 @@ def run_variant(label: str, cmd: list[str], base: Path, *, timeout_s: float | No
 def summary_rows(runs: list[dict[str, Any]], largest_mb: float) -> list[list[Any]]:
     """One row per variant: medians over its successful rounds; × floor is the median of
     the ratios to the floor of the same round (a paired ratio shrugs off slow rounds)."""
-    floors = {r["round"]: r for r in runs if r["variant"].startswith("floor") and r["rc"] == 0}
+    floors = {r["round"]: r for r in runs if r["variant"].startswith("floor:") and r["rc"] == 0}
+    durable = {r["round"]: r for r in runs if r["variant"] == DURABLE_FLOOR and r["rc"] == 0}
     rows = []
     for label in dict.fromkeys(r["variant"] for r in runs):
         mine = [r for r in runs if r["variant"] == label]
@@ -205,15 +222,17 @@ def summary_rows(runs: list[dict[str, Any]], largest_mb: float) -> list[list[Any
         failed = len(mine) - len(ok)
         name = label + (f" ({failed} FAILED, rc={mine[-1]['rc']})" if failed else "")
         if not ok:
-            rows.append([name, len(mine), *[None] * 9])
+            rows.append([name, len(mine), *[None] * 10])
             continue
         walls = [r["wall_sync_s"] for r in ok]
         ratios = [r["wall_sync_s"] / floors[r["round"]]["wall_sync_s"] for r in ok if r["round"] in floors]
+        durable_ratios = [r["wall_sync_s"] / durable[r["round"]]["wall_sync_s"] for r in ok if r["round"] in durable]
         peak_anon = max((r["peak_anon_mb"] for r in ok if r["peak_anon_mb"]), default=None)
         rows.append([
             name, len(ok), statistics.median(r["wall_s"] for r in ok), statistics.median(r["sync_s"] for r in ok),
             statistics.median(walls), f"{min(walls):.1f}-{max(walls):.1f}",
             statistics.median(ratios) if ratios else None,
+            statistics.median(durable_ratios) if durable_ratios else None,
             max((r["peak_rss_mb"] for r in ok if r["peak_rss_mb"]), default=None),
             max((r["peak_mb"] for r in ok if r["peak_mb"]), default=None),
             peak_anon, peak_anon / largest_mb if peak_anon else None,
@@ -292,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
             if not args.skip_floor:
                 variant("floor: safetensors load_file+save_file",
                         [sys.executable, "-c", FLOOR_SCRIPT, base, work / "out-floor"], work / "out-floor", round_index)
+                variant(DURABLE_FLOOR, [sys.executable, "-c", DURABLE_FLOOR_SCRIPT, base, work / "out-floor"],
+                        work / "out-floor", round_index)
                 variant("cp -r (byte copy)", ["cp", "-r", base, work / "out-cp"], work / "out-cp", round_index)
             variant("lora-tools merge --device cpu",
                     bu.lora_tools("merge", base, adapter, "-o", work / "out-lt-cpu", "--device", "cpu", "-q"),
@@ -322,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\nEvery variant started after a read of the whole base (warm page cache) and a sync; "
               "'sync s' flushes its output afterwards, and × floor compares wall+sync with the floor's of the "
               "same round (median over rounds; wall+sync is the median, min-max beside it).\n")
-        print(bu.table(["variant", "runs", "wall s", "sync s", "wall+sync s", "min-max", "× floor",
+        print(bu.table(["variant", "runs", "wall s", "sync s", "wall+sync s", "min-max", "× floor", "× durable floor",
                         "peak RSS MB (polled)", "peak RSS MB (kernel)", "peak anon MB", "anon / largest"],
                        rows, title=title))
         runtime_floor = results.get("cuda_runtime_floor")
