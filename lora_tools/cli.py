@@ -87,9 +87,12 @@ def _show(report: Any, verb: str, as_json: bool, **table_options: Any) -> None:
 @click.option("--alpha", type=float, default=None, help="Override every layer's alpha (scale = alpha / r).")
 @click.option("--all", "show_all", is_flag=True, help="Show every layer instead of grouping long adapters by module.")
 @click.option("--force", is_flag=True, help="Replace an existing --plot FILE (never an input).")
+@click.option("--base-quant", "base_quant", metavar="SPEC", default=None,
+              help="With --base: the adapter was trained on the base in bitsandbytes NF4 (QLoRA): nf4, nf4,dq "
+                   "(double quant), optionally ,blocksize=N. Adds ‖W0 − deq(NF4(W0))‖/‖ΔW‖ per layer.")
 def inspect_command(
     adapter: str, base: str | None, as_json: bool, plot_path: str | None, alpha: float | None, show_all: bool,
-    force: bool,
+    force: bool, base_quant: str | None,
 ) -> None:
     """What did this adapter learn? Per-layer rank usage, spectra and norms.
 
@@ -98,10 +101,11 @@ def inspect_command(
         lora-tools inspect ./my-adapter
         lora-tools inspect adapter.safetensors --base ./base-model --json
         lora-tools inspect ./my-adapter --plot report.png
+        lora-tools inspect ./qlora-adapter --base ./base-model --base-quant nf4,dq
     """
     from lora_tools.inspect import inspect_adapter
 
-    report = inspect_adapter(adapter, base_path=base, alpha=alpha)
+    report = inspect_adapter(adapter, base_path=base, alpha=alpha, base_quant=base_quant)
     if plot_path is not None:
         from lora_tools.render.plot import save_plot
 
@@ -118,12 +122,14 @@ def inspect_command(
 @click.option("--dtype", default="keep", show_default=True, type=click.Choice(MERGE_DTYPE_CHOICES), help="Dtype of the stored float tensors; an FP8 base: keep writes bf16, fp8 re-quantizes with fresh scales.")
 @click.option("--alpha", type=float, default=None, help="Override every layer's alpha.")
 @click.option("--min-survival", "min_survival", type=float, default=None, help="--dtype fp8: fail (exit 1, nothing written) if a weight keeps less than this share of its update.")
+@click.option("--base-quant", "base_quant", metavar="SPEC", default=None,
+              help="QLoRA: merge onto deq(NF4(W0)), what the adapter was trained against: nf4, nf4,dq (double quant), optionally ,blocksize=N.")
 @click.option("--verify", "run_verify", is_flag=True, help="Re-read OUT and verify it against BASE + adapters.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists (only after the merge succeeded).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary on stderr.")
 def merge_command(
     base: str, adapters: tuple[str, ...], out: str, weights: tuple[float, ...], device: str, dtype: str,
-    alpha: float | None, min_survival: float | None, run_verify: bool, force: bool, quiet: bool,
+    alpha: float | None, min_survival: float | None, base_quant: str | None, run_verify: bool, force: bool, quiet: bool,
 ) -> None:
     """Fold one or several adapters into a base checkpoint: W0 + Σ wᵢ·ΔWᵢ.
 
@@ -137,11 +143,13 @@ def merge_command(
     """
     from lora_tools.merge import merge
 
+    if run_verify and base_quant is not None:
+        raise RequestError(None, "--verify checks OUT against BASE's own weights, not deq(NF4(W0)): run merge --base-quant without it")
     progress = None if quiet else RichProgress()
     try:
         result = merge(
             base, list(adapters), out, weights=list(weights) or None, device=device, dtype=dtype,
-            force=force, alpha=alpha, progress=progress, min_survival=min_survival,
+            force=force, alpha=alpha, progress=progress, min_survival=min_survival, base_quant=base_quant,
         )
     finally:
         if progress is not None:

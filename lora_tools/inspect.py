@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 
 from lora_tools.adapter import Adapter, LoraLayer
-from lora_tools.errors import FormatError
+from lora_tools.errors import FormatError, RequestError
 from lora_tools.formats import load_adapter
 from lora_tools.formats.names import LAYER_NUMBER, module_family
-from lora_tools.linalg import factored, spectrum
+from lora_tools.linalg import factored, nf4, spectrum
 
 # A layer whose ‖ΔW‖_F is below this fraction of the adapter's median is "dead".
 DEAD_FRACTION = 1e-4
@@ -60,6 +60,27 @@ class LayerReport:
     norm_z_score: float | None = None  # robust z of log ‖ΔW‖_F within the family
     flags: list[str] = field(default_factory=list)
     algo: str = "lora"  # what the file stored: lora, locon (Tucker), loha, lokr, full; rank is that of the exact LoRA form
+    # With --base-quant (JSON keys only then), for a weight bitsandbytes holds in NF4:
+    base_quant_error: float | None = None  # ‖W0 − deq(NF4(W0))‖_F
+    base_quant_mismatch: float | None = None  # that / ‖s·BA‖_F; > 1 flags "quant_mismatch"
+
+
+_BASE_QUANT_FIELDS = ("base_quant_error", "base_quant_mismatch")
+
+
+@dataclass
+class BaseQuantSummary:
+    """What `--base-quant` found: how far the 16-bit base is from what a QLoRA adapter
+    was trained against (deq(NF4(W0))), measured in units of each layer's update."""
+
+    spec: str  # the --base-quant text, normalised: "nf4", "nf4,dq", "nf4,blocksize=128"
+    double_quant: bool
+    blocksize: int
+    quantized_layers: int  # layers whose base weight bitsandbytes would hold in NF4
+    layers_over_1: int  # base_quant_mismatch > 1: NF4's rounding moves W0 more than ΔW does
+    max_mismatch: float | None
+    worst_layer: str | None
+    summary: str
 
 
 @dataclass
@@ -97,12 +118,17 @@ class AdapterSummary:
 class InspectReport:
     adapter: AdapterSummary
     layers: list[LayerReport]
+    base_quant: BaseQuantSummary | None = None
 
     def to_json(self) -> dict[str, Any]:
         # layers by their fields, not asdict: its deep copy of every singular value took
         # longer than computing them for a 700-module LoKr file (~180 K values)
-        return {"adapter": asdict(self.adapter), "layers": [{f.name: getattr(layer, f.name) for f in fields(layer)}
-                                                            for layer in self.layers]}
+        names = [f.name for f in fields(LayerReport) if self.base_quant is not None or f.name not in _BASE_QUANT_FIELDS]
+        document = {"adapter": asdict(self.adapter), "layers": [{name: getattr(layer, name) for name in names}
+                                                                for layer in self.layers]}
+        if self.base_quant is not None:
+            document["base_quant"] = asdict(self.base_quant)
+        return document
 
 
 def module_type(name: str) -> str:
@@ -241,12 +267,22 @@ def inspect_adapter(
     *,
     base_path: str | os.PathLike[str] | None = None,
     alpha: float | None = None,
+    base_quant: str | None = None,
 ) -> InspectReport:
-    """Read an adapter (and optionally its base) and compute every per-layer figure."""
+    """Read an adapter (and optionally its base) and compute every per-layer figure.
+
+    `base_quant` ("nf4", "nf4,dq", see `linalg.nf4.parse_base_quant`): the adapter was
+    trained on the base quantized so (QLoRA); each quantized layer gets NF4's rounding
+    error of W0 against its update, and the report a summary of what that means for a merge.
+    """
+    spec = None if base_quant is None else nf4.parse_base_quant(base_quant)
+    if spec is not None and base_path is None:
+        raise RequestError(None, "--base-quant needs --base BASE: the rounding error is measured on the base's weights")
     adapter = load_adapter(adapter_path, alpha=alpha)
     base_norms: dict[str, float] = {}
+    quant_errors: dict[str, float] = {}
     if base_path is not None:
-        adapter, base_norms = _against_base(adapter, base_path)
+        adapter, base_norms, quant_errors = _against_base(adapter, base_path, spec)
     layers = _layer_reports(adapter.layers)
     for report in layers:
         figures = [report.scale, report.fro_norm, report.effective_rank, *report.singular_values]
@@ -258,11 +294,53 @@ def inspect_adapter(
             report.base_fro_norm = base_norms[report.name]
             report.relative_norm = report.fro_norm / report.base_fro_norm if report.base_fro_norm > 0 else None
     flag_layers(layers)
-    return InspectReport(summarize(adapter, None if base_path is None else os.fspath(base_path)), layers)
+    summary = summarize(adapter, None if base_path is None else os.fspath(base_path))
+    if spec is None:
+        return InspectReport(summary, layers)
+    return InspectReport(summary, layers, base_quant_summary(spec, layers, quant_errors))
 
 
-def _against_base(adapter: Adapter, base_path: str | os.PathLike[str]) -> tuple[Adapter, dict[str, float]]:
-    """Resolve names against the base, check every layer fits, and measure ‖W0‖_F."""
+def base_quant_summary(spec: nf4.BaseQuant, layers: list[LayerReport], errors: dict[str, float]) -> BaseQuantSummary:
+    """Fill each quantized layer's base_quant_error and base_quant_mismatch (flagging
+    "quant_mismatch" above 1) and sum them up in one sentence.
+
+    The ratio compares two ways to merge: onto W0 (what a 16-bit serve loads) the result
+    differs from what training saw, W_q + ΔW with W_q = deq(NF4(W0)), by W0 − W_q. Above 1,
+    that difference is larger in norm than the layer's whole update. A zero update
+    gets no ratio (it would be infinite; the layer is flagged dead already).
+    """
+    rated = []
+    for layer in layers:
+        if layer.name not in errors:
+            continue
+        layer.base_quant_error = errors[layer.name]
+        if layer.fro_norm > 0:
+            layer.base_quant_mismatch = layer.base_quant_error / layer.fro_norm
+            rated.append(layer)
+            if layer.base_quant_mismatch > 1:
+                layer.flags.append("quant_mismatch")
+    worst = max(rated, key=lambda m: m.base_quant_mismatch or 0.0, default=None)
+    over = sum(1 for m in rated if (m.base_quant_mismatch or 0.0) > 1)
+    if worst is None or worst.base_quant_mismatch is None:
+        text = (f"no adapted layer has a base weight bitsandbytes holds in NF4 (Linear weights other than lm_head) and a"
+                f" non-zero update: --base-quant {spec} changes nothing here")
+    else:
+        ratio = worst.base_quant_mismatch
+        text = (f"merging onto the 16-bit base adds NF4's rounding error, {ratio:.3g}× the update on the worst layer"
+                f" ({worst.name}){f', above 1× on {over} of {len(rated)} layers' if over else ''}; merge with"
+                f" --base-quant {spec} to merge onto what the adapter was trained against")
+    return BaseQuantSummary(
+        spec=str(spec), double_quant=spec.double_quant, blocksize=spec.blocksize, quantized_layers=len(errors),
+        layers_over_1=over, max_mismatch=None if worst is None else worst.base_quant_mismatch,
+        worst_layer=None if worst is None else worst.name, summary=text,
+    )
+
+
+def _against_base(
+    adapter: Adapter, base_path: str | os.PathLike[str], spec: nf4.BaseQuant | None = None
+) -> tuple[Adapter, dict[str, float], dict[str, float]]:
+    """Resolve names against the base, check every layer fits, and measure ‖W0‖_F; with
+    `spec`, also ‖W0 − deq(NF4(W0))‖_F of each weight bitsandbytes would quantize."""
     from lora_tools.engine.binding import fit_to_base
     from lora_tools.formats.names import resolve_names
     from lora_tools.io.checkpoint import BaseCheckpoint
@@ -279,4 +357,19 @@ def _against_base(adapter: Adapter, base_path: str | os.PathLike[str]) -> tuple[
         for target in targets:
             if not math.isfinite(norms[target.layer.name]):  # a NaN in W0 would poison ‖ΔW‖/‖W0‖
                 raise FormatError(base.shard_of(target.weight_key).path, f"tensor {target.weight_key!r} contains NaN or Inf")
-    return adapter, norms
+        quant_errors = {} if spec is None else {
+            t.layer.name: _quant_error(base, t.weight_key, t.transposed, spec)
+            for t in targets if nf4.quantized_by_bitsandbytes(t.layer, t.weight_shape)
+        }
+    return adapter, norms, quant_errors
+
+
+def _quant_error(base: Any, key: str, transposed: bool, spec: nf4.BaseQuant) -> float:
+    """‖W0 − deq(NF4(W0))‖_F of one base weight, read in its stored dtype (bitsandbytes
+    quantizes the weight as loaded) and quantized as (out, in), as transformers hands a
+    Conv1D weight to it."""
+    weight = base.torch(key)
+    try:
+        return nf4.round_trip_error(weight.T if transposed else weight, spec)
+    except RequestError as error:
+        raise RequestError(base.shard_of(key).path, f"tensor {key!r}: {error.problem}") from None

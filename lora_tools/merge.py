@@ -28,6 +28,7 @@ from lora_tools.io.extra_files import copy_extra_files
 from lora_tools.io.hf_layout import update_config_dtype, write_index
 from lora_tools.linalg.dense import accumulation_dtype, merge_rows_into, merged_tensor
 from lora_tools.linalg.device import resolve_device
+from lora_tools.linalg.nf4 import BaseQuant, parse_base_quant, quantized_by_bitsandbytes, round_trip_stored
 
 __all__ = ["MergeResult", "Progress", "merge", "output_dtype_code"]
 
@@ -85,22 +86,30 @@ def merge(
     alpha: float | None = None,
     progress: Progress | None = None,
     min_survival: float | None = None,
+    base_quant: str | None = None,
 ) -> MergeResult:
     """Write BASE + Σ wᵢ·ΔWᵢ to `out` in BASE's layout; see the module docstring.
 
     An FP8 base (`io.fp8_layout`) is merged on its dequantized weights and written as
     bf16 (or `dtype`), or with `dtype="fp8"` re-quantized with fresh scales
     (`engine.fp8_stream`); `min_survival`: refuse (CheckFailed, nothing written) when an
-    adapted FP8 weight keeps less than this share of its update."""
+    adapted FP8 weight keeps less than this share of its update.
+
+    `base_quant` ("nf4", "nf4,dq", `linalg.nf4`): merge onto deq(NF4(W0)), what a QLoRA
+    adapter was trained against, instead of W0, for the weights bitsandbytes would have
+    held in NF4 (adapted Linear weights); written in the base's dtype."""
     started = time.perf_counter()
     out = Path(out)
     target_device = resolve_device(device)
     out_code = output_dtype_code(dtype)
+    nf4 = parse_base_quant(base_quant) if base_quant is not None else None
     plan = make_plan(base_path, adapter_paths, weights, alpha=alpha, place=factors_on(target_device))
     inputs = [Path(base_path), *map(Path, adapter_paths)]
     survival: list[Survival] = []
     try:
-        stream, fp8 = _stream_for(plan, target_device, dtype, out_code, progress, min_survival)
+        if nf4 is not None and plan.base.fp8 is not None:
+            raise RequestError(plan.base.path, "is an FP8 checkpoint: --base-quant nf4 describes a 16-bit base a QLoRA adapter was trained on")
+        stream, fp8 = _stream_for(_Merger(plan, target_device, nf4), plan, target_device, dtype, out_code, progress, min_survival)
         with written_atomically(out, force, inputs) as tmp:
             if plan.base.is_dir:
                 tmp.mkdir()
@@ -130,11 +139,10 @@ def merge(
 
 
 def _stream_for(
-    plan: MergePlan, device: torch.device, dtype: str, out_code: str | None, progress: Progress | None,
+    merger: _Merger, plan: MergePlan, device: torch.device, dtype: str, out_code: str | None, progress: Progress | None,
     min_survival: float | None,
 ) -> tuple[TensorStream, str | None]:
     """The stream that writes this merge, and what it does with an FP8 base (or None)."""
-    merger = _Merger(plan, device)
     layout = plan.base.fp8
     if layout is None:
         if dtype == KEEP_FP8 or min_survival is not None:
@@ -146,7 +154,7 @@ def _stream_for(
         return TensorStream(device, requantizing.computed, requantizing, None, progress), "requantized"
     if min_survival is not None:
         raise RequestError(None, "--min-survival applies to --dtype fp8 (a dequantized merge keeps the whole update)")
-    dequantizing = Dequantizing(plan.base, merger, plan.tensors, out_code)
+    dequantizing = Dequantizing(plan.base, merger, plan.tensors, out_code, device)
     stream = TensorStream(
         device, dequantizing.computed, dequantizing, out_code, progress,
         out_codes=dequantizing.out_codes, dropped=dequantizing.dropped,
@@ -170,15 +178,31 @@ def _check_survival(survival: list[Survival], min_survival: float | None, base: 
 class _Merger:
     """The merge's `compute` for the stream: W0 + Σ wᵢ·ΔWᵢ of one tensor, into `out`."""
 
-    def __init__(self, plan: MergePlan, device: torch.device) -> None:
+    def __init__(self, plan: MergePlan, device: torch.device, nf4: BaseQuant | None = None) -> None:
         self.plan = plan
         self.device = device
+        self.nf4 = nf4
+        # --base-quant: the tensors a QLoRA base held in NF4, and whether each is stored (in, out)
+        self.nf4_tensors = {
+            name: targets[0][0].transposed
+            for name, tensor in plan.tensors.items()
+            if nf4 is not None and (targets := [t for t in tensor.layers if quantized_by_bitsandbytes(t[0].layer, t[0].weight_shape)])
+        }
+        for name in self.nf4_tensors:
+            if plan.base.info(name).dtype not in ("F32", "BF16", "F16"):
+                raise RequestError(
+                    plan.base.shard_of(name).path,
+                    f"tensor {name!r} is {plan.base.info(name).dtype}: bitsandbytes quantizes float32, bfloat16 and "
+                    "float16 weights to NF4 (--base-quant)",
+                )
         # The row blocks' compute buffers, reused for every tensor.
         self.work = ByteRing(1, device)
         self.widened = ByteRing(1, device)
 
     def __call__(self, name: str, w0: torch.Tensor, stored: torch.dtype, out: torch.Tensor) -> torch.Tensor:
         plan = self.plan.tensors[name]
+        if self.nf4 is not None and name in self.nf4_tensors:  # what the QLoRA adapter was trained against
+            w0 = round_trip_stored(w0, self.nf4, self.nf4_tensors[name])
         compute = accumulation_dtype(w0.dtype, stored)
         if is_plain(plan):
             rows = w0.shape[0]

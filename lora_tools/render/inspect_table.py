@@ -15,6 +15,8 @@ from lora_tools.render.columns import MAX_ROWS, NAME, Column, escape, number_lis
 # Rank usage worth a word: 99 % of the energy in at most this share of every layer's rank.
 LOW_USAGE = 0.5
 MAX_ADVICE_LAYERS = 5
+# --base-quant: NF4's rounding error of W0 in units of the layer's update.
+QUANT_HEADER = "‖W0−nf4‖/‖ΔW‖"
 
 
 def render_inspect(report: InspectReport, console: Console, *, show_all: bool = False, resize: bool = False) -> None:
@@ -49,21 +51,25 @@ def render_inspect(report: InspectReport, console: Console, *, show_all: bool = 
     for key, value in list(summary.training_metadata.items())[:12]:
         console.print(f"  {escape(key)} = {escape(value[:100])}", soft_wrap=True)
     with_base = any(layer.relative_norm is not None for layer in report.layers)
+    with_quant = report.base_quant is not None
     width = console.width
     if show_all or len(report.layers) <= MAX_ROWS:
-        _print_layer_table(console, report.layers, with_base, width)
+        _print_layer_table(console, report.layers, with_base, width, with_quant)
     else:
-        _print_family_table(console, report.layers, with_base, width)
-        flagged = [layer for layer in report.layers if layer.flags]
+        _print_family_table(console, report.layers, with_base, width, with_quant)
+        # quant_mismatch alone is common (most layers of a QLoRA adapter): the family table's
+        # column and the summary line say it, a row per layer would undo the grouping
+        flagged = [layer for layer in report.layers if set(layer.flags) - {"quant_mismatch"}]
         if flagged:
             console.print("flagged layers")
-            _print_layer_table(console, flagged, with_base, width)
+            _print_layer_table(console, flagged, with_base, width, with_quant)
         console.print(f"{len(report.layers)} layers grouped by module; --all shows every layer")
     for line in advice(report, resize=resize):
         console.print(escape(line))
 
 
-def _print_layer_table(console: Console, layers: list[LayerReport], with_base: bool, width: int) -> None:
+def _print_layer_table(console: Console, layers: list[LayerReport], with_base: bool, width: int,
+                       with_quant: bool = False) -> None:
     names = [printable(layer.name) for layer in layers]
     prefix = shared_prefix(names)
     flags = [", ".join(layer.flags) + (" (DoRA)" if layer.dora else "") for layer in layers]
@@ -82,12 +88,15 @@ def _print_layer_table(console: Console, layers: list[LayerReport], with_base: b
     ]
     if with_base:
         columns.append(Column("‖ΔW‖/‖W0‖", numbers([layer.relative_norm for layer in layers], 3), 85))
+    if with_quant:  # "-": a weight bitsandbytes keeps in 16 bit, or a zero update
+        columns.append(Column(QUANT_HEADER, numbers([layer.base_quant_mismatch for layer in layers], 3), 88))
     if any(flags):
         columns.append(Column("flags", flags, 90, justify="left", styles=["red" if f else "" for f in flags]))
     print_table(console, columns, prefix, width)
 
 
-def _print_family_table(console: Console, layers: list[LayerReport], with_base: bool, width: int) -> None:
+def _print_family_table(console: Console, layers: list[LayerReport], with_base: bool, width: int,
+                        with_quant: bool = False) -> None:
     families: dict[str, list[LayerReport]] = defaultdict(list)
     for layer in layers:
         families[layer.family].append(layer)
@@ -95,7 +104,7 @@ def _print_family_table(console: Console, layers: list[LayerReport], with_base: 
     names = [printable(family) for family in families]
     prefix = shared_prefix(names)
     console.print("layers grouped by module (min / median / max over depth)")
-    n_flagged = [sum(1 for m in members if m.flags) for members in groups]
+    n_flagged = [sum(1 for m in members if set(m.flags) - {"quant_mismatch"}) for members in groups]  # see render_inspect
     columns = [
         Column("module", [name[len(prefix):] for name in names], NAME),
         Column("layers", [str(len(members)) for members in groups], 90),
@@ -110,6 +119,9 @@ def _print_family_table(console: Console, layers: list[LayerReport], with_base: 
     if with_base:
         rel = [[m.relative_norm for m in members if m.relative_norm is not None] for members in groups]
         columns.append(Column("‖ΔW‖/‖W0‖", spreads(rel), 85))
+    if with_quant:
+        ratios = [[m.base_quant_mismatch for m in members if m.base_quant_mismatch is not None] for members in groups]
+        columns.append(Column(QUANT_HEADER, spreads(ratios), 88))
     if any(n_flagged):
         flags = [f"{n} flagged" if n else "" for n in n_flagged]
         columns.append(Column("flags", flags, 95, justify="left", styles=["red" if f else "" for f in flags]))
@@ -158,6 +170,8 @@ def advice(report: InspectReport, *, resize: bool = False) -> list[str]:
     hidden = len(dead) - min(len(dead), MAX_ADVICE_LAYERS) + len(outliers) - min(len(outliers), MAX_ADVICE_LAYERS)
     if hidden:
         lines.append(f"… and {hidden} more flagged layers (--json has every figure)")
+    if report.base_quant is not None:
+        lines.append(report.base_quant.summary)
     if report.adapter.base is None:
         lines.append("--base BASE would add ‖ΔW‖/‖W0‖ (each update against its weight) and check the fit")
     return lines
