@@ -151,7 +151,8 @@ def _stream_for(
         return TensorStream(device, plan.tensors, merger, out_code, progress), None
     if dtype == KEEP_FP8:
         requantizing = Requantizing(plan.base, merger, plan.tensors, device)
-        return TensorStream(device, requantizing.computed, requantizing, None, progress), "requantized"
+        stream = TensorStream(device, requantizing.computed, requantizing, None, progress, reorder=requantizing.reorder)
+        return stream, "requantized"
     if min_survival is not None:
         raise RequestError(None, "--min-survival applies to --dtype fp8 (a dequantized merge keeps the whole update)")
     dequantizing = Dequantizing(plan.base, merger, plan.tensors, out_code, device)

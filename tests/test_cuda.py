@@ -94,3 +94,51 @@ def test_small_pinned_chunks_give_the_same_bytes(
         worst = max((_ulps(gpu[k], cpu[name][k]) for k in gpu if gpu[k].is_floating_point()), default=0)
         assert worst <= 1, f"{name}: CPU and CUDA differ by {worst} ulp"
     assert verify(llama_sharded_base_dir, adapter, tmp_path / "small").equivalent
+
+
+@pytest.mark.parametrize("dtype", ["keep", "fp8"])
+def test_cuda_merge_into_fp8_base_matches_cpu(dtype: str, llama_plain_case, tmp_path: Path) -> None:
+    """An FP8 base merged on the GPU: the dequantized output within 1 bf16 ulp of the CPU
+    merge; re-quantized, the same scales and codes but where a merged value sits within a
+    float32 ulp of an FP8 rounding boundary (at most one code apart)."""
+    from fp8_builders import build_block_fp8_base
+
+    base = build_block_fp8_base(llama_plain_case.base_dir, tmp_path / "fp8base")
+    out_cpu, out_cuda = tmp_path / "cpu", tmp_path / "cuda"
+    merge(base, [llama_plain_case.adapter_dir], out_cpu, device="cpu", dtype=dtype)
+    merge(base, [llama_plain_case.adapter_dir], out_cuda, device="cuda", dtype=dtype)
+    cpu, gpu = load_file(out_cpu / "model.safetensors"), load_file(out_cuda / "model.safetensors")
+    assert cpu.keys() == gpu.keys()
+    for name in cpu:
+        if cpu[name].dtype == torch.float8_e4m3fn:
+            codes_cpu, codes_gpu = cpu[name].view(torch.uint8).long(), gpu[name].view(torch.uint8).long()
+            assert int((codes_cpu - codes_gpu).abs().max()) <= 1 and float((codes_cpu != codes_gpu).float().mean()) < 1e-3, name
+        elif cpu[name].is_floating_point():
+            assert _ulps(cpu[name], gpu[name]) <= 1 if cpu[name].dtype != torch.float8_e8m0fnu else torch.equal(cpu[name], gpu[name]), name
+    assert verify(base, [llama_plain_case.adapter_dir], out_cuda).equivalent
+
+
+@pytest.mark.parametrize("kind", ["llama_plain", "llama_bf16"])
+def test_verify_on_cuda(kind: str, peft_case_factory, tmp_path: Path) -> None:
+    """verify --device cuda (issue #19): a CUDA merge is replayed bit for bit on the GPU
+    (merge's GPU arithmetic, the tensor whole), a CPU merge passes by its tolerances, a
+    half-strength merge fails; the figures agree with the CPU verify's."""
+    case = peft_case_factory(kind)
+    out_cpu, out_cuda = tmp_path / "cpu", tmp_path / "cuda"
+    merge(case.base_dir, [case.adapter_dir], out_cpu, device="cpu")
+    merge(case.base_dir, [case.adapter_dir], out_cuda, device="cuda")
+    on_gpu = verify(case.base_dir, [case.adapter_dir], out_cuda, device="cuda")
+    assert on_gpu.equivalent, [t for t in on_gpu.tensors if t.verdict != "ok"]
+    assert all(t.recipe for t in on_gpu.tensors)
+    on_cpu = verify(case.base_dir, [case.adapter_dir], out_cuda, device="cpu")
+    for g, c in zip(on_gpu.tensors, on_cpu.tensors):
+        assert g.name == c.name and g.verdict == c.verdict
+        assert g.strength == pytest.approx(c.strength, rel=1e-9) and g.worst_ulps == pytest.approx(c.worst_ulps, rel=1e-6)
+    assert verify(case.base_dir, [case.adapter_dir], out_cpu, device="cuda").equivalent
+    base = load_file(case.base_dir / "model.safetensors")
+    merged = load_file(out_cuda / "model.safetensors")
+    half = {k: ((v.double() + base[k].double()) / 2).to(v.dtype) if not torch.equal(v, base[k]) else v for k, v in merged.items()}
+    from safetensors.torch import save_file
+
+    save_file(half, out_cuda / "model.safetensors", metadata={"format": "pt"})
+    assert not verify(case.base_dir, [case.adapter_dir], out_cuda, device="cuda").equivalent

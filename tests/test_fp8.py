@@ -361,3 +361,94 @@ def test_fp8_weight_without_config_or_scale_is_refused(tmp_path: Path) -> None:
     save_file({"x.weight": torch.zeros(4, 4).to(torch.float8_e4m3fn)}, path)
     with pytest.raises(FormatError, match="has no scale"):
         BaseCheckpoint.open(path)
+
+
+# -- verify ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("which,dtype", [("block", "keep"), ("block", "fp8"), ("channel", "keep"), ("channel", "fp8")])
+def test_verify_accepts_fp8_merges(which: str, dtype: str, block_base: Path, channel_base: Path, peft_case_factory, tmp_path: Path) -> None:
+    """verify against an FP8 base: the expectation is computed from the dequantized base;
+    a bf16 merge is held to one bf16 unit, an FP8 merge to one FP8 step per element, and
+    the strength fit comes out at 1."""
+    from lora_tools.verify.operation import verify
+
+    base = block_base if which == "block" else channel_base
+    case = peft_case_factory("llama_rslora")
+    out = tmp_path / "merged"
+    merge(base, [case.adapter_dir], out, device="cpu", dtype=dtype)
+    report = verify(base, [case.adapter_dir], out)
+    assert report.equivalent, report
+    assert report.n_adapted == len(_adapted(case)) and not report.changed_unadapted and not report.layout_problems
+    for check in report.tensors:
+        assert check.verdict == "ok", check
+        assert check.strength is not None and abs(check.strength - 1) < 0.02, check
+
+
+def test_verify_catches_fp8_merge_rounded_without_new_scales(block_base: Path, llama_plain_case, tmp_path: Path) -> None:
+    """The axolotl / ms-swift bug: merged weights cast straight to e4m3 with the base's old
+    scales kept: verify fails it (exit 1), naming the tensors."""
+    good = tmp_path / "good"
+    merge(block_base, [llama_plain_case.adapter_dir], good, device="cpu")
+    merged = load_file(good / "model.safetensors")
+    tensors = load_file(block_base / "model.safetensors")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    shutil.copy(block_base / "config.json", bad / "config.json")
+    for name in _adapted(llama_plain_case):
+        tensors[name] = merged[name].float().clamp(-448, 448).to(torch.float8_e4m3fn)
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    code, out, _ = run_cli("verify", block_base, llama_plain_case.adapter_dir, bad, "--json")
+    assert code == 1
+    document = json.loads(out)
+    failed = {t["name"] for t in document["tensors"] if t["verdict"] not in ("ok", "inconclusive")}
+    assert failed == _adapted(llama_plain_case)
+
+
+def test_merge_verify_flag_on_fp8_base(block_base: Path, llama_plain_case, tmp_path: Path) -> None:
+    for extra in ([], ["--dtype", "fp8"]):
+        out = tmp_path / f"m{len(extra)}"
+        code, _, err = run_cli("merge", block_base, llama_plain_case.adapter_dir, "-o", out, "--verify", "-q", *extra)
+        assert code == 0, err
+
+
+def test_verify_catches_half_strength_fp8_merge(block_base: Path, peft_case_factory, tmp_path: Path) -> None:
+    """Within FP8's step or not, an update merged at half strength is seen by k."""
+    from lora_tools.verify.operation import verify
+
+    case = peft_case_factory("llama_rslora")
+    out = tmp_path / "half"
+    merge(block_base, [case.adapter_dir], out, device="cpu", dtype="fp8", weights=[0.5])
+    report = verify(block_base, [case.adapter_dir], out)
+    assert not report.equivalent
+    assert {t.verdict for t in report.tensors} <= {"wrong strength", "mismatch"}
+    assert all(t.strength is not None and abs(t.strength - 0.5) < 0.05 for t in report.tensors)
+
+
+def test_scales_first_order_gives_the_same_tensors(block_base: Path, llama_plain_case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The scales of adapted weights are written after them; where that is not possible
+    (alignment) the source's order is kept and each scale merges its weight once more.
+    Both give the same tensors."""
+    from lora_tools.engine.fp8_stream import Requantizing
+
+    merge(block_base, [llama_plain_case.adapter_dir], tmp_path / "moved", device="cpu", dtype="fp8")
+    with safe_open(tmp_path / "moved" / "model.safetensors", "pt") as f:
+        names = list(f.keys())
+    monkeypatch.setattr(Requantizing, "reorder", lambda self, entries: entries)
+    merge(block_base, [llama_plain_case.adapter_dir], tmp_path / "kept", device="cpu", dtype="fp8")
+    moved, kept = load_file(tmp_path / "moved" / "model.safetensors"), load_file(tmp_path / "kept" / "model.safetensors")
+    assert moved.keys() == kept.keys()
+    assert all(torch.equal(moved[k].view(torch.uint8), kept[k].view(torch.uint8)) for k in moved)
+    header = json.loads((tmp_path / "moved" / "model.safetensors").read_bytes()[8:][: int.from_bytes((tmp_path / "moved" / "model.safetensors").read_bytes()[:8], "little")])
+    order = sorted((v["data_offsets"][0], k) for k, v in header.items() if k != "__metadata__")
+    assert [k for _, k in order][-14:] == sorted(k for k in names if k.endswith("_scale_inv"))  # scales last
+
+
+def test_reorder_keeps_alignment() -> None:
+    from lora_tools.engine.fp8_stream import Requantizing
+
+    probe = Requantizing.__new__(Requantizing)
+    probe.weight_of_scale = {"a.weight_scale_inv": "a.weight"}
+    aligned = [("a.weight_scale_inv", "F32", (2, 2)), ("b", "BF16", (4,)), ("a.weight", "F8_E4M3", (8, 8))]
+    assert [e[0] for e in probe.reorder(aligned)] == ["b", "a.weight", "a.weight_scale_inv"]
+    odd = [("a.weight_scale_inv", "F32", (2, 2)), ("a.weight", "F8_E4M3", (7, 9))]
+    assert probe.reorder(odd) == odd  # the scale would start at byte 63

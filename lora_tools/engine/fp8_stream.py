@@ -14,15 +14,19 @@ float32) and then stores the result one of two ways:
   small update (its step is 1/8 to 1/16 of a value), so each adapted weight reports how
   much of its update survived.
 
-A weight and its scale tensor are two entries of the output, written in the source's
-order (safetensors puts float32 scales before e4m3 weights). Whichever comes first
-computes the merged weight and its fresh scales; the scales (1/16384 of the weight for
-128×128 blocks) are kept for the other, and the merged weight is computed again if the
-scales were needed first, so memory stays at one tensor whatever the order.
+A weight and its scale tensor are two entries of the output, and safetensors puts
+float32 scales before e4m3 weights, yet the scales can only be computed from the merged
+weight. So the scales of adapted weights are written last in their file (`reorder`:
+every tensor keeps its bytes, only their order in the file changes), and each weight
+leaves its fresh scales (1/16384 of it for 128×128 blocks) for them. Where moving them
+would misalign a tensor (a weight of an odd byte count), the source's order is kept and
+a scale that comes first merges its weight once more just for the scales; memory stays
+at one tensor either way.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection
 from dataclasses import dataclass
 
@@ -31,8 +35,9 @@ import torch
 from lora_tools.engine.staging import ByteRing
 from lora_tools.engine.stream import Compute, all_finite, refuse_overflow
 from lora_tools.io.checkpoint import BaseCheckpoint
-from lora_tools.io.dtypes import torch_dtype
+from lora_tools.io.dtypes import DTYPE_ITEMSIZE, torch_dtype
 from lora_tools.io.fp8 import dequantize, requantize
+from lora_tools.io.stream_writer import Entry
 
 
 @dataclass
@@ -97,6 +102,21 @@ class Requantizing:
         # float32 buffers reused for every weight: W0, W0 + ΔW, and a difference
         self._base, self._merged, self._scratch = (ByteRing(1, device) for _ in range(3))
 
+    def reorder(self, entries: list[Entry]) -> list[Entry]:
+        """The file's entries with the adapted weights' scales moved to its end, unless
+        that would leave some tensor at an offset that is not a multiple of its item
+        size (safetensors aligns every tensor so; readers may rely on it)."""
+        moved = [e for e in entries if e[0] in self.weight_of_scale]
+        if not moved:
+            return entries
+        order = [e for e in entries if e[0] not in self.weight_of_scale] + moved
+        offset = 0
+        for _, code, shape in order:
+            if offset % DTYPE_ITEMSIZE[code]:
+                return entries
+            offset += math.prod(shape) * DTYPE_ITEMSIZE[code]
+        return order
+
     def __call__(self, name: str, w0: torch.Tensor, stored: torch.dtype, out: torch.Tensor) -> torch.Tensor:
         if name in self.weight_of_scale:
             weight = self.weight_of_scale[name]
@@ -112,13 +132,12 @@ class Requantizing:
         merged, base_values = self._merged_weight(name, w0)
         scratch = self._scratch.tensor(tuple(w0.shape), torch.float32)
         update_norm = float(torch.linalg.vector_norm(torch.sub(merged, base_values, out=scratch)))
-        codes, scales = self._requantized(name, merged, out.dtype)  # merged is the scratch from here on
+        _, scales = self._requantized(name, merged, out.dtype, out)  # merged is the scratch from here on
         if name not in self._scale_written:
             self._scales[name] = scales
-        out.copy_(codes)
         kept = dequantize(out, scales, self.layout.weights[name].block, scratch).sub_(base_values)
         kept_norm = float(torch.linalg.vector_norm(kept))
-        unchanged = float((out.view(torch.uint8) == w0.view(torch.uint8)).sum()) / max(1, out.numel())
+        unchanged = int(torch.count_nonzero(out.view(torch.uint8) == w0.view(torch.uint8))) / max(1, out.numel())
         self.survival.append(Survival(name, kept_norm / update_norm if update_norm > 0 else None, unchanged, update_norm))
         return out
 
@@ -128,8 +147,10 @@ class Requantizing:
         base_values = self.base.dequantized(weight, codes, self._base.tensor(shape, torch.float32))
         return self.inner(weight, base_values, torch.float32, self._merged.tensor(shape, torch.float32)), base_values
 
-    def _requantized(self, weight: str, merged: torch.Tensor, fp8: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(codes, scales) of the merged weight, computed in `merged`'s memory;
-        deterministic, so the scale tensor and the weight agree whichever came first."""
+    def _requantized(
+        self, weight: str, merged: torch.Tensor, fp8: torch.dtype, out: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes, scales) of the merged weight, computed in `merged`'s memory (codes into
+        `out`); deterministic, so the scale tensor and the weight agree whichever came first."""
         scale_dtype = torch_dtype(self.base.info(self.layout.scale_of(weight)).dtype)
-        return requantize(merged, self.layout.weights[weight].block, fp8, scale_dtype, self.layout.rule, in_place=True)
+        return requantize(merged, self.layout.weights[weight].block, fp8, scale_dtype, self.layout.rule, in_place=True, out=out)

@@ -24,7 +24,7 @@ from lora_tools.engine.staging import staging_for
 from lora_tools.errors import RequestError
 from lora_tools.io.dtypes import FLOAT_DTYPES, torch_dtype
 from lora_tools.io.safetensors_file import SafetensorsFile
-from lora_tools.io.stream_writer import SafetensorsStreamWriter, file_layout
+from lora_tools.io.stream_writer import Entry, SafetensorsStreamWriter, file_layout
 
 # Tensors loaded ahead of the one being computed, and results queued for the writer.
 # The writer waits on the disk in bursts (a shard's untouched tensors, the disk's own
@@ -61,9 +61,13 @@ class TensorStream:
         *,
         out_codes: Mapping[str, str] | None = None,
         dropped: Collection[str] = (),
+        reorder: Callable[[list[Entry]], list[Entry]] | None = None,
     ) -> None:
         """`out_codes`: the stored dtype of particular tensors (a dequantized FP8 weight),
-        before `out_code`'s rule; `dropped`: tensors left out of the output (FP8 scales)."""
+        before `out_code`'s rule; `dropped`: tensors left out of the output (FP8 scales);
+        `reorder`: the order a file's tensors are computed and written in (by default
+        the source's)."""
+        self.reorder = reorder
         self.device = device
         self.computed = computed
         self.compute = compute
@@ -81,8 +85,11 @@ class TensorStream:
             return self.out_codes[name]
         return self.out_code if self.out_code is not None and code in FLOAT_DTYPES else code
 
-    def _layout(self, src: SafetensorsFile) -> list[tuple[str, str, tuple[int, ...]]]:
-        return [(name, self._stored_code(name, code), tuple(shape)) for name, code, shape in file_layout(src) if name not in self.dropped]
+    def _layout(self, src: SafetensorsFile) -> list[Entry]:
+        entries: list[Entry] = [
+            (name, self._stored_code(name, code), tuple(shape)) for name, code, shape in file_layout(src) if name not in self.dropped
+        ]
+        return entries if self.reorder is None else self.reorder(entries)
 
     def write_files(self, files: list[tuple[SafetensorsFile, Path]]) -> None:
         """Write every (source shard, output file) pair, as one pipeline: the reader and

@@ -97,9 +97,13 @@ def _lora_tools_merge(plan: TensorPlan, w0: torch.Tensor, stored: torch.dtype) -
 
 
 def check_tensor(
-    plan: TensorPlan, w0: torch.Tensor, stored: torch.Tensor, atol: float | None, rtol: float | None, seed: int
+    plan: TensorPlan, w0: torch.Tensor, stored: torch.Tensor, atol: float | None, rtol: float | None, seed: int,
+    step: torch.Tensor | None = None,
 ) -> TensorCheck:
-    """Compare one stored adapted tensor with its float64 expectation."""
+    """Compare one stored adapted tensor with its float64 expectation. `step`: each
+    element's rounding step when `stored` holds dequantized FP8 values (float32), which
+    replaces the dtype's ulp; the forward check, whose bound is in units of the dtype's
+    epsilon, is then left to the element-wise one."""
     dtype = stored.dtype
     check = TensorCheck(plan.name, "ok", str(dtype).removeprefix("torch."))
     base64 = w0.to(torch.float64)
@@ -124,15 +128,16 @@ def check_tensor(
                 torch.empty_like(update), torch.empty_like(update)]
 
     sums = Sums()
+    step64 = None if step is None else step.to(torch.float64).reshape(-1)
     if update.numel():  # the whole tensor is one block
-        judge_rows(rows(), compute_slack(plan, expected.abs()).view(-1), dtype, sums, 0, atol, rtol)
+        judge_rows(rows(), compute_slack(plan, expected.abs()).view(-1), dtype, sums, 0, atol, rtol, step64)
     strength_allowance = fill_figures(check, sums)
     check.recipe = replayed_recipe(plan, w0, stored)
-    check.forward_rel_error = _forward_error(plan, actual, expected, base64, seed)
+    check.forward_rel_error = _forward_error(plan, actual, expected, base64, seed) if step is None else None
 
     def fits_strength() -> bool:
         slack = compute_slack(plan, expected.abs()).view(-1)
-        return fit_residual(rows(), slack, torch.empty_like(slack), check.strength or 0.0, dtype, atol, rtol) <= 1.0
+        return fit_residual(rows(), slack, torch.empty_like(slack), check.strength or 0.0, dtype, atol, rtol, step64) <= 1.0
 
     return decide(
         check, sums.update_sq, strength_allowance, dtype,
