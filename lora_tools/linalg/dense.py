@@ -163,8 +163,10 @@ def merge_rows_into(
         starts.pop()  # a 1-row block would go through gemv, whose sums differ from gemm's
     total = torch.zeros((), dtype=dtype, device=w0.device)
     for lo, hi in zip(starts, [*starts[1:], rows]):
-        acc, base = work[: hi - lo], widened[: hi - lo]
-        base.copy_(w0[lo:hi])
+        acc = work[: hi - lo]
+        # W0 already in the compute dtype (a float32 base, a dequantized FP8 weight) is
+        # only read: no widened copy of it
+        base = w0[lo:hi] if w0.dtype == dtype else widened[: hi - lo].copy_(w0[lo:hi])
         merge_block_into(acc, base, factors, lo, hi, spare[: hi - lo])
         total += acc.sum()
         out[lo:hi].copy_(acc)  # the one rounding to the stored dtype
