@@ -3,7 +3,12 @@
 A synthetic Llama checkpoint (1B shapes by default) and a PEFT adapter are generated and
 merged with lora-tools; then, in one run:
 
-  1. `python -m lora_tools verify BASE ADAPTER MERGED --json`: wall time, peak RSS, verdict;
+  1. `python -m lora_tools verify BASE ADAPTER MERGED --json` and deltalint on the same
+     healthy merge, interleaved for `--rounds` rounds (default 3; the order alternates
+     per round: lt, dl | dl, lt | ...): wall time, peak RSS, verdict of every run, and the
+     medians, with deltalint's median over lora-tools' (the speed-up). This VM's page
+     cache and cores are shared, so single runs of the same command vary by ±30 % and
+     more; only figures from the same run, interleaved, are compared;
   2. deltalint (a verifier on PyPI, `deltalint check --base B --adapter A --merged M`):
      installed with `pip install --no-deps --target WORKDIR/deltalint-pkgs deltalint`
      (its only dependencies, torch and safetensors, are taken from this interpreter; a
@@ -24,7 +29,7 @@ merged with lora-tools; then, in one run:
 
 Before each timed run the base and the checked checkpoint are read once (warm cache).
 
-    PYTHONPATH=. python3 benchmarks/bench_verify.py [--shape 1b|8b|tiny] [--json-out F]
+    PYTHONPATH=. python3 benchmarks/bench_verify.py [--shape 1b|8b|tiny] [--rounds 3] [--json-out F]
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import textwrap
@@ -61,6 +67,7 @@ def install_deltalint(work: Path, wheel: Path | None) -> tuple[Path | None, str]
             return None, f"its dependency {module} is not importable here"
     source = str(wheel) if wheel else "deltalint"
     cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps",
+           *(["--no-index"] if wheel else []),  # a wheel on disk: never the network (offline machines)
            "--target", str(target), source]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -215,6 +222,30 @@ def corruption_cases(base: Path, adapter: Path, spec: synthetic.LlamaShape, scal
     return cases
 
 
+def summarize(lt_runs: list[dict[str, Any]], dl_runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians of the rounds, the speed-up (deltalint's median over lora-tools'), each
+    round's ratio, and the largest peak memory of any round."""
+    def peak(runs: list[dict[str, Any]], key: str) -> float | None:
+        values = [r[key] for r in runs if r.get(key) is not None]
+        return max(values) if values else None
+
+    out: dict[str, Any] = {
+        "rounds": len(lt_runs),
+        "lt_walls": [round(r["wall_s"], 2) for r in lt_runs],
+        "lt_median_s": statistics.median(r["wall_s"] for r in lt_runs),
+        "lt_peak_mb": peak(lt_runs, "peak_mb"), "lt_peak_anon_mb": peak(lt_runs, "peak_anon_mb"),
+    }
+    if dl_runs:
+        out.update({
+            "dl_walls": [round(r["wall_s"], 2) for r in dl_runs],
+            "dl_median_s": statistics.median(r["wall_s"] for r in dl_runs),
+            "dl_peak_mb": peak(dl_runs, "peak_mb"), "dl_peak_anon_mb": peak(dl_runs, "peak_anon_mb"),
+            "round_ratios": [d["wall_s"] / l["wall_s"] for l, d in zip(lt_runs, dl_runs)],  # noqa: E741
+        })
+        out["speedup"] = out["dl_median_s"] / out["lt_median_s"]
+    return out
+
+
 def caught_names(expect: list[str], flagged: list[str]) -> bool:
     """Every expected tensor/module is named by a flagged line ("<name>: <verdict>...")."""
     return all(any(item.split(":", 1)[0].strip() == name for item in flagged) for name in expect)
@@ -236,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated subset of: not_applied,half,too_strong_5pct,sign_flip,swapped,"
                              "unadapted_element")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds before one tool run is killed")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="interleaved rounds of both tools on the healthy merge; medians are reported")
     args = parser.parse_args(argv)
     spec = synthetic.get_shape(args.shape)
 
@@ -253,19 +286,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"merged with lora-tools in {m.wall_s:.1f} s -> {merged}")
             results["merge"] = m.as_dict()
 
-        # -- healthy merge ---------------------------------------------------------------------
-        rows = []
-        warm(base, merged)
-        lt = run_lora_tools_verify(base, adapter, merged, args.timeout)
-        results["lora_tools_healthy"] = lt
-        print(f"lora-tools verify: {lt['wall_s']:.1f} s, exit {lt['rc']} ({lt['outcome']}), "
-              f"peak RSS {bu.fmt(lt['peak_mb'])} MB; recipes {lt.get('recipes')}")
-        if lt["rc"] not in (0, 1):
-            print(textwrap.indent(lt["stderr"][-3000:], "    "))
-        rows.append(["lora-tools verify", lt["wall_s"], 1.0, lt["peak_mb"], lt["peak_anon_mb"], lt["rc"],
-                     lt["outcome"] + (f", {lt.get('n_adapted')} adapted / {lt.get('n_unadapted')} other tensors"
-                                      if lt.get("n_adapted") is not None else "")])
-
+        # -- healthy merge: both tools, interleaved rounds -------------------------------------
         pkgs: Path | None = None
         if args.skip_deltalint:
             why = "skipped (--skip-deltalint)"
@@ -273,23 +294,54 @@ def main(argv: list[str] | None = None) -> int:
             pkgs, why = install_deltalint(work, args.deltalint_wheel)
         print(f"deltalint: {why}")
         results["deltalint_setup"] = why
-        dl = None
-        if pkgs is not None:
-            warm(base, merged)
-            dl = run_deltalint(pkgs, base, adapter, merged, args.timeout)
-            results["deltalint_healthy"] = dl
-            print(f"deltalint check: {dl['wall_s']:.1f} s, exit {dl['rc']} ({dl['outcome']}), peak RSS "
-                  f"{bu.fmt(dl['peak_mb'])} MB; layers {dl.get('counts')}")
-            if dl["rc"] == 2:
-                print(textwrap.indent(dl["stderr"][-2000:], "    "))
-            rows.append(["deltalint check", dl["wall_s"], dl["wall_s"] / lt["wall_s"], dl["peak_mb"], dl["peak_anon_mb"],
-                         dl["rc"], dl["outcome"] + (f", {dl.get('n_layers')} layers" if dl.get("n_layers") else "")])
+        lt_runs: list[dict[str, Any]] = []
+        dl_runs: list[dict[str, Any]] = []
+        for round_index in range(args.rounds):
+            order = ["lt", "dl"] if round_index % 2 == 0 else ["dl", "lt"]
+            for tool in order:
+                if tool == "dl" and pkgs is None:
+                    continue
+                warm(base, merged)
+                if tool == "lt":
+                    run = run_lora_tools_verify(base, adapter, merged, args.timeout)
+                    lt_runs.append(run)
+                    print(f"round {round_index + 1}: lora-tools verify {run['wall_s']:.1f} s, exit {run['rc']} "
+                          f"({run['outcome']}), peak RSS {bu.fmt(run['peak_mb'])} MB; recipes {run.get('recipes')}")
+                    if run["rc"] not in (0, 1):
+                        print(textwrap.indent(run["stderr"][-3000:], "    "))
+                else:
+                    assert pkgs is not None
+                    run = run_deltalint(pkgs, base, adapter, merged, args.timeout)
+                    dl_runs.append(run)
+                    print(f"round {round_index + 1}: deltalint check {run['wall_s']:.1f} s, exit {run['rc']} "
+                          f"({run['outcome']}), peak RSS {bu.fmt(run['peak_mb'])} MB; layers {run.get('counts')}")
+                    if run["rc"] == 2:
+                        print(textwrap.indent(run["stderr"][-2000:], "    "))
+        lt = lt_runs[0]
+        dl = dl_runs[0] if dl_runs else None
+        summary = summarize(lt_runs, dl_runs)
+        results["lora_tools_healthy_rounds"] = lt_runs
+        results["deltalint_healthy_rounds"] = dl_runs
+        results["healthy_summary"] = summary
+        results["lora_tools_healthy"], results["deltalint_healthy"] = lt, dl
+        rows = [["lora-tools verify", summary["lt_median_s"], summary["lt_walls"], 1.0, summary["lt_peak_mb"],
+                 summary["lt_peak_anon_mb"], sorted({r["rc"] for r in lt_runs}),
+                 lt["outcome"] + (f", {lt.get('n_adapted')} adapted / {lt.get('n_unadapted')} other tensors"
+                                  if lt.get("n_adapted") is not None else "")]]
+        if dl is not None:
+            rows.append(["deltalint check", summary["dl_median_s"], summary["dl_walls"], summary["speedup"],
+                         summary["dl_peak_mb"], summary["dl_peak_anon_mb"], sorted({r["rc"] for r in dl_runs}),
+                         dl["outcome"] + (f", {dl.get('n_layers')} layers" if dl.get("n_layers") else "")])
         else:
-            rows.append(["deltalint check", None, None, None, None, None, why])
+            rows.append(["deltalint check", None, None, None, None, None, None, why])
         print()
-        print(bu.table(["tool", "wall s", "× lora-tools", "peak RSS MB", "peak anon MB", "exit", "verdict"], rows,
+        print(bu.table(["tool", "median wall s", "rounds s", "× lora-tools", "peak RSS MB (max)", "peak anon MB (max)",
+                        "exit", "verdict"], rows,
                        title=f"verify a healthy merge: {spec.name} shapes, {adapter_info['n_modules']} adapted modules, "
-                             f"adapter {args.adapter_dtype}"))
+                             f"adapter {args.adapter_dtype}, {args.rounds} interleaved rounds"))
+        if summary.get("speedup") is not None:
+            print(f"\ndeltalint median / lora-tools median: {summary['speedup']:.2f}× "
+                  f"(per round: {', '.join(f'{r:.2f}' for r in summary['round_ratios'])})")
 
         # -- detection -------------------------------------------------------------------------
         if not args.skip_detection:

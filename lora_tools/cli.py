@@ -183,11 +183,11 @@ def _warn_lost_updates(result: Any) -> None:
 
 def _run_verify(
     base: str, adapters: list[str], merged: str, weights: list[float], alpha: float | None,
-    atol: float | None, rtol: float | None, as_json: bool, show_all: bool = False,
+    atol: float | None, rtol: float | None, as_json: bool, show_all: bool = False, device: str = "cpu",
 ) -> None:
     from lora_tools.verify.operation import verify
 
-    report = verify(base, list(adapters), merged, weights=weights or None, atol=atol, rtol=rtol, alpha=alpha)
+    report = verify(base, list(adapters), merged, weights=weights or None, atol=atol, rtol=rtol, alpha=alpha, device=device)
     _show(report, "verify", as_json, show_all=show_all)
     if not report.equivalent:
         sys.exit(1)
@@ -201,9 +201,10 @@ def _run_verify(
 @click.option("--alpha", type=float, default=None, help="Override every layer's alpha, as given to merge.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 @click.option("--all", "show_all", is_flag=True, help="Show every tensor, not only failures, for long models.")
+@click.option("--device", default="cpu", show_default=True, help="Where adapted tensors are judged: cpu, auto, cuda or cuda:N.")
 def verify_command(
     paths: tuple[str, ...], weights: tuple[float, ...], atol: float | None, rtol: float | None,
-    alpha: float | None, as_json: bool, show_all: bool,
+    alpha: float | None, as_json: bool, show_all: bool, device: str,
 ) -> None:
     """Check that MERGED equals BASE + Σ wᵢ·ΔWᵢ: BASE ADAPTER [ADAPTER ...] MERGED.
 
@@ -215,7 +216,7 @@ def verify_command(
     """
     if len(paths) < 3:
         raise RequestError(None, "verify needs BASE, at least one ADAPTER, and MERGED")
-    _run_verify(paths[0], list(paths[1:-1]), paths[-1], list(weights), alpha, atol, rtol, as_json, show_all)
+    _run_verify(paths[0], list(paths[1:-1]), paths[-1], list(weights), alpha, atol, rtol, as_json, show_all, device)
 
 
 @cli.command("blend")

@@ -1,12 +1,10 @@
 """verify's streaming side: tensors read by row blocks into reused buffers.
 
-Why not `SafetensorsFile.torch`: it allocates a fresh buffer per tensor, and on this
-kind of VM the page faults of fresh allocations cost more than reading the bytes.
-`BlockReader` reads row ranges (`SafetensorsFile.read_into`, positional reads) into
-buffers that live for the whole verify, so a 1B verify touches a few
-MiB of memory instead of gigabytes, and each block arrives in cache right before its
-passes. `check_plain_tensor` drives `block_math` over the blocks and hands the figures
-to the verdict shared with the whole-tensor check (`tensor_check.decide`).
+`check_plain_tensor` deals a plain LoRA tensor's row blocks out to the workers
+(`workers.BlockWorkers`, each with its own `reader.BlockReader` and `block_math.Workspace`),
+folds their sums together and hands the figures to the verdict shared with the
+whole-tensor check (`tensor_check.decide`). `bytes_equal` and `converted_equal` compare
+the other tensors in chunks, in the same reused buffers.
 """
 
 from __future__ import annotations
@@ -16,6 +14,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from lora_tools.engine.plan import TensorPlan, is_plain
+from lora_tools.engine.staging import CudaStaging
 from lora_tools.engine.stream import all_finite, first_new_non_finite, may_overflow
 from lora_tools.io.dtypes import FLOAT_DTYPES, torch_dtype
 from lora_tools.io.safetensors_file import SafetensorsFile, TensorInfo
@@ -25,6 +24,7 @@ from lora_tools.verify.block_math import (
     Workspace,
     fits_block,
     judge_block,
+    judge_block_bounded,
     max_block_rows,
     prepare_factors,
     replay_peft_block,
@@ -32,47 +32,29 @@ from lora_tools.verify.block_math import (
 )
 from lora_tools.verify.figures import (
     FORWARD_BATCH,
+    K_SIGMAS,
     RECIPE_FP32_ROUND_ONCE,
     Sums,
     TensorCheck,
     fill_figures,
     forward_error,
     peft_recipes,
+    slack_shift_bound,
     worst_index,
 )
+from lora_tools.verify.reader import BlockReader, same_bytes
 from lora_tools.verify.tensor_check import decide
+from lora_tools.verify.workers import BlockWorkers, Worker, single_threaded_torch
+
+__all__ = ["BlockReader", "BlockWorkers", "bytes_equal", "check_plain_tensor", "converted_equal", "device_staging"]
 
 Blocks = Callable[[], Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]]  # (lo, hi, W0 rows, stored rows)
 
 # Raw comparisons of unadapted tensors go this many bytes at a time.
 COMPARE_CHUNK = 4 * 1024 * 1024
-
-
-class BlockReader:
-    """Reads into byte buffers reused across tensors, one per slot."""
-
-    def __init__(self) -> None:
-        self._buffers: dict[int, tuple[torch.Tensor, memoryview]] = {}
-
-    def _buffer(self, slot: int, nbytes: int) -> tuple[torch.Tensor, memoryview]:
-        held = self._buffers.get(slot)
-        if held is None or held[0].numel() < nbytes:
-            raw = torch.empty(max(nbytes, 1), dtype=torch.uint8)
-            held = (raw, raw.numpy().data)
-            self._buffers[slot] = held
-        return held
-
-    def read(self, shard: SafetensorsFile, info: TensorInfo, first: int, nbytes: int, slot: int) -> torch.Tensor:
-        """Bytes [first, first + nbytes) of the tensor's data, as a uint8 view of slot's buffer."""
-        raw, view = self._buffer(slot, nbytes)
-        shard.read_into(info.name, view[:nbytes], offset=first)
-        return raw[:nbytes]
-
-    def rows(self, shard: SafetensorsFile, info: TensorInfo, lo: int, hi: int, width: int, slot: int) -> torch.Tensor:
-        """Rows [lo, hi) of a tensor of `width` elements per row, flat, in its stored dtype."""
-        itemsize = torch_dtype(info.dtype).itemsize
-        raw = self.read(shard, info, lo * width * itemsize, (hi - lo) * width * itemsize, slot)
-        return raw.view(torch_dtype(info.dtype))
+# Stored dtypes whose default tolerance is judged with the slack only where it can
+# matter (`block_math.judge_block_bounded`): their ulp dwarfs float32's slack.
+BOUNDED_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def bytes_equal(reader: BlockReader, a: SafetensorsFile, b: SafetensorsFile, name: str) -> bool:
@@ -82,7 +64,7 @@ def bytes_equal(reader: BlockReader, a: SafetensorsFile, b: SafetensorsFile, nam
         return False
     for first in range(0, ia.nbytes, COMPARE_CHUNK):
         size = min(COMPARE_CHUNK, ia.nbytes - first)
-        if not torch.equal(reader.read(a, ia, first, size, 0), reader.read(b, ib, first, size, 1)):
+        if not same_bytes(reader.read(a, ia, first, size, 0), reader.read(b, ib, first, size, 1)):
             return False
     return True
 
@@ -107,50 +89,154 @@ def converted_equal(reader: BlockReader, a: SafetensorsFile, b: SafetensorsFile,
     return True
 
 
+def device_staging(device: torch.device) -> CudaStaging | None:
+    """How a GPU verify moves tensors: merge's pinned chunks (`engine.staging`). None on
+    the CPU, where the workers read row blocks themselves."""
+    return CudaStaging(device) if device.type == "cuda" else None
+
+
 def check_plain_tensor(
-    plan: TensorPlan, base: SafetensorsFile, merged: SafetensorsFile, reader: BlockReader, ws: Workspace,
-    atol: float | None, rtol: float | None, seed: int,
+    plan: TensorPlan, base: SafetensorsFile, merged: SafetensorsFile, workers: BlockWorkers,
+    atol: float | None, rtol: float | None, seed: int, *, bounded: bool = True, staging: CudaStaging | None = None,
 ) -> TensorCheck | None:
     """The row-block check of one plain LoRA tensor, or None where it does not apply
     (not plain, another dtype, a NaN or an Inf anywhere): the caller then runs the
-    whole-tensor check, whose messages and errors are the reference."""
+    whole-tensor check, whose messages and errors are the reference.
+
+    bounded=False judges every block with `judge_block`, the slack of every element
+    computed (the reference the bounded path must equal; tests call it). torch runs on
+    one thread throughout: the blocks are spread over the workers, and the per-tensor
+    extras (factors, the forward check's small products) are too small to split (on a
+    busy 2-core machine a split 8×n by n×16 product waited ~15 ms for the other core).
+
+    staging (a GPU verify, `device_staging`): W0 and MERGED are moved whole to its
+    device through merge's pinned chunks and judged there as one block, the shape of
+    merge's own GPU products, so that merge's GPU recipe replays bit for bit."""
+    if staging is not None:
+        return _check_on_device(plan, base, merged, staging, atol, rtol, seed, bounded)
+    with single_threaded_torch():
+        return _check_plain_tensor(plan, base, merged, workers, atol, rtol, seed, bounded)
+
+
+def _check_plain_tensor(
+    plan: TensorPlan, base: SafetensorsFile, merged: SafetensorsFile, workers: BlockWorkers,
+    atol: float | None, rtol: float | None, seed: int, bounded: bool,
+) -> TensorCheck | None:
     info_base, info_merged = base.info(plan.name), merged.info(plan.name)
-    dtypes = (torch_dtype(info_base.dtype), torch_dtype(info_merged.dtype))
-    shape = info_merged.shape
-    if not is_plain(plan) or any(d not in FAST_DTYPES for d in dtypes) or len(shape) < 2 or not info_merged.numel:
+    if not _applies(plan, info_base, info_merged):
         return None
-    rows, width = shape[0], info_merged.numel // shape[0]
-    ws.reserve((max_block_rows(rows, width)) * width)
+    rows, width = info_merged.shape[0], info_merged.numel // info_merged.shape[0]
+    workers.reserve(max_block_rows(rows, width) * width)
     factors = prepare_factors(plan.layers, width, seed)
-    sums = Sums()
-    forward_merged = torch.empty((FORWARD_BATCH, rows), dtype=torch.float64)
-    forward_base = torch.empty((FORWARD_BATCH, rows), dtype=torch.float64)
+    forward = [torch.empty((FORWARD_BATCH, rows), dtype=torch.float64) for _ in range(2)]  # x·MERGEDᵀ, x·W0ᵀ
+    blocks = row_blocks(rows, width)
 
-    def blocks() -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
-        for lo, hi in row_blocks(rows, width):
-            yield lo, hi, reader.rows(base, info_base, lo, hi, width, 0), reader.rows(merged, info_merged, lo, hi, width, 1)
+    def judge_all(judge_bounded: bool) -> Sums:
+        parts = [Sums() for _ in workers.workers]
 
-    for lo, hi, w0, stored in blocks():
-        judge_block(ws, factors, lo, hi, w0, stored, sums, forward_merged, forward_base, atol, rtol)
-        if not sums.finite:
-            return None
-    dtype = dtypes[1]
+        def job(worker: Worker, lo: int, hi: int) -> bool:
+            sums = parts[worker.index]
+            w0 = worker.reader.rows(base, info_base, lo, hi, width, 0)
+            stored = worker.reader.rows(merged, info_merged, lo, hi, width, 1)
+            if judge_bounded:
+                judge_block_bounded(worker.workspace, factors, lo, hi, w0, stored, sums, forward[0], forward[1])
+            else:
+                judge_block(worker.workspace, factors, lo, hi, w0, stored, sums, forward[0], forward[1], atol, rtol)
+            return sums.finite
+
+        workers.run(blocks, job)
+        total = parts[0]
+        for part in parts[1:]:
+            total.add(part)
+        return total
+
+    first = workers.workers[0]
+
+    def sequential() -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
+        for lo, hi in blocks:
+            yield lo, hi, first.reader.rows(base, info_base, lo, hi, width, 0), first.reader.rows(merged, info_merged, lo, hi, width, 1)
+
+    return _judged(plan, info_base, info_merged, factors, judge_all, sequential, first.workspace, forward, atol, rtol, bounded)
+
+
+def _check_on_device(
+    plan: TensorPlan, base: SafetensorsFile, merged: SafetensorsFile, staging: CudaStaging,
+    atol: float | None, rtol: float | None, seed: int, bounded: bool,
+) -> TensorCheck | None:
+    """`check_plain_tensor` on the staging's device: the whole tensor is one block, in
+    buffers made for it (they go with it: a GPU holds them easily, the host holds none)."""
+    info_base, info_merged = base.info(plan.name), merged.info(plan.name)
+    if not _applies(plan, info_base, info_merged):
+        return None
+    device = staging.device
+    rows, width = info_merged.shape[0], info_merged.numel // info_merged.shape[0]
+    w0 = staging.load(base, plan.name).reshape(-1)
+    stored = staging.load(merged, plan.name).reshape(-1)
+    workspace = Workspace(device=device)
+    workspace.reserve(rows * width)
+    factors = prepare_factors(plan.layers, width, seed, device)
+    forward = [torch.empty((FORWARD_BATCH, rows), dtype=torch.float64, device=device) for _ in range(2)]
+
+    def judge(judge_bounded: bool) -> Sums:
+        sums = Sums()
+        if judge_bounded:
+            judge_block_bounded(workspace, factors, 0, rows, w0, stored, sums, forward[0], forward[1])
+        else:
+            judge_block(workspace, factors, 0, rows, w0, stored, sums, forward[0], forward[1], atol, rtol)
+        return sums
+
+    def whole() -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
+        yield 0, rows, w0, stored
+
+    return _judged(plan, info_base, info_merged, factors, judge, whole, workspace, forward, atol, rtol, bounded)
+
+
+def _applies(plan: TensorPlan, info_base: TensorInfo, info_merged: TensorInfo) -> bool:
+    """Plain LoRA, both dtypes bf16/fp16/fp32, a matrix (or more) with elements."""
+    dtypes = (torch_dtype(info_base.dtype), torch_dtype(info_merged.dtype))
+    return (
+        is_plain(plan) and all(d in FAST_DTYPES for d in dtypes) and len(info_merged.shape) >= 2 and info_merged.numel > 0
+    )
+
+
+def _judged(
+    plan: TensorPlan, info_base: TensorInfo, info_merged: TensorInfo, factors: Factors,
+    judge_all: Callable[[bool], Sums], blocks: Blocks, workspace: Workspace, forward: list[torch.Tensor],
+    atol: float | None, rtol: float | None, bounded: bool,
+) -> TensorCheck | None:
+    """The figures and the verdict of a plain tensor from its blocks, however they were
+    dealt (workers on the CPU, one block on a device). judge_all(bounded) judges every
+    block and folds the sums; blocks() gives them again, in order, for the passes only
+    a failing tensor needs (PEFT's recipes, the strength fit); forward: x·MERGEDᵀ, x·W0ᵀ
+    as the blocks filled them in."""
+    base_dtype, dtype = torch_dtype(info_base.dtype), torch_dtype(info_merged.dtype)
+    bounded = bounded and atol is None and rtol is None and dtype in BOUNDED_DTYPES
+    sums = judge_all(bounded)
+    if not sums.finite:
+        return None
     check = TensorCheck(plan.name, "ok", str(dtype).removeprefix("torch."))
     allowance = fill_figures(check, sums)
-    check.recipe = _recipe(sums, factors, ws, blocks, dtypes[0])
-    check.forward_rel_error = forward_error(factors.x, factors.layers, forward_merged, forward_base)
+    if bounded and check.strength_spread is not None and (
+        slack_shift_bound(factors.slack, sums.update_sq, info_merged.numel) >= K_SIGMAS * check.strength_spread
+    ):  # the slack might set the strength allowance: take it exactly, every element's
+        sums = judge_all(False)
+        check = TensorCheck(plan.name, "ok", str(dtype).removeprefix("torch."))
+        allowance = fill_figures(check, sums)
+    check.recipe = _recipe(sums, factors, workspace, blocks, base_dtype)
+    forward_merged, forward_base = (t.cpu() for t in forward)
+    check.forward_rel_error = forward_error(factors.x.cpu(), factors.layers, forward_merged, forward_base)
 
     def fits_strength() -> bool:
         assert check.strength is not None
         return all(
-            fits_block(ws, factors, lo, hi, w0, stored, check.strength, atol, rtol) <= 1.0
+            fits_block(workspace, factors, lo, hi, w0, stored, check.strength, atol, rtol) <= 1.0
             for lo, hi, w0, stored in blocks()
         )
 
     return decide(
         check, sums.update_sq, allowance, dtype,
         stored_is_base=lambda: sums.stored_is_base, expected_rounds_to_base=lambda: sums.expected_rounds_to_base,
-        fits_strength=fits_strength, worst_at=lambda: worst_index(sums, shape),
+        fits_strength=fits_strength, worst_at=lambda: worst_index(sums, info_merged.shape),
     )
 
 

@@ -22,6 +22,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from lora_tools.engine.binding import LayerTarget
@@ -42,6 +43,10 @@ _EXPONENT_BITS = 0x7FF0000000000000
 _FLOAT32_ROUND_UP = 1 << 28
 _TINY64 = torch.finfo(torch.float64).tiny
 _BIT_TRICK_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# bits of each dtype's smallest normal as a float64 (a power of two)
+_TINY_BITS = {
+    dtype: int(torch.tensor(torch.finfo(dtype).tiny, dtype=torch.float64).view(torch.int64)) for dtype in _BIT_TRICK_DTYPES
+}
 
 
 @dataclass
@@ -99,6 +104,27 @@ def ulp_into(magnitude: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return spacing_into(magnitude, dtype).mul_(EPS[dtype])
 
 
+def spacing_of_max_into(expected: torch.Tensor, base: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`spacing_into(max(|expected|, |base|))`, in place in `expected`, in five integer
+    passes instead of six float ones (no |·|, no float maximum, nothing out of place).
+    base (overwritten) must hold float32 numbers (a widened bf16/fp16/fp32 W0); both are
+    flat float64, finite; dtype in `_BIT_TRICK_DTYPES`.
+
+    Why it is the same number bit for bit: x ↦ (bits(x) + 2²⁸) & exponent mask is
+    monotonic on x ≥ 0 (rounding to float32 is), so it commutes with max; the mask drops
+    the sign bit, which the + 2²⁸ cannot reach for a finite value, so |·| is implicit; the
+    clamp at the dtype's smallest normal (a power of two, a fixed point of the map) can
+    come last. A float32 base has zero low bits: + 2²⁸ cannot carry there, only the mask
+    is needed.
+    """
+    bits = expected.view(torch.int64).add_(_FLOAT32_ROUND_UP)
+    bits.bitwise_and_(_EXPONENT_BITS)
+    base_bits = base.view(torch.int64).bitwise_and_(_EXPONENT_BITS)
+    torch.maximum(bits, base_bits, out=bits)
+    bits.clamp_min_(_TINY_BITS[dtype])
+    return expected
+
+
 # --------------------------------------------------------------------------- slack
 
 SlackFactor = tuple[torch.Tensor, torch.Tensor, float]  # (|B| rows, |A|, 2·eps32·|w·s|), float32
@@ -127,6 +153,34 @@ def slack_into(total: torch.Tensor, spare: torch.Tensor, factors: Sequence[Slack
     return total
 
 
+def slack_shift_bound(factors: Sequence[SlackFactor], update_sq: float, count: int) -> float:
+    """An upper bound on the slack shift ⟨slack, |ΔW|⟩ / ‖ΔW‖² that `fill_figures` takes,
+    from the factors alone, so that a check whose strength allowance is decided by σ_k
+    anyway (the shift below K_SIGMAS·σ_k: any bf16 or fp16 tensor of a usual update) need
+    not compute the slack of every element.
+
+    Cauchy–Schwarz: ⟨slack, |u|⟩ ≤ ‖slack‖_F·‖u‖_F; the triangle inequality over layers;
+    and ‖|B|·|A|‖_F² = Σₖₗ (|B|ᵀ|B|)ₖₗ·(|A|·|A|ᵀ)ₖₗ, an r×r sum (O((m + n)·r²), no m×n
+    matrix). The rest are the roundings of what the blocks compute, all of them upward
+    here: `slack_into`'s float32 sums of nonnegative terms (at most (1 + u₃₂)^(r+L+2)
+    above the exact), the float64 dots over `count` elements, the division. docs/math.md
+    ("Row blocks in bf16 and fp16: the slack only where it can matter").
+    """
+    if update_sq <= 0:
+        return math.inf
+    norm = 0.0
+    for b_abs, a_abs, factor in factors:
+        gram_b = b_abs.double().T @ b_abs.double()
+        gram_a = a_abs.double() @ a_abs.double().T
+        norm += factor * math.sqrt(max(float((gram_b * gram_a).sum()), 0.0))
+    rank = max((a_abs.shape[0] for _, a_abs, _ in factors), default=0)
+    float32_sums = 1.0 + (rank + len(factors) + 2) * 2.0**-23
+    float64_sums = 1.0 + (count + rank * rank + 4) * 2.0**-51
+    if float64_sums >= 2.0:
+        return math.inf
+    return norm * float32_sums * float64_sums**2 * math.sqrt(update_sq * float64_sums) / update_sq
+
+
 # --------------------------------------------------------------------------- element-wise figures
 
 
@@ -148,10 +202,29 @@ class Sums:
     stored_is_base: bool = True
     expected_rounds_to_base: bool = True
 
+    def add(self, other: Sums) -> None:
+        """Fold in the sums of other blocks (another worker's), as if they had come in
+        this order: maxima, sums, and-ed flags; the worst element is the first of the
+        largest (lowest flat index), as one pass over all blocks in order would find it."""
+        self.max_abs_error = max(self.max_abs_error, other.max_abs_error)
+        self.max_expected = max(self.max_expected, other.max_expected)
+        if other.worst_at is not None and (
+            self.worst_at is None or (other.worst, -other.worst_at) > (self.worst, -self.worst_at)
+        ):
+            self.worst, self.worst_at = other.worst, other.worst_at
+        self.diff_dot_update += other.diff_dot_update
+        self.update_sq += other.update_sq
+        self.spread_sq += other.spread_sq
+        self.slack_dot_update += other.slack_dot_update
+        self.finite &= other.finite
+        self.fp32_round_once &= other.fp32_round_once
+        self.stored_is_base &= other.stored_is_base
+        self.expected_rounds_to_base &= other.expected_rounds_to_base
+
 
 def judge_rows(
     rows: Sequence[torch.Tensor], slack: torch.Tensor, dtype: torch.dtype, sums: Sums, offset: int,
-    atol: float | None, rtol: float | None,
+    atol: float | None, rtol: float | None, step: torch.Tensor | None = None,
 ) -> None:
     """Add one block's element-wise figures to `sums`; offset: its first flat index.
 
@@ -159,6 +232,8 @@ def judge_rows(
     update are overwritten. slack: `slack_into`'s float32 bound for these elements.
     Stops early (sums.finite False) at a NaN or an Inf. The tolerance: one ulp of the
     stored dtype (of max(|E|, |W0|)) plus float32's slack, or atol + rtol·|E| if given.
+    `step`: each element's own rounding step instead of the dtype's ulp (an FP8 value:
+    one code's step times its block's scale), in the tolerance and the spread of k.
     """
     base, update, expected, actual, magnitude, scratch = rows
     diff = actual.sub_(expected)
@@ -178,8 +253,8 @@ def judge_rows(
     if atol is not None or rtol is not None:  # before |E| becomes the ulp
         tolerance = torch.mul(magnitude, rtol or 0.0, out=expected).add_(atol or 0.0).clamp_min_(_TINY64)
     torch.maximum(magnitude, torch.abs(base, out=actual), out=magnitude)
-    eps = EPS[dtype]
-    spacing = spacing_into(magnitude, dtype)  # the ulp is eps × this
+    eps = EPS[dtype] if step is None else 1.0
+    spacing = spacing_into(magnitude, dtype) if step is None else magnitude.copy_(step)  # the ulp is eps × this
     # rounding to the stored dtype: variance ulp²/12 per element
     spread = torch.mul(update, spacing, out=actual)
     sums.spread_sq += float(torch.dot(spread, spread)) * (eps * eps)
@@ -191,7 +266,15 @@ def judge_rows(
     block_worst = float(torch.amax(worst))
     if block_worst > sums.worst or sums.worst_at is None:
         sums.worst = block_worst
-        sums.worst_at = offset + int(worst.argmax())
+        sums.worst_at = offset + first_argmax(worst)
+
+
+def first_argmax(values: torch.Tensor) -> int:
+    """Index of the first largest element of a flat finite tensor, as torch.argmax gives
+    it; through numpy on the CPU, whose argmax is ~10× faster than torch's here."""
+    if values.device.type == "cpu":
+        return int(np.argmax(values.numpy()))
+    return int(values.argmax())
 
 
 def fill_figures(check: TensorCheck, sums: Sums) -> float:
@@ -212,7 +295,7 @@ def fill_figures(check: TensorCheck, sums: Sums) -> float:
 
 def fit_residual(
     rows: Sequence[torch.Tensor], slack: torch.Tensor, work32: torch.Tensor, strength: float, dtype: torch.dtype,
-    atol: float | None, rtol: float | None,
+    atol: float | None, rtol: float | None, step: torch.Tensor | None = None,
 ) -> float:
     """Worst |MERGED − (W0 + k·ΔW)| over its tolerance in these elements: ≤ 1 means the
     update was applied at the wrong strength (half, double, sign flipped, the wrong
@@ -229,7 +312,8 @@ def fit_residual(
         torch.maximum(torch.abs(fitted, out=magnitude), torch.abs(actual, out=expected), out=magnitude)
         torch.maximum(magnitude, torch.abs(base, out=expected), out=magnitude)
         scaled = slack.mul_(max(1.0, abs(strength)))
-        tolerance = magnitude.copy_(work32.copy_(ulp_into(magnitude, dtype)).add_(scaled))
+        ulp = ulp_into(magnitude, dtype) if step is None else step  # `step`: as judge_rows'
+        tolerance = magnitude.copy_(work32.copy_(ulp).add_(scaled))
     else:
         tolerance = torch.abs(expected, out=magnitude).mul_(rtol or 0.0).add_(atol or 0.0)
     tolerance.clamp_min_(_TINY64)

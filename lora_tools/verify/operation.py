@@ -26,11 +26,15 @@ import torch
 
 from lora_tools.engine.placement import factors_on
 from lora_tools.engine.plan import TensorPlan, make_plan
+from lora_tools.engine.staging import CudaStaging
 from lora_tools.errors import FormatError
 from lora_tools.io.checkpoint import BaseCheckpoint
-from lora_tools.verify.block_math import Workspace
-from lora_tools.verify.blocks import BlockReader, bytes_equal, check_plain_tensor, converted_equal
+from lora_tools.linalg.device import resolve_device
+from lora_tools.verify import blocks
+from lora_tools.verify.blocks import bytes_equal, check_plain_tensor, converted_equal
+from lora_tools.verify.fp8_tensors import check_adapted_fp8, check_aux, involves_fp8, unadapted_fp8_identical
 from lora_tools.verify.tensor_check import K_SIGMAS, TensorCheck, check_tensor
+from lora_tools.verify.workers import BlockWorkers
 
 __all__ = ["K_SIGMAS", "TensorCheck", "VerifyReport", "check_tensor", "verify"]
 
@@ -79,14 +83,6 @@ def _finite_or_none(value: Any) -> Any:
     return value
 
 
-@dataclass
-class _Streams:
-    """Buffers one verify reuses for every tensor: raw reads and the block arithmetic."""
-
-    reader: BlockReader = field(default_factory=BlockReader)
-    workspace: Workspace = field(default_factory=Workspace)
-
-
 def verify(
     base_path: str | os.PathLike[str],
     adapter_paths: list[str | os.PathLike[str]],
@@ -97,8 +93,17 @@ def verify(
     rtol: float | None = None,
     alpha: float | None = None,
     seed: int = 0,
+    workers: int | None = None,
+    device: str = "cpu",
 ) -> VerifyReport:
-    """Check `merged_path` against BASE + Σ wᵢ·ΔWᵢ; see the module docstring."""
+    """Check `merged_path` against BASE + Σ wᵢ·ΔWᵢ; see the module docstring.
+
+    workers: threads for the row blocks (default: one per core, at most
+    `workers.MAX_WORKERS`); the report does not depend on it.
+    device: where plain LoRA tensors are judged ("cpu", "auto", "cuda", "cuda:N"): on a
+    GPU through merge's staging, each tensor whole, replaying merge's GPU arithmetic; the
+    other tensors are compared and checked on the host either way."""
+    staging = blocks.device_staging(resolve_device(device))
     # factors as stored (bf16 at half the size of float32), widened per use like merge's
     plan = make_plan(base_path, adapter_paths, weights, alpha=alpha, place=factors_on(torch.device("cpu")))
     try:
@@ -110,15 +115,20 @@ def verify(
                 atol=atol, rtol=rtol,
             )
             base_names = plan.base.tensor_names()
+            adapted = set(plan.tensors)
             extra = sorted(set(merged.tensor_names()) - set(base_names))
             report.layout_problems += [f"tensor {n!r} is not in the base" for n in extra[:20]]
-            streams = _Streams()
-            for index, name in enumerate(base_names):
-                for upcoming in base_names[index : index + 2]:  # this tensor and the next: read ahead
-                    for checkpoint in (plan.base, merged):
-                        if upcoming in checkpoint.weight_map:
-                            checkpoint.shard_of(upcoming).will_need(upcoming)
-                _check_one(plan.tensors.get(name), name, plan.base, merged, report, atol, rtol, seed + index, streams)
+            pool = BlockWorkers(workers)
+            try:
+                for index, name in enumerate(base_names):
+                    for upcoming in base_names[index : index + 2]:  # this tensor and the next: read ahead
+                        for checkpoint in (plan.base, merged):
+                            if upcoming in checkpoint.weight_map:
+                                checkpoint.shard_of(upcoming).will_need(upcoming)
+                    _check_one(plan.tensors.get(name), name, plan.base, merged, report, atol, rtol, seed + index, pool,
+                               adapted, staging)
+            finally:
+                pool.close()
     finally:
         plan.close()
     report.equivalent = report.n_failed == 0 and not report.changed_unadapted and not report.layout_problems
@@ -127,8 +137,11 @@ def verify(
 
 def _check_one(
     plan: TensorPlan | None, name: str, base: BaseCheckpoint, merged: BaseCheckpoint,
-    report: VerifyReport, atol: float | None, rtol: float | None, seed: int, streams: _Streams,
+    report: VerifyReport, atol: float | None, rtol: float | None, seed: int, pool: BlockWorkers,
+    adapted: set[str], staging: CudaStaging | None = None,
 ) -> None:
+    if involves_fp8(name, base, merged) and _check_fp8(plan, name, base, merged, report, atol, rtol, seed, adapted):
+        return
     if not merged.has(name):
         if plan is not None:
             report.n_adapted += 1
@@ -150,16 +163,17 @@ def _check_one(
     if plan is None:
         report.n_unadapted += 1
         base_shard, merged_shard = base.shard_of(name), merged.shard_of(name)
-        if bytes_equal(streams.reader, base_shard, merged_shard, name):
+        reader = pool.workers[0].reader
+        if bytes_equal(reader, base_shard, merged_shard, name):
             report.n_unadapted_identical += 1
-        elif converted_equal(streams.reader, base_shard, merged_shard, name):  # merge --dtype: the base rounded once
+        elif converted_equal(reader, base_shard, merged_shard, name):  # merge --dtype: the base rounded once
             report.n_unadapted_identical += 1
             report.n_unadapted_converted += 1
         else:
             report.changed_unadapted.append(name)
         return
     report.n_adapted += 1
-    fast = check_plain_tensor(plan, base.shard_of(name), merged.shard_of(name), streams.reader, streams.workspace, atol, rtol, seed)
+    fast = check_plain_tensor(plan, base.shard_of(name), merged.shard_of(name), pool, atol, rtol, seed, staging=staging)
     if fast is not None:
         report.tensors.append(fast)
         return
@@ -168,3 +182,30 @@ def _check_one(
     if not bool(torch.isfinite(w0.sum(dtype=torch.float64))):  # no expectation can be computed from it
         raise FormatError(base.shard_of(name).path, f"tensor {name!r} contains NaN or Inf")
     report.tensors.append(check_tensor(plan, w0, merged.torch(name), atol, rtol, seed))
+
+
+def _check_fp8(
+    plan: TensorPlan | None, name: str, base: BaseCheckpoint, merged: BaseCheckpoint,
+    report: VerifyReport, atol: float | None, rtol: float | None, seed: int, adapted: set[str],
+) -> bool:
+    """`verify.fp8_tensors`' rules for an FP8 weight or a scale; False leaves the tensor
+    to the ordinary checks (missing, misshaped, or a scale to compare byte for byte)."""
+    if base.fp8 is not None and name in base.fp8.aux:
+        action, problem = check_aux(name, adapted, base, merged)
+        if problem is not None:
+            report.layout_problems.append(problem)
+        return action != "compare"
+    if not merged.has(name) or base.info(name).shape != merged.info(name).shape or not base.is_fp8_weight(name) and not merged.is_fp8_weight(name):
+        return False
+    if plan is None:
+        report.n_unadapted += 1
+        identical, converted = unadapted_fp8_identical(name, base, merged)
+        if identical:
+            report.n_unadapted_identical += 1
+            report.n_unadapted_converted += converted
+        else:
+            report.changed_unadapted.append(name)
+        return True
+    report.n_adapted += 1
+    report.tensors.append(check_adapted_fp8(plan, base, merged, atol, rtol, seed))
+    return True
