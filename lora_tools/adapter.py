@@ -63,6 +63,7 @@ class LoraLayer:
     magnitude_eps: float = 0.0  # added to DoRA's norm: LyCORIS adds float32's eps, PEFT nothing
     stored_params: int | None = None  # the file's own count when a and b are built from other tensors (LoHa, LoKr)
     kron_sides: Any = None  # LoKr: ((U₁, V₁), (U₂, V₂)) with B·A = kron(U₁V₁, U₂V₂), for σ without forming B·A
+    hadamard_sides: Any = None  # LoHa: ((U₁, V₁), (U₂, V₂)) with B·A = (U₁V₁)∘(U₂V₂), for σ without forming B·A
 
     @property
     def rank(self) -> int:

@@ -147,6 +147,9 @@ def layer_report(layer: LoraLayer) -> LayerReport:
     if layer.kron_sides is not None:  # LoKr: σ(W₁⊗W₂) = σ(W₁)·σ(W₂), no product formed
         side1, side2 = layer.kron_sides
         sv = factored.kron_singular_values(side1, side2, scale)
+    elif layer.hadamard_sides is not None:  # LoHa: BᵀB and AAᵀ from r×r pair products, B and A formed only if ill-conditioned
+        side1, side2 = layer.hadamard_sides
+        sv = factored.hadamard_singular_values(side1, side2, layer.b, layer.a, scale)
     else:
         sv = factored.singular_values(np.asarray(layer.b_matrix), np.asarray(layer.a_matrix), scale)
     name = layer.name

@@ -409,3 +409,116 @@ def test_spectrum_metrics_match_their_definitions(update, fraction):
     p = sv[sv > 0] / sv.sum()
     assert sp.effective_rank(sv) == pytest.approx(math.exp(-np.sum(p * np.log(p))))
     assert 1.0 - 1e-12 <= sp.effective_rank(sv) <= nonzero + 1e-9
+
+
+# --- LoHa: scale·(U₁V₁)∘(U₂V₂) from its factors, never from B and A where it can --------
+
+# "same_u": U₂ = U₁, so B = U₁⊙ᵣU₁ has equal columns (i,j) and (j,i) and a singular Gram
+# matrix (the Householder fallback); "low_rank_u": U₁ of rank 1; "zero_v": ΔW = 0.
+LOHA_KINDS = ("random", "same_u", "low_rank_u", "zero_v")
+
+
+def make_loha(seed: int, m: int, n: int, r1: int, r2: int, dtype, kind: str):
+    """Seeded (U₁ (m, r₁), V₁ (r₁, n), U₂ (m, r₂), V₂ (r₂, n)) in `dtype`, made degenerate as `kind` says."""
+    rng = np.random.default_rng(seed)
+    u1 = rng.standard_normal((m, r1)) * 10.0 ** rng.uniform(-1, 1)
+    v1 = rng.standard_normal((r1, n))
+    u2 = u1.copy() if kind == "same_u" else rng.standard_normal((m, r2))
+    v2 = rng.standard_normal((u2.shape[1], n)) * 10.0 ** rng.uniform(-1, 1)
+    if kind == "low_rank_u":
+        u1 = u1[:, :1] @ rng.standard_normal((1, r1))
+    elif kind == "zero_v":
+        v2[:] = 0.0
+    return tuple(x.astype(dtype) for x in (u1, v1, u2, v2))
+
+
+def khatri_rao(u1, v1, u2, v2) -> tuple[np.ndarray, np.ndarray]:
+    """B = U₁⊙ᵣU₂ (m, r₁r₂) and A = V₁⊙꜀V₂ (r₁r₂, n), formed by their definition in float64:
+    B[o, (i,j)] = U₁[o,i]·U₂[o,j], A[(i,j), c] = V₁[i,c]·V₂[j,c], so B·A = (U₁V₁)∘(U₂V₂)."""
+    u1, v1, u2, v2 = (x.astype(np.float64) for x in (u1, v1, u2, v2))
+    b = np.einsum("oi,oj->oij", u1, u2).reshape(u1.shape[0], -1)
+    a = np.einsum("ic,jc->ijc", v1, v2).reshape(-1, v1.shape[1])
+    return b, a
+
+
+def loha_dense(u1, v1, u2, v2, scale=1.0) -> np.ndarray:
+    """The reference: scale·(U₁V₁)∘(U₂V₂), LyCORIS' ΔW, formed densely in float64."""
+    return scale * dense(u1, v1) * dense(u2, v2)
+
+
+@st.composite
+def loha_updates(draw):
+    m = draw(st.integers(1, 50))
+    n = draw(st.integers(1, 50))
+    r1 = draw(st.integers(1, 5))
+    r2 = draw(st.integers(1, 5))
+    dtype = draw(st.sampled_from(DTYPES))
+    kind = draw(st.sampled_from(LOHA_KINDS))
+    seed = draw(st.integers(0, 2**32 - 1))
+    return (*make_loha(seed, m, n, r1, r2, dtype, kind), draw(scales()))
+
+
+@PROPERTY
+@given(loha_updates())
+def test_hadamard_singular_values_match_dense(update):
+    u1, v1, u2, v2, scale = update
+    ref = dense_sv(loha_dense(u1, v1, u2, v2, scale))
+    b, a = khatri_rao(u1, v1, u2, v2)
+    s = lr.hadamard_singular_values((u1, v1), (u2, v2), b, a, scale)
+    r = u1.shape[1] * u2.shape[1]
+    assert s.shape == (r,) and s.dtype == np.float64
+    assert np.all(s >= 0) and np.all(np.diff(s) <= 0)
+    padded = np.zeros(r)
+    padded[: min(ref.size, r)] = ref[:r]
+    sigma1 = ref[0] if ref.size else 0.0
+    np.testing.assert_allclose(s, padded, rtol=0, atol=tolerance(b, a, scale, sigma1))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(("r1", "r2", "m"), [(5, 3, 1000), (8, 8, 2049), (1, 4, 7), (3, 1, 1)])
+def test_khatri_rao_gram_is_the_gram_of_the_formed_factor(dtype, r1: int, r2: int, m: int) -> None:
+    """KKᵀ from the r×r pair products equals that of K = X₁⊙X₂ formed (the textbook
+    X₁ᵀX₁∘X₂ᵀX₂ is KᵀK, the m×m one), r₁ ≠ r₂ included."""
+    rng = np.random.default_rng(r1 * 100 + r2 + m)
+    x1, x2 = rng.standard_normal((r1, m)).astype(dtype), rng.standard_normal((r2, m)).astype(dtype)
+    k = np.einsum("ic,jc->ijc", x1.astype(np.float64), x2.astype(np.float64)).reshape(r1 * r2, m)
+    want = k @ k.T
+    got = lr.khatri_rao_gram(x1, x2)
+    assert got.shape == (r1 * r2, r1 * r2)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-13 * np.abs(want).max())
+    np.testing.assert_allclose(lr.khatri_rao_gram(x1.T.copy().T, x2), want, rtol=0, atol=1e-13 * np.abs(want).max())
+
+
+class Unformed:
+    """Stands in for B or A where the Gram route must not need them."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.shape = shape
+
+    def __array__(self, dtype=None, copy=None):
+        raise AssertionError("formed a factor the Gram matrices made unnecessary")
+
+
+def test_hadamard_of_well_conditioned_factors_never_forms_them():
+    """SDXL-like shapes (out 640, in 2048, r = 8): σ from the two r²×r² Grams alone, equal to
+    the σ of the formed B and A (`singular_values`) and of the dense ΔW."""
+    u1, v1, u2, v2 = make_loha(3, 640, 2048, 8, 8, np.float32, "random")
+    s = lr.hadamard_singular_values((u1, v1), (u2, v2), Unformed((640, 64)), Unformed((64, 2048)), 0.5)
+    b, a = khatri_rao(u1, v1, u2, v2)
+    np.testing.assert_allclose(s, lr.singular_values(b, a, 0.5), rtol=0, atol=1e-12 * s[0])
+    ref = dense_sv(loha_dense(u1, v1, u2, v2, 0.5))
+    np.testing.assert_allclose(s, ref[:64], rtol=0, atol=1e-12 * ref[0])
+
+
+@pytest.mark.parametrize("out_dim", [4, 30])
+def test_hadamard_of_a_conv_layer_takes_its_stored_shapes(out_dim: int):
+    """A 3×3 conv LoHa: V (r, in·9) flattened as LyCORIS does, and B, A in a conv layer's
+    shapes (out, r, 1, 1) and (r, in, 3, 3); out = 4 < r₁r₂ = 6 makes B's Gram singular,
+    so B is read in that shape (Householder), out = 30 takes the Gram route."""
+    u1, v1, u2, v2 = make_loha(5, out_dim, 5 * 9, 3, 2, np.float32, "random")
+    b, a = khatri_rao(u1, v1, u2, v2)
+    s = lr.hadamard_singular_values((u1, v1), (u2, v2), b.reshape(out_dim, 6, 1, 1), a.reshape(6, 5, 3, 3), 2.0)
+    ref = dense_sv(loha_dense(u1, v1, u2, v2, 2.0))
+    k = min(6, ref.size)
+    np.testing.assert_allclose(s[:k], ref[:k], rtol=0, atol=1e-12 * ref[0])
+    assert not s[k:].any() or np.all(s[k:] <= 1e-12 * ref[0])

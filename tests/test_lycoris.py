@@ -69,6 +69,33 @@ def test_inspect_sigma_is_the_dense_svd(lycoris_case_factory: Callable[[str], Ly
         assert figures.fro_norm == pytest.approx(float(np.linalg.norm(module.delta)), rel=1e-9)
 
 
+@pytest.mark.parametrize("out_dim", [4, 40])
+def test_inspect_sigma_of_a_tucker_conv_loha_on_either_route(tmp_path: Path, out_dim: int) -> None:
+    """A 3×3 Tucker LoHa conv keyed as LyCORIS stores it (hada_w*_a (r, out), hada_w*_b (r, in),
+    hada_t* (r, r, 3, 3)), r₁ = 3 ≠ r₂ = 2: with out = 4 < r₁r₂ B's Gram is singular and inspect
+    forms B in the conv layer's shape (Householder); with out = 40 σ come from the r×r pair
+    Grams alone. Either way they are the dense float64 SVD of LyCORIS' ΔW = s·W₁∘W₂ with
+    W[o, i, k] = Σ_ab t[a,b,k]·w_a[a,o]·w_b[b,i] (functional/loha.py), s = alpha / r₁."""
+    rng = np.random.default_rng(out_dim)
+    g = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
+    tensors = {"lycoris_conv.alpha": np.asarray(1.5, dtype=np.float32)}
+    sides = []
+    for n, r in ((1, 3), (2, 2)):
+        t, wa, wb = g(r, r, 3, 3), g(r, out_dim), g(r, 5)
+        tensors |= {f"lycoris_conv.hada_t{n}": t, f"lycoris_conv.hada_w{n}_a": wa, f"lycoris_conv.hada_w{n}_b": wb}
+        sides.append(np.einsum("abhw,ao,bi->oihw", *(x.astype(np.float64) for x in (t, wa, wb))))
+    path = tmp_path / "loha_conv.safetensors"
+    save_numpy(tensors, path)
+    delta = (1.5 / 3) * sides[0] * sides[1]
+    sigma = np.linalg.svd(delta.reshape(out_dim, -1), compute_uv=False)
+    (figures,) = inspect_adapter(path).layers
+    assert (figures.algo, figures.kind, figures.shape, figures.rank) == ("loha", "conv", [out_dim, 5, 3, 3], 6)
+    ours = np.asarray(figures.singular_values)
+    k = min(len(ours), len(sigma))
+    np.testing.assert_allclose(ours[:k], sigma[:k], rtol=0, atol=1e-9 * sigma[0])
+    assert np.all(ours[k:] <= 1e-9 * sigma[0])
+
+
 def test_lokr_with_both_sides_full_ignores_alpha(lycoris_case_factory: Callable[[str], LycorisCase]) -> None:
     case = lycoris_case_factory("lokr_full")
     adapter = load_adapter(case.lora_file)

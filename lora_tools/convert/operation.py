@@ -156,7 +156,7 @@ def convert(
     sources = [adapter.layers[i] for i in keep]
     code = DTYPES[dtype] or common_dtype([layer.dtype for layer in sources])
     # written as what they are exactly: LoRA factors (LoHa, LoKr, Tucker and full diffs built out)
-    layers = [replace(layer, name=name, algo="lora", stored_params=None, kron_sides=None)
+    layers = [replace(layer, name=name, algo="lora", stored_params=None, kron_sides=None, hadamard_sides=None)
               for layer, name in zip(sources, names)]
     metadata = {"lora_tools.convert": json.dumps({"from": adapter.format, "to": to, "input": Path(adapter_path).name})}
     notes: list[str] = []

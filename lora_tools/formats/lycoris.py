@@ -33,7 +33,9 @@ Factors made of products are kept in float64 and `dtype` says the narrowest floa
 holds them exactly (products of bf16/fp16 values are exact in float32; of float32 values,
 and any sum, only in float64), so no reader of these layers rounds what the file means.
 Conv factors whose kernel the file flattens (`hada_w1_b` (r, in·kh·kw)) stay 2-D; a base
-weight fits them flattened (`engine.binding`).
+weight fits them flattened (`engine.binding`). LoHa and LoKr layers also keep their two
+sides (U, V) with W = U·V (`hadamard_sides`, `kron_sides`), from which inspect takes σ
+without forming B or A (`linalg.factored.hadamard_singular_values`, `kron_singular_values`).
 """
 
 from __future__ import annotations
@@ -53,8 +55,8 @@ __all__ = ["LYCORIS_PREFIX", "ROLES", "ScaleRule", "build_layer", "grouped", "lo
 
 # the scale s of a layer, given the dim of its factored part (None: no factored part)
 ScaleRule = Callable[[int | None], float]
-# LoKr's two sides as (U, V) with W = U·V: ΔW = s·kron(W₁, W₂)
-KronSides = tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+# LoKr's and LoHa's two sides as (U, V) with W = U·V: ΔW = s·kron(W₁, W₂) or s·W₁∘W₂
+Sides = tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 LYCORIS_PREFIX = "lycoris_"
 ROLES = ("lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha", "dora_scale", "hada_w1_a", "hada_w1_b",
@@ -173,7 +175,7 @@ def _tucker_side(module: _Module, core: str, outer: str, inner: str) -> tuple[np
     return wa.T.astype(np.float64), v.reshape(v.shape[0], -1), tuple(t.shape[2:])
 
 
-def _loha(module: _Module) -> tuple[Any, Any, int, tuple[int, ...], None]:
+def _loha(module: _Module) -> tuple[Any, Any, int, tuple[int, ...], Sides]:
     if module.has("hada_t1") or module.has("hada_t2"):
         u1, v1, kernel = _tucker_side(module, "hada_t1", "hada_w1_a", "hada_w1_b")
         u2, v2, kernel2 = _tucker_side(module, "hada_t2", "hada_w2_a", "hada_w2_b")
@@ -192,7 +194,7 @@ def _loha(module: _Module) -> tuple[Any, Any, int, tuple[int, ...], None]:
     rank = u1.shape[1] * u2.shape[1]
     b = BuiltFactor((u1.shape[0], rank), lambda: _khatri_rao_rows(u1, u2))  # (out, r1·r2)
     a = BuiltFactor((rank, v1.shape[1]), lambda: _khatri_rao_columns(v1, v2))  # (r1·r2, in·k)
-    return b, a, dim, kernel, None
+    return b, a, dim, kernel, ((u1, v1), (u2, v2))
 
 
 def _lokr_side(module: _Module, n: int) -> tuple[np.ndarray, np.ndarray, int | None, tuple[int, ...]]:
@@ -215,7 +217,7 @@ def _lokr_side(module: _Module, n: int) -> tuple[np.ndarray, np.ndarray, int | N
     return u, v, v.shape[0], tuple(b.shape[2:])
 
 
-def _lokr(module: _Module) -> tuple[Any, Any, int | None, tuple[int, ...], KronSides]:
+def _lokr(module: _Module) -> tuple[Any, Any, int | None, tuple[int, ...], Sides]:
     u1, v1, dim1, kernel1 = _lokr_side(module, 1)
     u2, v2, dim2, kernel = _lokr_side(module, 2)
     if kernel1:
@@ -269,9 +271,10 @@ def build_layer(source: TensorSource, name: str, roles: dict[str, str], scale_ru
     module = _Module(source, name, roles)
     algo = _algo(roles)
     dim: int | None
-    kron: KronSides | None = None
+    kron: Sides | None = None
+    hadamard: Sides | None = None
     if algo == "loha":
-        b, a, dim, kernel, _ = _loha(module)
+        b, a, dim, kernel, hadamard = _loha(module)
     elif algo == "lokr":
         b, a, dim, kernel, kron = _lokr(module)
     elif algo == "full":
@@ -290,7 +293,7 @@ def build_layer(source: TensorSource, name: str, roles: dict[str, str], scale_ru
         alpha=scale * rank, kind="conv" if conv else "linear", dtype=_exact_dtype(algo, roles, stored),
         source_keys=tuple(roles.values()), algo=algo,
         stored_params=sum(int(np.prod(source.shape(key))) for role, key in roles.items() if role != "alpha"),
-        kron_sides=kron,
+        kron_sides=kron, hadamard_sides=hadamard,
     )
     if "diff_b" in roles:  # full: s = 1, so the LoRA bias rule (bias + s·bias_B) adds diff_b itself
         layer.bias = module.get("diff_b")

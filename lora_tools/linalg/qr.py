@@ -83,6 +83,26 @@ def orthonormal_factor(
     return q1, vec2 / np.sqrt(lam2), (np.sqrt(lam2)[:, None] * vec2.T) @ r
 
 
+def cholesky_r(gram: np.ndarray) -> np.ndarray | None:
+    """R (r, r), upper triangular with RᵀR = gram, when CholeskyQR may take it: the Gram
+    matrix XᵀX of some X (m, r), m ≥ r, well enough conditioned (κ(XᵀX) < 1e6, judged by
+    its diagonal and the Cholesky pivots) that R has σ(X) to ≈ eps·κ(XᵀX). None otherwise:
+    the caller then needs X itself for a Householder QR (`r_factor`). Split out of
+    `r_factor` for callers that get the Gram matrix more cheaply than from X (LoHa's
+    Khatri–Rao factors, `factored.hadamard_singular_values`)."""
+    diag = np.diag(gram)
+    if diag.size == 0 or not (diag.min() > 0 and diag.max() / diag.min() < _CHOLESKY_MAX_CONDITION):
+        return None
+    try:
+        lower = np.linalg.cholesky(gram)
+    except np.linalg.LinAlgError:
+        return None
+    pivots = np.abs(np.diag(lower))
+    if not (pivots.max() / pivots.min()) ** 2 < _CHOLESKY_MAX_CONDITION:
+        return None
+    return cast(np.ndarray, lower.T)
+
+
 def r_factor(x: np.ndarray) -> np.ndarray:
     """R of a reduced QR x = Q·R (x (m, r) → R (min(m, r), r)), without Q.
 
@@ -93,15 +113,7 @@ def r_factor(x: np.ndarray) -> np.ndarray:
     """
     m, r = x.shape
     if m >= r:
-        gram = x.T @ x  # (r, r)
-        diag = np.diag(gram)
-        if diag.min() > 0 and diag.max() / diag.min() < _CHOLESKY_MAX_CONDITION:
-            try:
-                lower = np.linalg.cholesky(gram)
-            except np.linalg.LinAlgError:
-                lower = None
-            if lower is not None:
-                pivots = np.abs(np.diag(lower))
-                if (pivots.max() / pivots.min()) ** 2 < _CHOLESKY_MAX_CONDITION:
-                    return lower.T
+        upper = cholesky_r(x.T @ x)  # (r, r)
+        if upper is not None:
+            return upper
     return cast(np.ndarray, np.linalg.qr(x, mode="r"))  # mode="r": R alone, an array

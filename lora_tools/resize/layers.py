@@ -120,7 +120,7 @@ def resize_layer(layer: LoraLayer, parts: FactorSVD, sigma: np.ndarray, k: int, 
         b, a = _stored(layer, b, a)
         magnitude = None if layer.magnitude is None else np.asarray(layer.magnitude)
         out = replace(layer, a=a, b=b, alpha=alpha, use_rslora=rslora, magnitude=magnitude, bias=bias, algo="lora",
-                      stored_params=None, kron_sides=None)
+                      stored_params=None, kron_sides=None, hadamard_sides=None)
     report = LayerResizeReport(
         name=layer.name, kind=layer.kind, shape=list(layer.update_matrix_shape), rank_in=layer.rank, rank_out=k,
         alpha_in=float(layer.alpha), alpha_out=float(out.alpha) if out is not None else 0.0, fro_norm=norm,
