@@ -204,7 +204,14 @@ class _Merger:
         plan = self.plan.tensors[name]
         if self.nf4 is not None and name in self.nf4_tensors:  # what the QLoRA adapter was trained against
             w0 = round_trip_stored(w0, self.nf4, self.nf4_tensors[name])
-        compute = accumulation_dtype(w0.dtype, stored)
+        fp8_rows = None
+        if w0.dtype.itemsize == 1 and self.plan.base.is_fp8_weight(name):  # FP8 codes: merged on their values
+            if is_plain(plan):
+                fp8_rows = self.plan.base.row_dequantizer(name, w0)  # dequantized block by block, below
+            else:
+                w0 = self.plan.base.dequantized(name, w0)
+        values = torch.float32 if fp8_rows is not None else w0.dtype  # the dtype W0's values have
+        compute = accumulation_dtype(values, stored)
         if is_plain(plan):
             rows = w0.shape[0]
             width = w0[0].numel()
@@ -213,10 +220,10 @@ class _Merger:
                 out.view(rows, width), w0.view(rows, width), plan.layers, chunk,
                 self.work.tensor((min(rows, chunk + 1), width), compute),
                 self.widened.tensor((min(rows, chunk + 1), width), compute),
-                fuse=self.device.type == "cpu",
+                fuse=self.device.type == "cpu", widen=fp8_rows,
             )
             if not bool(torch.isfinite(total)) and not bool(torch.isfinite(out).all()):
-                self._refuse_non_finite(name, plan, w0)
+                self._refuse_non_finite(name, plan, self._values_of(name, w0))
         else:
             merged = merged_tensor(plan, w0, compute)
             # one reduction instead of an element-wise isfinite pass
@@ -226,9 +233,13 @@ class _Merger:
         # The sums above were taken before the rounding: a finite float32 result may still
         # be past the stored dtype's range (float16). One more reduction, on the result,
         # unless W0 fits the stored dtype and the update is far too small to push it out.
-        if may_overflow(compute, stored) and not _fits_surely(plan, w0.dtype, stored) and not all_finite(out):
-            self._refuse_overflow(name, plan, w0, out)
+        if may_overflow(compute, stored) and not _fits_surely(plan, values, stored) and not all_finite(out):
+            self._refuse_overflow(name, plan, self._values_of(name, w0), out)
         return out
+
+    def _values_of(self, name: str, w0: torch.Tensor) -> torch.Tensor:
+        """W0's values: FP8 codes dequantized (the error paths look at them element by element)."""
+        return self.plan.base.dequantized(name, w0) if w0.dtype.itemsize == 1 and self.plan.base.is_fp8_weight(name) else w0
 
     def _refuse_non_finite(self, name: str, plan: TensorPlan, w0: torch.Tensor) -> None:
         if not bool(torch.isfinite(w0).all()):  # the base's fault, not the adapter's

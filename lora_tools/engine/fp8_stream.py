@@ -75,11 +75,9 @@ class Dequantizing:
         self._values = ByteRing(1, device)  # the dequantized weight, reused
 
     def __call__(self, name: str, w0: torch.Tensor, stored: torch.dtype, out: torch.Tensor) -> torch.Tensor:
-        if not self.base.is_fp8_weight(name):
-            return self.inner(name, w0, stored, out)
+        if not self.base.is_fp8_weight(name) or name in self.adapted:
+            return self.inner(name, w0, stored, out)  # the merge reads FP8 codes itself, by row blocks
         values = self.base.dequantized(name, w0, self._values.tensor(tuple(w0.shape), torch.float32))
-        if name in self.adapted:
-            return self.inner(name, values, stored, out)
         out.copy_(values)
         if not all_finite(out):  # fp16 cannot hold every code times its scale
             refuse_overflow(self.base.shard_of(name).path, name, values, out)

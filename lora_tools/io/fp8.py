@@ -65,19 +65,35 @@ def _apply_per_block(values: Any, scale_rows: Any, block_cols: int, op: str) -> 
     return values
 
 
+class RowDequantizer:
+    """An FP8 weight dequantized a block of rows at a time: merge's row blocks take their
+    W0 rows from it, so the float32 weight is never formed whole (one pass over memory
+    fewer, the rows still warm when the GEMM adds to them)."""
+
+    def __init__(self, q: Any, scale: Any, block: Block) -> None:
+        import torch
+
+        self.q, self.block_cols = q, block[1]
+        grid = scale_grid(tuple(q.shape), block)
+        scales = scale.to(device=q.device, dtype=torch.float32).reshape(grid)
+        self.row_scales = _per_element_rows(scales, q.shape[0], block[0])  # (rows, grid cols): small
+
+    def __call__(self, out: Any, lo: int, hi: int) -> Any:
+        """Rows [lo, hi) as float32 values, written into `out` (hi − lo rows)."""
+        out.copy_(self.q[lo:hi])
+        return _apply_per_block(out, self.row_scales[lo:hi], self.block_cols, "mul")
+
+
 def dequantize(q: Any, scale: Any, block: Block, out: Any = None) -> Any:
     """q·s in float32 on q's device, as DeepSeek's `weight_dequant` and transformers do
     (each code widened to float32, times its block's scale widened to float32); into
     `out` (float32, q's shape) when given, reused memory sparing a fresh tensor's faults."""
     import torch
 
-    rows = q.shape[0]
-    grid = scale_grid(tuple(q.shape), block)
-    values = q.to(torch.float32, copy=True) if out is None else out.copy_(q)
+    values = torch.empty(q.shape, dtype=torch.float32, device=q.device) if out is None else out
     if not values.numel():
         return values
-    scales = scale.to(device=q.device, dtype=torch.float32).reshape(grid)
-    return _apply_per_block(values, _per_element_rows(scales, rows, block[0]), block[1], "mul")
+    return RowDequantizer(q, scale, block)(values, 0, q.shape[0])
 
 
 def block_amax(values: Any, block: Block) -> Any:

@@ -13,7 +13,7 @@ scaled and the column norm is that of W0 + w·s·B·A, as PEFT computes it.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -137,9 +137,12 @@ def merge_rows_into(
     work: torch.Tensor,
     widened: torch.Tensor,
     fuse: bool = False,
+    widen: Callable[[torch.Tensor, int, int], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """out = round(W0 + Σ w·s·B·A), one block of rows at a time; returns Σ of the block
     sums (finite iff every merged element is, barring overflow of the sum itself).
+    `widen(buffer, lo, hi)`: W0's rows [lo, hi) in the compute dtype, written into the
+    buffer, for a W0 stored in a form that needs more than a cast (FP8 codes and scales).
 
     The merge's hot path for plain, untransposed layers. Per element it does exactly
     what PEFT does — the rank-r product, the scaling, the add in float32 (W0 widened
@@ -166,7 +169,10 @@ def merge_rows_into(
         acc = work[: hi - lo]
         # W0 already in the compute dtype (a float32 base, a dequantized FP8 weight) is
         # only read: no widened copy of it
-        base = w0[lo:hi] if w0.dtype == dtype else widened[: hi - lo].copy_(w0[lo:hi])
+        if widen is not None:
+            base = widen(widened[: hi - lo], lo, hi)
+        else:
+            base = w0[lo:hi] if w0.dtype == dtype else widened[: hi - lo].copy_(w0[lo:hi])
         merge_block_into(acc, base, factors, lo, hi, spare[: hi - lo])
         total += acc.sum()
         out[lo:hi].copy_(acc)  # the one rounding to the stored dtype
