@@ -77,44 +77,11 @@ class RowDequantizer:
         grid = scale_grid(tuple(q.shape), block)
         scales = scale.to(device=q.device, dtype=torch.float32).reshape(grid)
         self.row_scales = _per_element_rows(scales, q.shape[0], block[0])  # (rows, grid cols): small
-        # On the CPU, e4m3 codes are widened through float16 bits (see `_e4m3_as_float16`),
-        # which leaves every value 2⁻⁸ of itself: the scales take the 2⁸ back, exactly.
-        self.via_float16 = (
-            q.device.type == "cpu" and q.dtype == torch.float8_e4m3fn and bool(scales.abs().max() < 2.0**100)
-        )
-        if self.via_float16:
-            self.row_scales = self.row_scales * 256.0
-        self._bits: Any = None
 
     def __call__(self, out: Any, lo: int, hi: int) -> Any:
         """Rows [lo, hi) as float32 values, written into `out` (hi − lo rows)."""
-        codes = self.q[lo:hi]
-        if not self.via_float16 or not self._widen_via_float16(codes, out):
-            out.copy_(codes)
-            return _apply_per_block(out, self.row_scales[lo:hi] / (256.0 if self.via_float16 else 1.0), self.block_cols, "mul")
+        out.copy_(self.q[lo:hi])
         return _apply_per_block(out, self.row_scales[lo:hi], self.block_cols, "mul")
-
-    def _widen_via_float16(self, codes: Any, out: Any) -> bool:
-        """out = codes·2⁻⁸ as float32, through float16 bits: torch widens e4m3 to float32
-        element by element (3.4 ns each on the dev box), float16 with the CPU's F16C
-        instructions; this took 1.85× less time at 1B shapes. An e4m3 code s.eeee.mmm
-        placed as float16 s.0eeee.mmm0000000 is the same value times 2⁻⁸ (subnormals
-        included: both formats have 2⁻⁶ as their smallest normal after the shift). The
-        NaN codes (0x7F, 0xFF) would become 480·2⁻⁸: False, and the caller widens the
-        usual way, so a NaN stays a NaN."""
-        import torch
-
-        raw = codes.contiguous().view(torch.uint8)
-        if bool(((raw & 0x7F) == 0x7F).any()):
-            return False
-        if self._bits is None or self._bits.numel() < 2 * raw.numel():
-            self._bits = torch.empty(2 * raw.numel(), dtype=torch.int16)
-        bits, sign = self._bits[: raw.numel()].view(raw.shape), self._bits[raw.numel() : 2 * raw.numel()].view(raw.shape)
-        bits.copy_(raw)
-        torch.bitwise_and(bits, 0x80, out=sign).bitwise_left_shift_(8)
-        bits.bitwise_and_(0x7F).bitwise_left_shift_(7).bitwise_or_(sign)
-        out.copy_(bits.view(torch.float16))
-        return True
 
 
 def dequantize(q: Any, scale: Any, block: Block, out: Any = None) -> Any:
