@@ -452,3 +452,22 @@ def test_reorder_keeps_alignment() -> None:
     assert [e[0] for e in probe.reorder(aligned)] == ["b", "a.weight", "a.weight_scale_inv"]
     odd = [("a.weight_scale_inv", "F32", (2, 2)), ("a.weight", "F8_E4M3", (7, 9))]
     assert probe.reorder(odd) == odd  # the scale would start at byte 63
+
+
+def test_every_e4m3_code_dequantizes_exactly() -> None:
+    """Dequantization gives codes×scales rounded once to float32 for all 254 finite e4m3
+    codes, subnormals and signed zeros included; a NaN code stays NaN."""
+    codes = torch.arange(256, dtype=torch.uint8)
+    finite = codes[(codes & 0x7F) != 0x7F].view(torch.float8_e4m3fn)
+    q = finite[torch.randint(0, len(finite), (64, 96), generator=torch.Generator().manual_seed(7))]
+    for row in range(3):  # every finite code somewhere
+        part = finite[96 * row : 96 * (row + 1)]
+        q[row, : len(part)] = part
+    scales = torch.rand(4, 3, generator=torch.Generator().manual_seed(8)) * 1e-3
+    truth = q.double() * scales.double().repeat_interleave(16, 0).repeat_interleave(32, 1)
+    assert torch.equal(dequantize(q, scales, (16, 32)), truth.float())
+    assert torch.equal(dequantize(q, scales, (16, 32)).view(torch.int32), truth.float().view(torch.int32))  # -0.0 too
+    with_nan = q.clone()
+    with_nan.view(torch.uint8)[5, 7] = 0xFF
+    values = dequantize(with_nan, scales, (16, 32))
+    assert bool(torch.isnan(values[5, 7])) and torch.equal(values[:5], truth[:5].float())
