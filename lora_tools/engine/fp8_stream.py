@@ -92,7 +92,7 @@ class Requantizing:
         self.base, self.inner, self.device = base, inner, device
         self.layout = base.fp8
         self.adapted_fp8 = {name for name in adapted if base.is_fp8_weight(name)}
-        self.weight_of_scale = {self.layout.scale_of(name): name for name in self.adapted_fp8}
+        self.weight_of_scale = {scale: w for scale, w in self.layout.owners.items() if w in self.adapted_fp8}
         self.computed = set(adapted) | set(self.weight_of_scale)
         self.survival: list[Survival] = []
         self._scales: dict[str, torch.Tensor] = {}  # a weight's fresh scales, its scale tensor still to come

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +65,9 @@ class Fp8Layout:
     def scale_of(self, weight: str) -> str:
         return self.weights[weight].scale
 
-    def weight_of_scale(self) -> dict[str, str]:
+    @cached_property
+    def owners(self) -> Mapping[str, str]:
+        """Scale tensor → the FP8 weight it scales (built once: verify asks per tensor)."""
         return {w.scale: w.name for w in self.weights.values()}
 
 

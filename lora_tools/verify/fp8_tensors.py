@@ -29,17 +29,10 @@ def involves_fp8(name: str, base: BaseCheckpoint, merged: BaseCheckpoint) -> boo
     return any(c.fp8 is not None and (name in c.fp8.weights or name in c.fp8.aux) for c in (base, merged))
 
 
-def owner_of(name: str, checkpoint: BaseCheckpoint) -> str | None:
-    """The FP8 weight a scale tensor scales in `checkpoint`, or None."""
-    if checkpoint.fp8 is None:
-        return None
-    return next((w.name for w in checkpoint.fp8.weights.values() if w.scale == name), None)
-
-
 def check_aux(name: str, adapted: set[str], base: BaseCheckpoint, merged: BaseCheckpoint) -> tuple[str, str | None]:
     """A base scale (or activation scale): ("skip", None) when its absence or change is
     expected, ("compare", None) when it must be byte-identical, ("problem", text) else."""
-    owner = owner_of(name, base)
+    owner = None if base.fp8 is None else base.fp8.owners.get(name)
     if not merged.has(name):
         kept_fp8 = merged.fp8 is not None and (owner is None or owner in merged.fp8.weights)
         return ("problem", f"tensor {name!r} (a scale) is missing") if kept_fp8 else ("skip", None)
