@@ -29,7 +29,7 @@ from safetensors.torch import save_file as save_torch
 
 from builders import PeftCase, write_malicious_pickle
 from cli_run import run_cli
-from lora_tools.formats import common, load_adapter
+from lora_tools.formats import load_adapter
 from lora_tools.formats.patterns import MAX_PATH_CHARS, pattern_problem
 from lora_tools.formats.source import SafetensorsSource, _pickle_problem, finite_factor
 
@@ -255,28 +255,38 @@ def mixed_file(tmp_path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
     return path, tensors
 
 
-def test_block_check_reads_what_the_whole_read_gives(mixed_file, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_factor_read_gives_the_stored_values(mixed_file) -> None:
+    """bf16 is widened inside its result array (read into the upper half, shifted front to
+    back): every dtype must come back exactly as torch stored it."""
     path, tensors = mixed_file
-    monkeypatch.setattr(common, "FINITE_BLOCK_BYTES", 64)  # many blocks, a ragged last one
     source = SafetensorsSource(path)
-    for key in tensors:
-        ours, whole = common.finite_in_blocks(source, key), finite_factor(source, key)
-        assert ours.dtype == whole.dtype and ours.shape == whole.shape and np.array_equal(ours, whole), key
+    for key, tensor in tensors.items():
+        ours = finite_factor(source, key)
+        expected = (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()
+        assert ours.dtype == expected.dtype and ours.shape == expected.shape and np.array_equal(ours, expected), key
     source.close()
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-@pytest.mark.parametrize("where", [0, 1000, -1])
+@pytest.mark.parametrize("where", [0, 1000, 70000, -1])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16, torch.float64])
-def test_block_check_finds_a_non_finite_anywhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                  bad: float, where: int, dtype: torch.dtype) -> None:
-    monkeypatch.setattr(common, "FINITE_BLOCK_BYTES", 256)
-    tensor = torch.randn(41, 53, dtype=torch.float64).to(dtype)
+def test_factor_read_finds_a_non_finite_anywhere(tmp_path: Path, bad: float, where: int, dtype: torch.dtype) -> None:
+    tensor = torch.randn(300, 301, dtype=torch.float64).to(dtype)  # past one 65536-element widening chunk
     tensor.view(-1)[where] = bad
     save_torch({"t": tensor}, str(tmp_path / "t.safetensors"))
     source = SafetensorsSource(tmp_path / "t.safetensors")
     with pytest.raises(Exception, match="contains NaN or Inf"):
-        common.finite_in_blocks(source, "t")
+        finite_factor(source, "t")
+    source.close()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_factor_read_keeps_finite_values_whose_sum_overflows(tmp_path: Path, dtype: torch.dtype) -> None:
+    """The quick check is a sum; finite values that overflow it must still be read."""
+    big = torch.full((64,), torch.finfo(dtype).max, dtype=dtype)
+    save_torch({"t": big}, str(tmp_path / "t.safetensors"))
+    source = SafetensorsSource(tmp_path / "t.safetensors")
+    assert np.array_equal(finite_factor(source, "t"), big.numpy())
     source.close()
 
 
@@ -301,21 +311,18 @@ def test_modules_to_save_nan_is_refused_and_values_kept(peft_case_factory, tmp_p
     refused("merge", case.base_dir, folder, "-o", out, "-q", says=(key, "NaN or Inf"), inputs=(folder,), out=out)
 
 
-def test_block_check_peak_memory(tmp_path: Path) -> None:
-    """A 64 MB bf16 modules_to_save tensor: the whole read held raw bytes, a uint32 copy and
-    a mask beside the float32 result (~3.6x the stored size); blocks hold the result (2x)."""
+def test_factor_read_peak_memory(tmp_path: Path) -> None:
+    """A 64 MB bf16 modules_to_save tensor: reading it once held raw bytes, a uint32 copy and
+    a mask beside the float32 result (~3.6x the stored size); now only the result (2x)."""
     tensor = torch.randn(4096, 8192).bfloat16()
     save_torch({"lm_head.weight": tensor}, str(tmp_path / "big.safetensors"))
     del tensor
     source = SafetensorsSource(tmp_path / "big.safetensors")
     stored = 4096 * 8192 * 2
-    peaks = {}
-    for name, read in (("whole", finite_factor), ("blocks", common.finite_in_blocks)):
-        tracemalloc.start()
-        array = read(source, "lm_head.weight")
-        peaks[name] = tracemalloc.get_traced_memory()[1]
-        tracemalloc.stop()
-        del array
+    tracemalloc.start()
+    array = finite_factor(source, "lm_head.weight")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    del array
     source.close()
-    print({k: f"{v / stored:.2f}x stored" for k, v in peaks.items()})
-    assert peaks["blocks"] < 2.3 * stored < peaks["whole"]
+    assert peak < 2.1 * stored

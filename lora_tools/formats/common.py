@@ -15,8 +15,8 @@ import numpy as np
 
 from lora_tools.adapter import LoraLayer
 from lora_tools.errors import FormatError
-from lora_tools.formats.source import SafetensorsSource, TensorSource, finite_factor
-from lora_tools.io.dtypes import FLOAT_DTYPES, NUMERIC_DTYPES, NUMPY_DTYPE
+from lora_tools.formats.source import TensorSource, read_checked
+from lora_tools.io.dtypes import NUMERIC_DTYPES
 
 # Integer alphas are real: diffusers' convert_state_dict_to_kohya writes torch.tensor(rank), an int64.
 
@@ -56,16 +56,24 @@ def build_layers(
     `alpha_for(module, rank, roles)` gives the module's alpha: formats differ (config
     patterns, per-module alpha tensors, metadata), the rest is shared.
     """
-    layers = []
+    plan: list[tuple[str, dict[str, str], bool, str | None, str | None]] = []
+    keys: list[str] = []  # every tensor read, in the order the loop below takes them
     for module, roles in groups.modules.items():
         embedding = EMB_A in roles or EMB_B in roles
         key_a, key_b = (roles.get(EMB_A), roles.get(EMB_B)) if embedding else (roles.get(A), roles.get(B))
+        plan.append((module, roles, embedding, key_a, key_b))
+        if key_a is None or key_b is None:
+            break  # refused below, after the modules before it (as their errors come first)
+        keys += [key_a, key_b] + [roles[role] for role in (MAGNITUDE, BIAS) if role in roles]
+    arrays = read_checked(source, keys)
+    layers = []
+    for module, roles, embedding, key_a, key_b in plan:
         if key_a is None or key_b is None:
             present = next(iter(roles.values()))
             missing = "A (down)" if key_a is None else "B (up)"
             raise FormatError(source.path, f"module {module!r}: has {present!r} but no LoRA {missing} factor")
-        a = finite_factor(source, key_a)
-        b = finite_factor(source, key_b)
+        a = next(arrays)
+        b = next(arrays)
         check_factor_shapes(source, module, a, b, embedding)
         kind = "embedding" if embedding else ("conv" if a.ndim > 2 else "linear")
         rank = int(a.shape[0])
@@ -81,10 +89,10 @@ def build_layers(
             source_keys=tuple(roles.values()),
         )
         if MAGNITUDE in roles:
-            layer.magnitude = finite_factor(source, roles[MAGNITUDE])
+            layer.magnitude = next(arrays)
             check_magnitude(source, layer, roles[MAGNITUDE])
         if BIAS in roles:
-            layer.bias = finite_factor(source, roles[BIAS])
+            layer.bias = next(arrays)
             if layer.bias.shape != (b.shape[0],):
                 raise FormatError(
                     source.path, f"module {module!r}: lora bias has shape {layer.bias.shape}, expected ({b.shape[0]},)"
@@ -154,42 +162,6 @@ def check_factor_shapes(source: TensorSource, module: str, a: np.ndarray, b: np.
         raise FormatError(source.path, f"module {module!r}: embedding factors must be 2-D")
     if b.ndim > 2 and any(d != 1 for d in b.shape[2:]):
         raise FormatError(source.path, f"module {module!r}: up/B factor {tuple(b.shape)} must have a 1×1 kernel")
-
-
-# Stored float code -> (its bits as an unsigned int, the exponent mask): a value is NaN or
-# Inf exactly when every exponent bit is set (IEEE 754 binary16/32/64 and bfloat16).
-_EXPONENT_BITS: dict[str, tuple[str, int]] = {
-    "F64": ("<u8", 0x7FF0_0000_0000_0000), "F32": ("<u4", 0x7F80_0000), "F16": ("<u2", 0x7C00), "BF16": ("<u2", 0x7F80),
-}
-FINITE_BLOCK_BYTES = 4 << 20
-
-
-def finite_in_blocks(source: TensorSource, key: str) -> np.ndarray:
-    """`finite_factor` for whole tensors (modules_to_save, an 8B lm_head is 1 GB of bf16):
-    the same array and the same refusals, but the NaN/Inf check runs on the stored bits one
-    block of FINITE_BLOCK_BYTES at a time, and the result is filled in place, so reading
-    costs the result plus one block instead of the raw bytes, a widened copy and a mask."""
-    code = source.dtype(key)
-    if code not in FLOAT_DTYPES:
-        raise FormatError(source.path, f"tensor {key!r} has non-float dtype {code}")
-    if not isinstance(source, SafetensorsSource) or code not in _EXPONENT_BITS:
-        return finite_factor(source, key)  # a pickle is in memory already
-    bits_dtype, mask = _EXPONENT_BITS[code]
-    info = source.file.info(key)
-    out = np.empty(info.numel, dtype=np.float32 if code == "BF16" else NUMPY_DTYPE[code])
-    itemsize = np.dtype(bits_dtype).itemsize
-    step = max(1, FINITE_BLOCK_BYTES // itemsize)
-    scratch = np.empty(min(step, info.numel), dtype=bits_dtype) if code == "BF16" else None
-    for start in range(0, info.numel, step):
-        count = min(step, info.numel - start)
-        # bf16 is read into scratch and widened exactly (its bits are a float32's top half)
-        bits = scratch[:count] if scratch is not None else out[start:start + count].view(bits_dtype)
-        source.file.read_into(key, bits, start * itemsize)
-        if np.any(np.bitwise_and(bits, mask) == mask):
-            raise FormatError(source.path, f"tensor {key!r} contains NaN or Inf")
-        if scratch is not None:
-            np.left_shift(bits, 16, out=out[start:start + count].view(np.uint32), dtype=np.uint32)
-    return out.reshape(info.shape)
 
 
 def check_magnitude(source: TensorSource, layer: LoraLayer, key: str) -> None:

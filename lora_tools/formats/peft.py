@@ -38,13 +38,12 @@ from lora_tools.formats.common import (
     DuplicateRole,
     KeyGroups,
     build_layers,
-    finite_in_blocks,
     json_number,
 )
 from lora_tools.formats.names import PEFT_PREFIX, format_key
 from lora_tools.formats.patterns import UnsafePattern
 from lora_tools.formats.peft_config import SUPPORTED_PEFT_TYPES, check_layers, pattern_table, read_config
-from lora_tools.formats.source import TensorSource
+from lora_tools.formats.source import TensorSource, finite_factor
 from lora_tools.io.encode import WriteError, write_safetensors
 
 __all__ = [
@@ -147,7 +146,7 @@ def _claim_full_tensors(source: TensorSource, unclaimed: list[str], config: dict
         module, _, leaf = bare.rpartition(".")
         wanted = any(module == m or module.endswith("." + m) for m in modules_to_save)
         if wanted or full_base_copy or (saves_biases and leaf == "bias"):
-            adapter.full_tensors[bare] = source.place(finite_in_blocks(source, key), source.dtype(key))
+            adapter.full_tensors[bare] = source.place(finite_factor(source, key), source.dtype(key))
             adapter.full_tensor_dtypes[bare] = source.dtype(key)
         else:
             adapter.unrecognized_keys.append(key)

@@ -9,7 +9,7 @@ laid out with `stream_writer.build_header` through the streaming writer.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 
@@ -30,19 +30,14 @@ class WriteError(ValueError):
 _CHUNK = 1 << 16
 
 
-def float32_to_bf16_bits(values: np.ndarray) -> np.ndarray:
-    """bf16 bit patterns (uint16) of `values` (any float dtype, rounded to float32 first,
-    as torch's `.to(bfloat16)` does for float64), rounded to nearest, ties to even.
-
-    bf16 is the top half of a float32: add 0x7FFF plus the lowest kept bit, then drop the
-    low 16 bits (no uint32 overflow for finite values: 0xFF7FFFFF + 0x8000 < 2³²).
-    Finite inputs only: a non-finite value, or one that rounds past bf16's largest finite
-    number, gives an exponent of all ones (inf or NaN), which `encode_array` refuses.
-    """
+def _bf16_chunks(values: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    """(offset, bf16 bit patterns) of `values` flattened, _CHUNK elements at a time, each
+    chunk in one reused uint16 buffer (valid until the next one is asked for): the rounding
+    of `float32_to_bf16_bits`, without any whole-tensor array."""
     flat = np.ascontiguousarray(values).reshape(-1)
-    out = np.empty(flat.size, dtype="<u2")
     f32 = np.empty(min(_CHUNK, flat.size), dtype="<f4")
     bits, carry = f32.view("<u4"), np.empty(f32.size, dtype="<u4")
+    out = np.empty(f32.size, dtype="<u2")
     with np.errstate(over="ignore", invalid="ignore"):
         for lo in range(0, flat.size, _CHUNK):
             n = min(_CHUNK, flat.size - lo)
@@ -55,7 +50,22 @@ def float32_to_bf16_bits(values: np.ndarray) -> np.ndarray:
             chunk_bits += chunk_carry
             chunk_bits >>= 16
             chunk_bits[infinite] = 0x7F80  # NaN and ±inf (whose carry may wrap) as +inf
-            out[lo:lo + n] = chunk_bits
+            np.copyto(out[:n], chunk_bits, casting="unsafe")
+            yield lo, out[:n]
+
+
+def float32_to_bf16_bits(values: np.ndarray) -> np.ndarray:
+    """bf16 bit patterns (uint16) of `values` (any float dtype, rounded to float32 first,
+    as torch's `.to(bfloat16)` does for float64), rounded to nearest, ties to even.
+
+    bf16 is the top half of a float32: add 0x7FFF plus the lowest kept bit, then drop the
+    low 16 bits (no uint32 overflow for finite values: 0xFF7FFFFF + 0x8000 < 2³²).
+    Finite inputs only: a non-finite value, or one that rounds past bf16's largest finite
+    number, gives an exponent of all ones (inf or NaN), which `encode_array` refuses.
+    """
+    out = np.empty(np.size(values), dtype="<u2")
+    for lo, chunk in _bf16_chunks(values):
+        out[lo:lo + chunk.size] = chunk
     return out.reshape(np.shape(values))
 
 
@@ -63,6 +73,10 @@ def _bf16_finite(encoded: np.ndarray) -> bool:
     """No bf16 pattern with an exponent of all ones (inf, NaN)."""
     flat = encoded.reshape(-1)
     return not any(bool(((flat[lo:lo + _CHUNK] & 0x7F80) == 0x7F80).any()) for lo in range(0, flat.size, _CHUNK))
+
+
+def _overflow(values: np.ndarray, dtype: str, name: str) -> WriteError:
+    return WriteError(f"{name}: values overflow {dtype} (largest |value| {float(np.max(np.abs(values))):.4g}); use F32 or BF16")
 
 
 def encode_array(values: np.ndarray, dtype: str, name: str = "tensor") -> np.ndarray:
@@ -80,8 +94,22 @@ def encode_array(values: np.ndarray, dtype: str, name: str = "tensor") -> np.nda
     else:
         raise WriteError(f"{name}: cannot write dtype {dtype!r} (use one of {', '.join(WRITABLE_DTYPES)})")
     if not finite:
-        raise WriteError(f"{name}: values overflow {dtype} (largest |value| {float(np.max(np.abs(values))):.4g}); use F32 or BF16")
+        raise _overflow(values, dtype, name)
     return encoded
+
+
+def _encoded_chunks(values: np.ndarray, dtype: str, name: str) -> Iterator[np.ndarray]:
+    """`encode_array`'s bytes in pieces: bf16 chunk by chunk through one reused buffer
+    (a 1B adapter's whole encoded copy is ~80 MB of fresh pages, which cost more than the
+    rounding), other dtypes whole; WriteError as soon as a chunk does not fit."""
+    if dtype != "BF16":
+        yield encode_array(values, dtype, name)
+        return
+    for _, chunk in _bf16_chunks(values):
+        if _bf16_finite(chunk):
+            yield chunk
+        else:
+            raise _overflow(values, dtype, name)
 
 
 def stored_values(values: np.ndarray, dtype: str) -> np.ndarray:
@@ -101,10 +129,10 @@ def write_safetensors(
     # Imported here: the format modules import this one, and reading never needs the writer.
     from lora_tools.io.stream_writer import SafetensorsStreamWriter, safetensors_order
 
-    encoded = {name: encode_array(array, dtype, name) for name, (array, dtype) in tensors.items()}
     entries = safetensors_order(
         [(name, tensors[name][1], tuple(int(d) for d in np.shape(tensors[name][0]))) for name in tensors]
     )
     with SafetensorsStreamWriter(path, entries, metadata) as writer:
         for name, _, _ in entries:
-            writer.write_bytes(name, encoded[name].data.cast("B"))
+            array, dtype = tensors[name]
+            writer.write_chunks(name, (chunk.data.cast("B") for chunk in _encoded_chunks(array, dtype, name)))

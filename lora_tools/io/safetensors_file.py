@@ -31,6 +31,10 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 _SEEK_LOCK = threading.Lock()
 
+# Elements widened at a time (bf16 → float32): small enough that a chunk overlapping its
+# own input costs numpy only a cache-sized copy.
+_WIDEN_CHUNK = 1 << 16
+
 
 def _stat_problem(exc: OSError) -> str:
     if isinstance(exc, FileNotFoundError):
@@ -307,16 +311,28 @@ class SafetensorsFile:
         gives the same value as float32 with no rounding.
         """
         info = self.info(name)
-        raw = self.read_bytes(name)
         if info.dtype == "BF16":
-            bits = np.empty(info.numel, dtype=np.uint32)  # one pass, no widened temporary
-            np.left_shift(np.frombuffer(raw, dtype="<u2"), 16, out=bits, dtype=np.uint32)
-            array = bits.view(np.float32)
+            array = self._bf16_as_float32(name, info.numel)
         elif info.dtype in NUMPY_DTYPE:
+            raw = self.read_bytes(name)
             array = np.frombuffer(raw, dtype=NUMPY_DTYPE[info.dtype])
         else:
             raise self._fail(f"tensor {name!r}: dtype {info.dtype} cannot be read as numbers here")
         return array.reshape(info.shape)
+
+    def _bf16_as_float32(self, name: str, numel: int) -> np.ndarray:
+        """A BF16 tensor widened to float32 inside the one array it ends in: its bytes are
+        read into that array's upper half and widened front to back, chunk by chunk (chunk
+        [lo, hi) writes halves [2·lo, 2·hi), which never reach the unread [numel + hi, …)).
+        No second buffer is touched: fresh pages cost more here than the shift itself."""
+        bits = np.empty(numel, dtype="<u4")
+        halves = bits.view("<u2")
+        self.read_into(name, halves[numel:])
+        for lo in range(0, numel, _WIDEN_CHUNK):
+            hi = min(lo + _WIDEN_CHUNK, numel)
+            # the first chunks overlap their own input: numpy buffers such a chunk itself
+            np.left_shift(halves[numel + lo:numel + hi], 16, out=bits[lo:hi], dtype="<u4")
+        return bits.view("<f4")
 
     def torch(self, name: str, buffer: Any = None) -> Any:
         """The tensor as a CPU torch tensor in its stored dtype (imports torch lazily).

@@ -60,12 +60,13 @@ class FactorSVD:
     base_a: Tall
 
     def balanced(self, keep: int, dtype: type = np.float64, *, scale_b: float = 1.0,
-                 scale_a: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+                 scale_a: float = 1.0, single: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """The rank-`keep` truncation as b = scale_b·U·√S (m, keep) and a = scale_a·√S·Vᵀ
-        (keep, n), C-ordered, computed in float64 and stored as `dtype`. keep ≤ t."""
+        (keep, n), C-ordered, computed in float64 and stored as `dtype`. keep ≤ t.
+        `single`: float32 products where `tall.times` allows (results bound for bf16)."""
         root = np.sqrt(self.s[:keep])
-        b = times(self.base_b, self.left[:, :keep] * (scale_b * root), dtype)
-        a = times(self.base_a, self.right[:keep].T * (scale_a * root), dtype, transposed=True)
+        b = times(self.base_b, self.left[:, :keep] * (scale_b * root), dtype, single=single)
+        a = times(self.base_a, self.right[:keep].T * (scale_a * root), dtype, transposed=True, single=single)
         return b, a
 
 

@@ -93,10 +93,10 @@ def _alpha_for(layer: LoraLayer, k: int) -> float:
 
 
 def resize_layer(layer: LoraLayer, parts: FactorSVD, sigma: np.ndarray, k: int, bake_alpha: float | None,
-                 dtype: type = np.float64) -> tuple[LoraLayer | None, LayerResizeReport]:
+                 dtype: type = np.float64, single: bool = False) -> tuple[LoraLayer | None, LayerResizeReport]:
     """The layer truncated to rank k (None when k = 0), its factors stored as `dtype`, and
     its figures; with `bake_alpha` c, its scale folded into the factors under alpha = c
-    (scale c/k, no rsLoRA)."""
+    (scale c/k, no rsLoRA). `single`: float32 products (factors to be written as bf16)."""
     energies = sigma**2
     total = float(energies.sum())
     residual = math.sqrt(float(energies[k:].sum()))
@@ -113,7 +113,8 @@ def resize_layer(layer: LoraLayer, parts: FactorSVD, sigma: np.ndarray, k: int, 
             alpha, rslora = _alpha_for(layer, k), layer.use_rslora
         t = parts.s.size
         root = math.sqrt(abs(fold))  # on the small side, so each stored value is rounded once
-        b, a = parts.balanced(min(k, t), dtype, scale_b=math.copysign(root, fold), scale_a=root)
+        b, a = parts.balanced(min(k, t), dtype, scale_b=math.copysign(root, fold), scale_a=root,
+                             single=single)
         if k > t:  # the floor asks for more than the numerical rank: zero columns / rows
             b = np.concatenate([b, np.zeros((b.shape[0], k - t), dtype)], axis=1)
             a = np.concatenate([a, np.zeros((k - t, a.shape[1]), dtype)], axis=0)
@@ -133,9 +134,10 @@ def resize_layer(layer: LoraLayer, parts: FactorSVD, sigma: np.ndarray, k: int, 
 
 
 def resize_layers(layers: Sequence[LoraLayer], policy: RankPolicy, *, budget: int | None = None,
-                  bake: bool = False, dtype: type = np.float64) -> tuple[list[LoraLayer], list[LayerResizeReport]]:
-    """Every layer resized by `policy` (or the budget), factors stored as `dtype`; dropped
-    layers have no output."""
+                  bake: bool = False, dtype: type = np.float64,
+                  single: bool = False) -> tuple[list[LoraLayer], list[LayerResizeReport]]:
+    """Every layer resized by `policy` (or the budget), factors stored as `dtype` (computed
+    in float32 with `single`: see `resize_layer`); dropped layers have no output."""
     # many small QRs and SVDs: one BLAS thread each, the layers spread over the cores
     # (numpy releases the GIL inside LAPACK/BLAS), results in layer order
     workers = max(1, min(8, os.cpu_count() or 1, len(layers)))
@@ -145,6 +147,6 @@ def resize_layers(layers: Sequence[LoraLayer], policy: RankPolicy, *, budget: in
         ranks = choose_ranks(spectra, layers, policy, budget)
         written = [k for k in ranks if k > 0]
         bake_alpha = float(max(written, key=lambda k: (written.count(k), -written.index(k)))) if bake and written else None
-        done = list(pool.map(lambda job: resize_layer(job[0], job[1][0], job[1][1], job[2], bake_alpha, dtype),
+        done = list(pool.map(lambda job: resize_layer(job[0], job[1][0], job[1][1], job[2], bake_alpha, dtype, single),
                              zip(layers, pairs, ranks)))
     return [layer for layer, _ in done if layer is not None], [report for _, report in done]

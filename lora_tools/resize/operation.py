@@ -110,10 +110,12 @@ def resize(
     if not adapter.layers:
         raise RequestError(adapter_path, "has no LoRA layers to resize")
     code = DTYPES[dtype] or common_dtype([layer.dtype for layer in adapter.layers])
-    # bf16 and float32 are written through float32 in any case (io.encode): no float64 copies
+    # bf16 and float32 are written through float32 in any case (io.encode): no float64 copies;
+    # bf16 factors (2⁻⁹ rounding) are even computed in float32 (≈ 2⁻²¹ here, `tall.times`)
     held = np.float32 if code in ("BF16", "F32") else np.float64
     try:
-        layers, reports = resize_layers(adapter.layers, policy, budget=budget, bake=bake, dtype=held)
+        layers, reports = resize_layers(adapter.layers, policy, budget=budget, bake=bake, dtype=held,
+                                        single=code == "BF16")
     except ValueError as error:
         raise RequestError(adapter_path, str(error)) from None
     if not layers:
