@@ -45,3 +45,29 @@ def test_lazy_svd_of_float32_factors_matches_the_float64_truncation() -> None:
     assert b4.dtype == a4.dtype == np.float32 and a4.flags.c_contiguous
     np.testing.assert_allclose(b4.astype(np.float64) @ a4, -(reference.b @ reference.a), rtol=1e-5,
                                atol=1e-6 * np.abs(reference.b @ reference.a).max())
+
+
+@pytest.mark.parametrize("spread", [1.0, 10.0, 60.0, 1e3])
+def test_cholesky_route_only_where_it_is_as_orthogonal_as_the_eigen_route(spread: float) -> None:
+    """orthonormal_factor's Cholesky shortcut: its κ bound must never be below the true
+    κ(XᵀX), and the q it gives must be orthonormal to the eigen route's 1e-10."""
+    from lora_tools.linalg.qr import _ORTHO_TOL, _cholesky_factor, orthonormal_factor
+
+    rng = np.random.default_rng(int(spread))
+    m, k = 2048, 64
+    x = rng.standard_normal((m, k)) * np.geomspace(1.0, 1.0 / spread, k)  # κ(X) ≈ spread
+    gram = x.T @ x
+    eig = np.linalg.eigvalsh(gram)
+    quick = _cholesky_factor(gram)
+    if quick is None:
+        assert k * np.finfo(float).eps * eig[-1] / eig[0] > _ORTHO_TOL / 1e3  # refused only near the line
+    else:
+        t, r = quick
+        q = x @ t
+        assert np.abs(q.T @ q - np.eye(k)).max() <= _ORTHO_TOL
+        np.testing.assert_allclose(q @ r, x, atol=1e-13 * np.abs(x).max())
+    base, t, r = orthonormal_factor(x)
+    q = np.asarray(base) @ t
+    assert np.abs(q.T @ q - np.eye(q.shape[1])).max() <= _ORTHO_TOL
+    if spread in (1.0, 1e3):  # random factors take the shortcut, badly skewed ones never
+        assert (quick is not None) == (spread == 1.0)
