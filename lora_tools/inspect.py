@@ -19,7 +19,7 @@ from lora_tools.adapter import Adapter, LoraLayer
 from lora_tools.errors import FormatError, RequestError
 from lora_tools.formats import load_adapter
 from lora_tools.formats.names import LAYER_NUMBER, module_family
-from lora_tools.linalg import factored, nf4, spectrum
+from lora_tools.linalg import factored, hadamard, nf4, spectrum
 
 # A layer whose ‖ΔW‖_F is below this fraction of the adapter's median is "dead".
 DEAD_FRACTION = 1e-4
@@ -141,15 +141,18 @@ def module_type(name: str) -> str:
     return parts[-1]
 
 
-def layer_report(layer: LoraLayer) -> LayerReport:
-    """The spectral figures of one layer's scaled update s·B·A (DoRA: its low-rank part)."""
+def layer_report(layer: LoraLayer, sv: np.ndarray | None = None) -> LayerReport:
+    """The spectral figures of one layer's scaled update s·B·A (DoRA: its low-rank part);
+    `sv`: its singular values when the caller has them (`hadamard.hadamard_spectra`)."""
     scale = layer.scale
-    if layer.kron_sides is not None:  # LoKr: σ(W₁⊗W₂) = σ(W₁)·σ(W₂), no product formed
+    if sv is not None:
+        pass
+    elif layer.kron_sides is not None:  # LoKr: σ(W₁⊗W₂) = σ(W₁)·σ(W₂), no product formed
         side1, side2 = layer.kron_sides
         sv = factored.kron_singular_values(side1, side2, scale)
     elif layer.hadamard_sides is not None:  # LoHa: BᵀB and AAᵀ from r×r pair products, B and A formed only if ill-conditioned
         side1, side2 = layer.hadamard_sides
-        sv = factored.hadamard_singular_values(side1, side2, layer.b, layer.a, scale)
+        sv = hadamard.hadamard_singular_values(side1, side2, layer.b, layer.a, scale)
     else:
         sv = factored.singular_values(np.asarray(layer.b_matrix), np.asarray(layer.a_matrix), scale)
     name = layer.name
@@ -245,24 +248,35 @@ def summarize(adapter: Adapter, base: str | None) -> AdapterSummary:
     )
 
 
-def _quiet_report(layer: LoraLayer) -> LayerReport:
+def _quiet_report(layer: LoraLayer, sv: np.ndarray | None = None) -> LayerReport:
     with np.errstate(all="ignore"):  # overflow shows as inf and is reported once, by the caller
-        return layer_report(layer)
+        return layer_report(layer, sv)
+
+
+def _quiet_hadamard_spectra(layers: list[LoraLayer]) -> list[np.ndarray]:
+    with np.errstate(all="ignore"):
+        return hadamard.hadamard_spectra([(*layer.hadamard_sides, layer.b, layer.a, layer.scale) for layer in layers])
 
 
 def _layer_reports(layers: list[LoraLayer]) -> list[LayerReport]:
     """Every layer's figures, in order. Many small QRs and SVDs (LoHa's r² columns make them
     less small): one BLAS thread each, the layers spread over the cores (numpy releases the
-    GIL inside BLAS/LAPACK), as resize does."""
+    GIL inside BLAS/LAPACK), as resize does. LoHa layers' σ come first, all of one shape
+    at once (`hadamard_spectra`), each core taking a share of the layers."""
     from concurrent.futures import ThreadPoolExecutor
 
     from lora_tools.linalg.blas import single_threaded_blas
 
     workers = max(1, min(8, os.cpu_count() or 1, len(layers)))
-    if workers == 1:
-        return [_quiet_report(layer) for layer in layers]
+    loha = [i for i, layer in enumerate(layers) if layer.hadamard_sides is not None and layer.kron_sides is None]
+    shares = [[layers[i] for i in loha[k::workers]] for k in range(workers)]
+    known: dict[int, np.ndarray] = {}
     with single_threaded_blas(), ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(_quiet_report, layers))
+        for k, spectra in enumerate(pool.map(_quiet_hadamard_spectra, shares)):
+            known.update(zip(loha[k::workers], spectra))
+        if workers == 1:
+            return [_quiet_report(layer, known.get(i)) for i, layer in enumerate(layers)]
+        return list(pool.map(_quiet_report, layers, [known.get(i) for i in range(len(layers))]))
 
 
 def inspect_adapter(

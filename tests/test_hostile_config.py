@@ -326,3 +326,31 @@ def test_factor_read_peak_memory(tmp_path: Path) -> None:
     del array
     source.close()
     assert peak < 2.1 * stored
+
+
+def test_read_ahead_gives_each_key_its_own_value_or_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tensors read by two threads in batches: values as a direct read gives them, asked in
+    order, out of turn or twice, and a NaN tensor's error raised for that key alone, not
+    for the good keys read in the same batch."""
+    from lora_tools.formats import source as source_module
+
+    monkeypatch.setattr(source_module, "_MIN_MEAN_BYTES", 0)
+    monkeypatch.setattr(source_module, "_BATCH_BYTES", 3000)  # a few tensors per batch
+    g = torch.Generator().manual_seed(5)
+    tensors = {f"t{i:02d}": torch.randn(17, 23, generator=g).to([torch.bfloat16, torch.float32][i % 2])
+               for i in range(24)}
+    tensors["t07"].view(-1)[5] = float("nan")
+    save_torch(tensors, str(tmp_path / "many.safetensors"))
+    source = SafetensorsSource(tmp_path / "many.safetensors")
+    keys = sorted(tensors)
+    with source_module.ReadAhead(source, keys) as reader:
+        assert reader._pool is not None
+        order = keys[:5] + ["t20", "t03"] + keys[5:]  # one out of turn, one twice
+        for key in order:
+            if key == "t07":
+                with pytest.raises(Exception, match="'t07' contains NaN or Inf"):
+                    reader.get(key)
+                continue
+            expected = tensors[key].float().numpy() if tensors[key].dtype == torch.bfloat16 else tensors[key].numpy()
+            assert np.array_equal(reader.get(key), expected), key
+    source.close()

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lora_tools.linalg import factored as lr
+from lora_tools.linalg import hadamard as hd
 from lora_tools.linalg import spectrum as sp
 
 DTYPES = (np.float16, np.float32, np.float64)
@@ -464,7 +465,7 @@ def test_hadamard_singular_values_match_dense(update):
     u1, v1, u2, v2, scale = update
     ref = dense_sv(loha_dense(u1, v1, u2, v2, scale))
     b, a = khatri_rao(u1, v1, u2, v2)
-    s = lr.hadamard_singular_values((u1, v1), (u2, v2), b, a, scale)
+    s = hd.hadamard_singular_values((u1, v1), (u2, v2), b, a, scale)
     r = u1.shape[1] * u2.shape[1]
     assert s.shape == (r,) and s.dtype == np.float64
     assert np.all(s >= 0) and np.all(np.diff(s) <= 0)
@@ -483,10 +484,10 @@ def test_khatri_rao_gram_is_the_gram_of_the_formed_factor(dtype, r1: int, r2: in
     x1, x2 = rng.standard_normal((r1, m)).astype(dtype), rng.standard_normal((r2, m)).astype(dtype)
     k = np.einsum("ic,jc->ijc", x1.astype(np.float64), x2.astype(np.float64)).reshape(r1 * r2, m)
     want = k @ k.T
-    got = lr.khatri_rao_gram(x1, x2)
+    got = hd.khatri_rao_gram(x1, x2)
     assert got.shape == (r1 * r2, r1 * r2)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-13 * np.abs(want).max())
-    np.testing.assert_allclose(lr.khatri_rao_gram(x1.T.copy().T, x2), want, rtol=0, atol=1e-13 * np.abs(want).max())
+    np.testing.assert_allclose(hd.khatri_rao_gram(x1.T.copy().T, x2), want, rtol=0, atol=1e-13 * np.abs(want).max())
 
 
 class Unformed:
@@ -503,7 +504,7 @@ def test_hadamard_of_well_conditioned_factors_never_forms_them():
     """SDXL-like shapes (out 640, in 2048, r = 8): σ from the two r²×r² Grams alone, equal to
     the σ of the formed B and A (`singular_values`) and of the dense ΔW."""
     u1, v1, u2, v2 = make_loha(3, 640, 2048, 8, 8, np.float32, "random")
-    s = lr.hadamard_singular_values((u1, v1), (u2, v2), Unformed((640, 64)), Unformed((64, 2048)), 0.5)
+    s = hd.hadamard_singular_values((u1, v1), (u2, v2), Unformed((640, 64)), Unformed((64, 2048)), 0.5)
     b, a = khatri_rao(u1, v1, u2, v2)
     np.testing.assert_allclose(s, lr.singular_values(b, a, 0.5), rtol=0, atol=1e-12 * s[0])
     ref = dense_sv(loha_dense(u1, v1, u2, v2, 0.5))
@@ -517,8 +518,33 @@ def test_hadamard_of_a_conv_layer_takes_its_stored_shapes(out_dim: int):
     so B is read in that shape (Householder), out = 30 takes the Gram route."""
     u1, v1, u2, v2 = make_loha(5, out_dim, 5 * 9, 3, 2, np.float32, "random")
     b, a = khatri_rao(u1, v1, u2, v2)
-    s = lr.hadamard_singular_values((u1, v1), (u2, v2), b.reshape(out_dim, 6, 1, 1), a.reshape(6, 5, 3, 3), 2.0)
+    s = hd.hadamard_singular_values((u1, v1), (u2, v2), b.reshape(out_dim, 6, 1, 1), a.reshape(6, 5, 3, 3), 2.0)
     ref = dense_sv(loha_dense(u1, v1, u2, v2, 2.0))
     k = min(6, ref.size)
     np.testing.assert_allclose(s[:k], ref[:k], rtol=0, atol=1e-12 * ref[0])
     assert not s[k:].any() or np.all(s[k:] <= 1e-12 * ref[0])
+
+
+def test_hadamard_spectra_of_a_whole_file_equal_the_layer_by_layer_ones(monkeypatch: pytest.MonkeyPatch):
+    """The batched σ (layers of one shape stacked) against `hadamard_singular_values` per
+    layer, and the float64 dense SVD: every degenerate kind (those go the one-by-one
+    route), shapes repeated across batches (a small batch size forces several), a conv
+    side, a side shorter than r₁r₂, mixed dtypes and scales, order kept."""
+    monkeypatch.setattr(hd, "_BATCH_ELEMENTS", 20_000)
+    items = []
+    for seed in range(40):
+        kind = LOHA_KINDS[seed % len(LOHA_KINDS)] if seed % 3 == 0 else "random"
+        m, n, r1, r2 = [(64, 48, 3, 4), (40, 90, 2, 2), (5, 30, 2, 3), (30, 45, 3, 2)][seed % 4]
+        u1, v1, u2, v2 = make_loha(seed, m, n, r1, r2, [np.float32, np.float64][seed % 2], kind)
+        b, a = khatri_rao(u1, v1, u2, v2)
+        items.append(((u1, v1), (u2, v2), b, a, [0.5, -2.0, 1.0][seed % 3]))
+    batched = hd.hadamard_spectra(items)
+    assert len(batched) == len(items)
+    for item, s in zip(items, batched):
+        one = hd.hadamard_singular_values(*item)
+        assert s.shape == one.shape
+        np.testing.assert_allclose(s, one, rtol=0, atol=1e-12 * max(one[0], 1e-300))
+        (u1, v1), (u2, v2), b, a, scale = item
+        ref = dense_sv(loha_dense(u1, v1, u2, v2, scale))
+        k = min(s.size, ref.size)
+        np.testing.assert_allclose(s[:k], ref[:k], rtol=0, atol=tolerance(b, a, scale, ref[0] if ref.size else 0.0))

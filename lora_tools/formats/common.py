@@ -15,7 +15,7 @@ import numpy as np
 
 from lora_tools.adapter import LoraLayer
 from lora_tools.errors import FormatError
-from lora_tools.formats.source import TensorSource, read_checked
+from lora_tools.formats.source import ReadAhead, TensorSource
 from lora_tools.io.dtypes import NUMERIC_DTYPES
 
 # Integer alphas are real: diffusers' convert_state_dict_to_kohya writes torch.tensor(rank), an int64.
@@ -57,7 +57,7 @@ def build_layers(
     patterns, per-module alpha tensors, metadata), the rest is shared.
     """
     plan: list[tuple[str, dict[str, str], bool, str | None, str | None]] = []
-    keys: list[str] = []  # every tensor read, in the order the loop below takes them
+    keys: list[str] = []  # every tensor read, in the order the loop below asks for them
     for module, roles in groups.modules.items():
         embedding = EMB_A in roles or EMB_B in roles
         key_a, key_b = (roles.get(EMB_A), roles.get(EMB_B)) if embedding else (roles.get(A), roles.get(B))
@@ -65,40 +65,40 @@ def build_layers(
         if key_a is None or key_b is None:
             break  # refused below, after the modules before it (as their errors come first)
         keys += [key_a, key_b] + [roles[role] for role in (MAGNITUDE, BIAS) if role in roles]
-    arrays = read_checked(source, keys)
     layers = []
-    for module, roles, embedding, key_a, key_b in plan:
-        if key_a is None or key_b is None:
-            present = next(iter(roles.values()))
-            missing = "A (down)" if key_a is None else "B (up)"
-            raise FormatError(source.path, f"module {module!r}: has {present!r} but no LoRA {missing} factor")
-        a = next(arrays)
-        b = next(arrays)
-        check_factor_shapes(source, module, a, b, embedding)
-        kind = "embedding" if embedding else ("conv" if a.ndim > 2 else "linear")
-        rank = int(a.shape[0])
-        layer = LoraLayer(
-            name=module,
-            a=a,
-            b=b,
-            alpha=float(alpha_for(module, rank, roles)),
-            kind=kind,  # type: ignore[arg-type]
-            use_rslora=use_rslora,
-            fan_in_fan_out=fan_in_fan_out and kind == "linear",
-            dtype=source.dtype(key_a),
-            source_keys=tuple(roles.values()),
-        )
-        if MAGNITUDE in roles:
-            layer.magnitude = next(arrays)
-            check_magnitude(source, layer, roles[MAGNITUDE])
-        if BIAS in roles:
-            layer.bias = next(arrays)
-            if layer.bias.shape != (b.shape[0],):
-                raise FormatError(
-                    source.path, f"module {module!r}: lora bias has shape {layer.bias.shape}, expected ({b.shape[0]},)"
-                )
-        _place_factors(source, layer, key_a, key_b, roles)
-        layers.append(layer)
+    with ReadAhead(source, keys) as arrays:
+        for module, roles, embedding, key_a, key_b in plan:
+            if key_a is None or key_b is None:
+                present = next(iter(roles.values()))
+                missing = "A (down)" if key_a is None else "B (up)"
+                raise FormatError(source.path, f"module {module!r}: has {present!r} but no LoRA {missing} factor")
+            a = arrays.get(key_a)
+            b = arrays.get(key_b)
+            check_factor_shapes(source, module, a, b, embedding)
+            kind = "embedding" if embedding else ("conv" if a.ndim > 2 else "linear")
+            rank = int(a.shape[0])
+            layer = LoraLayer(
+                name=module,
+                a=a,
+                b=b,
+                alpha=float(alpha_for(module, rank, roles)),
+                kind=kind,  # type: ignore[arg-type]
+                use_rslora=use_rslora,
+                fan_in_fan_out=fan_in_fan_out and kind == "linear",
+                dtype=source.dtype(key_a),
+                source_keys=tuple(roles.values()),
+            )
+            if MAGNITUDE in roles:
+                layer.magnitude = arrays.get(roles[MAGNITUDE])
+                check_magnitude(source, layer, roles[MAGNITUDE])
+            if BIAS in roles:
+                layer.bias = arrays.get(roles[BIAS])
+                if layer.bias.shape != (b.shape[0],):
+                    raise FormatError(
+                        source.path, f"module {module!r}: lora bias has shape {layer.bias.shape}, expected ({b.shape[0]},)"
+                    )
+            _place_factors(source, layer, key_a, key_b, roles)
+            layers.append(layer)
     return layers
 
 

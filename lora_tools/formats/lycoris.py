@@ -35,7 +35,7 @@ and any sum, only in float64), so no reader of these layers rounds what the file
 Conv factors whose kernel the file flattens (`hada_w1_b` (r, in·kh·kw)) stay 2-D; a base
 weight fits them flattened (`engine.binding`). LoHa and LoKr layers also keep their two
 sides (U, V) with W = U·V (`hadamard_sides`, `kron_sides`), from which inspect takes σ
-without forming B or A (`linalg.factored.hadamard_singular_values`, `kron_singular_values`).
+without forming B or A (`linalg.hadamard.hadamard_singular_values`, `factored.kron_singular_values`).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ import numpy as np
 from lora_tools.adapter import Adapter, LoraLayer
 from lora_tools.errors import FormatError
 from lora_tools.formats.common import DuplicateRole, KeyGroups, scalar_alpha
-from lora_tools.formats.source import TensorSource, finite_factor
+from lora_tools.formats.source import ReadAhead, TensorSource, finite_factor
 
 __all__ = ["LYCORIS_PREFIX", "ROLES", "ScaleRule", "build_layer", "grouped", "load_lycoris", "looks_like_lycoris"]
 
@@ -102,8 +102,8 @@ def looks_like_lycoris(keys: list[str]) -> bool:
 class _Module:
     """One module's tensors, read on demand with their shapes checked as they are used."""
 
-    def __init__(self, source: TensorSource, name: str, roles: dict[str, str]) -> None:
-        self.source, self.name, self.roles = source, name, roles
+    def __init__(self, source: TensorSource, name: str, roles: dict[str, str], reader: ReadAhead | None = None) -> None:
+        self.source, self.name, self.roles, self.reader = source, name, roles, reader
 
     def has(self, role: str) -> bool:
         return role in self.roles
@@ -112,7 +112,9 @@ class _Module:
         if role not in self.roles:
             raise FormatError(self.source.path, f"module {self.name!r}: has no {role!r} (its {self._algo()} "
                                                 "update needs it)")
-        return np.asarray(finite_factor(self.source, self.roles[role]))  # as stored (bf16/fp16 widened exactly)
+        key = self.roles[role]
+        value = self.reader.get(key) if self.reader is not None else finite_factor(self.source, key)
+        return np.asarray(value)  # as stored (bf16/fp16 widened exactly)
 
     def matrix(self, role: str, rows: int | None = None) -> np.ndarray:
         """The tensor as a 2-D matrix (its first axis kept), rows checked."""
@@ -267,8 +269,10 @@ def _file_scale(source: TensorSource, roles: dict[str, str], alpha_override: flo
     return scale
 
 
-def build_layer(source: TensorSource, name: str, roles: dict[str, str], scale_rule: ScaleRule) -> LoraLayer:
-    module = _Module(source, name, roles)
+def build_layer(source: TensorSource, name: str, roles: dict[str, str], scale_rule: ScaleRule,
+                reader: ReadAhead | None = None) -> LoraLayer:
+    """One module's layer; its tensors come through `reader` when the caller reads ahead."""
+    module = _Module(source, name, roles, reader)
     algo = _algo(roles)
     dim: int | None
     kron: Sides | None = None
@@ -362,11 +366,14 @@ def grouped(source: TensorSource, pattern: re.Pattern[str]) -> KeyGroups:
 def load_lycoris(source: TensorSource, *, alpha_override: float | None = None) -> Adapter:
     groups = grouped(source, _KEY)
     layers = []
-    for name, roles in groups.modules.items():
-        if set(roles) <= {"alpha", "dora_scale"}:  # nothing to apply
-            groups.unclaimed.extend(roles.values())
-            continue
-        layers.append(build_layer(source, name, roles, _file_scale(source, roles, alpha_override)))
+    keys = [key for roles in groups.modules.values() if not set(roles) <= {"alpha", "dora_scale"}
+            for role, key in roles.items() if role != "alpha"]
+    with ReadAhead(source, keys) as reader:
+        for name, roles in groups.modules.items():
+            if set(roles) <= {"alpha", "dora_scale"}:  # nothing to apply
+                groups.unclaimed.extend(roles.values())
+                continue
+            layers.append(build_layer(source, name, roles, _file_scale(source, roles, alpha_override), reader))
     if not layers:
         raise FormatError(source.path, "no LyCORIS or LoRA modules found")
     return Adapter(path=str(source.path), format="kohya", layers=layers, metadata=source.metadata,

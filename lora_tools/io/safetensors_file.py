@@ -314,8 +314,8 @@ class SafetensorsFile:
         if info.dtype == "BF16":
             array = self._bf16_as_float32(name, info.numel)
         elif info.dtype in NUMPY_DTYPE:
-            raw = self.read_bytes(name)
-            array = np.frombuffer(raw, dtype=NUMPY_DTYPE[info.dtype])
+            array = np.empty(info.numel, dtype=NUMPY_DTYPE[info.dtype])  # not a zero-filled bytearray: one pass
+            self.read_into(name, array)
         else:
             raise self._fail(f"tensor {name!r}: dtype {info.dtype} cannot be read as numbers here")
         return array.reshape(info.shape)

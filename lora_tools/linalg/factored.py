@@ -10,17 +10,14 @@ No I/O, no printing, no torch.
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import Any
 
 import numpy as np
 
-from lora_tools.linalg.qr import cholesky_r, orthonormal_factor, r_factor
+from lora_tools.linalg.qr import orthonormal_factor, r_factor
 from lora_tools.linalg.spectrum import rank_for_energy
-from lora_tools.linalg.tall import ROW_BLOCK, Tall, as_tall, times
+from lora_tools.linalg.tall import Tall, as_tall, times
 
 # The Gram sum for ‖BA‖_F² carries a rounding error ≈ eps·(Σᵢ‖bᵢ‖‖aᵢ‖)²; below this share
 # of that bound cancellation has eaten too many digits and a QR-based norm is used instead.
@@ -130,10 +127,10 @@ def singular_values(b: np.ndarray, a: np.ndarray, scale: float = 1.0) -> np.ndar
     (m, r), n = b.shape, a.shape[1]
     if min(m, n, r) == 0:
         return np.zeros(r)
-    return _padded_singular_values(b @ a if r >= min(m, n) else _core(b, a), r, scale)
+    return padded_singular_values(b @ a if r >= min(m, n) else _core(b, a), r, scale)
 
 
-def _padded_singular_values(core: np.ndarray, r: int, scale: float) -> np.ndarray:
+def padded_singular_values(core: np.ndarray, r: int, scale: float) -> np.ndarray:
     """|scale|·σ(core), descending, zero-padded to r: a matrix with B·A's singular values
     (B·A itself, or the core R_B·R_Aᵀ) to those of scale·B·A, r of them."""
     out = np.zeros(r)
@@ -152,118 +149,6 @@ def kron_singular_values(
     s1 = singular_values(*side1)
     s2 = singular_values(*side2)
     return np.sort(np.outer(s1, s2).ravel())[::-1] * abs(scale)
-
-
-def hadamard_singular_values(
-    side1: tuple[np.ndarray, np.ndarray], side2: tuple[np.ndarray, np.ndarray], b: Any, a: Any, scale: float = 1.0
-) -> np.ndarray:
-    """Descending singular values of scale·(U₁V₁)∘(U₂V₂), LyCORIS' LoHa, all r₁·r₂ of them:
-    those of `singular_values(b, a, scale)` for its exact factors B = U₁⊙ᵣU₂ (out, r₁r₂) and
-    A = V₁⊙꜀V₂ (r₁r₂, in), which are formed only where their Gram matrices cannot stand in.
-
-    U₁ (out, r₁), V₁ (r₁, in), U₂ (out, r₂), V₂ (r₂, in), any float dtype. BᵀB and AAᵀ come
-    from `khatri_rao_gram` (pair products: ~0.6× the flops of B's own Gram and no (out, r₁r₂)
-    float64 copy; forming B and A and their Grams was 0.9 s of 1.25 s per 700 SDXL-sized
-    modules, the pair products are 0.4 s); their Cholesky factors are R_B and R_A
-    (CholeskyQR, `qr.cholesky_r`, as `r_factor` does) and σ(BA) = σ(R_B·R_Aᵀ). A Gram too
-    ill-conditioned for that (κ ≥ 1e6, e.g. U₁ = U₂ makes B's columns (i,j) and (j,i) equal)
-    or a side shorter than r₁r₂ takes a Householder R of the factor itself: `b` and `a`
-    (arrays or anything np.asarray forms, e.g. formats.lycoris' lazy BuiltFactor, in any
-    shape with out / r₁r₂ rows) are read only then. O((out+in)·r₁²r₂²/2 + (r₁r₂)³).
-    """
-    (u1, v1), (u2, v2) = side1, side2
-    out_dim, in_dim, r = u1.shape[0], v1.shape[1], u1.shape[1] * u2.shape[1]
-    if min(out_dim, in_dim, r) == 0:
-        return np.zeros(r)
-    r_b = cholesky_r(khatri_rao_gram(u1.T, u2.T)) if out_dim >= r else None
-    if r_b is None:
-        r_b = r_factor(np.asarray(b, dtype=np.float64).reshape(out_dim, r))
-    r_a = cholesky_r(khatri_rao_gram(v1, v2)) if in_dim >= r else None
-    if r_a is None:
-        r_a = r_factor(np.asarray(a, dtype=np.float64).reshape(r, in_dim).T)
-    return _padded_singular_values(r_b @ r_a.T, r, scale)
-
-
-def khatri_rao_gram(x1: np.ndarray, x2: np.ndarray) -> np.ndarray:
-    """K·Kᵀ ((r₁r₂)×(r₁r₂), float64) of K = X₁⊙X₂ (r₁r₂, m), K[(i,j), c] = X₁[i,c]·X₂[j,c],
-    for X₁ (r₁, m) and X₂ (r₂, m) of any float dtype, without forming K.
-
-    Why not the textbook identity (X₁⊙X₂)ᵀ(X₁⊙X₂) = X₁ᵀX₁ ∘ X₂ᵀX₂: that is the m×m Gram
-    KᵀK. The small one is a fourth moment, (KKᵀ)[(i,j),(k,l)] = Σ_c X₁[i,c]X₁[k,c]·
-    X₂[j,c]X₂[l,c], symmetric in i↔k and in j↔l, so it is M[{i,k}, {j,l}] with M = P₁·P₂ᵀ
-    and P_t[{i,k}, c] = X_t[i,c]·X_t[k,c] over the pairs i ≤ k: 2·m·(r₁(r₁+1)/2)·(r₂(r₂+1)/2)
-    flops (2592·m for r = 8) against m·(r₁r₂)² (4096·m) for K's own Gram, and P has 36
-    rows where K has 64. Products of two float32 values are exact in float64, so P is
-    exact for stored float32/bf16/fp16 factors and only the sums round, as in K's Gram.
-    X and P are made ROW_BLOCK columns at a time in this thread's `_SCRATCH`.
-    """
-    (r1, m), r2 = x1.shape, x2.shape[0]
-    width = max(1, min(m, ROW_BLOCK))
-    w1, w2, p1, p2 = _SCRATCH.arrays((r1, width), (r2, width), (r1 * (r1 + 1) // 2, width),
-                                     (r2 * (r2 + 1) // 2, width))
-    moment = np.zeros((p1.shape[0], p2.shape[0]))  # M
-    for lo in range(0, m, width):
-        n = min(width, m - lo)
-        np.copyto(w1[:, :n], x1[:, lo:lo + n])  # widened to float64, C-ordered: rows of X contiguous
-        np.copyto(w2[:, :n], x2[:, lo:lo + n])
-        _pair_products(w1[:, :n], p1[:, :n])
-        _pair_products(w2[:, :n], p2[:, :n])
-        moment += p1[:, :n] @ p2[:, :n].T
-    return moment.ravel()[_gram_index(r1, r2)]  # [(i,j), (k,l)] = M[{i,k}, {j,l}]
-
-
-def _pair_products(x: np.ndarray, out: np.ndarray) -> None:
-    """out[{i,k}] = x[i]·x[k] for the pairs i ≤ k, row-major over the upper triangle, x (r, m),
-    out (r(r+1)/2, m): one product over whole rows per i."""
-    r = x.shape[0]
-    row = 0
-    for i in range(r):
-        np.multiply(x[i], x[i:], out=out[row:row + r - i])
-        row += r - i
-
-
-class _Scratch(threading.local):
-    """float64 memory reused by one thread across calls. Why: fresh arrays of a MB or
-    more per call cost more in page faults than the products that fill them, since the
-    allocator hands blocks that size back to the system when freed (LoHa's whole P per
-    factor: 94 K faults per 700-module file, 1.5× the time of the products). Grows to the
-    largest request and is kept: (2r + r(r+1))·ROW_BLOCK·8 bytes, 1.4 MB per thread for r = 8."""
-
-    def __init__(self) -> None:
-        self.memory = np.empty(0)
-
-    def arrays(self, *shapes: tuple[int, int]) -> list[np.ndarray]:
-        """Arrays of these shapes over disjoint parts of the memory, contents undefined."""
-        sizes = [rows * cols for rows, cols in shapes]
-        if self.memory.size < sum(sizes):
-            self.memory = np.empty(sum(sizes))
-        views, start = [], 0
-        for shape, size in zip(shapes, sizes):
-            views.append(self.memory[start:start + size].reshape(shape))
-            start += size
-        return views
-
-
-_SCRATCH = _Scratch()
-
-
-@lru_cache(maxsize=64)
-def _gram_index(r1: int, r2: int) -> np.ndarray:
-    """(r₁r₂, r₁r₂) int: where KKᵀ[(i,j), (k,l)] lies in M.ravel(), M[{i,k}, {j,l}]."""
-    rows1, rows2 = _pair_rows(r1), _pair_rows(r2)  # (r, r): the row of P holding x[i]·x[k]
-    index = rows1[:, None, :, None] * (r2 * (r2 + 1) // 2) + rows2[None, :, None, :]  # [i, j, k, l]
-    index = index.reshape(r1 * r2, r1 * r2)
-    index.setflags(write=False)
-    return index
-
-
-def _pair_rows(r: int) -> np.ndarray:
-    """(r, r) int: the row of P holding x[min(i,k)]·x[max(i,k)]."""
-    rows = np.zeros((r, r), dtype=np.intp)
-    upper = np.triu_indices(r)  # row-major, as `_pair_products` writes them
-    rows[upper] = np.arange(upper[0].size)
-    rows.T[upper] = rows[upper]
-    return rows
 
 
 def frobenius_norm(b: np.ndarray, a: np.ndarray, scale: float = 1.0) -> float:

@@ -31,7 +31,7 @@ _ORTHO_TOL = 1e-10
 _EPS = float(np.finfo(np.float64).eps)
 # CholeskyQR's R is exact for the computed Gram matrix, whose rounding (≈ eps·‖X‖²)
 # perturbs σ(X)² by eps·σ₁²: fine while κ(XᵀX) stays below this, else Householder.
-_CHOLESKY_MAX_CONDITION = 1e6
+CHOLESKY_MAX_CONDITION = 1e6
 
 
 def _householder(x: Tall) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -113,16 +113,16 @@ def cholesky_r(gram: np.ndarray) -> np.ndarray | None:
     its diagonal and the Cholesky pivots) that R has σ(X) to ≈ eps·κ(XᵀX). None otherwise:
     the caller then needs X itself for a Householder QR (`r_factor`). Split out of
     `r_factor` for callers that get the Gram matrix more cheaply than from X (LoHa's
-    Khatri–Rao factors, `factored.hadamard_singular_values`)."""
+    Khatri–Rao factors, `hadamard.hadamard_singular_values`)."""
     diag = np.diag(gram)
-    if diag.size == 0 or not (diag.min() > 0 and diag.max() / diag.min() < _CHOLESKY_MAX_CONDITION):
+    if diag.size == 0 or not (diag.min() > 0 and diag.max() / diag.min() < CHOLESKY_MAX_CONDITION):
         return None
     try:
         lower = np.linalg.cholesky(gram)
     except np.linalg.LinAlgError:
         return None
     pivots = np.abs(np.diag(lower))
-    if not (pivots.max() / pivots.min()) ** 2 < _CHOLESKY_MAX_CONDITION:
+    if not (pivots.max() / pivots.min()) ** 2 < CHOLESKY_MAX_CONDITION:
         return None
     return cast(np.ndarray, lower.T)
 
