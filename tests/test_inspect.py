@@ -290,3 +290,13 @@ def test_summary_of_a_bare_file(llama_plain_case: PeftCase, tmp_path: Path) -> N
     assert summary.ranks == [4] and summary.alphas == [4.0] and summary.dtype == "F32"
     assert summary.coverage.n_tensors == 28 and summary.coverage.lora_pairs == 14
     assert summary.coverage.unrecognized == [] and summary.coverage.full_tensors == []
+
+
+@pytest.mark.parametrize("values", [[3.0], [2.0, 1.0], [5.0, -1.0, 2.5, 2.5, 9.0], [1.0, float("inf"), 0.5, 7.0],
+                                    [1.0, float("nan"), 2.0], list(np.random.default_rng(0).standard_normal(101))])
+def test_median_is_numpys(values) -> None:
+    from lora_tools.inspect import _median
+
+    want = float(np.median(np.array(values)))
+    got = _median(np.array(values))
+    assert (np.isnan(want) and np.isnan(got)) or got == want
