@@ -67,21 +67,9 @@ def khatri_rao_gram(x1: np.ndarray, x2: np.ndarray) -> np.ndarray:
     flops (2592·m for r = 8) against m·(r₁r₂)² (4096·m) for K's own Gram, and P has 36
     rows where K has 64. Products of two float32 values are exact in float64, so P is
     exact for stored float32/bf16/fp16 factors and only the sums round, as in K's Gram.
-    X and P are made ROW_BLOCK columns at a time in this thread's `_SCRATCH`.
+    X and P are made ROW_BLOCK columns at a time in this thread's `_SCRATCH` (`_stacked_gram`).
     """
-    (r1, m), r2 = x1.shape, x2.shape[0]
-    width = max(1, min(m, ROW_BLOCK))
-    w1, w2, p1, p2 = _SCRATCH.arrays((r1, width), (r2, width), (r1 * (r1 + 1) // 2, width),
-                                     (r2 * (r2 + 1) // 2, width))
-    moment = np.zeros((p1.shape[0], p2.shape[0]))  # M
-    for lo in range(0, m, width):
-        n = min(width, m - lo)
-        np.copyto(w1[:, :n], x1[:, lo:lo + n])  # widened to float64, C-ordered: rows of X contiguous
-        np.copyto(w2[:, :n], x2[:, lo:lo + n])
-        _pair_products(w1[:, :n], p1[:, :n])
-        _pair_products(w2[:, :n], p2[:, :n])
-        moment += p1[:, :n] @ p2[:, :n].T
-    return moment.ravel()[_gram_index(r1, r2)]  # [(i,j), (k,l)] = M[{i,k}, {j,l}]
+    return _stacked_gram([x1], [x2], x1.shape[0], x2.shape[0])[0]
 
 
 def _pair_products(x: np.ndarray, out: np.ndarray) -> None:
@@ -99,7 +87,8 @@ class _Scratch(threading.local):
     more per call cost more in page faults than the products that fill them, since the
     allocator hands blocks that size back to the system when freed (LoHa's whole P per
     factor: 94 K faults per 700-module file, 1.5× the time of the products). Grows to the
-    largest request and is kept: (2r + r(r+1))·ROW_BLOCK·8 bytes, 1.4 MB per thread for r = 8."""
+    largest request and is kept: (2r + r(r+1))·ROW_BLOCK·8 bytes per layer stacked, 1.4 MB
+    for r = 8, and at most about _BATCH_ELEMENTS·8 bytes (4 MB) per thread for a batch."""
 
     def __init__(self) -> None:
         self.memory = np.empty(0)
@@ -154,7 +143,7 @@ def hadamard_spectra(items: Sequence[tuple[Side, Side, Any, Any, float]]) -> lis
         else:
             out[index] = hadamard_singular_values(*items[index])
     for (out_dim, in_dim, r1, r2), members in groups.items():
-        per_item = max(out_dim, in_dim) * (r1 + r2 + r1 * (r1 + 1) // 2 + r2 * (r2 + 1) // 2)  # scratch
+        per_item = min(max(out_dim, in_dim), ROW_BLOCK) * (r1 + r2 + r1 * (r1 + 1) // 2 + r2 * (r2 + 1) // 2)
         step = max(1, _BATCH_ELEMENTS // per_item)
         for lo in range(0, len(members), step):
             batch = members[lo:lo + step]
@@ -175,17 +164,23 @@ def hadamard_spectra(items: Sequence[tuple[Side, Side, Any, Any, float]]) -> lis
 
 def _stacked_gram(x1: Sequence[np.ndarray], x2: Sequence[np.ndarray], r1: int, r2: int) -> np.ndarray:
     """`khatri_rao_gram` of each pair (X₁ (r₁, m), X₂ (r₂, m)), stacked: (g, r₁r₂, r₁r₂).
-    The widened X and the pair products live in this thread's `_SCRATCH` (fresh arrays
-    cost 15× the products here, in page faults and in numpy's gathers)."""
+    X is widened and P formed ROW_BLOCK columns at a time in this thread's `_SCRATCH`
+    (fresh arrays cost more than the products here, in page faults and numpy's gathers),
+    and the blocks' P₁·P₂ᵀ are summed: memory bounded whatever m is."""
     g, m = len(x1), x1[0].shape[1]
-    w1, w2, p1, p2 = _SCRATCH.arrays((g, r1, m), (g, r2, m), (g, r1 * (r1 + 1) // 2, m), (g, r2 * (r2 + 1) // 2, m))
-    for k in range(g):  # widened to float64: products of two stored values are exact
-        np.copyto(w1[k], x1[k])
-        np.copyto(w2[k], x2[k])
-    _pair_products(w1, p1)
-    _pair_products(w2, p2)
-    moment = p1 @ p2.transpose(0, 2, 1)  # M per item
-    return moment.reshape(g, -1)[:, _gram_index(r1, r2)]
+    width = max(1, min(m, ROW_BLOCK))
+    w1, w2, p1, p2 = _SCRATCH.arrays((g, r1, width), (g, r2, width), (g, r1 * (r1 + 1) // 2, width),
+                                     (g, r2 * (r2 + 1) // 2, width))
+    moment = np.zeros((g, p1.shape[1], p2.shape[1]))  # M per item
+    for lo in range(0, m, width):
+        n = min(width, m - lo)
+        for k in range(g):  # widened to float64: products of two stored values are exact
+            np.copyto(w1[k, :, :n], x1[k][:, lo:lo + n])
+            np.copyto(w2[k, :, :n], x2[k][:, lo:lo + n])
+        _pair_products(w1[:, :, :n], p1[:, :, :n])
+        _pair_products(w2[:, :, :n], p2[:, :, :n])
+        moment += p1[:, :, :n] @ p2[:, :, :n].transpose(0, 2, 1)
+    return moment.reshape(g, -1)[:, _gram_index(r1, r2)]  # [(i,j), (k,l)] = M[{i,k}, {j,l}]
 
 
 def _stacked_cholesky(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
