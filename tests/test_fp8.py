@@ -471,3 +471,16 @@ def test_every_e4m3_code_dequantizes_exactly() -> None:
     with_nan.view(torch.uint8)[5, 7] = 0xFF
     values = dequantize(with_nan, scales, (16, 32))
     assert bool(torch.isnan(values[5, 7])) and torch.equal(values[:5], truth[:5].float())
+
+
+def test_every_e5m2_code_dequantizes_as_torch_casts_it() -> None:
+    """The CPU's code table holds torch's own cast of every code: for e5m2 too (whose
+    all-ones exponent holds ±inf and NaNs), in blocks of every code, scaled once."""
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e5m2)
+    q = codes.repeat(8).reshape(16, 128)
+    scales = torch.tensor([[0.5, 3.0], [1e-3, 2.0**-20]])
+    values = dequantize(q, scales, (8, 64))
+    truth = q.to(torch.float32) * scales.repeat_interleave(8, 0).repeat_interleave(64, 1)
+    same = (values == truth) | (torch.isnan(values) & torch.isnan(truth))
+    assert bool(same.all()) and torch.equal(values.view(torch.int32)[~torch.isnan(values)],
+                                            truth.view(torch.int32)[~torch.isnan(truth)])
