@@ -11,7 +11,6 @@ beside an output (kept under the file-name limit however long OUT's name is).
 from __future__ import annotations
 
 import os
-import secrets
 import signal
 import stat
 from collections.abc import Iterator, Sequence
@@ -209,7 +208,7 @@ def temporary_sibling(out: Path, marker: str) -> Path:
     When OUT's own name is near the limit, the copy of it in the hidden name is cut (on a
     UTF-8 character boundary); the random part keeps the name unique.
     """
-    suffix = f"{marker}{secrets.token_hex(6)}"
+    suffix = f"{marker}{os.urandom(6).hex()}"  # what secrets.token_hex(6) gives, without its imports
     try:
         limit = os.pathconf(out.parent, "PC_NAME_MAX")
     except (OSError, ValueError):
