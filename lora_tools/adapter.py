@@ -94,7 +94,7 @@ class LoraLayer:
     @property
     def update_matrix_shape(self) -> tuple[int, int]:
         """(rows, cols) of B·A, the matrix whose spectrum we report."""
-        return (int(self.b.shape[0]), int(np.prod(self.a.shape[1:])))
+        return (int(self.b.shape[0]), math.prod(self.a.shape[1:]))
 
     @property
     def weight_shape(self) -> tuple[int, ...]:

@@ -40,6 +40,7 @@ without forming B or A (`linalg.hadamard.hadamard_singular_values`, `factored.kr
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from typing import Any, NoReturn
@@ -289,14 +290,14 @@ def build_layer(source: TensorSource, name: str, roles: dict[str, str], scale_ru
     scale = scale_rule(dim)
     rank = a.shape[0]
     conv = len(kernel) > 0  # a kernel the file shows; a flattened one stays a matrix
-    in_dim = a.shape[1] // int(np.prod(kernel)) if conv else a.shape[1]
+    in_dim = a.shape[1] // math.prod(kernel) if conv else a.shape[1]
     stored = module.stored()
     layer = LoraLayer(
         name=name, a=_shaped(a, (rank, in_dim, *kernel)) if conv else a,
         b=_shaped(b, (b.shape[0], rank, *(1,) * len(kernel))) if conv else b,
         alpha=scale * rank, kind="conv" if conv else "linear", dtype=_exact_dtype(algo, roles, stored),
         source_keys=tuple(roles.values()), algo=algo,
-        stored_params=sum(int(np.prod(source.shape(key))) for role, key in roles.items() if role != "alpha"),
+        stored_params=sum(math.prod(source.shape(key)) for role, key in roles.items() if role != "alpha"),
         kron_sides=kron, hadamard_sides=hadamard,
     )
     if "diff_b" in roles:  # full: s = 1, so the LoRA bias rule (bias + s·bias_B) adds diff_b itself
