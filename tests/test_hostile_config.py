@@ -282,11 +282,18 @@ def test_factor_read_finds_a_non_finite_anywhere(tmp_path: Path, bad: float, whe
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_factor_read_keeps_finite_values_whose_sum_overflows(tmp_path: Path, dtype: torch.dtype) -> None:
-    """The quick check is a sum; finite values that overflow it must still be read."""
+    """The quick check is a sum; finite values that overflow it must still be read, and
+    without numpy's overflow warning on stderr (nor its inf − inf one for a bad tensor)."""
     big = torch.full((64,), torch.finfo(dtype).max, dtype=dtype)
-    save_torch({"t": big}, str(tmp_path / "t.safetensors"))
+    bad = big.clone()
+    bad[0], bad[1] = float("inf"), -float("inf")
+    save_torch({"t": big, "bad": bad}, str(tmp_path / "t.safetensors"))
     source = SafetensorsSource(tmp_path / "t.safetensors")
-    assert np.array_equal(finite_factor(source, "t"), big.numpy())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.array_equal(finite_factor(source, "t"), big.numpy())
+        with pytest.raises(Exception, match="contains NaN or Inf"):
+            finite_factor(source, "bad")
     source.close()
 
 
@@ -328,14 +335,18 @@ def test_factor_read_peak_memory(tmp_path: Path) -> None:
     assert peak < 2.1 * stored
 
 
-def test_read_ahead_gives_each_key_its_own_value_or_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tensors read by two threads in batches: values as a direct read gives them, asked in
-    order, out of turn or twice, and a NaN tensor's error raised for that key alone, not
-    for the good keys read in the same batch."""
+@pytest.mark.parametrize("mode", ["threads", "span"])
+def test_read_ahead_gives_each_key_its_own_value_or_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          mode: str) -> None:
+    """Tensors read by two threads in batches, or small ones all in one read of their span:
+    values as a direct read gives them, asked in order, out of turn, twice, or (span) not
+    announced at all, and a NaN tensor's error raised for that key alone, not for the good
+    keys read with it."""
     from lora_tools.formats import source as source_module
 
-    monkeypatch.setattr(source_module, "_MIN_MEAN_BYTES", 0)
-    monkeypatch.setattr(source_module, "_BATCH_BYTES", 3000)  # a few tensors per batch
+    if mode == "threads":
+        monkeypatch.setattr(source_module, "_MIN_MEAN_BYTES", 0)
+        monkeypatch.setattr(source_module, "_BATCH_BYTES", 3000)  # a few tensors per batch
     g = torch.Generator().manual_seed(5)
     tensors = {f"t{i:02d}": torch.randn(17, 23, generator=g).to([torch.bfloat16, torch.float32][i % 2])
                for i in range(24)}
@@ -343,8 +354,9 @@ def test_read_ahead_gives_each_key_its_own_value_or_error(tmp_path: Path, monkey
     save_torch(tensors, str(tmp_path / "many.safetensors"))
     source = SafetensorsSource(tmp_path / "many.safetensors")
     keys = sorted(tensors)
-    with source_module.ReadAhead(source, keys) as reader:
-        assert reader._pool is not None
+    announced = keys if mode == "threads" else keys[:-2]  # the last two come from outside the span
+    with source_module.ReadAhead(source, announced) as reader:
+        assert (reader._pool is not None) if mode == "threads" else (reader._span is not None)
         order = keys[:5] + ["t20", "t03"] + keys[5:]  # one out of turn, one twice
         for key in order:
             if key == "t07":

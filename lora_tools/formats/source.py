@@ -202,13 +202,21 @@ def finite_factor(source: TensorSource, key: str) -> np.ndarray:
     """Read a float tensor and refuse NaN/Inf, which would poison every later number.
 
     Checks run on this numpy array; readers hand it to `source.place` once they are done."""
+    _require_float(source, key)
+    return _require_finite(source, key, source.numpy(key))
+
+
+def _require_float(source: TensorSource, key: str) -> None:
     if source.dtype(key) not in FLOAT_DTYPES:
         raise FormatError(source.path, f"tensor {key!r} has non-float dtype {source.dtype(key)}")
-    array = source.numpy(key)
+
+
+def _require_finite(source: TensorSource, key: str, array: np.ndarray) -> np.ndarray:
     # a sum is finite when every element is, and NaN/Inf when one is not, unless finite
     # values overflow it (then the full check decides): no whole-array temporary, whose
     # pages cost more than the sum; float16 is summed in float32 (numpy casts in buffers)
-    total = array.sum(dtype=np.float32 if array.dtype == np.float16 else None)  # (the method: no wrapper)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow and inf − inf are what it looks for
+        total = array.sum(dtype=np.float32 if array.dtype == np.float16 else None)  # (the method: no wrapper)
     if not np.isfinite(total) and not np.isfinite(array).all():
         raise FormatError(source.path, f"tensor {key!r} contains NaN or Inf")
     return array
@@ -220,14 +228,17 @@ def finite_factor(source: TensorSource, key: str) -> np.ndarray:
 _BATCH_BYTES = 2 << 20
 _BATCHES_AHEAD = 3
 _MIN_MEAN_BYTES = 256 << 10
+_SPAN_DENSITY = 0.9
 
 
 class ReadAhead:
-    """`finite_factor` of tensors a reader will ask for in about this order: a safetensors
-    file is read by two threads ahead of `get`, in batches of ~2 MB (pread and numpy's
-    widening release the GIL: a 1B adapter loads in about half the time). A key asked
-    for out of turn, or twice, is read then; an error surfaces at `get` of the key that
-    has it. A context manager: leaving it drops what was not asked for."""
+    """`finite_factor` of tensors a reader will ask for in about this order. A safetensors
+    file of large tensors is read by two threads ahead of `get`, in batches of ~2 MB
+    (pread and numpy's widening release the GIL: a 1B adapter loads in about half the
+    time); one of many small tensors in a single read of the bytes they span, each `get`
+    then a view of them. A key asked for out of turn, or twice, is read then; an error
+    surfaces at `get` of the key that has it. A context manager: leaving it drops what
+    was not asked for."""
 
     def __init__(self, source: TensorSource, keys: Sequence[str]) -> None:
         self.source = source
@@ -235,11 +246,20 @@ class ReadAhead:
         self._next = 0
         self._ready: dict[str, Future[dict[str, np.ndarray | Exception]]] = {}
         self._pool: ThreadPoolExecutor | None = None
+        self._span: tuple[np.ndarray, int] | None = None
+        self._in_span: set[str] = set()
         unique = list(dict.fromkeys(keys))
-        sizes = [source.file.info(key).nbytes for key in unique] if isinstance(source, SafetensorsSource) else []
-        # many small tensors (a LoHa file's 50 KB factors) are read faster by this thread alone:
-        # the layers built between reads hold the GIL longer than the reads take
-        if sizes and sum(sizes) >= _MIN_MEAN_BYTES * len(sizes):
+        infos = [source.file.info(key) for key in unique] if isinstance(source, SafetensorsSource) else []
+        sizes = [info.nbytes for info in infos]
+        if infos and sum(sizes) < _MIN_MEAN_BYTES * len(sizes):
+            # many small tensors (a LoHa file's 50 KB factors): the layers built between reads
+            # hold the GIL longer than the reads take, so no threads; one read for all of them
+            # when they fill most of the bytes between the first and the last
+            if sum(sizes) >= _SPAN_DENSITY * (max(i.end for i in infos) - min(i.start for i in infos)):
+                assert isinstance(source, SafetensorsSource)
+                self._span = source.file.read_span(unique)
+                self._in_span = set(unique)
+        elif sizes:
             size = 0
             for key, nbytes in zip(unique, sizes):
                 if not self._batches or size >= _BATCH_BYTES:
@@ -270,6 +290,9 @@ class ReadAhead:
             in_flight.add(id(future))
 
     def get(self, key: str) -> np.ndarray:
+        if self._span is not None and key in self._in_span and isinstance(self.source, SafetensorsSource):
+            _require_float(self.source, key)
+            return _require_finite(self.source, key, self.source.file.numpy_from(key, *self._span))
         future = self._ready.pop(key, None)
         value = future.result().pop(key) if future is not None else finite_factor(self.source, key)
         self._fill()
@@ -282,6 +305,7 @@ class ReadAhead:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
         self._ready.clear()
+        self._span = None
 
     def __enter__(self) -> ReadAhead:
         return self

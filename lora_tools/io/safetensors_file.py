@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import stat
 import threading
@@ -274,16 +275,48 @@ class SafetensorsFile:
         view = memoryview(buffer).cast("B")
         if offset < 0 or offset + view.nbytes > info.nbytes:
             raise ValueError(f"tensor {name!r} has {info.nbytes} bytes, asked for {view.nbytes} from {offset}")
+        self._read_fully(view, info.start + offset, f"tensor {name!r}")
+
+    def _read_fully(self, view: memoryview, position: int, what: str) -> None:
         fd = self._descriptor()
         done = 0
         while done < view.nbytes:
             try:
-                got = pread_into(fd, view[done:], info.start + offset + done)
+                got = pread_into(fd, view[done:], position + done)
             except OSError as exc:
-                raise self._fail(f"cannot read tensor {name!r}: {exc.strerror or exc}") from None
+                raise self._fail(f"cannot read {what}: {exc.strerror or exc}") from None
             if got == 0:
-                raise self._fail(f"tensor {name!r}: file ended early (truncated?)")
+                raise self._fail(f"{what}: file ended early (truncated?)")
             done += got
+
+    def read_span(self, names: list[str]) -> tuple[np.ndarray, int]:
+        """The bytes from the first of these tensors to the end of the last, in one array,
+        and the file offset it starts at (`numpy_from` takes both): one read instead of one
+        per tensor, for files of many small ones (a LoHa file's 3,500). The memory is
+        anonymous and populated up front (MAP_POPULATE, where there is one): one call
+        faults its pages in, 0.07 s for 168 MB here, against 0.1–0.15 s of faults taken one
+        by one, or up to 0.4 s when numpy's huge-page request on such an array makes the
+        kernel compact memory."""
+        infos = [self.info(name) for name in names]
+        start, end = min(i.start for i in infos), max(i.end for i in infos)
+        flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0) | getattr(mmap, "MAP_POPULATE", 0)
+        memory = mmap.mmap(-1, max(1, end - start), flags=flags) if flags else mmap.mmap(-1, max(1, end - start))
+        span = np.frombuffer(memory, dtype=np.uint8)[: end - start]
+        self._read_fully(span.data, start, f"tensors {names[0]!r} to {names[-1]!r}")
+        return span, start
+
+    def numpy_from(self, name: str, span: np.ndarray, span_start: int) -> np.ndarray:
+        """`numpy(name)` from a `read_span` holding it: a view of those bytes (BF16: widened
+        into a new float32 array)."""
+        info = self.info(name)
+        raw = span[info.start - span_start:info.end - span_start]
+        if info.dtype == "BF16":
+            bits = np.empty(info.numel, dtype="<u4")
+            _widen_bf16(raw.view("<u2"), bits)
+            return bits.view("<f4").reshape(info.shape)
+        if info.dtype not in NUMPY_DTYPE:
+            raise self._fail(f"tensor {name!r}: dtype {info.dtype} cannot be read as numbers here")
+        return raw.view(NUMPY_DTYPE[info.dtype]).reshape(info.shape)
 
     def will_need(self, name: str) -> None:
         """Ask the kernel to start reading a tensor's bytes now, in large requests, so
@@ -322,16 +355,12 @@ class SafetensorsFile:
 
     def _bf16_as_float32(self, name: str, numel: int) -> np.ndarray:
         """A BF16 tensor widened to float32 inside the one array it ends in: its bytes are
-        read into that array's upper half and widened front to back, chunk by chunk (chunk
-        [lo, hi) writes halves [2·lo, 2·hi), which never reach the unread [numel + hi, …)).
-        No second buffer is touched: fresh pages cost more here than the shift itself."""
+        read into that array's upper half and widened in place (`_widen_bf16`). No second
+        buffer is touched: fresh pages cost more here than the shift itself."""
         bits = np.empty(numel, dtype="<u4")
         halves = bits.view("<u2")
         self.read_into(name, halves[numel:])
-        for lo in range(0, numel, _WIDEN_CHUNK):
-            hi = min(lo + _WIDEN_CHUNK, numel)
-            # the first chunks overlap their own input: numpy buffers such a chunk itself
-            np.left_shift(halves[numel + lo:numel + hi], 16, out=bits[lo:hi], dtype="<u4")
+        _widen_bf16(halves[numel:], bits)
         return bits.view("<f4")
 
     def torch(self, name: str, buffer: Any = None) -> Any:
@@ -353,3 +382,13 @@ class SafetensorsFile:
         raw = buffer[: info.nbytes]
         self.read_into(name, raw.numpy())
         return raw.view(dtype).reshape(info.shape)
+
+
+def _widen_bf16(halves: np.ndarray, bits: np.ndarray) -> None:
+    """bits[i] = halves[i] << 16 (bf16 → float32 bits, exact), front to back in chunks.
+    `halves` may be the upper half of `bits` itself: chunk [lo, hi) writes halves
+    [2·lo, 2·hi), which never reach the unread [n + hi, …); the first chunks overlap their
+    own input, and numpy buffers such a chunk itself."""
+    for lo in range(0, bits.size, _WIDEN_CHUNK):
+        hi = min(lo + _WIDEN_CHUNK, bits.size)
+        np.left_shift(halves[lo:hi], 16, out=bits[lo:hi], dtype="<u4")
