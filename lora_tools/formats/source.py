@@ -33,7 +33,6 @@ def keep_numpy(array: np.ndarray, code: str) -> np.ndarray:
     return array
 
 
-
 class TensorSource(Protocol):
     path: Path
     metadata: dict[str, str]
