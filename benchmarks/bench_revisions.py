@@ -31,6 +31,7 @@ COMMANDS = ("inspect", "inspect --base", "merge", "blend", "verify")
 def tree_env(root: Path) -> dict[str, str]:
     """Children import lora_tools from `root` only: first on PYTHONPATH, and their working
     folder (`python -m` puts the working folder before PYTHONPATH)."""
+    benchutil.compile_package(root)  # both trees alike
     env = benchutil.child_env()
     env["PYTHONPATH"] = str(root)
     return env
