@@ -19,7 +19,6 @@ from lora_tools.adapter import Adapter, LoraLayer
 from lora_tools.errors import FormatError, RequestError
 from lora_tools.formats import load_adapter
 from lora_tools.formats.names import LAYER_NUMBER, module_family
-from lora_tools.inspect_base import BaseQuantSummary, against_base, base_quant_summary
 from lora_tools.linalg import factored, hadamard, nf4, spectrum
 
 # A layer whose ‖ΔW‖_F is below this fraction of the adapter's median is "dead".
@@ -67,6 +66,21 @@ class LayerReport:
 
 
 _BASE_QUANT_FIELDS = ("base_quant_error", "base_quant_mismatch")
+
+
+@dataclass
+class BaseQuantSummary:
+    """What `--base-quant` found: how far the 16-bit base is from what a QLoRA adapter
+    was trained against (deq(NF4(W0))), measured in units of each layer's update."""
+
+    spec: str  # the --base-quant text, normalised: "nf4", "nf4,dq", "nf4,blocksize=128"
+    double_quant: bool
+    blocksize: int
+    quantized_layers: int  # layers whose base weight bitsandbytes would hold in NF4
+    layers_over_1: int  # base_quant_mismatch > 1: NF4's rounding moves W0 more than ΔW does
+    max_mismatch: float | None
+    worst_layer: str | None
+    summary: str
 
 
 @dataclass
@@ -297,7 +311,7 @@ def inspect_adapter(
     base_norms: dict[str, float] = {}
     quant_errors: dict[str, float] = {}
     if base_path is not None:
-        adapter, base_norms, quant_errors = against_base(adapter, base_path, spec)
+        adapter, base_norms, quant_errors = _against_base(adapter, base_path, spec)
     layers = _layer_reports(adapter.layers)
     for report in layers:
         figures = [report.scale, report.fro_norm, report.effective_rank, *report.singular_values]
@@ -313,3 +327,78 @@ def inspect_adapter(
     if spec is None:
         return InspectReport(summary, layers)
     return InspectReport(summary, layers, base_quant_summary(spec, layers, quant_errors))
+
+
+def base_quant_summary(spec: nf4.BaseQuant, layers: list[LayerReport], errors: dict[str, float]) -> BaseQuantSummary:
+    """Fill each quantized layer's base_quant_error and base_quant_mismatch (flagging
+    "quant_mismatch" above 1) and sum them up in one sentence.
+
+    The ratio compares two ways to merge: onto W0 (what a 16-bit serve loads) the result
+    differs from what training saw, W_q + ΔW with W_q = deq(NF4(W0)), by W0 − W_q. Above 1,
+    that difference is larger in norm than the layer's whole update. A zero update
+    gets no ratio (it would be infinite; the layer is flagged dead already).
+    """
+    rated = []
+    for layer in layers:
+        if layer.name not in errors:
+            continue
+        layer.base_quant_error = errors[layer.name]
+        if layer.fro_norm > 0:
+            layer.base_quant_mismatch = layer.base_quant_error / layer.fro_norm
+            rated.append(layer)
+            if layer.base_quant_mismatch > 1:
+                layer.flags.append("quant_mismatch")
+    worst = max(rated, key=lambda m: m.base_quant_mismatch or 0.0, default=None)
+    over = sum(1 for m in rated if (m.base_quant_mismatch or 0.0) > 1)
+    if worst is None or worst.base_quant_mismatch is None:
+        text = (f"no adapted layer has a base weight bitsandbytes holds in NF4 (Linear weights other than lm_head) and a"
+                f" non-zero update: --base-quant {spec} changes nothing here")
+    else:
+        ratio = worst.base_quant_mismatch
+        text = (f"merging onto the 16-bit base adds NF4's rounding error, {ratio:.3g}× the update on the worst layer"
+                f" ({worst.name}){f', above 1× on {over} of {len(rated)} layers' if over else ''}; merge with"
+                f" --base-quant {spec} to merge onto what the adapter was trained against")
+    return BaseQuantSummary(
+        spec=str(spec), double_quant=spec.double_quant, blocksize=spec.blocksize, quantized_layers=len(errors),
+        layers_over_1=over, max_mismatch=None if worst is None else worst.base_quant_mismatch,
+        worst_layer=None if worst is None else worst.name, summary=text,
+    )
+
+
+def _against_base(
+    adapter: Adapter, base_path: str | os.PathLike[str], spec: nf4.BaseQuant | None = None
+) -> tuple[Adapter, dict[str, float], dict[str, float]]:
+    """Resolve names against the base, check every layer fits, and measure ‖W0‖_F; with
+    `spec`, also ‖W0 − deq(NF4(W0))‖_F of each weight bitsandbytes would quantize."""
+    from lora_tools.engine.binding import fit_to_base
+    from lora_tools.formats.names import resolve_names
+    from lora_tools.io.checkpoint import BaseCheckpoint
+
+    with BaseCheckpoint.open(base_path) as base:
+        adapter = resolve_names(adapter, base.module_paths(), os.fspath(base_path))
+        targets = fit_to_base(
+            adapter, lambda k: base.info(k).shape if base.has(k) else None, os.fspath(base_path), base.value_dtype
+        )
+        norms = {
+            t.layer.name: float(np.linalg.norm(base.numpy(t.weight_key).astype(np.float64).ravel()))
+            for t in targets
+        }
+        for target in targets:
+            if not math.isfinite(norms[target.layer.name]):  # a NaN in W0 would poison ‖ΔW‖/‖W0‖
+                raise FormatError(base.shard_of(target.weight_key).path, f"tensor {target.weight_key!r} contains NaN or Inf")
+        quant_errors = {} if spec is None else {
+            t.layer.name: _quant_error(base, t.weight_key, t.transposed, spec)
+            for t in targets if nf4.quantized_by_bitsandbytes(t.layer, t.weight_shape)
+        }
+    return adapter, norms, quant_errors
+
+
+def _quant_error(base: Any, key: str, transposed: bool, spec: nf4.BaseQuant) -> float:
+    """‖W0 − deq(NF4(W0))‖_F of one base weight, read in its stored dtype (bitsandbytes
+    quantizes the weight as loaded) and quantized as (out, in), as transformers hands a
+    Conv1D weight to it."""
+    weight = base.torch(key)
+    try:
+        return nf4.round_trip_error(weight.T if transposed else weight, spec)
+    except RequestError as error:
+        raise RequestError(base.shard_of(key).path, f"tensor {key!r}: {error.problem}") from None
