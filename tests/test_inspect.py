@@ -295,7 +295,7 @@ def test_summary_of_a_bare_file(llama_plain_case: PeftCase, tmp_path: Path) -> N
 @pytest.mark.parametrize("values", [[3.0], [2.0, 1.0], [5.0, -1.0, 2.5, 2.5, 9.0], [1.0, float("inf"), 0.5, 7.0],
                                     [1.0, float("nan"), 2.0], list(np.random.default_rng(0).standard_normal(101))])
 def test_median_is_numpys(values) -> None:
-    from lora_tools.inspect import _median
+    from lora_tools.inspect.figures import _median
 
     want = float(np.median(np.array(values)))
     got = _median(np.array(values))

@@ -284,7 +284,7 @@ def _shared_legend(fig: Any, types: list[str], colors: dict[str, Any]) -> None:
     """One legend for the figure: a swatch per module type plus the flag markers."""
     from matplotlib.lines import Line2D
 
-    from lora_tools.inspect import OUTLIER_Z  # the caller built the report, so this is loaded
+    from lora_tools.inspect.figures import OUTLIER_Z  # the caller built the report, so this is loaded
 
     handles = [Line2D([], [], color=colors[t], lw=2.5, label=short(t)) for t in types]
     handles.append(Line2D([], [], ls="none", marker="o", ms=11, mfc="none", mec="red", mew=1.6,
