@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from lora_tools.linalg.factored import padded_singular_values
-from lora_tools.linalg.qr import CHOLESKY_MAX_CONDITION, cholesky_r, r_factor
+from lora_tools.linalg.qr import cholesky_r, cholesky_stack, r_factor
 from lora_tools.linalg.tall import ROW_BLOCK
 
 Side = tuple[np.ndarray, np.ndarray]  # (U (out, r), V (r, in)): W = U·V
@@ -151,7 +151,7 @@ def hadamard_spectra(items: Sequence[tuple[Side, Side, Any, Any, float]]) -> lis
             sides = [items[i][:2] for i in batch]
             gram_b = _stacked_gram([s1[0].T for s1, _ in sides], [s2[0].T for _, s2 in sides], r1, r2)
             gram_a = _stacked_gram([s1[1] for s1, _ in sides], [s2[1] for _, s2 in sides], r1, r2)
-            lower_b, lower_a = _stacked_cholesky(gram_b), _stacked_cholesky(gram_a)
+            lower_b, lower_a = cholesky_stack(gram_b), cholesky_stack(gram_a)
             good = lower_b[1] & lower_a[1]
             if good.any():  # R_B·R_Aᵀ = L_Bᵀ·L_A
                 sigma = np.linalg.svd(lower_b[0][good].transpose(0, 2, 1) @ lower_a[0][good], compute_uv=False)
@@ -182,25 +182,3 @@ def _stacked_gram(x1: Sequence[np.ndarray], x2: Sequence[np.ndarray], r1: int, r
         _pair_products(w2[:, :, :n], p2[:, :, :n])
         moment += p1[:, :, :n] @ p2[:, :, :n].transpose(0, 2, 1)
     return moment.reshape(g, -1)[:, _gram_index(r1, r2)]  # [(i,j), (k,l)] = M[{i,k}, {j,l}]
-
-
-def _stacked_cholesky(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(L (g, r, r), ok (g,)): lower Cholesky factors and where `cholesky_r` would accept
-    them (its diagonal and pivot-ratio tests, vectorised); rows not ok hold garbage."""
-    diag = np.diagonal(gram, axis1=1, axis2=2)
-    low, high = diag.min(axis=1), diag.max(axis=1)
-    ok = (low > 0) & (high < CHOLESKY_MAX_CONDITION * np.where(low > 0, low, 1.0))
-    lower = np.zeros_like(gram)
-    indices = np.flatnonzero(ok)
-    try:
-        lower[indices] = np.linalg.cholesky(gram[indices])
-    except np.linalg.LinAlgError:  # one is not positive definite: find it, one by one
-        for i in indices:
-            try:
-                lower[i] = np.linalg.cholesky(gram[i])
-            except np.linalg.LinAlgError:
-                ok[i] = False
-    pivots = np.abs(np.diagonal(lower, axis1=1, axis2=2))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ok &= (pivots.max(axis=1) / pivots.min(axis=1)) ** 2 < CHOLESKY_MAX_CONDITION
-    return lower, ok

@@ -31,7 +31,7 @@ _ORTHO_TOL = 1e-10
 _EPS = float(np.finfo(np.float64).eps)
 # CholeskyQR's R is exact for the computed Gram matrix, whose rounding (≈ eps·‖X‖²)
 # perturbs σ(X)² by eps·σ₁²: fine while κ(XᵀX) stays below this, else Householder.
-CHOLESKY_MAX_CONDITION = 1e6
+_CHOLESKY_MAX_CONDITION = 1e6
 
 
 def _householder(x: Tall) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -114,17 +114,34 @@ def cholesky_r(gram: np.ndarray) -> np.ndarray | None:
     the caller then needs X itself for a Householder QR (`r_factor`). Split out of
     `r_factor` for callers that get the Gram matrix more cheaply than from X (LoHa's
     Khatri–Rao factors, `hadamard.hadamard_singular_values`)."""
-    diag = np.diag(gram)
-    if diag.size == 0 or not (diag.min() > 0 and diag.max() / diag.min() < CHOLESKY_MAX_CONDITION):
+    if gram.size == 0:
         return None
+    lower, ok = cholesky_stack(gram[None])
+    return cast(np.ndarray, lower[0].T) if ok[0] else None
+
+
+def cholesky_stack(grams: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`cholesky_r`'s test and factor for a stack of Gram matrices (g, r, r), r ≥ 1:
+    (L (g, r, r) lower, ok (g,)); where ok is False, L holds nothing to use. The one
+    implementation of the test, stacked so that many layers of one shape take a few
+    numpy calls (`hadamard.hadamard_spectra`)."""
+    diag = np.diagonal(grams, axis1=1, axis2=2)
+    low, high = diag.min(axis=1), diag.max(axis=1)
+    ok = (low > 0) & (high / np.where(low > 0, low, 1.0) < _CHOLESKY_MAX_CONDITION)
+    lower = np.zeros_like(grams)
+    indices = np.flatnonzero(ok)
     try:
-        lower = np.linalg.cholesky(gram)
-    except np.linalg.LinAlgError:
-        return None
-    pivots = np.abs(np.diag(lower))
-    if not (pivots.max() / pivots.min()) ** 2 < CHOLESKY_MAX_CONDITION:
-        return None
-    return cast(np.ndarray, lower.T)
+        lower[indices] = np.linalg.cholesky(grams[indices])
+    except np.linalg.LinAlgError:  # one is not positive definite: find it, one by one
+        for i in indices:
+            try:
+                lower[i] = np.linalg.cholesky(grams[i])
+            except np.linalg.LinAlgError:
+                ok[i] = False
+    pivots = np.abs(np.diagonal(lower, axis1=1, axis2=2))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ok &= (pivots.max(axis=1) / pivots.min(axis=1)) ** 2 < _CHOLESKY_MAX_CONDITION
+    return lower, ok
 
 
 def r_factor(x: np.ndarray) -> np.ndarray:
