@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NoReturn
 
 import numpy as np
@@ -52,7 +52,7 @@ from lora_tools.errors import FormatError
 from lora_tools.formats.common import DuplicateRole, KeyGroups, scalar_alpha
 from lora_tools.formats.source import ReadAhead, TensorSource, finite_factor
 
-__all__ = ["LYCORIS_PREFIX", "ROLES", "ScaleRule", "build_layer", "grouped", "load_lycoris", "looks_like_lycoris"]
+__all__ = ["LYCORIS_PREFIX", "ROLES", "ScaleRule", "build_layer", "build_layers", "grouped", "load_lycoris", "looks_like_lycoris"]
 
 # the scale s of a layer, given the dim of its factored part (None: no factored part)
 ScaleRule = Callable[[int | None], float]
@@ -270,6 +270,15 @@ def _file_scale(source: TensorSource, roles: dict[str, str], alpha_override: flo
     return scale
 
 
+def build_layers(source: TensorSource, modules: Mapping[str, dict[str, str]],
+                 scale_of: Callable[[str, dict[str, str]], ScaleRule]) -> list[LoraLayer]:
+    """Every module's layer, in order, `scale_of(name, roles)` giving its scale rule; the
+    tensors are read ahead of the layers built from them (`ReadAhead`)."""
+    keys = [key for roles in modules.values() for role, key in roles.items() if role != "alpha"]
+    with ReadAhead(source, keys) as reader:
+        return [build_layer(source, name, roles, scale_of(name, roles), reader) for name, roles in modules.items()]
+
+
 def build_layer(source: TensorSource, name: str, roles: dict[str, str], scale_rule: ScaleRule,
                 reader: ReadAhead | None = None) -> LoraLayer:
     """One module's layer; its tensors come through `reader` when the caller reads ahead."""
@@ -366,15 +375,13 @@ def grouped(source: TensorSource, pattern: re.Pattern[str]) -> KeyGroups:
 
 def load_lycoris(source: TensorSource, *, alpha_override: float | None = None) -> Adapter:
     groups = grouped(source, _KEY)
-    layers = []
-    keys = [key for roles in groups.modules.values() if not set(roles) <= {"alpha", "dora_scale"}
-            for role, key in roles.items() if role != "alpha"]
-    with ReadAhead(source, keys) as reader:
-        for name, roles in groups.modules.items():
-            if set(roles) <= {"alpha", "dora_scale"}:  # nothing to apply
-                groups.unclaimed.extend(roles.values())
-                continue
-            layers.append(build_layer(source, name, roles, _file_scale(source, roles, alpha_override), reader))
+    applied: dict[str, dict[str, str]] = {}
+    for name, roles in groups.modules.items():
+        if set(roles) <= {"alpha", "dora_scale"}:  # nothing to apply
+            groups.unclaimed.extend(roles.values())
+        else:
+            applied[name] = roles
+    layers = build_layers(source, applied, lambda name, roles: _file_scale(source, roles, alpha_override))
     if not layers:
         raise FormatError(source.path, "no LyCORIS or LoRA modules found")
     return Adapter(path=str(source.path), format="kohya", layers=layers, metadata=source.metadata,

@@ -10,9 +10,9 @@ from typing import Any
 
 from lora_tools.adapter import Adapter
 from lora_tools.errors import FormatError
-from lora_tools.formats.lycoris import ROLES, ScaleRule, build_layer, grouped
+from lora_tools.formats.lycoris import ROLES, ScaleRule, build_layers, grouped
 from lora_tools.formats.patterns import PatternTable, UnsafePattern
-from lora_tools.formats.source import ReadAhead, TensorSource
+from lora_tools.formats.source import TensorSource
 
 __all__ = ["PEFT_LYCORIS_TYPES", "load_peft_lycoris"]
 
@@ -43,9 +43,7 @@ def load_peft_lycoris(source: TensorSource, config: dict[str, Any], *, adapter_p
             raise FormatError(config_path, str(exc)) from None
         return lambda dim: alpha / r
 
-    keys = [key for roles in groups.modules.values() for role, key in roles.items() if role != "alpha"]
-    with ReadAhead(source, keys) as reader:
-        layers = [build_layer(source, name, roles, rule(name), reader) for name, roles in groups.modules.items()]
+    layers = build_layers(source, groups.modules, lambda name, roles: rule(name))
     if not layers:
         raise FormatError(source.path, f"no {config.get('peft_type')} tensors found (keys like '...hada_w1_a')")
     if groups.unclaimed:
