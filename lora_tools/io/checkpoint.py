@@ -239,7 +239,7 @@ class BaseCheckpoint:
         """The dtype code of the values a reader sees: F32 for a dequantized FP8 weight."""
         return "F32" if self.is_fp8_weight(tensor) else self.info(tensor).dtype
 
-    def _scales_of(self, tensor: str) -> tuple[Any, tuple[int, int]]:
+    def scales_of(self, tensor: str) -> tuple[Any, tuple[int, int]]:
         """An FP8 weight's scale tensor (read, CPU) and block."""
         assert self.fp8 is not None
         scaled = self.fp8.weights[tensor]
@@ -249,14 +249,14 @@ class BaseCheckpoint:
         """`io.fp8.RowDequantizer` of an FP8 weight's stored codes (on any device)."""
         from lora_tools.io.fp8 import RowDequantizer
 
-        return RowDequantizer(stored, *self._scales_of(tensor))
+        return RowDequantizer(stored, *self.scales_of(tensor))
 
     def dequantized(self, tensor: str, stored: Any, out: Any = None) -> Any:
         """An FP8 weight's stored codes (`stored`, on any device) times its scales: float32
         on the same device (in `out` when given)."""
         from lora_tools.io.fp8 import dequantize
 
-        return dequantize(stored, *self._scales_of(tensor), out)
+        return dequantize(stored, *self.scales_of(tensor), out)
 
     def module_paths(self) -> set[str]:
         """Module paths that have a weight: `x.y.weight` gives `x.y`."""

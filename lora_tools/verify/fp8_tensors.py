@@ -64,10 +64,7 @@ def check_adapted_fp8(
     stored = merged.torch(name)
     step = None
     if merged.is_fp8_weight(name):
-        assert merged.fp8 is not None
-        scaled = merged.fp8.weights[name]
-        codes = merged.shard_of(name).torch(name)
-        step = step_of(codes, merged.shard_of(scaled.scale).torch(scaled.scale), scaled.block)
+        step = step_of(merged.shard_of(name).torch(name), *merged.scales_of(name))
     check = check_tensor(plan, w0, stored, atol, rtol, seed, step)
     if step is not None:
         check.dtype = f"{merged.info(name).dtype} (dequantized)"
