@@ -205,7 +205,7 @@ class _Merger:
         if self.nf4 is not None and name in self.nf4_tensors:  # what the QLoRA adapter was trained against
             w0 = round_trip_stored(w0, self.nf4, self.nf4_tensors[name])
         fp8_rows = None
-        if w0.dtype.itemsize == 1 and self.plan.base.is_fp8_weight(name):  # FP8 codes: merged on their values
+        if self._fp8_codes(name, w0):  # merged on their values
             if is_plain(plan):
                 fp8_rows = self.plan.base.row_dequantizer(name, w0)  # dequantized block by block, below
             else:
@@ -237,9 +237,13 @@ class _Merger:
             self._refuse_overflow(name, plan, self._values_of(name, w0), out)
         return out
 
+    def _fp8_codes(self, name: str, w0: torch.Tensor) -> bool:
+        """`w0` holds an FP8 weight's codes (not yet its values)."""
+        return w0.dtype.itemsize == 1 and self.plan.base.is_fp8_weight(name)
+
     def _values_of(self, name: str, w0: torch.Tensor) -> torch.Tensor:
         """W0's values: FP8 codes dequantized (the error paths look at them element by element)."""
-        return self.plan.base.dequantized(name, w0) if w0.dtype.itemsize == 1 and self.plan.base.is_fp8_weight(name) else w0
+        return self.plan.base.dequantized(name, w0) if self._fp8_codes(name, w0) else w0
 
     def _refuse_non_finite(self, name: str, plan: TensorPlan, w0: torch.Tensor) -> None:
         if not bool(torch.isfinite(w0).all()):  # the base's fault, not the adapter's
