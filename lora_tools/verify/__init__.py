@@ -1,5 +1,5 @@
 """`verify`: prove that a merged checkpoint equals base + Σ wᵢ·ΔWᵢ (operation.py), tensor by
-tensor (tensor_check.py) or, for plain LoRA layers, in row blocks (blocks.py, block_math.py)."""
+tensor (tensor_check.py) or, for plain LoRA layers, in row blocks (blocks.py, block_math.py, replay.py)."""
 
 from __future__ import annotations
 

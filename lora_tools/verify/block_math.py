@@ -1,5 +1,10 @@
 """Row-block math of verify's fast path: one plain LoRA tensor judged block by block.
 
+Here: the row blocks, the buffers they are judged in (`Workspace`, `Buffers`), the
+factors prepared once per tensor (`Factors`), the expectation (`expected_into`), the
+judging of a block (`judge_block`, `judge_block_bounded`) and the search for its worst
+element. The merge recipes replayed on a block are `replay`'s.
+
 Why blocks: the whole-tensor check (`tensor_check.check_tensor`) makes about thirty
 float64 passes, each over a fresh full-size temporary; at 1B shapes the page faults of
 those allocations cost more than the arithmetic (40 M+ minor faults, most of verify's
@@ -12,9 +17,7 @@ in float64 (rounding to the stored dtype is judged with a tolerance of one ulp o
 that dtype plus float32's slack), k and σ_k are the same sums taken block by block,
 all by the same functions (`figures`; there the whole tensor is one block). They
 differ only in float64 rounding (the products are summed per block, w·s is folded into
-A), far below any tolerance. The recipe replay is float32 and bit-exact: `merge`'s own
-arithmetic (`dense.merge_block_into`, at least two rows per GEMM) and PEFT's
-(`figures.peft_delta_into`), only per block.
+A), far below any tolerance.
 
 Only plain layers take this path (`merge.is_plain`: untransposed LoRA, no DoRA, bias
 or replacement), stored and base in bf16, fp16 or fp32; everything else, and any
@@ -30,17 +33,15 @@ import numpy as np
 import torch
 
 from lora_tools.engine.binding import LayerTarget
-from lora_tools.linalg.dense import MergeFactor, factor_tensor, is_power_of_two, merge_block_into, merge_factors
+from lora_tools.linalg.dense import MergeFactor, factor_tensor, is_power_of_two, merge_factors
 from lora_tools.verify.figures import (
     EPS,
     FORWARD_BATCH,
     SlackFactor,
     Sums,
     first_argmax,
-    fit_residual,
     forward_inputs,
     judge_rows,
-    peft_delta_into,
     slack_factor,
     slack_into,
     spacing_of_max_into,
@@ -159,8 +160,9 @@ class Factors:
     expected: per layer float64 (B, A or f·A, f, folded?): ΔWᵢ = (B·A)·f as `dense.apply_layer`
               computes it, f folded into A only when a power of two (the same bits);
     slack: per layer `figures.slack_factor`s (|B|, |A|, 2·eps32·|w·s|) in float32;
-    replay: merge's own float32 factors (`dense.merge_factors`, fused as on the CPU);
-    peft: float32 (B, A, w·s) per layer, for PEFT's recipes;
+    replay: merge's own float32 factors (`dense.merge_factors`, fused as on the CPU),
+            for `replay.replay_fp32_round_once`;
+    peft: float32 (B, A, w·s) per layer, for PEFT's recipes (`replay.replay_peft_block`);
     x: the forward check's random inputs (batch, width).
     """
 
@@ -221,7 +223,8 @@ def judge_block(
     the rows, flat.
 
     forward_merged/forward_base: (batch, all rows) outputs of the forward check, this
-    block's rows filled in. Stops early (sums.finite False) at a NaN or an Inf.
+    block's rows filled in. Stops early (sums.finite False) at a NaN or an Inf. merge's
+    recipe is replayed on the block by the caller, right after (`replay`).
     """
     rows = hi - lo
     width = stored.numel() // rows
@@ -234,8 +237,6 @@ def judge_block(
     forward_base[:, lo:hi] = torch.matmul(f.x, views.mat64[0].T, out=views.forward)
     slack_into(views.mat32[1], views.mat32[2], f.slack, lo, hi)  # float32 buffer 1, flat
     judge_rows(views.flat64, views.flat32[1], stored.dtype, sums, lo * width, atol, rtol)
-    if sums.finite and sums.fp32_round_once:
-        sums.fp32_round_once = replay_fp32_round_once(ws, views, f, lo, hi, w0, stored)
 
 
 def judge_block_bounded(
@@ -291,8 +292,6 @@ def judge_block_bounded(
         tails = (-low / eps > sums.worst, high / eps > sums.worst)
         if sums.worst_at is None or _may_beat(ws, f, lo, width, ratio, spacing, tails, eps, sums.worst):
             _block_worst(views, f, lo, hi, ratio, spacing, sums, eps)
-    if sums.fp32_round_once:
-        sums.fp32_round_once = replay_fp32_round_once(ws, views, f, lo, hi, w0, stored)
 
 
 # Past this many elements whose bound beats the running worst, a block is judged in
@@ -368,43 +367,3 @@ def _track_base(ws: Workspace, views: Buffers, sums: Sums, w0: torch.Tensor, sto
     sums.stored_is_base = same_values(stored, base_rounded)
     if sums.stored_is_base and sums.expected_rounds_to_base:
         sums.expected_rounds_to_base = same_values(second.copy_(expected), base_rounded)
-
-
-def replay_fp32_round_once(
-    ws: Workspace, views: Buffers, f: Factors, lo: int, hi: int, w0: torch.Tensor, stored: torch.Tensor
-) -> bool:
-    """Does `merge`'s float32 recipe give these rows' stored bytes? merge's own block
-    arithmetic (`dense.merge_block_into`, fused as on the CPU), on this block."""
-    widened, acc, spare = views.mat32
-    views.flat32[0].copy_(w0)
-    merge_block_into(acc, widened, f.replay, lo, hi, spare)
-    rounded = ws.narrow(views, stored.dtype)[0].copy_(views.flat32[1])
-    return same_values(rounded, stored)
-
-
-def replay_peft_block(
-    ws: Workspace, f: Factors, lo: int, hi: int, w0: torch.Tensor, stored: torch.Tensor, twice: bool
-) -> bool:
-    """PEFT with factors in the model's dtype, on these rows (`figures.peft_recipes`)."""
-    rows = hi - lo
-    views = ws.block(rows, stored.numel() // rows)
-    current, delta = ws.narrow(views, w0.dtype)
-    current.copy_(w0)
-    for b, a, factor in f.peft:
-        torch.matmul(b[lo:hi], a, out=views.mat32[0])
-        current.add_(peft_delta_into(delta, views.flat32[0], factor, twice))
-    return bool(torch.equal(current, stored))
-
-
-def fits_block(
-    ws: Workspace, f: Factors, lo: int, hi: int, w0: torch.Tensor, stored: torch.Tensor, strength: float,
-    atol: float | None, rtol: float | None,
-) -> float:
-    """Worst |stored − (W0 + k·ΔW)| over its tolerance in these rows (`figures.fit_residual`)."""
-    rows = hi - lo
-    views = ws.block(rows, stored.numel() // rows)
-    expected_into(f, lo, hi, w0, views)
-    views.flat64[3].copy_(stored)
-    if atol is None and rtol is None:
-        slack_into(views.mat32[1], views.mat32[2], f.slack, lo, hi)
-    return fit_residual(views.flat64, views.flat32[1], views.flat32[0], strength, stored.dtype, atol, rtol)

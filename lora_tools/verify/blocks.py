@@ -22,12 +22,10 @@ from lora_tools.verify.block_math import (
     FAST_DTYPES,
     Factors,
     Workspace,
-    fits_block,
     judge_block,
     judge_block_bounded,
     max_block_rows,
     prepare_factors,
-    replay_peft_block,
     row_blocks,
 )
 from lora_tools.verify.figures import (
@@ -43,6 +41,7 @@ from lora_tools.verify.figures import (
     worst_index,
 )
 from lora_tools.verify.reader import BlockReader, same_bytes
+from lora_tools.verify.replay import fits_block, replay_fp32_round_once, replay_peft_block
 from lora_tools.verify.tensor_check import decide
 from lora_tools.verify.workers import BlockWorkers, Worker, single_threaded_torch
 
@@ -138,10 +137,7 @@ def _check_plain_tensor(
             sums = parts[worker.index]
             w0 = worker.reader.rows(base, info_base, lo, hi, width, 0)
             stored = worker.reader.rows(merged, info_merged, lo, hi, width, 1)
-            if judge_bounded:
-                judge_block_bounded(worker.workspace, factors, lo, hi, w0, stored, sums, forward[0], forward[1])
-            else:
-                judge_block(worker.workspace, factors, lo, hi, w0, stored, sums, forward[0], forward[1], atol, rtol)
+            _judge_block(worker.workspace, factors, lo, hi, w0, stored, sums, forward, atol, rtol, judge_bounded)
             return sums.finite
 
         workers.run(blocks, job)
@@ -179,16 +175,29 @@ def _check_on_device(
 
     def judge(judge_bounded: bool) -> Sums:
         sums = Sums()
-        if judge_bounded:
-            judge_block_bounded(workspace, factors, 0, rows, w0, stored, sums, forward[0], forward[1])
-        else:
-            judge_block(workspace, factors, 0, rows, w0, stored, sums, forward[0], forward[1], atol, rtol)
+        _judge_block(workspace, factors, 0, rows, w0, stored, sums, forward, atol, rtol, judge_bounded)
         return sums
 
     def whole() -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
         yield 0, rows, w0, stored
 
     return _judged(plan, info_base, info_merged, factors, judge, whole, workspace, forward, atol, rtol, bounded)
+
+
+def _judge_block(
+    ws: Workspace, f: Factors, lo: int, hi: int, w0: torch.Tensor, stored: torch.Tensor, sums: Sums,
+    forward: list[torch.Tensor], atol: float | None, rtol: float | None, bounded: bool,
+) -> None:
+    """One block judged (`block_math.judge_block_bounded` or `judge_block`), then merge's
+    float32 recipe replayed on it while it is still in cache (`replay.replay_fp32_round_once`),
+    as long as every block before it replayed. forward: x·MERGEDᵀ, x·W0ᵀ."""
+    if bounded:
+        judge_block_bounded(ws, f, lo, hi, w0, stored, sums, forward[0], forward[1])
+    else:
+        judge_block(ws, f, lo, hi, w0, stored, sums, forward[0], forward[1], atol, rtol)
+    if sums.finite and sums.fp32_round_once:
+        rows = hi - lo
+        sums.fp32_round_once = replay_fp32_round_once(ws, ws.block(rows, stored.numel() // rows), f, lo, hi, w0, stored)
 
 
 def _applies(plan: TensorPlan, info_base: TensorInfo, info_merged: TensorInfo) -> bool:
