@@ -29,10 +29,13 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
+    from lora_tools.io.encode import Encoded
+
 LayerKind = Literal["linear", "embedding", "conv"]
 # A factor as a reader placed it: numpy (inspect, blend) or a torch tensor on the compute
-# device in its stored dtype (merge, verify); see the module docstring.
-Factor: TypeAlias = "np.ndarray | torch.Tensor"
+# device in its stored dtype (merge, verify); see the module docstring. A layer made to be
+# written may hold its factors already encoded (resize's bf16 output, `io.encode.Encoded`).
+Factor: TypeAlias = "np.ndarray | torch.Tensor | Encoded"
 
 
 @dataclass

@@ -40,7 +40,7 @@ LAYER_OF = {
 ALLOWED = {
     "errors": set(),
     "io": {"errors"},
-    "adapter": {"errors"},
+    "adapter": {"errors", "io"},
     "formats": {"errors", "io", "adapter"},
     "linalg": {"errors", "adapter"},
     "engine": {"errors", "io", "adapter", "formats", "linalg"},

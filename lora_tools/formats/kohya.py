@@ -36,7 +36,7 @@ from lora_tools.formats.common import (
 )
 from lora_tools.formats.names import KOHYA_PREFIXES, format_key
 from lora_tools.formats.source import TensorSource
-from lora_tools.io.encode import WriteError, write_safetensors
+from lora_tools.io.encode import Encoded, WriteError, storable, write_safetensors
 
 __all__ = ["KOHYA_PREFIXES", "load_kohya", "looks_like_kohya", "write_kohya"]
 
@@ -115,7 +115,7 @@ def write_kohya(
     """
     if not layers:
         raise WriteError("no layers to write")
-    tensors: dict[str, tuple[np.ndarray, str]] = {}
+    tensors: dict[str, tuple[np.ndarray | Encoded, str]] = {}
     for layer in layers:
         if component is None:
             if not layer.name.startswith(KOHYA_PREFIXES):
@@ -135,8 +135,8 @@ def write_kohya(
             tensors[f"{name}.dora_scale"] = (magnitude, dtype)
         if f"{name}.alpha" in tensors:
             raise WriteError(f"layer {layer.name!r}: kohya name {name!r} is taken by another layer")
-        tensors[f"{name}.lora_down.weight"] = (np.asarray(layer.a), dtype)
-        tensors[f"{name}.lora_up.weight"] = (np.asarray(layer.b), dtype)
+        tensors[f"{name}.lora_down.weight"] = (storable(layer.a), dtype)
+        tensors[f"{name}.lora_up.weight"] = (storable(layer.b), dtype)
         tensors[f"{name}.alpha"] = (np.asarray(layer.scale * layer.rank, dtype=np.float32), "F32")
     ranks = {layer.rank for layer in layers}
     alphas = {float(layer.scale * layer.rank) for layer in layers}

@@ -44,7 +44,7 @@ from lora_tools.formats.names import PEFT_PREFIX, format_key
 from lora_tools.formats.patterns import UnsafePattern
 from lora_tools.formats.peft_config import SUPPORTED_PEFT_TYPES, check_layers, pattern_table, read_config
 from lora_tools.formats.source import TensorSource, finite_factor
-from lora_tools.io.encode import WriteError, write_safetensors
+from lora_tools.io.encode import Encoded, WriteError, storable, write_safetensors
 
 __all__ = [
     "PEFT_PREFIX", "SUPPORTED_PEFT_TYPES", "load_peft", "looks_like_peft", "peft_config", "peft_tensors", "read_config", "write_peft_adapter",
@@ -226,11 +226,11 @@ def peft_config(
 
 def peft_tensors(
     layers: Sequence[LoraLayer], dtype: str, stem: Callable[[str], str] | None = None
-) -> dict[str, tuple[np.ndarray, str]]:
+) -> dict[str, tuple[np.ndarray | Encoded, str]]:
     """The state dict PEFT's save_pretrained would write for these layers. `stem` names
     a module's keys (default `format_key(name, "peft")`, i.e. `base_model.model.<name>`)."""
     stem = stem or (lambda name: format_key(name, "peft"))
-    tensors: dict[str, tuple[np.ndarray, str]] = {}
+    tensors: dict[str, tuple[np.ndarray | Encoded, str]] = {}
     with_bias = any(layer.bias is not None for layer in layers)
     for layer in layers:
         prefix = stem(layer.name)
@@ -239,11 +239,11 @@ def peft_tensors(
         if layer.kind == "embedding":
             if with_bias:
                 raise WriteError(f"layer {layer.name!r}: PEFT has no lora_bias for embeddings")
-            tensors[f"{prefix}.lora_embedding_A"] = (np.asarray(layer.a), dtype)
-            tensors[f"{prefix}.lora_embedding_B"] = (np.asarray(layer.b), dtype)
+            tensors[f"{prefix}.lora_embedding_A"] = (storable(layer.a), dtype)
+            tensors[f"{prefix}.lora_embedding_B"] = (storable(layer.b), dtype)
             continue
-        tensors[f"{prefix}.lora_A.weight"] = (np.asarray(layer.a), dtype)
-        tensors[f"{prefix}.lora_B.weight"] = (np.asarray(layer.b), dtype)
+        tensors[f"{prefix}.lora_A.weight"] = (storable(layer.a), dtype)
+        tensors[f"{prefix}.lora_B.weight"] = (storable(layer.b), dtype)
         if with_bias:  # lora_bias=True gives every LoRA layer a lora_B bias
             bias = np.asarray(layer.bias) if layer.bias is not None else np.zeros(layer.b.shape[0])
             tensors[f"{prefix}.lora_B.bias"] = (bias, dtype)

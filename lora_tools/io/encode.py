@@ -9,13 +9,16 @@ laid out with `stream_writer.build_header` through the streaming writer.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from lora_tools.io.dtypes import FLOAT_DTYPES, NUMPY_DTYPE
 
-__all__ = ["WRITABLE_DTYPES", "WriteError", "encode_array", "float32_to_bf16_bits", "stored_values", "write_safetensors"]
+__all__ = ["WRITABLE_DTYPES", "Encoded", "WriteError", "encode_array", "encode_blocks", "float32_to_bf16_bits", "storable",
+           "stored_values", "write_safetensors"]
 
 WRITABLE_DTYPES = ("F64", "F32", "F16", "BF16")  # the float dtypes (FLOAT_DTYPES), in the order messages list them
 
@@ -30,28 +33,36 @@ class WriteError(ValueError):
 _CHUNK = 1 << 16
 
 
+def _round_bf16(scratch: np.ndarray, carry: np.ndarray, out: np.ndarray) -> None:
+    """out[...] = the bf16 bit patterns of float32 `scratch` (consumed: its bits are
+    overwritten), rounded to nearest even; NaN and ±inf (whose carry may wrap) as +inf.
+    `carry` is uint32 scratch of the same shape; `out` any uint16 array of that shape."""
+    bits = scratch.view("<u4")
+    with np.errstate(over="ignore", invalid="ignore"):
+        infinite = ~np.isfinite(scratch)
+    np.right_shift(bits, 16, out=carry)
+    np.bitwise_and(carry, 1, out=carry)
+    carry += 0x7FFF
+    bits += carry
+    bits >>= 16
+    bits[infinite] = 0x7F80
+    np.copyto(out, bits, casting="unsafe")
+
+
 def _bf16_chunks(values: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
     """(offset, bf16 bit patterns) of `values` flattened, _CHUNK elements at a time, each
     chunk in one reused uint16 buffer (valid until the next one is asked for): the rounding
     of `float32_to_bf16_bits`, without any whole-tensor array."""
     flat = np.ascontiguousarray(values).reshape(-1)
     f32 = np.empty(min(_CHUNK, flat.size), dtype="<f4")
-    bits, carry = f32.view("<u4"), np.empty(f32.size, dtype="<u4")
+    carry = np.empty(f32.size, dtype="<u4")
     out = np.empty(f32.size, dtype="<u2")
-    with np.errstate(over="ignore", invalid="ignore"):
-        for lo in range(0, flat.size, _CHUNK):
-            n = min(_CHUNK, flat.size - lo)
-            chunk, chunk_bits, chunk_carry = f32[:n], bits[:n], carry[:n]
-            np.copyto(chunk, flat[lo:lo + n], casting="unsafe")
-            infinite = ~np.isfinite(chunk)
-            np.right_shift(chunk_bits, 16, out=chunk_carry)
-            np.bitwise_and(chunk_carry, 1, out=chunk_carry)
-            chunk_carry += 0x7FFF
-            chunk_bits += chunk_carry
-            chunk_bits >>= 16
-            chunk_bits[infinite] = 0x7F80  # NaN and ±inf (whose carry may wrap) as +inf
-            np.copyto(out[:n], chunk_bits, casting="unsafe")
-            yield lo, out[:n]
+    for lo in range(0, flat.size, _CHUNK):
+        n = min(_CHUNK, flat.size - lo)
+        with np.errstate(over="ignore"):  # float64 beyond float32's range: inf, refused by the callers
+            np.copyto(f32[:n], flat[lo:lo + n], casting="unsafe")
+        _round_bf16(f32[:n], carry[:n], out[:n])
+        yield lo, out[:n]
 
 
 def float32_to_bf16_bits(values: np.ndarray) -> np.ndarray:
@@ -98,10 +109,82 @@ def encode_array(values: np.ndarray, dtype: str, name: str = "tensor") -> np.nda
     return encoded
 
 
-def _encoded_chunks(values: np.ndarray, dtype: str, name: str) -> Iterator[np.ndarray]:
+@dataclass(frozen=True)
+class Encoded:
+    """A tensor already in its stored form: `bits` holds the bytes of dtype `code`
+    (uint16 bit patterns for BF16, the float itself for the others), checked finite.
+
+    Why: resize forms each layer's bf16 factors on its worker threads, block by block,
+    and rounds each block while it is still in cache. Kept as float32 until the writer
+    encodes them, a 1B adapter's factors are ~150 MB of fresh pages and one serial
+    rounding pass, which cost more than the products. The writer copies `bits` as they
+    are; anything else (`np.asarray`, a `reshape`) sees the exact stored values."""
+
+    bits: np.ndarray
+    code: str
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.bits.shape)
+
+    @property
+    def ndim(self) -> int:
+        return int(self.bits.ndim)
+
+    @property
+    def size(self) -> int:
+        return int(self.bits.size)
+
+    def reshape(self, *shape: Any) -> Encoded:
+        return Encoded(self.bits.reshape(*shape), self.code)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        values = (self.bits.astype(np.uint32) << 16).view(np.float32) if self.code == "BF16" else self.bits
+        return values if dtype is None else values.astype(dtype)
+
+
+def storable(values: Any) -> np.ndarray | Encoded:
+    """What a writer passes on for a factor: an `Encoded` as it is, anything else as numpy."""
+    return values if isinstance(values, Encoded) else np.asarray(values)
+
+
+def encode_blocks(shape: tuple[int, ...], blocks: Iterable[tuple[Any, np.ndarray]], code: str,
+                  name: str = "tensor") -> Encoded:
+    """A (shape) tensor encoded as `code` from the blocks that make it up: (index into the
+    tensor, float values); a float32 block may be consumed (it is a producer's scratch).
+    WriteError at the first block holding a value the dtype cannot store."""
+    if code not in WRITABLE_DTYPES:
+        raise WriteError(f"{name}: cannot write dtype {code!r} (use one of {', '.join(WRITABLE_DTYPES)})")
+    bits = np.empty(shape, dtype="<u2" if code == "BF16" else NUMPY_DTYPE[code])
+    carry = np.empty(0, dtype="<u4")
+    for index, block in blocks:
+        target = bits[index]
+        with np.errstate(over="ignore", invalid="ignore"):  # beyond the dtype's range: inf, refused below
+            if code == "BF16":
+                if block.dtype != np.float32 or not block.flags.c_contiguous:
+                    block = np.ascontiguousarray(block, dtype=np.float32)
+                if carry.size < block.size:
+                    carry = np.empty(block.size, dtype="<u4")
+                _round_bf16(block, carry[:block.size].reshape(block.shape), target)
+                finite = not bool(((target & 0x7F80) == 0x7F80).any())
+            else:
+                np.copyto(target, block, casting="unsafe")
+                finite = bool(np.isfinite(target).all())
+        if not finite:
+            raise _overflow(np.asarray(Encoded(np.ascontiguousarray(target), code)), code, name)
+    return Encoded(bits, code)
+
+
+def _encoded_chunks(values: np.ndarray | Encoded, dtype: str, name: str) -> Iterator[np.ndarray]:
     """`encode_array`'s bytes in pieces: bf16 chunk by chunk through one reused buffer
     (a 1B adapter's whole encoded copy is ~80 MB of fresh pages, which cost more than the
-    rounding), other dtypes whole; WriteError as soon as a chunk does not fit."""
+    rounding), other dtypes whole, an `Encoded` of this dtype as it is; WriteError as soon
+    as a chunk does not fit."""
+    if isinstance(values, Encoded):
+        if values.code == dtype:
+            yield np.ascontiguousarray(values.bits)
+            return
+        values = np.asarray(values)
     if dtype != "BF16":
         yield encode_array(values, dtype, name)
         return
@@ -122,7 +205,8 @@ def stored_values(values: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def write_safetensors(
-    path: str | os.PathLike[str], tensors: Mapping[str, tuple[np.ndarray, str]], metadata: Mapping[str, str] | None = None
+    path: str | os.PathLike[str], tensors: Mapping[str, tuple[np.ndarray | Encoded, str]],
+    metadata: Mapping[str, str] | None = None
 ) -> None:
     """Write {name: (array, dtype code)} as one safetensors file, laid out the way
     safetensors itself orders tensors (dtype, then name). `path` must not exist."""

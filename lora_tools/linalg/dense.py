@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from lora_tools.adapter import LoraLayer
+from lora_tools.adapter import Factor, LoraLayer
 
 
 class LayerTarget(Protocol):
@@ -48,9 +48,9 @@ class TensorRecipe(Protocol):
     def biases(self) -> Sequence[tuple[LayerTarget, float]]: ...
 
 
-def factor_tensor(array: np.ndarray | torch.Tensor, device: Any, dtype: torch.dtype) -> torch.Tensor:
+def factor_tensor(array: Factor, device: Any, dtype: torch.dtype) -> torch.Tensor:
     """A factor on `device` in `dtype`; from_numpy shares memory, the copy happens in .to()
-    (none when the factor already is there, as merge arranges)."""
+    (none when the factor already is there, as merge arranges); an encoded one is decoded."""
     if isinstance(array, torch.Tensor):
         return array.to(device=device, dtype=dtype)
     return torch.from_numpy(np.ascontiguousarray(array)).to(device=device, dtype=dtype)

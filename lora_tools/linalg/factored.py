@@ -56,15 +56,20 @@ class FactorSVD:
     right: np.ndarray
     base_a: Tall
 
-    def balanced(self, keep: int, dtype: type = np.float64, *, scale_b: float = 1.0,
-                 scale_a: float = 1.0, single: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """The rank-`keep` truncation as b = scale_b·U·√S (m, keep) and a = scale_a·√S·Vᵀ
-        (keep, n), C-ordered, computed in float64 and stored as `dtype`. keep ≤ t.
-        `single`: float32 products where `tall.times` allows (results bound for bf16)."""
+    def balanced_sides(self, keep: int, *, scale_b: float = 1.0,
+                       scale_a: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+        """The small matrices that give the rank-`keep` truncation's balanced factors from
+        the tall bases: b = base_b·small_b = scale_b·U·√S, a = (base_a·small_a)ᵀ = scale_a·√S·Vᵀ.
+        keep ≤ t."""
         root = np.sqrt(self.s[:keep])
-        b = times(self.base_b, self.left[:, :keep] * (scale_b * root), dtype, single=single)
-        a = times(self.base_a, self.right[:keep].T * (scale_a * root), dtype, transposed=True, single=single)
-        return b, a
+        return self.left[:, :keep] * (scale_b * root), self.right[:keep].T * (scale_a * root)
+
+    def balanced(self, keep: int, dtype: type = np.float64, *, scale_b: float = 1.0,
+                 scale_a: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+        """The rank-`keep` truncation as b = scale_b·U·√S (m, keep) and a = scale_a·√S·Vᵀ
+        (keep, n), C-ordered, computed in float64 and stored as `dtype`. keep ≤ t."""
+        small_b, small_a = self.balanced_sides(keep, scale_b=scale_b, scale_a=scale_a)
+        return times(self.base_b, small_b, dtype), times(self.base_a, small_a, dtype, transposed=True)
 
 
 def svd_of_factors(

@@ -119,19 +119,10 @@ def gram(x: Tall) -> np.ndarray:
     return x.T @ x
 
 
-def times(x: Tall, small: np.ndarray, dtype: type = np.float64, *, transposed: bool = False,
-          single: bool = False) -> np.ndarray:
+def times(x: Tall, small: np.ndarray, dtype: type = np.float64, *, transposed: bool = False) -> np.ndarray:
     """X·small (m, j) computed in float64 and stored as `dtype`; with `transposed`,
-    (X·small)ᵀ (j, m), C-ordered, without a transposing copy.
-
-    `single`: a float32-stored X with a float32 `dtype` is multiplied in float32 as it is
-    (no widened blocks: half the traffic, twice the flops rate). Its error, ≈ √j·2⁻²⁴
-    relative, is for callers that round the result to bf16 (2⁻⁹) next.
-    """
+    (X·small)ᵀ (j, m), C-ordered, without a transposing copy."""
     m, j = x.shape[0], small.shape[1]
-    if single and dtype == np.float32 and isinstance(x, Widened) and x.x.dtype == np.float32:
-        narrow = small.astype(np.float32)
-        return narrow.T @ x.x.T if transposed else x.x @ narrow  # C-ordered either way
     if isinstance(x, Widened):
         out = np.empty((j, m), dtype=dtype).T if transposed else np.empty((m, j), dtype=dtype)
         x.times(small, out)
@@ -140,3 +131,37 @@ def times(x: Tall, small: np.ndarray, dtype: type = np.float64, *, transposed: b
         return np.asarray(small.T @ x.T, dtype=dtype)  # (j, m), C-ordered as the product is
     product = x @ small
     return np.ascontiguousarray(product.T if transposed else product, dtype=dtype)
+
+
+# Elements of one block of `single_blocks`: the block and its rounding's scratch stay in a
+# core's cache between the product and the caller's use of it.
+PRODUCT_BLOCK = 1 << 16
+
+
+def single_blocks(x: Tall, small: np.ndarray, *,
+                  transposed: bool = False) -> Iterator[tuple[tuple[slice, slice], np.ndarray]]:
+    """X·small (m, j), or with `transposed` (X·small)ᵀ (j, m), as blocks (index into that
+    result, values), each in one reused buffer that the caller may overwrite and that is
+    valid until the next block is asked for.
+
+    For results rounded to bf16 (2⁻⁹) next, as they come: a float32-stored X is multiplied
+    in float32 as it is (error ≈ √k·2⁻²⁴ relative; half the traffic of widened blocks and
+    twice the flop rate), any other X in float64. No whole-result array is made.
+    """
+    stored = x.x if isinstance(x, Widened) else dense(x)  # (m, k)
+    m, j = stored.shape[0], small.shape[1]
+    single = stored.dtype == np.float32
+    side = small.astype(np.float32) if single else small
+    width = max(1, PRODUCT_BLOCK // max(j, 1))  # rows of X per block
+    flat = np.empty(min(width, m) * j, dtype=np.float32 if single else np.float64)
+    for lo in range(0, m, width):
+        hi = min(lo + width, m)
+        rows = stored[lo:hi] if single else np.asarray(stored[lo:hi], dtype=np.float64)
+        if transposed:
+            block = flat[: j * (hi - lo)].reshape(j, hi - lo)
+            np.matmul(side.T, rows.T, out=block)
+            yield (slice(None), slice(lo, hi)), block
+        else:
+            block = flat[: (hi - lo) * j].reshape(hi - lo, j)
+            np.matmul(rows, side, out=block)
+            yield (slice(lo, hi), slice(None)), block

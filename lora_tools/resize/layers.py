@@ -25,10 +25,12 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from lora_tools.adapter import LoraLayer
+from lora_tools.adapter import Factor, LoraLayer
+from lora_tools.io.encode import encode_blocks
 from lora_tools.linalg.blas import single_threaded_blas
 from lora_tools.linalg.factored import FactorSVD, svd_of_factors
 from lora_tools.linalg.rank_policy import RankPolicy, budget_ranks
+from lora_tools.linalg.tall import single_blocks
 
 
 @dataclass
@@ -76,7 +78,7 @@ def choose_ranks(spectra: Sequence[np.ndarray], layers: Sequence[LoraLayer], pol
     return [policy.min_rank if k == 0 and layer.magnitude is not None else k for k, layer in zip(ranks, layers)]
 
 
-def _stored(template: LoraLayer, b: np.ndarray, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _stored(template: LoraLayer, b: Factor, a: Factor) -> tuple[Factor, Factor]:
     """Matrices b (m, k), a (k, n) in the template's stored shapes (conv kernels back)."""
     k = a.shape[0]
     if template.kind == "conv":
@@ -92,11 +94,24 @@ def _alpha_for(layer: LoraLayer, k: int) -> float:
     return layer.scale * (math.sqrt(k) if layer.use_rslora else k)
 
 
+def _factors(parts: FactorSVD, keep: int, scale_b: float, scale_a: float, dtype: type,
+             encode: str | None) -> tuple[Factor, Factor]:
+    """The balanced rank-`keep` factors b (m, keep), a (keep, n): arrays of `dtype`, or with
+    `encode` (bf16) already in their stored form, each block rounded as it is formed."""
+    if encode is None:
+        return parts.balanced(keep, dtype, scale_b=scale_b, scale_a=scale_a)
+    small_b, small_a = parts.balanced_sides(keep, scale_b=scale_b, scale_a=scale_a)
+    b = encode_blocks((parts.base_b.shape[0], keep), single_blocks(parts.base_b, small_b), encode)
+    a = encode_blocks((keep, parts.base_a.shape[0]), single_blocks(parts.base_a, small_a, transposed=True), encode)
+    return b, a
+
+
 def resize_layer(layer: LoraLayer, parts: FactorSVD, sigma: np.ndarray, k: int, bake_alpha: float | None,
-                 dtype: type = np.float64, single: bool = False) -> tuple[LoraLayer | None, LayerResizeReport]:
+                 dtype: type = np.float64, encode: str | None = None) -> tuple[LoraLayer | None, LayerResizeReport]:
     """The layer truncated to rank k (None when k = 0), its factors stored as `dtype`, and
     its figures; with `bake_alpha` c, its scale folded into the factors under alpha = c
-    (scale c/k, no rsLoRA). `single`: float32 products (factors to be written as bf16)."""
+    (scale c/k, no rsLoRA). `encode` ("BF16"): the factors come already encoded
+    (`io.encode.Encoded`), from float32 products rounded block by block."""
     energies = sigma**2
     total = float(energies.sum())
     residual = math.sqrt(float(energies[k:].sum()))
@@ -113,8 +128,7 @@ def resize_layer(layer: LoraLayer, parts: FactorSVD, sigma: np.ndarray, k: int, 
             alpha, rslora = _alpha_for(layer, k), layer.use_rslora
         t = parts.s.size
         root = math.sqrt(abs(fold))  # on the small side, so each stored value is rounded once
-        b, a = parts.balanced(min(k, t), dtype, scale_b=math.copysign(root, fold), scale_a=root,
-                             single=single)
+        b, a = _factors(parts, min(k, t), math.copysign(root, fold), root, dtype, encode if k <= t else None)
         if k > t:  # the floor asks for more than the numerical rank: zero columns / rows
             b = np.concatenate([b, np.zeros((b.shape[0], k - t), dtype)], axis=1)
             a = np.concatenate([a, np.zeros((k - t, a.shape[1]), dtype)], axis=0)
@@ -135,9 +149,9 @@ def resize_layer(layer: LoraLayer, parts: FactorSVD, sigma: np.ndarray, k: int, 
 
 def resize_layers(layers: Sequence[LoraLayer], policy: RankPolicy, *, budget: int | None = None,
                   bake: bool = False, dtype: type = np.float64,
-                  single: bool = False) -> tuple[list[LoraLayer], list[LayerResizeReport]]:
-    """Every layer resized by `policy` (or the budget), factors stored as `dtype` (computed
-    in float32 with `single`: see `resize_layer`); dropped layers have no output."""
+                  encode: str | None = None) -> tuple[list[LoraLayer], list[LayerResizeReport]]:
+    """Every layer resized by `policy` (or the budget), factors stored as `dtype` or
+    encoded (see `resize_layer`); dropped layers have no output."""
     # many small QRs and SVDs: one BLAS thread each, the layers spread over the cores
     # (numpy releases the GIL inside LAPACK/BLAS), results in layer order
     workers = max(1, min(8, os.cpu_count() or 1, len(layers)))
@@ -147,6 +161,6 @@ def resize_layers(layers: Sequence[LoraLayer], policy: RankPolicy, *, budget: in
         ranks = choose_ranks(spectra, layers, policy, budget)
         written = [k for k in ranks if k > 0]
         bake_alpha = float(max(written, key=lambda k: (written.count(k), -written.index(k)))) if bake and written else None
-        done = list(pool.map(lambda job: resize_layer(job[0], job[1][0], job[1][1], job[2], bake_alpha, dtype, single),
+        done = list(pool.map(lambda job: resize_layer(job[0], job[1][0], job[1][1], job[2], bake_alpha, dtype, encode),
                              zip(layers, pairs, ranks)))
     return [layer for layer, _ in done if layer is not None], [report for _, report in done]

@@ -110,12 +110,13 @@ def resize(
     if not adapter.layers:
         raise RequestError(adapter_path, "has no LoRA layers to resize")
     code = DTYPES[dtype] or common_dtype([layer.dtype for layer in adapter.layers])
-    # bf16 and float32 are written through float32 in any case (io.encode): no float64 copies;
-    # bf16 factors (2⁻⁹ rounding) are even computed in float32 (≈ 2⁻²¹ here, `tall.times`)
+    # float32 is written as it is computed (float64, then stored): no float64 copies; bf16
+    # factors (2⁻⁹ rounding) are computed in float32 (≈ 2⁻²¹ here, `tall.single_blocks`) and
+    # encoded by the threads that form them
     held = np.float32 if code in ("BF16", "F32") else np.float64
     try:
         layers, reports = resize_layers(adapter.layers, policy, budget=budget, bake=bake, dtype=held,
-                                        single=code == "BF16")
+                                        encode="BF16" if code == "BF16" else None)
     except ValueError as error:
         raise RequestError(adapter_path, str(error)) from None
     if not layers:
