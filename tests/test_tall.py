@@ -71,3 +71,51 @@ def test_cholesky_route_only_where_it_is_as_orthogonal_as_the_eigen_route(spread
     assert np.abs(q.T @ q - np.eye(q.shape[1])).max() <= _ORTHO_TOL
     if spread in (1.0, 1e3):  # random factors take the shortcut, badly skewed ones never
         assert (quick is not None) == (spread == 1.0)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("stored", [np.float32, np.float64, np.float16])
+def test_single_blocks_tile_the_product_within_float32_rounding(transposed: bool, stored: type) -> None:
+    """Blocks cover the result exactly once, and each equals the float64 product to float32's
+    accuracy (float32-stored X multiplied in float32, others in float64)."""
+    from lora_tools.io.encode import encode_blocks, float32_to_bf16_bits
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((3001, 24)).astype(stored)
+    base = tall.as_tall(x.T.copy().T if transposed else x)  # Aᵀ of a C-ordered A is F-ordered
+    small = rng.standard_normal((24, 7))
+    exact = x.astype(np.float64) @ small
+    exact = exact.T if transposed else exact
+    seen = np.zeros(exact.shape, dtype=int)
+    for index, block in tall.single_blocks(base, small, transposed=transposed):
+        seen[index] += 1
+        bound = 1e-6 * np.abs(x.astype(np.float64)).max() * np.abs(small).sum(axis=0).max()
+        assert np.abs(block - exact[index]).max() <= bound
+    assert (seen == 1).all()
+    encoded = encode_blocks(exact.shape, tall.single_blocks(base, small, transposed=transposed), "BF16")
+    # each element rounds to the same bf16 as the exact value, or to a neighbour when the
+    # float32 product sits on the other side of a rounding boundary: at most one bf16 step
+    reference = float32_to_bf16_bits(exact).astype(np.int32)
+    assert np.abs(encoded.bits.astype(np.int32) - reference).max() <= 1
+    assert (np.asarray(encoded) == np.asarray(encoded.reshape(-1)).reshape(exact.shape)).all()
+
+
+def test_encode_blocks_equals_whole_encoding_and_refuses_overflow() -> None:
+    from lora_tools.io.encode import Encoded, WriteError, encode_array, encode_blocks, float32_to_bf16_bits
+
+    rng = np.random.default_rng(4)
+    values = (rng.standard_normal((300, 17)) * 1e3).astype(np.float32)
+    rows = [(np.s_[lo:lo + 64, :], values[lo:lo + 64].copy()) for lo in range(0, 300, 64)]
+    columns = [(np.s_[:, lo:lo + 5], np.ascontiguousarray(values[:, lo:lo + 5])) for lo in range(0, 17, 5)]
+    for blocks in (rows, columns):
+        encoded = encode_blocks(values.shape, blocks, "BF16")
+        assert isinstance(encoded, Encoded) and encoded.shape == values.shape
+        assert (encoded.bits == float32_to_bf16_bits(values)).all()
+    for code in ("F16", "F32", "F64"):
+        assert (encode_blocks(values.shape, [(np.s_[:], values)], code).bits == encode_array(values, code)).all()
+    too_big = values.astype(np.float64)
+    too_big[7, 3] = 1e300
+    with pytest.raises(WriteError, match="overflow BF16"):
+        encode_blocks(values.shape, [(np.s_[:], too_big)], "BF16")
+    with pytest.raises(WriteError, match="overflow F16"):
+        encode_blocks(values.shape, [(np.s_[:], values * 100)], "F16")
