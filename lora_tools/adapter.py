@@ -29,13 +29,14 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
-    from lora_tools.io.encode import Encoded
+    from lora_tools.io.encode import Deferred, Encoded
 
 LayerKind = Literal["linear", "embedding", "conv"]
 # A factor as a reader placed it: numpy (inspect, blend) or a torch tensor on the compute
 # device in its stored dtype (merge, verify); see the module docstring. A layer made to be
-# written may hold its factors already encoded (resize's bf16 output, `io.encode.Encoded`).
-Factor: TypeAlias = "np.ndarray | torch.Tensor | Encoded"
+# written may hold its factors already encoded (resize's bf16 output, `io.encode.Encoded`),
+# or still being formed on another thread (`io.encode.Deferred`).
+Factor: TypeAlias = "np.ndarray | torch.Tensor | Encoded | Deferred"
 
 
 @dataclass

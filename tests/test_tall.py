@@ -119,3 +119,26 @@ def test_encode_blocks_equals_whole_encoding_and_refuses_overflow() -> None:
         encode_blocks(values.shape, [(np.s_[:], too_big)], "BF16")
     with pytest.raises(WriteError, match="overflow F16"):
         encode_blocks(values.shape, [(np.s_[:], values * 100)], "F16")
+
+
+def test_deferred_tensor_reshapes_waits_and_passes_errors_on() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lora_tools.io.encode import Deferred, WriteError, storable
+
+    values = np.arange(24, dtype=np.float32).reshape(6, 4)
+    with ThreadPoolExecutor(1) as pool:
+        ok = pool.submit(lambda: (values, values.T))
+        first, second = Deferred(ok, 0, (6, 4)), Deferred(ok, 1, (4, 6))
+        assert storable(first) is first and np.shape(first) == (6, 4) and first.size == 24
+        conv = second.reshape(4, -1, 1, 1)
+        assert conv.shape == (4, 6, 1, 1) and (np.asarray(conv)[..., 0, 0] == values.T).all()
+        with pytest.raises(ValueError, match="cannot reshape"):
+            first.reshape(5, 5)
+
+        def fails() -> tuple[np.ndarray, np.ndarray]:
+            raise WriteError("layer: values overflow BF16")
+
+        broken = Deferred(pool.submit(fails), 0, (2, 2))
+        with pytest.raises(WriteError, match="overflow"):
+            np.asarray(broken)

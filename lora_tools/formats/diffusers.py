@@ -47,7 +47,7 @@ from lora_tools.formats.peft import (
     peft_tensors,
 )
 from lora_tools.formats.source import TensorSource
-from lora_tools.io.encode import Encoded, WriteError, write_safetensors
+from lora_tools.io.encode import Deferred, Encoded, WriteError, write_safetensors
 
 __all__ = [
     "COMPONENTS", "DIFFUSERS_WEIGHTS", "METADATA_KEY", "load_diffusers", "looks_like_diffusers",
@@ -203,7 +203,7 @@ def write_diffusers(
         else:
             owner, module = component, layer.name
         by_component.setdefault(owner, []).append(replace(layer, name=module))
-    tensors: dict[str, tuple[np.ndarray | Encoded, str]] = {}
+    tensors: dict[str, tuple[np.ndarray | Encoded | Deferred, str]] = {}
     packed: dict[str, Any] = {}
     for owner, owned in by_component.items():
         try:

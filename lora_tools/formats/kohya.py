@@ -36,7 +36,7 @@ from lora_tools.formats.common import (
 )
 from lora_tools.formats.names import KOHYA_PREFIXES, format_key
 from lora_tools.formats.source import TensorSource
-from lora_tools.io.encode import Encoded, WriteError, storable, write_safetensors
+from lora_tools.io.encode import Deferred, Encoded, WriteError, storable, write_safetensors
 
 __all__ = ["KOHYA_PREFIXES", "load_kohya", "looks_like_kohya", "write_kohya"]
 
@@ -115,7 +115,7 @@ def write_kohya(
     """
     if not layers:
         raise WriteError("no layers to write")
-    tensors: dict[str, tuple[np.ndarray | Encoded, str]] = {}
+    tensors: dict[str, tuple[np.ndarray | Encoded | Deferred, str]] = {}
     for layer in layers:
         if component is None:
             if not layer.name.startswith(KOHYA_PREFIXES):

@@ -44,7 +44,7 @@ from lora_tools.formats.names import PEFT_PREFIX, format_key
 from lora_tools.formats.patterns import UnsafePattern
 from lora_tools.formats.peft_config import SUPPORTED_PEFT_TYPES, check_layers, pattern_table, read_config
 from lora_tools.formats.source import TensorSource, finite_factor
-from lora_tools.io.encode import Encoded, WriteError, storable, write_safetensors
+from lora_tools.io.encode import Deferred, Encoded, WriteError, storable, write_safetensors
 
 __all__ = [
     "PEFT_PREFIX", "SUPPORTED_PEFT_TYPES", "load_peft", "looks_like_peft", "peft_config", "peft_tensors", "read_config", "write_peft_adapter",
@@ -226,11 +226,11 @@ def peft_config(
 
 def peft_tensors(
     layers: Sequence[LoraLayer], dtype: str, stem: Callable[[str], str] | None = None
-) -> dict[str, tuple[np.ndarray | Encoded, str]]:
+) -> dict[str, tuple[np.ndarray | Encoded | Deferred, str]]:
     """The state dict PEFT's save_pretrained would write for these layers. `stem` names
     a module's keys (default `format_key(name, "peft")`, i.e. `base_model.model.<name>`)."""
     stem = stem or (lambda name: format_key(name, "peft"))
-    tensors: dict[str, tuple[np.ndarray | Encoded, str]] = {}
+    tensors: dict[str, tuple[np.ndarray | Encoded | Deferred, str]] = {}
     with_bias = any(layer.bias is not None for layer in layers)
     for layer in layers:
         prefix = stem(layer.name)

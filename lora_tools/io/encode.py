@@ -8,16 +8,20 @@ laid out with `stream_writer.build_header` through the streaming writer.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from lora_tools.io.dtypes import FLOAT_DTYPES, NUMPY_DTYPE
 
-__all__ = ["WRITABLE_DTYPES", "Encoded", "WriteError", "encode_array", "encode_blocks", "float32_to_bf16_bits", "storable",
+if TYPE_CHECKING:
+    from concurrent.futures import Future
+
+__all__ = ["WRITABLE_DTYPES", "Deferred", "Encoded", "WriteError", "encode_array", "encode_blocks", "float32_to_bf16_bits", "storable",
            "stored_values", "write_safetensors"]
 
 WRITABLE_DTYPES = ("F64", "F32", "F16", "BF16")  # the float dtypes (FLOAT_DTYPES), in the order messages list them
@@ -143,9 +147,40 @@ class Encoded:
         return values if dtype is None else values.astype(dtype)
 
 
-def storable(values: Any) -> np.ndarray | Encoded:
-    """What a writer passes on for a factor: an `Encoded` as it is, anything else as numpy."""
-    return values if isinstance(values, Encoded) else np.asarray(values)
+class Deferred:
+    """A tensor still being formed on another thread, its shape known: the writer lays out
+    the file from the shapes and waits for each tensor only when its turn comes, so the
+    writing (and the disk) overlaps the work still running (resize's factors).
+
+    `future` gives a tuple; this tensor is its item `item`, reshaped to `shape`. Reading
+    it (`result`, `np.asarray`) waits; an error of the work surfaces there."""
+
+    def __init__(self, future: Future[Any], item: int, shape: tuple[int, ...]) -> None:
+        self.future, self.item, self.shape = future, item, tuple(int(d) for d in shape)
+        self.ndim = len(self.shape)
+        self.size = math.prod(self.shape)
+
+    def reshape(self, *shape: Any) -> Deferred:
+        dims = [int(d) for d in (shape[0] if len(shape) == 1 and isinstance(shape[0], tuple) else shape)]
+        if -1 in dims:
+            known = math.prod(d for d in dims if d != -1)
+            dims[dims.index(-1)] = self.size // known if known else 0
+        if math.prod(dims) != self.size:
+            raise ValueError(f"cannot reshape {self.shape} to {tuple(dims)}")
+        return Deferred(self.future, self.item, tuple(dims))
+
+    def result(self) -> Encoded | np.ndarray:
+        value = self.future.result()[self.item]
+        return value.reshape(self.shape)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        return np.asarray(self.result(), dtype=dtype)
+
+
+def storable(values: Any) -> np.ndarray | Encoded | Deferred:
+    """What a writer passes on for a factor: an `Encoded` or `Deferred` as it is, anything
+    else as numpy."""
+    return values if isinstance(values, (Encoded, Deferred)) else np.asarray(values)
 
 
 def encode_blocks(shape: tuple[int, ...], blocks: Iterable[tuple[Any, np.ndarray]], code: str,
@@ -175,11 +210,13 @@ def encode_blocks(shape: tuple[int, ...], blocks: Iterable[tuple[Any, np.ndarray
     return Encoded(bits, code)
 
 
-def _encoded_chunks(values: np.ndarray | Encoded, dtype: str, name: str) -> Iterator[np.ndarray]:
+def _encoded_chunks(values: np.ndarray | Encoded | Deferred, dtype: str, name: str) -> Iterator[np.ndarray]:
     """`encode_array`'s bytes in pieces: bf16 chunk by chunk through one reused buffer
     (a 1B adapter's whole encoded copy is ~80 MB of fresh pages, which cost more than the
-    rounding), other dtypes whole, an `Encoded` of this dtype as it is; WriteError as soon
-    as a chunk does not fit."""
+    rounding), other dtypes whole, an `Encoded` of this dtype as it is (a `Deferred` once
+    it is done); WriteError as soon as a chunk does not fit."""
+    if isinstance(values, Deferred):
+        values = values.result()
     if isinstance(values, Encoded):
         if values.code == dtype:
             yield np.ascontiguousarray(values.bits)
@@ -205,7 +242,7 @@ def stored_values(values: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def write_safetensors(
-    path: str | os.PathLike[str], tensors: Mapping[str, tuple[np.ndarray | Encoded, str]],
+    path: str | os.PathLike[str], tensors: Mapping[str, tuple[np.ndarray | Encoded | Deferred, str]],
     metadata: Mapping[str, str] | None = None
 ) -> None:
     """Write {name: (array, dtype code)} as one safetensors file, laid out the way

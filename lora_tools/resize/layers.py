@@ -17,16 +17,17 @@ alpha_pattern is written.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 import numpy as np
 
 from lora_tools.adapter import Factor, LoraLayer
-from lora_tools.io.encode import encode_blocks
+from lora_tools.io.encode import Deferred, encode_blocks
 from lora_tools.linalg.blas import single_threaded_blas
 from lora_tools.linalg.factored import FactorSVD, svd_of_factors
 from lora_tools.linalg.rank_policy import RankPolicy, budget_ranks
@@ -107,11 +108,13 @@ def _factors(parts: FactorSVD, keep: int, scale_b: float, scale_a: float, dtype:
 
 
 def resize_layer(layer: LoraLayer, parts: FactorSVD, sigma: np.ndarray, k: int, bake_alpha: float | None,
-                 dtype: type = np.float64, encode: str | None = None) -> tuple[LoraLayer | None, LayerResizeReport]:
+                 dtype: type = np.float64, encode: str | None = None,
+                 pool: Executor | None = None) -> tuple[LoraLayer | None, LayerResizeReport]:
     """The layer truncated to rank k (None when k = 0), its factors stored as `dtype`, and
     its figures; with `bake_alpha` c, its scale folded into the factors under alpha = c
     (scale c/k, no rsLoRA). `encode` ("BF16"): the factors come already encoded
-    (`io.encode.Encoded`), from float32 products rounded block by block."""
+    (`io.encode.Encoded`), from float32 products rounded block by block. With `pool`, the
+    factors are formed there and the layer holds them as `io.encode.Deferred`."""
     energies = sigma**2
     total = float(energies.sum())
     residual = math.sqrt(float(energies[k:].sum()))
@@ -128,7 +131,13 @@ def resize_layer(layer: LoraLayer, parts: FactorSVD, sigma: np.ndarray, k: int, 
             alpha, rslora = _alpha_for(layer, k), layer.use_rslora
         t = parts.s.size
         root = math.sqrt(abs(fold))  # on the small side, so each stored value is rounded once
-        b, a = _factors(parts, min(k, t), math.copysign(root, fold), root, dtype, encode if k <= t else None)
+        b: Factor
+        a: Factor
+        if k <= t and pool is not None:
+            future = pool.submit(_factors, parts, k, math.copysign(root, fold), root, dtype, encode)
+            b, a = Deferred(future, 0, (parts.base_b.shape[0], k)), Deferred(future, 1, (k, parts.base_a.shape[0]))
+        else:
+            b, a = _factors(parts, min(k, t), math.copysign(root, fold), root, dtype, encode if k <= t else None)
         if k > t:  # the floor asks for more than the numerical rank: zero columns / rows
             b = np.concatenate([b, np.zeros((b.shape[0], k - t), dtype)], axis=1)
             a = np.concatenate([a, np.zeros((k - t, a.shape[1]), dtype)], axis=0)
@@ -147,20 +156,38 @@ def resize_layer(layer: LoraLayer, parts: FactorSVD, sigma: np.ndarray, k: int, 
     return out, report
 
 
-def resize_layers(layers: Sequence[LoraLayer], policy: RankPolicy, *, budget: int | None = None,
+@contextlib.contextmanager
+def factor_workers(layers: int) -> Iterator[Executor]:
+    """Threads for `resize_layers`, kept until the caller has written what they formed.
+
+    Many small QRs and SVDs: one BLAS thread each, the layers spread over the cores
+    (numpy releases the GIL inside LAPACK/BLAS). Leaving on an error drops the work not
+    yet started."""
+    workers = max(1, min(8, os.cpu_count() or 1, layers))
+    with single_threaded_blas(), ThreadPoolExecutor(max_workers=workers) as pool:
+        try:
+            yield pool
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+
+
+def resize_layers(layers: Sequence[LoraLayer], policy: RankPolicy, pool: Executor, *, budget: int | None = None,
                   bake: bool = False, dtype: type = np.float64,
                   encode: str | None = None) -> tuple[list[LoraLayer], list[LayerResizeReport]]:
     """Every layer resized by `policy` (or the budget), factors stored as `dtype` or
-    encoded (see `resize_layer`); dropped layers have no output."""
-    # many small QRs and SVDs: one BLAS thread each, the layers spread over the cores
-    # (numpy releases the GIL inside LAPACK/BLAS), results in layer order
-    workers = max(1, min(8, os.cpu_count() or 1, len(layers)))
-    with single_threaded_blas(), ThreadPoolExecutor(max_workers=workers) as pool:
-        pairs = list(pool.map(_spectrum, layers))
-        spectra = [sigma for _, sigma in pairs]
-        ranks = choose_ranks(spectra, layers, policy, budget)
-        written = [k for k in ranks if k > 0]
-        bake_alpha = float(max(written, key=lambda k: (written.count(k), -written.index(k)))) if bake and written else None
-        done = list(pool.map(lambda job: resize_layer(job[0], job[1][0], job[1][1], job[2], bake_alpha, dtype, encode),
-                             zip(layers, pairs, ranks)))
-    return [layer for layer, _ in done if layer is not None], [report for _, report in done]
+    encoded (see `resize_layer`); dropped layers have no output.
+
+    The spectra come first, on `pool` (every rank is known before any factor is formed);
+    the layers come back at once, their factors `Deferred`, still being formed on `pool`
+    in the order of the layers' names (about the order a file lists them), so that the
+    caller's writing overlaps them. The caller keeps `pool` (`factor_workers`) until it
+    has read them."""
+    pairs = list(pool.map(_spectrum, layers))
+    ranks = choose_ranks([sigma for _, sigma in pairs], layers, policy, budget)
+    written = [k for k in ranks if k > 0]
+    bake_alpha = float(max(written, key=lambda k: (written.count(k), -written.index(k)))) if bake and written else None
+    done = {i: resize_layer(layers[i], pairs[i][0], pairs[i][1], ranks[i], bake_alpha, dtype, encode, pool)
+            for i in sorted(range(len(layers)), key=lambda i: layers[i].name)}
+    in_order = [done[i] for i in range(len(layers))]
+    return [layer for layer, _ in in_order if layer is not None], [report for _, report in in_order]

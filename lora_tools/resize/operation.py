@@ -24,7 +24,7 @@ import numpy as np
 
 from lora_tools.errors import RequestError
 from lora_tools.linalg.rank_policy import RankPolicy, policy_from_options
-from lora_tools.resize.layers import LayerResizeReport, resize_layers
+from lora_tools.resize.layers import LayerResizeReport, factor_workers, resize_layers
 from lora_tools.resize.options import DTYPES, FORMATS
 
 
@@ -114,29 +114,30 @@ def resize(
     # factors (2⁻⁹ rounding) are computed in float32 (≈ 2⁻²¹ here, `tall.single_blocks`) and
     # encoded by the threads that form them
     held = np.float32 if code in ("BF16", "F32") else np.float64
-    try:
-        layers, reports = resize_layers(adapter.layers, policy, budget=budget, bake=bake, dtype=held,
-                                        encode="BF16" if code == "BF16" else None)
-    except ValueError as error:
-        raise RequestError(adapter_path, str(error)) from None
-    if not layers:
-        raise RequestError(adapter_path, "every layer's update is exactly zero: nothing to write")
-    dropped = [r.name for r in reports if r.rank_out == 0]
-    merged_figure = None
-    if base is not None:  # before anything is written: a base that does not fit is an input error
-        from lora_tools.resize.merged_error import merged_errors
+    with factor_workers(len(adapter.layers)) as pool:  # until the factors formed there are written
+        try:
+            layers, reports = resize_layers(adapter.layers, policy, pool, budget=budget, bake=bake, dtype=held,
+                                            encode="BF16" if code == "BF16" else None)
+        except ValueError as error:
+            raise RequestError(adapter_path, str(error)) from None
+        if not layers:
+            raise RequestError(adapter_path, "every layer's update is exactly zero: nothing to write")
+        dropped = [r.name for r in reports if r.rank_out == 0]
+        merged_figure = None
+        if base is not None:  # before anything is written: a base that does not fit is an input error
+            from lora_tools.resize.merged_error import merged_errors
 
-        written = iter(layers)
-        figures = merged_errors(adapter, [None if r.rank_out == 0 else next(written) for r in reports], base)
-        for report, figure in zip(reports, figures):
-            report.merged_error, report.merged_relative_error = figure.error, figure.relative
-        merged_sq = sum(f.merged_norm**2 for f in figures)
-        merged_figure = math.sqrt(sum(f.error**2 for f in figures) / merged_sq) if merged_sq > 0.0 else 0.0
-    recipe = {"policy": name, "rank": rank, "energy": energy, "sv_ratio": sv_ratio, "sv_fro": sv_fro,
-              "sv_cumulative": sv_cumulative, "budget": budget, "min_rank": min_rank, "bake": bake}
-    metadata = {"lora_tools.resize": json.dumps({k: v for k, v in recipe.items() if v is not None})}
-    with written_atomically(out, force, [Path(adapter_path)]) as tmp:
-        write_like(adapter, layers, tmp, fmt, code, dropped=bool(dropped), metadata=metadata)
+            written = iter(layers)
+            figures = merged_errors(adapter, [None if r.rank_out == 0 else next(written) for r in reports], base)
+            for report, figure in zip(reports, figures):
+                report.merged_error, report.merged_relative_error = figure.error, figure.relative
+            merged_sq = sum(f.merged_norm**2 for f in figures)
+            merged_figure = math.sqrt(sum(f.error**2 for f in figures) / merged_sq) if merged_sq > 0.0 else 0.0
+        recipe = {"policy": name, "rank": rank, "energy": energy, "sv_ratio": sv_ratio, "sv_fro": sv_fro,
+                  "sv_cumulative": sv_cumulative, "budget": budget, "min_rank": min_rank, "bake": bake}
+        metadata = {"lora_tools.resize": json.dumps({k: v for k, v in recipe.items() if v is not None})}
+        with written_atomically(out, force, [Path(adapter_path)]) as tmp:
+            write_like(adapter, layers, tmp, fmt, code, dropped=bool(dropped), metadata=metadata)
     notes = []
     if any(r.dora for r in reports):
         notes.append("DoRA: magnitudes kept; the low-rank direction update s·B·A is truncated (figures are for it"
