@@ -31,7 +31,7 @@ from builders import PeftCase, write_malicious_pickle
 from cli_run import run_cli
 from lora_tools.formats import load_adapter
 from lora_tools.formats.patterns import MAX_PATH_CHARS, pattern_problem
-from lora_tools.formats.source import SafetensorsSource, _pickle_problem, finite_factor
+from lora_tools.formats.source import SafetensorsSource, _pickle_problem, finite_factor, stored_factor
 
 Q_PROJ = "model.layers.0.self_attn.q_proj"
 EVIL_KEYS = ["(.*)*(.*)*z", "(a+)+$", "(a|a)*b", "(x+x+)+y", "(.*a){12}", r"(\w+)\1"]
@@ -277,6 +277,21 @@ def test_factor_read_finds_a_non_finite_anywhere(tmp_path: Path, bad: float, whe
     source = SafetensorsSource(tmp_path / "t.safetensors")
     with pytest.raises(Exception, match="contains NaN or Inf"):
         finite_factor(source, "t")
+    with pytest.raises(Exception, match="contains NaN or Inf"):  # bf16 read as its bits (resize)
+        stored_factor(source, "t")
+    source.close()
+
+
+def test_stored_factor_keeps_bf16_bits_and_widens_the_rest(tmp_path: Path) -> None:
+    from lora_tools.io.encode import Encoded
+
+    tensors = {"b": torch.randn(70, 9, dtype=torch.float64).to(torch.bfloat16), "f": torch.randn(5, 3)}
+    save_torch(tensors, str(tmp_path / "t.safetensors"))
+    source = SafetensorsSource(tmp_path / "t.safetensors")
+    bits = stored_factor(source, "b")
+    assert isinstance(bits, Encoded) and bits.bits.dtype == np.uint16 and bits.shape == (70, 9)
+    assert np.array_equal(np.asarray(bits), tensors["b"].float().numpy())
+    assert np.array_equal(stored_factor(source, "f"), tensors["f"].numpy())
     source.close()
 
 

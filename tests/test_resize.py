@@ -375,3 +375,33 @@ def test_a_base_that_does_not_fit_writes_nothing(peft_case_factory: Callable[[st
                                    "--base", gpt2_conv1d_case.base_dir)
     assert code == 2 and len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr, stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("policy", ["energy", "sv_fro", "rank_cap"])
+def test_bf16_adapter_resized_from_its_stored_bits(peft_case_factory: Callable[[str], PeftCase], tmp_path: Path,
+                                                   policy: str) -> None:
+    """A bf16 adapter is read as its bit patterns and widened block by block: in float64
+    output the truncation is exact (1e-9), and kept as bf16 each written factor is the
+    float64 one rounded once (within one bf16 step), with σ reported as float64 gives it."""
+    case = peft_case_factory("llama_bf16")
+    assert {layer.dtype for layer in load_adapter(case.adapter_dir).layers} == {"BF16"}
+    exact, narrow = tmp_path / "fp64", tmp_path / "bf16"
+    code, _, stderr = run_cli("resize", case.adapter_dir, "-o", exact, *POLICIES[policy], "--dtype", "fp64")
+    assert code == 0, stderr
+    ranks = check_truncation(case.adapter_dir, exact, POLICIES[policy])
+    code, stdout, stderr = run_cli("resize", case.adapter_dir, "-o", narrow, *POLICIES[policy], "--json")
+    assert code == 0, stderr
+    report = json.loads(stdout)
+    assert report["dtype"] == "BF16"
+    wide, kept = load_adapter(exact), load_adapter(narrow)
+    for layer in load_adapter(case.adapter_dir).layers:
+        sigma = np.linalg.svd(_matrix(layer.dense_update()), compute_uv=False)
+        reported = next(r for r in report["layers"] if r["name"] == layer.name)
+        assert reported["rank_out"] == ranks[layer.name]
+        np.testing.assert_allclose(reported["singular_values"], sigma[: layer.rank], rtol=0, atol=1e-9 * sigma[0])
+        got, want = kept.layer(layer.name), wide.layer(layer.name)
+        assert got.dtype == "BF16" and got.rank == want.rank
+        for ours, reference in ((got.a, want.a), (got.b, want.b)):
+            reference = np.asarray(reference, dtype=np.float64)
+            step = np.spacing(np.abs(reference).astype(np.float32)) * 2.0**16  # a bf16 step at each value
+            assert np.all(np.abs(np.asarray(ours, dtype=np.float64) - reference) <= step), layer.name

@@ -10,17 +10,28 @@ from lora_tools.linalg import tall
 from lora_tools.linalg.factored import svd_of_factors, truncate
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, "bf16 bits"])
 @pytest.mark.parametrize("fortran", [False, True])
-def test_widened_products_equal_the_widened_matrix(dtype: type, fortran: bool) -> None:
+def test_widened_products_equal_the_widened_matrix(dtype: type | str, fortran: bool) -> None:
+    from lora_tools.io.encode import float32_to_bf16_bits
+
     rng = np.random.default_rng(3)
     rows = 2 * tall.ROW_BLOCK + 37  # three blocks, the last one short
-    x = rng.standard_normal((rows, 7)).astype(dtype)
+    x = rng.standard_normal((rows, 7)).astype(np.float32 if dtype == "bf16 bits" else dtype)
+    if dtype == "bf16 bits":  # x as a file stores bf16: uint16 patterns, the top half of each float32
+        bits = float32_to_bf16_bits(x)
+        x = (bits.astype(np.uint32) << 16).view(np.float32)
     if fortran:
         x = np.asfortranarray(x)
     wide = x.astype(np.float64)
     small = rng.standard_normal((7, 5))
-    widened = tall.as_tall(x)
+    if dtype == "bf16 bits":
+        widened = tall.Widened(np.asfortranarray(bits) if fortran else bits, bf16_bits=True)
+        np.testing.assert_array_equal(widened.dense(), wide)
+        blocks = list(tall.single_blocks(widened, small))
+        assert np.abs(np.concatenate([blk.copy() for _, blk in blocks]) - wide @ small).max() < 1e-5
+    else:
+        widened = tall.as_tall(x)
     assert isinstance(widened, tall.Widened)
     np.testing.assert_allclose(tall.gram(widened), wide.T @ wide, rtol=1e-13, atol=1e-12)
     np.testing.assert_allclose(widened @ small, wide @ small, rtol=1e-13, atol=1e-12)

@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from lora_tools.adapter import LoraLayer
+from lora_tools.adapter import Factor, LoraLayer
 from lora_tools.errors import FormatError
-from lora_tools.formats.source import ReadAhead, TensorSource
+from lora_tools.formats.source import ReadAhead, TensorSource, keep_stored
 from lora_tools.io.dtypes import NUMERIC_DTYPES
+from lora_tools.io.encode import Encoded
 
 # Integer alphas are real: diffusers' convert_state_dict_to_kohya writes torch.tensor(rank), an int64.
 
@@ -66,7 +67,7 @@ def build_layers(
             break  # refused below, after the modules before it (as their errors come first)
         keys += [key_a, key_b] + [roles[role] for role in (MAGNITUDE, BIAS) if role in roles]
     layers = []
-    with ReadAhead(source, keys) as arrays:
+    with ReadAhead(source, keys, stored=source.place is keep_stored) as arrays:
         for module, roles, embedding, key_a, key_b in plan:
             if key_a is None or key_b is None:
                 present = next(iter(roles.values()))
@@ -105,13 +106,17 @@ def build_layers(
 def _place_factors(source: TensorSource, layer: LoraLayer, key_a: str, key_b: str, roles: dict[str, str]) -> None:
     """Hand the checked arrays to the source's `place`, one layer at a time, so the
     float32 arrays read for the checks never pile up (see `source.Place`)."""
-    # the layer holds the checked numpy arrays until here (np.asarray returns them as they are)
-    layer.a = source.place(np.asarray(layer.a), source.dtype(key_a))
-    layer.b = source.place(np.asarray(layer.b), source.dtype(key_b))
+    # the layer holds the checked arrays (or bits, `keep_stored`) as they were read until here
+    layer.a = source.place(_as_read(layer.a), source.dtype(key_a))
+    layer.b = source.place(_as_read(layer.b), source.dtype(key_b))
     if layer.magnitude is not None:
-        layer.magnitude = source.place(np.asarray(layer.magnitude), source.dtype(roles[MAGNITUDE]))
+        layer.magnitude = source.place(_as_read(layer.magnitude), source.dtype(roles[MAGNITUDE]))
     if layer.bias is not None:
-        layer.bias = source.place(np.asarray(layer.bias), source.dtype(roles[BIAS]))
+        layer.bias = source.place(_as_read(layer.bias), source.dtype(roles[BIAS]))
+
+
+def _as_read(factor: Factor) -> np.ndarray | Encoded:
+    return factor if isinstance(factor, Encoded) else np.asarray(factor)
 
 
 def finite_number(value: object) -> float | None:
@@ -143,7 +148,7 @@ def scalar_alpha(source: TensorSource, key: str) -> float:
     return alpha
 
 
-def check_factor_shapes(source: TensorSource, module: str, a: np.ndarray, b: np.ndarray, embedding: bool) -> None:
+def check_factor_shapes(source: TensorSource, module: str, a: Factor, b: Factor, embedding: bool) -> None:
     """A is (r, in, ...) and B is (out, r, 1, ...): the two r must agree."""
     if a.ndim < 2 or b.ndim < 2:
         raise FormatError(source.path, f"module {module!r}: factors must be at least 2-D, got {a.shape} and {b.shape}")

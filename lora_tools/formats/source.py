@@ -19,6 +19,7 @@ import numpy as np
 
 from lora_tools.errors import FormatError
 from lora_tools.io.dtypes import FLOAT_DTYPES
+from lora_tools.io.encode import Encoded
 from lora_tools.io.safetensors_file import SafetensorsFile, open_regular, require_valid_unicode
 
 # What a reader keeps of a checked factor: (array read as numpy, stored dtype code) -> the
@@ -26,10 +27,19 @@ from lora_tools.io.safetensors_file import SafetensorsFile, open_regular, requir
 # keep a torch tensor in the stored dtype on the compute device, so that a GPU merge never holds
 # the whole adapter in host memory (an 8B r=16 adapter is 168 MB of float32) and a CPU
 # merge holds bf16 factors at half the size.
-Place = Callable[[np.ndarray, str], Any]
+Place = Callable[["np.ndarray | Encoded", str], Any]
 
 
-def keep_numpy(array: np.ndarray, code: str) -> np.ndarray:
+def keep_numpy(array: np.ndarray | Encoded, code: str) -> np.ndarray | Encoded:
+    return array
+
+
+def keep_stored(array: np.ndarray | Encoded, code: str) -> np.ndarray | Encoded:
+    """The place that keeps LoRA factors as the file stored them: bf16 ones as
+    `io.encode.Encoded` bit patterns, read without a widened copy (resize widens each
+    block of rows as it multiplies it: a 1B adapter's factors widened whole are ~180 MB of
+    fresh pages, which cost more than reading them). Other tensors, and factors a reader
+    computes with (LyCORIS), are numpy as with `keep_numpy`."""
     return array
 
 
@@ -205,6 +215,17 @@ def finite_factor(source: TensorSource, key: str) -> np.ndarray:
     return _require_finite(source, key, source.numpy(key))
 
 
+def stored_factor(source: TensorSource, key: str) -> np.ndarray | Encoded:
+    """`finite_factor`, but a bf16 tensor of a safetensors file comes as its bit patterns
+    (`Encoded`), checked by exponent: all ones is NaN or Inf. See `keep_stored`."""
+    if not (isinstance(source, SafetensorsSource) and source.dtype(key) == "BF16"):
+        return finite_factor(source, key)
+    bits = source.file.stored(key)
+    if bool(((bits & 0x7F80) == 0x7F80).any()):
+        raise FormatError(source.path, f"tensor {key!r} contains NaN or Inf")
+    return Encoded(bits, "BF16")
+
+
 def _require_float(source: TensorSource, key: str) -> None:
     if source.dtype(key) not in FLOAT_DTYPES:
         raise FormatError(source.path, f"tensor {key!r} has non-float dtype {source.dtype(key)}")
@@ -239,11 +260,12 @@ class ReadAhead:
     surfaces at `get` of the key that has it. A context manager: leaving it drops what
     was not asked for."""
 
-    def __init__(self, source: TensorSource, keys: Sequence[str]) -> None:
+    def __init__(self, source: TensorSource, keys: Sequence[str], stored: bool = False) -> None:
         self.source = source
+        self._factor = stored_factor if stored else finite_factor
         self._batches: list[list[str]] = []
         self._next = 0
-        self._ready: dict[str, Future[dict[str, np.ndarray | Exception]]] = {}
+        self._ready: dict[str, Future[dict[str, np.ndarray | Encoded | Exception]]] = {}
         self._pool: ThreadPoolExecutor | None = None
         self._span: tuple[np.ndarray, int] | None = None
         self._in_span: set[str] = set()
@@ -270,11 +292,11 @@ class ReadAhead:
                 self._pool = ThreadPoolExecutor(max_workers=2)
         self._fill()
 
-    def _read(self, batch: list[str]) -> dict[str, np.ndarray | Exception]:
-        values: dict[str, np.ndarray | Exception] = {}
+    def _read(self, batch: list[str]) -> dict[str, np.ndarray | Encoded | Exception]:
+        values: dict[str, np.ndarray | Encoded | Exception] = {}
         for key in batch:
             try:
-                values[key] = finite_factor(self.source, key)
+                values[key] = self._factor(self.source, key)
             except Exception as exc:  # raised by `get` for this key only
                 values[key] = exc
         return values
@@ -288,12 +310,12 @@ class ReadAhead:
             self._ready.update(dict.fromkeys(batch, future))
             in_flight.add(id(future))
 
-    def get(self, key: str) -> np.ndarray:
+    def get(self, key: str) -> np.ndarray | Encoded:
         if self._span is not None and key in self._in_span and isinstance(self.source, SafetensorsSource):
             _require_float(self.source, key)
             return _require_finite(self.source, key, self.source.file.numpy_from(key, *self._span))
         future = self._ready.pop(key, None)
-        value = future.result().pop(key) if future is not None else finite_factor(self.source, key)
+        value = future.result().pop(key) if future is not None else self._factor(self.source, key)
         self._fill()
         if isinstance(value, Exception):
             raise value

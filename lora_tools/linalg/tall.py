@@ -11,6 +11,7 @@ page faults than the products themselves take (~0.4 s of a 1.6 s resize). No I/O
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Literal
 
 import numpy as np
 
@@ -47,28 +48,50 @@ class Stack:
 
 
 class Widened:
-    """A float32/float16 X (m, k) used as float64, ROW_BLOCK rows at a time.
+    """A float32/float16 X (m, k) used as float64, ROW_BLOCK rows at a time; or, with
+    `bf16_bits`, X given as the uint16 bit patterns of bf16 values (as a file stores them;
+    each is the top half of the float32 of the same value).
 
     Each block is copied into one reused float64 buffer of X's own memory order (so the
     copy reads contiguous runs: Aᵀ of a C-ordered A is F-ordered), then multiplied;
     results equal those of the widened whole matrix up to the order of float64 sums.
     """
 
-    def __init__(self, x: np.ndarray) -> None:
+    def __init__(self, x: np.ndarray, bf16_bits: bool = False) -> None:
         if x.ndim != 2:
             raise ValueError(f"a factor must be 2-D, got shape {x.shape}")
         self.x = x
+        self.bf16_bits = bf16_bits
         self.shape = x.shape
+
+    @property
+    def single(self) -> bool:
+        """X's values are float32 (or bf16, widened exactly to float32)."""
+        return self.bf16_bits or self.x.dtype == np.float32
+
+    @property
+    def memory_order(self) -> Literal["C", "F"]:
+        return "F" if self.x.flags.f_contiguous and not self.x.flags.c_contiguous else "C"
+
+    def rows_into(self, lo: int, hi: int, out: np.ndarray, bits: np.ndarray | None = None) -> np.ndarray:
+        """out[:] = rows lo:hi of X as out's dtype; bf16 bits go through `bits` (uint32,
+        out's shape: scratch) to float32 first."""
+        if self.bf16_bits:
+            assert bits is not None
+            np.left_shift(self.x[lo:hi], 16, out=bits, dtype=np.uint32)
+            np.copyto(out, bits.view(np.float32))
+        else:
+            np.copyto(out, self.x[lo:hi])
+        return out
 
     def _blocks(self) -> Iterator[tuple[int, int, np.ndarray]]:
         m, k = self.shape
-        fortran = self.x.flags.f_contiguous and not self.x.flags.c_contiguous
-        buffer = np.empty((min(ROW_BLOCK, m), k), order="F" if fortran else "C")
+        order = self.memory_order
+        buffer = np.empty((min(ROW_BLOCK, m), k), order=order)
+        bits = np.empty(buffer.shape, dtype=np.uint32, order=order) if self.bf16_bits else None
         for lo in range(0, m, ROW_BLOCK):
             hi = min(lo + ROW_BLOCK, m)
-            block = buffer[: hi - lo]
-            np.copyto(block, self.x[lo:hi])
-            yield lo, hi, block
+            yield lo, hi, self.rows_into(lo, hi, buffer[: hi - lo], None if bits is None else bits[: hi - lo])
 
     def gram(self) -> np.ndarray:
         """XᵀX (k, k) in float64."""
@@ -89,6 +112,8 @@ class Widened:
         return out
 
     def dense(self) -> np.ndarray:
+        if self.bf16_bits:
+            return (self.x.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
         return np.asarray(self.x, dtype=np.float64)
 
 
@@ -148,15 +173,23 @@ def single_blocks(x: Tall, small: np.ndarray, *,
     in float32 as it is (error ≈ √k·2⁻²⁴ relative; half the traffic of widened blocks and
     twice the flop rate), any other X in float64. No whole-result array is made.
     """
-    stored = x.x if isinstance(x, Widened) else dense(x)  # (m, k)
+    widened = x if isinstance(x, Widened) else None
+    stored = widened.x if widened is not None else dense(x)  # (m, k)
     m, j = stored.shape[0], small.shape[1]
-    single = stored.dtype == np.float32
+    single = widened is not None and widened.single
     side = small.astype(np.float32) if single else small
     width = max(1, PRODUCT_BLOCK // max(j, 1))  # rows of X per block
     flat = np.empty(min(width, m) * j, dtype=np.float32 if single else np.float64)
+    rows_buffer = bits = None
+    if widened is not None and widened.bf16_bits:  # rows widened to float32 first, in X's order
+        rows_buffer = np.empty((min(width, m), stored.shape[1]), dtype=np.float32, order=widened.memory_order)
+        bits = np.empty(rows_buffer.shape, dtype=np.uint32, order=widened.memory_order)
     for lo in range(0, m, width):
         hi = min(lo + width, m)
-        rows = stored[lo:hi] if single else np.asarray(stored[lo:hi], dtype=np.float64)
+        if rows_buffer is not None and bits is not None and widened is not None:
+            rows = widened.rows_into(lo, hi, rows_buffer[: hi - lo], bits[: hi - lo])
+        else:
+            rows = stored[lo:hi] if single else np.asarray(stored[lo:hi], dtype=np.float64)
         if transposed:
             block = flat[: j * (hi - lo)].reshape(j, hi - lo)
             np.matmul(side.T, rows.T, out=block)

@@ -27,11 +27,11 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from lora_tools.adapter import Factor, LoraLayer
-from lora_tools.io.encode import Deferred, encode_blocks
+from lora_tools.io.encode import Deferred, Encoded, encode_blocks
 from lora_tools.linalg.blas import single_threaded_blas
 from lora_tools.linalg.factored import FactorSVD, svd_of_factors
 from lora_tools.linalg.rank_policy import RankPolicy, budget_ranks
-from lora_tools.linalg.tall import single_blocks
+from lora_tools.linalg.tall import Tall, Widened, as_tall, single_blocks
 
 
 @dataclass
@@ -57,10 +57,19 @@ class LayerResizeReport:
     merged_relative_error: float | None = None  # ... over ‖W'_in‖_F
 
 
+def _tall(factor: Factor, transposed: bool = False) -> Tall:
+    """A factor (or its transpose) as `linalg.tall` uses it, with no widened copy: bf16
+    bits as read (`formats.source.keep_stored`) are widened block by block as they are used."""
+    if isinstance(factor, Encoded) and factor.code == "BF16":
+        return Widened(factor.bits.T if transposed else factor.bits, bf16_bits=True)
+    values = np.asarray(factor)
+    return as_tall(values.T if transposed else values)
+
+
 def _spectrum(layer: LoraLayer) -> tuple[FactorSVD, np.ndarray]:
     """The SVD of B·A (numerical rank t, tall products unformed) and σ(ΔW) = |s|·σ(B·A),
     all r of them (zero past t)."""
-    parts = svd_of_factors(np.asarray(layer.b_matrix), np.asarray(layer.a_matrix).T)  # (m, r), (n, r)
+    parts = svd_of_factors(_tall(layer.b_matrix), _tall(layer.a_matrix, transposed=True))  # (m, r), (n, r)
     sigma = np.zeros(layer.rank)
     sigma[: parts.s.size] = abs(layer.scale) * parts.s
     return parts, sigma

@@ -99,11 +99,12 @@ def resize(
     layer; with `base`, also the error of each merged weight (what DoRA needs)."""
     from lora_tools.formats import load_adapter
     from lora_tools.formats.rewrite import common_dtype, write_like
+    from lora_tools.formats.source import keep_stored
     from lora_tools.io.atomic import written_atomically
 
     started = time.perf_counter()
     policy, name = check_options(rank, energy, sv_ratio, sv_fro, sv_cumulative, budget, min_rank, bake, out_format, dtype)
-    adapter = load_adapter(adapter_path)
+    adapter = load_adapter(adapter_path, place=keep_stored)  # bf16 factors as read: see keep_stored
     fmt = adapter.format if out_format == "auto" else out_format
     if fmt != adapter.format:
         raise RequestError(out, f"--format {fmt} needs a {fmt} input (the input is {adapter.format}; names are not converted)")
