@@ -74,9 +74,12 @@ class Widened:
         return "F" if self.x.flags.f_contiguous and not self.x.flags.c_contiguous else "C"
 
     def rows_into(self, lo: int, hi: int, out: np.ndarray, bits: np.ndarray | None = None) -> np.ndarray:
-        """out[:] = rows lo:hi of X as out's dtype; bf16 bits go through `bits` (uint32,
-        out's shape: scratch) to float32 first."""
-        if self.bf16_bits:
+        """out[:] = rows lo:hi of X as out's dtype; bf16 bits are shifted into float32
+        bit patterns, in `out` itself when it is float32, else through `bits` (uint32,
+        out's shape: scratch)."""
+        if self.bf16_bits and out.dtype == np.float32:  # the float32 bits are the shifted bf16 ones
+            np.left_shift(self.x[lo:hi], 16, out=out.view(np.uint32), dtype=np.uint32)
+        elif self.bf16_bits:
             assert bits is not None
             np.left_shift(self.x[lo:hi], 16, out=bits, dtype=np.uint32)
             np.copyto(out, bits.view(np.float32))
@@ -180,14 +183,13 @@ def single_blocks(x: Tall, small: np.ndarray, *,
     side = small.astype(np.float32) if single else small
     width = max(1, PRODUCT_BLOCK // max(j, 1))  # rows of X per block
     flat = np.empty(min(width, m) * j, dtype=np.float32 if single else np.float64)
-    rows_buffer = bits = None
+    rows_buffer = None
     if widened is not None and widened.bf16_bits:  # rows widened to float32 first, in X's order
         rows_buffer = np.empty((min(width, m), stored.shape[1]), dtype=np.float32, order=widened.memory_order)
-        bits = np.empty(rows_buffer.shape, dtype=np.uint32, order=widened.memory_order)
     for lo in range(0, m, width):
         hi = min(lo + width, m)
-        if rows_buffer is not None and bits is not None and widened is not None:
-            rows = widened.rows_into(lo, hi, rows_buffer[: hi - lo], bits[: hi - lo])
+        if rows_buffer is not None and widened is not None:
+            rows = widened.rows_into(lo, hi, rows_buffer[: hi - lo])
         else:
             rows = stored[lo:hi] if single else np.asarray(stored[lo:hi], dtype=np.float64)
         if transposed:
