@@ -43,13 +43,16 @@ def _round_bf16(scratch: np.ndarray, carry: np.ndarray, out: np.ndarray) -> None
     `carry` is uint32 scratch of the same shape; `out` any uint16 array of that shape."""
     bits = scratch.view("<u4")
     with np.errstate(over="ignore", invalid="ignore"):
-        infinite = ~np.isfinite(scratch)
+        finite = np.isfinite(scratch)
     np.right_shift(bits, 16, out=carry)
     np.bitwise_and(carry, 1, out=carry)
     carry += 0x7FFF
     bits += carry
+    if finite.all():  # the usual case: the shift writes the result
+        np.right_shift(bits, 16, out=out, casting="unsafe")
+        return
     bits >>= 16
-    bits[infinite] = 0x7F80
+    bits[~finite] = 0x7F80
     np.copyto(out, bits, casting="unsafe")
 
 
