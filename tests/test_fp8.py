@@ -484,3 +484,30 @@ def test_every_e5m2_code_dequantizes_as_torch_casts_it() -> None:
     same = (values == truth) | (torch.isnan(values) & torch.isnan(truth))
     assert bool(same.all()) and torch.equal(values.view(torch.int32)[~torch.isnan(values)],
                                             truth.view(torch.int32)[~torch.isnan(truth)])
+
+
+@pytest.mark.parametrize("largest_scale", [3e-3, 1e3])
+def test_row_dequantizer_by_bits_equals_torchs_cast_code_for_code(largest_scale: float) -> None:
+    """e4m3 codes widened by their bits (scales carrying 2¹²⁰, where they may) give what
+    torch's cast times the block scale gives, every code, subnormals and signed zeros
+    included; a block holding a NaN code comes out NaN as the cast's does."""
+    from lora_tools.io.fp8 import RowDequantizer, _e4m3_bits_exact
+
+    assert _e4m3_bits_exact()
+    generator = torch.Generator().manual_seed(5)
+    codes = torch.randint(0, 256, (96, 80), dtype=torch.uint8, generator=generator)
+    codes[codes == 0x7F] = 0x01  # finite codes only here; every one of them occurs
+    codes[codes == 0xFF] = 0x81
+    codes.view(-1)[: 254] = torch.tensor([c for c in range(256) if c not in (0x7F, 0xFF)], dtype=torch.uint8)
+    q = codes.view(torch.float8_e4m3fn)
+    scale = torch.rand((3, 3), generator=generator) * largest_scale + 1e-6
+    rows = RowDequantizer(q, scale, (32, 32))
+    assert (rows.rebiased is not None) == (largest_scale < 2**7)
+    expected = q.float() * scale.repeat_interleave(32, 0).repeat_interleave(32, 1)[:, :80]
+    out = torch.empty(96, 80)
+    for lo in range(0, 96, 32):
+        rows(out[lo:lo + 32], lo, lo + 32)
+    assert torch.equal(out.view(torch.int32), expected.view(torch.int32))
+    codes[40, 7] = 0xFF  # a NaN code: that block takes the table, whose NaN the merge refuses
+    rows(out[32:64], 32, 64)
+    assert torch.isnan(out[40, 7]) and torch.equal(out[32:64].isnan().sum(), torch.tensor(1))

@@ -85,15 +85,66 @@ class RowDequantizer:
         grid = scale_grid(tuple(q.shape), block)
         scales = scale.to(device=q.device, dtype=torch.float32).reshape(grid)
         self.row_scales = _per_element_rows(scales, q.shape[0], block[0])  # (rows, grid cols): small
+        # e4m3 codes widened by their bits come out 2⁻¹²⁰ times their value: the scales
+        # carry the 2¹²⁰ back, exactly (a power of two), where that cannot overflow
+        self.rebiased = None
+        if (q.device.type == "cpu" and q.dtype == torch.float8_e4m3fn and _e4m3_bits_exact()
+                and self.row_scales.numel() and bool(self.row_scales.abs().amax() < _E4M3_SCALE_LIMIT)):
+            self.rebiased = self.row_scales * _E4M3_REBIAS
 
     def __call__(self, out: Any, lo: int, hi: int) -> Any:
         """Rows [lo, hi) as float32 values, written into `out` (hi − lo rows)."""
         codes = self.q[lo:hi]
-        if codes.device.type == "cpu" and codes.element_size() == 1:
+        scales = self.row_scales[lo:hi]
+        if self.rebiased is not None and out.is_contiguous() and _widen_e4m3_by_bits(codes, out):
+            scales = self.rebiased[lo:hi]
+        elif codes.device.type == "cpu" and codes.element_size() == 1:
             _widen_by_table(codes, out)
         else:
             out.copy_(codes)
-        return _apply_per_block(out, self.row_scales[lo:hi], self.block_cols, "mul")
+        return _apply_per_block(out, scales, self.block_cols, "mul")
+
+
+# e4m3fn: s eeee mmm, exponent bias 7. A code's int8 value shifted left by 20 and masked
+# (sign kept, the sign extension cleared) is the float32 whose exponent field is eeee and
+# whose mantissa starts with mmm: the code's value times 2⁻¹²⁰, subnormal codes included
+# (as float32 subnormals). Codes 0x7F and 0xFF are NaN; by bits they would read ±480·2⁻¹²⁰,
+# beyond every finite code's ±448·2⁻¹²⁰.
+_E4M3_SHIFT = 20
+_E4M3_MASK = 0x87FFFFFF - (1 << 32)  # as an int32
+_E4M3_REBIAS = 2.0**120
+_E4M3_LARGEST = 448.0 * 2.0**-120
+_E4M3_SCALE_LIMIT = 2.0**7  # scale·2¹²⁰ stays finite in float32
+
+
+@lru_cache(maxsize=1)
+def _e4m3_bits_exact() -> bool:
+    """The bit route gives every finite code exactly what torch's cast gives (it would
+    not where the CPU flushes subnormal operands to zero)."""
+    import torch
+
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    values = torch.empty(256, dtype=torch.float32)
+    _widen_e4m3_by_bits(codes, values, check=False)
+    expected = _code_values(torch.float8_e4m3fn)
+    finite = ~expected.isnan()
+    return bool(torch.equal((values * _E4M3_REBIAS)[finite], expected[finite]))
+
+
+def _widen_e4m3_by_bits(codes: Any, out: Any, check: bool = True) -> bool:
+    """out (contiguous float32, codes' shape) = the e4m3fn codes' values times 2⁻¹²⁰, by
+    three integer passes in out's own memory (3.5× faster here than the table's lookup);
+    False, with out spent, when a code is NaN (`check`: one min/max pass finds it)."""
+    import torch
+
+    bits = out.view(torch.int32)
+    bits.copy_(codes.view(torch.int8))  # sign-extended
+    bits.bitwise_left_shift_(_E4M3_SHIFT)
+    bits.bitwise_and_(_E4M3_MASK)
+    if check and out.numel():
+        low, high = torch.aminmax(out)
+        return bool(high <= _E4M3_LARGEST) and bool(low >= -_E4M3_LARGEST)
+    return True
 
 
 @lru_cache(maxsize=4)
