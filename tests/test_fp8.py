@@ -511,3 +511,32 @@ def test_row_dequantizer_by_bits_equals_torchs_cast_code_for_code(largest_scale:
     codes[40, 7] = 0xFF  # a NaN code: that block takes the table, whose NaN the merge refuses
     rows(out[32:64], 32, 64)
     assert torch.isnan(out[40, 7]) and torch.equal(out[32:64].isnan().sum(), torch.tensor(1))
+
+
+@pytest.mark.parametrize("rule", [ScaleRule(), ScaleRule(multiplier_first=False), ScaleRule(power_of_two=True)])
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_requantize_clamps_exactly_where_a_value_passes_the_limit(rule: ScaleRule, scale_dtype: torch.dtype) -> None:
+    """The clamp is skipped only where no scaled value passes 448; the codes equal those of
+    scaling, clamping and casting every element. fp16 and bf16 scales round some blocks'
+    scales down, so those blocks pass 448 a little and take the clamp; float32 ones never
+    do; a block whose fp16 scale underflows takes fp16's smallest normal."""
+    generator = torch.Generator().manual_seed(11)
+    values = torch.randn(64, 96, generator=generator) * 3.0
+    values[:32, :32] *= 1e-12  # a block whose scale underflows fp16: clamped
+    values[32:, 64:] = 0.0  # an all-zero block: scale 1
+    codes, stored = requantize(values.clone(), (32, 32), torch.float8_e4m3fn, scale_dtype, rule)
+    grid = stored.float().repeat_interleave(32, 0).repeat_interleave(32, 1)
+    if rule.multiplier_first and scale_dtype == torch.float32:
+        multiplier = (1.0 / stored.float()) if rule.power_of_two else torch.where(
+            stored.float() == 1.0, torch.ones_like(stored.float()),
+            448.0 / block_amax_of(values, (32, 32)))
+        scaled = values * multiplier.repeat_interleave(32, 0).repeat_interleave(32, 1)
+    else:
+        scaled = values / grid
+    expected = scaled.clamp(-448, 448).to(torch.float8_e4m3fn)
+    assert torch.equal(codes.view(torch.uint8), expected.view(torch.uint8))
+
+
+def block_amax_of(values: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    rows, cols = values.shape
+    return values.abs().view(rows // block[0], block[0], cols // block[1], block[1]).amax(dim=(1, 3))
