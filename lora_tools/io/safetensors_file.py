@@ -308,15 +308,13 @@ class SafetensorsFile:
     def numpy_from(self, name: str, span: np.ndarray, span_start: int) -> np.ndarray:
         """`numpy(name)` from a `read_span` holding it: a view of those bytes (BF16: widened
         into a new float32 array)."""
-        info = self.info(name)
-        raw = span[info.start - span_start:info.end - span_start]
+        info, storage = self._storage(name)
+        raw = span[info.start - span_start:info.end - span_start].view(storage)
         if info.dtype == "BF16":
             bits = np.empty(info.numel, dtype="<u4")
-            _widen_bf16(raw.view("<u2"), bits)
+            _widen_bf16(raw, bits)
             return bits.view("<f4").reshape(info.shape)
-        if info.dtype not in NUMPY_DTYPE:
-            raise self._fail(f"tensor {name!r}: dtype {info.dtype} cannot be read as numbers here")
-        return raw.view(NUMPY_DTYPE[info.dtype]).reshape(info.shape)
+        return raw.reshape(info.shape)
 
     def will_need(self, name: str) -> None:
         """Ask the kernel to start reading a tensor's bytes now, in large requests, so
@@ -343,26 +341,29 @@ class SafetensorsFile:
         bf16 is the top half of an IEEE float32, so shifting its uint16 bits left by 16
         gives the same value as float32 with no rounding.
         """
-        info = self.info(name)
+        info, _ = self._storage(name)
         if info.dtype == "BF16":
-            array = self._bf16_as_float32(name, info.numel)
-        elif info.dtype in NUMPY_DTYPE:
-            array = np.empty(info.numel, dtype=NUMPY_DTYPE[info.dtype])  # not a zero-filled bytearray: one pass
-            self.read_into(name, array)
-        else:
-            raise self._fail(f"tensor {name!r}: dtype {info.dtype} cannot be read as numbers here")
-        return array.reshape(info.shape)
+            return self._bf16_as_float32(name, info.numel).reshape(info.shape)
+        return self.stored(name)
 
     def stored(self, name: str) -> np.ndarray:
         """The tensor's stored values as a numpy array of its storage type: uint16 bit
         patterns for BF16 (half the memory of `numpy`'s widened copy), the float itself
         for the others."""
+        info, storage = self._storage(name)
+        array = np.empty(info.numel, dtype=storage)  # not a zero-filled bytearray: one pass
+        self.read_into(name, array)
+        return array.reshape(info.shape)
+
+    def _storage(self, name: str) -> tuple[TensorInfo, np.dtype[Any]]:
+        """A tensor's entry and the numpy type of its stored elements (BF16: uint16 bit
+        patterns); a dtype numpy cannot hold as numbers is refused."""
         info = self.info(name)
-        if info.dtype != "BF16":
-            return self.numpy(name)
-        bits = np.empty(info.numel, dtype="<u2")
-        self.read_into(name, bits)
-        return bits.reshape(info.shape)
+        if info.dtype == "BF16":
+            return info, np.dtype("<u2")
+        if info.dtype not in NUMPY_DTYPE:
+            raise self._fail(f"tensor {name!r}: dtype {info.dtype} cannot be read as numbers here")
+        return info, np.dtype(NUMPY_DTYPE[info.dtype])
 
     def _bf16_as_float32(self, name: str, numel: int) -> np.ndarray:
         """A BF16 tensor widened to float32 inside the one array it ends in: its bytes are
