@@ -107,7 +107,8 @@ def encode_array(values: np.ndarray, dtype: str, name: str = "tensor") -> np.nda
         encoded = float32_to_bf16_bits(values)
         finite = _bf16_finite(encoded)
     elif dtype in FLOAT_DTYPES:
-        encoded = np.ascontiguousarray(values, dtype=NUMPY_DTYPE[dtype])
+        with np.errstate(over="ignore"):  # refused below, in one line, not warned about
+            encoded = np.ascontiguousarray(values, dtype=NUMPY_DTYPE[dtype])
         finite = bool(np.isfinite(encoded).all())
     else:
         raise WriteError(f"{name}: cannot write dtype {dtype!r} (use one of {', '.join(WRITABLE_DTYPES)})")

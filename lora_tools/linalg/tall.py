@@ -192,11 +192,11 @@ def single_blocks(x: Tall, small: np.ndarray, *,
             rows = widened.rows_into(lo, hi, rows_buffer[: hi - lo])
         else:
             rows = stored[lo:hi] if single else np.asarray(stored[lo:hi], dtype=np.float64)
-        if transposed:
-            block = flat[: j * (hi - lo)].reshape(j, hi - lo)
-            np.matmul(side.T, rows.T, out=block)
-            yield (slice(None), slice(lo, hi)), block
-        else:
-            block = flat[: (hi - lo) * j].reshape(hi - lo, j)
-            np.matmul(rows, side, out=block)
-            yield (slice(lo, hi), slice(None)), block
+        with np.errstate(over="ignore", invalid="ignore"):  # past float32: inf, which the caller refuses
+            if transposed:
+                block = flat[: j * (hi - lo)].reshape(j, hi - lo)
+                np.matmul(side.T, rows.T, out=block)
+            else:
+                block = flat[: (hi - lo) * j].reshape(hi - lo, j)
+                np.matmul(rows, side, out=block)
+        yield ((slice(None), slice(lo, hi)) if transposed else (slice(lo, hi), slice(None))), block
