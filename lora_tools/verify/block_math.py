@@ -198,20 +198,13 @@ def prepare_factors(
 
 
 def expected_into(f: Factors, lo: int, hi: int, w0: torch.Tensor, views: Buffers) -> None:
-    """Buffers 0-2 become W (float64 base), the update E − W and E = W + ΔW; the update
-    exactly as the whole-tensor check takes it (E − W, not ΔW: an update below W's
-    float64 spacing counts as none). w0: this block's rows, flat."""
+    """Buffers 0, 2 and 1 become W (float64 base), E = W + ΔW₁ + ΔW₂ … (each add inside
+    its GEMM) and the update E − W, exactly as the whole-tensor check takes it (not ΔW:
+    an update below W's float64 spacing counts as none). w0: this block's rows, flat."""
     base, update, expected = views.flat64[:3]
     base.copy_(w0)
-    for index, (b, a, factor, folded) in enumerate(f.expected):  # W0 + ΔW₁ + ΔW₂ …, in order
-        delta = views.mat64[1 if index == 0 else 5]
-        torch.matmul(b[lo:hi], a, out=delta)  # (matmul, then add: faster than addmm in float64)
-        if not folded:
-            delta.mul_(factor)
-        if index == 0:
-            torch.add(base, update, out=expected)
-        else:
-            expected.add_(views.flat64[5])
+    for index, (b, a, factor, folded) in enumerate(f.expected):
+        torch.addmm(views.mat64[0 if index == 0 else 2], b[lo:hi], a, alpha=1.0 if folded else factor, out=views.mat64[2])
     torch.sub(expected, base, out=update)
 
 
@@ -262,10 +255,7 @@ def judge_block_bounded(
     width = stored.numel() // rows
     views = ws.block(rows, width)
     base, update, expected, actual = views.flat64[:4]
-    base.copy_(w0)
-    for index, (b, a, factor, folded) in enumerate(f.expected):  # E = W0 + ΔW₁ + ΔW₂ …, the add in the GEMM
-        torch.addmm(views.mat64[0 if index == 0 else 2], b[lo:hi], a, alpha=1.0 if folded else factor, out=views.mat64[2])
-    torch.sub(expected, base, out=update)  # the update as the whole-tensor check takes it: E − W0
+    expected_into(f, lo, hi, w0, views)
     if sums.stored_is_base:
         _track_base(ws, views, sums, w0, stored, expected)
     actual.copy_(stored)
