@@ -16,7 +16,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +63,11 @@ class ResizeReport:
     layers: list[LayerResizeReport]
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        # shallow, not asdict: its deep copy of every singular value (7 K at 1B r=64) took
+        # ~8 ms, as long as reading a fifth of the adapter
+        document = {f.name: getattr(self, f.name) for f in fields(self)}
+        document["layers"] = [dict(vars(layer)) for layer in self.layers]
+        return document
 
 
 def check_options(rank: int | None, energy: float | None, sv_ratio: float | None, sv_fro: float | None,
