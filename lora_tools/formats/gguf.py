@@ -53,7 +53,7 @@ import numpy as np
 
 from lora_tools.adapter import LoraLayer
 from lora_tools.errors import FormatError
-from lora_tools.io.encode import WriteError, encode_array
+from lora_tools.io.encode import WriteError, bf16_to_float32, encode_array
 
 __all__ = [
     "GGUF_INSTALL_HINT", "SUPPORTED_ARCHITECTURES", "GgufWritten", "gguf_available", "read_gguf_adapter",
@@ -225,7 +225,7 @@ def _stored_values(tensor: Any) -> tuple[np.ndarray, str]:
     code = tensor.tensor_type.name
     if code == "BF16":
         bits = np.ascontiguousarray(tensor.data).view("<u2").reshape(shape)
-        return (bits.astype(np.uint32) << 16).view(np.float32), code
+        return bf16_to_float32(bits), code
     if code not in ("F32", "F16", "F64"):
         raise ValueError(f"{tensor.name}: unexpected tensor type {code}")
     return np.asarray(tensor.data).reshape(shape).astype(np.float64 if code == "F64" else np.float32), code

@@ -21,7 +21,7 @@ from lora_tools.io.dtypes import FLOAT_DTYPES, NUMPY_DTYPE
 if TYPE_CHECKING:
     from concurrent.futures import Future
 
-__all__ = ["WRITABLE_DTYPES", "Deferred", "Encoded", "WriteError", "encode_array", "encode_blocks", "float32_to_bf16_bits", "storable",
+__all__ = ["WRITABLE_DTYPES", "Deferred", "Encoded", "WriteError", "bf16_to_float32", "encode_array", "encode_blocks", "float32_to_bf16_bits", "storable",
            "stored_values", "write_safetensors"]
 
 WRITABLE_DTYPES = ("F64", "F32", "F16", "BF16")  # the float dtypes (FLOAT_DTYPES), in the order messages list them
@@ -70,6 +70,14 @@ def _bf16_chunks(values: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
             np.copyto(f32[:n], flat[lo:lo + n], casting="unsafe")
         _round_bf16(f32[:n], carry[:n], out[:n])
         yield lo, out[:n]
+
+
+def bf16_to_float32(bits: np.ndarray) -> np.ndarray:
+    """float32 values of bf16 bit patterns (uint16), exactly: each is the top half of its
+    float32. The inverse of `float32_to_bf16_bits` on finite values."""
+    out = np.empty(bits.shape, dtype="<u4")
+    np.left_shift(bits, 16, out=out, dtype="<u4")
+    return out.view("<f4")
 
 
 def float32_to_bf16_bits(values: np.ndarray) -> np.ndarray:
@@ -147,7 +155,7 @@ class Encoded:
         return Encoded(self.bits.reshape(*shape), self.code)
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        values = (self.bits.astype(np.uint32) << 16).view(np.float32) if self.code == "BF16" else self.bits
+        values = bf16_to_float32(self.bits) if self.code == "BF16" else self.bits
         return values if dtype is None else values.astype(dtype)
 
 
@@ -241,7 +249,7 @@ def stored_values(values: np.ndarray, dtype: str) -> np.ndarray:
     exactly, the way `SafetensorsFile.numpy` widens it): what a written file must hold."""
     encoded = encode_array(values, dtype)
     if dtype == "BF16":
-        return (encoded.astype(np.uint32) << 16).view(np.float32)
+        return bf16_to_float32(encoded)
     return encoded
 
 

@@ -115,9 +115,8 @@ class Widened:
         return out
 
     def dense(self) -> np.ndarray:
-        if self.bf16_bits:
-            return (self.x.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
-        return np.asarray(self.x, dtype=np.float64)
+        bits = np.empty(self.shape, dtype=np.uint32) if self.bf16_bits else None
+        return self.rows_into(0, self.shape[0], np.empty(self.shape), bits)
 
 
 Tall = np.ndarray | Stack | Widened
