@@ -17,7 +17,7 @@ from lora_tools.adapter import Factor, LoraLayer
 from lora_tools.errors import FormatError
 from lora_tools.formats.source import ReadAhead, TensorSource, keep_stored
 from lora_tools.io.dtypes import NUMERIC_DTYPES
-from lora_tools.io.encode import Encoded
+from lora_tools.io.encode import storable
 
 # Integer alphas are real: diffusers' convert_state_dict_to_kohya writes torch.tensor(rank), an int64.
 
@@ -107,16 +107,12 @@ def _place_factors(source: TensorSource, layer: LoraLayer, key_a: str, key_b: st
     """Hand the checked arrays to the source's `place`, one layer at a time, so the
     float32 arrays read for the checks never pile up (see `source.Place`)."""
     # the layer holds the checked arrays (or bits, `keep_stored`) as they were read until here
-    layer.a = source.place(_as_read(layer.a), source.dtype(key_a))
-    layer.b = source.place(_as_read(layer.b), source.dtype(key_b))
+    layer.a = source.place(storable(layer.a), source.dtype(key_a))
+    layer.b = source.place(storable(layer.b), source.dtype(key_b))
     if layer.magnitude is not None:
-        layer.magnitude = source.place(_as_read(layer.magnitude), source.dtype(roles[MAGNITUDE]))
+        layer.magnitude = source.place(storable(layer.magnitude), source.dtype(roles[MAGNITUDE]))
     if layer.bias is not None:
-        layer.bias = source.place(_as_read(layer.bias), source.dtype(roles[BIAS]))
-
-
-def _as_read(factor: Factor) -> np.ndarray | Encoded:
-    return factor if isinstance(factor, Encoded) else np.asarray(factor)
+        layer.bias = source.place(storable(layer.bias), source.dtype(roles[BIAS]))
 
 
 def finite_number(value: object) -> float | None:

@@ -19,7 +19,7 @@ import numpy as np
 
 from lora_tools.errors import FormatError
 from lora_tools.io.dtypes import FLOAT_DTYPES
-from lora_tools.io.encode import Encoded
+from lora_tools.io.encode import Deferred, Encoded, bf16_finite
 from lora_tools.io.safetensors_file import SafetensorsFile, open_regular, require_valid_unicode
 
 # What a reader keeps of a checked factor: (array read as numpy, stored dtype code) -> the
@@ -27,14 +27,14 @@ from lora_tools.io.safetensors_file import SafetensorsFile, open_regular, requir
 # keep a torch tensor in the stored dtype on the compute device, so that a GPU merge never holds
 # the whole adapter in host memory (an 8B r=16 adapter is 168 MB of float32) and a CPU
 # merge holds bf16 factors at half the size.
-Place = Callable[["np.ndarray | Encoded", str], Any]
+Place = Callable[["np.ndarray | Encoded | Deferred", str], Any]
 
 
-def keep_numpy(array: np.ndarray | Encoded, code: str) -> np.ndarray | Encoded:
+def keep_numpy(array: np.ndarray | Encoded | Deferred, code: str) -> np.ndarray | Encoded | Deferred:
     return array
 
 
-def keep_stored(array: np.ndarray | Encoded, code: str) -> np.ndarray | Encoded:
+def keep_stored(array: np.ndarray | Encoded | Deferred, code: str) -> np.ndarray | Encoded | Deferred:
     """The place that keeps LoRA factors as the file stored them: bf16 ones as
     `io.encode.Encoded` bit patterns, read without a widened copy (resize widens each
     block of rows as it multiplies it: a 1B adapter's factors widened whole are ~180 MB of
@@ -221,7 +221,7 @@ def stored_factor(source: TensorSource, key: str) -> np.ndarray | Encoded:
     if not (isinstance(source, SafetensorsSource) and source.dtype(key) == "BF16"):
         return finite_factor(source, key)
     bits = source.file.stored(key)
-    if bool(((bits & 0x7F80) == 0x7F80).any()):
+    if not bf16_finite(bits):
         raise FormatError(source.path, f"tensor {key!r} contains NaN or Inf")
     return Encoded(bits, "BF16")
 

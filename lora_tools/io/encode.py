@@ -21,7 +21,7 @@ from lora_tools.io.dtypes import FLOAT_DTYPES, NUMPY_DTYPE
 if TYPE_CHECKING:
     from concurrent.futures import Future
 
-__all__ = ["WRITABLE_DTYPES", "Deferred", "Encoded", "WriteError", "bf16_to_float32", "encode_array", "encode_blocks", "float32_to_bf16_bits", "storable",
+__all__ = ["WRITABLE_DTYPES", "Deferred", "Encoded", "WriteError", "bf16_finite", "bf16_to_float32", "encode_array", "encode_blocks", "float32_to_bf16_bits", "storable",
            "stored_values", "write_safetensors"]
 
 WRITABLE_DTYPES = ("F64", "F32", "F16", "BF16")  # the float dtypes (FLOAT_DTYPES), in the order messages list them
@@ -95,7 +95,7 @@ def float32_to_bf16_bits(values: np.ndarray) -> np.ndarray:
     return out.reshape(np.shape(values))
 
 
-def _bf16_finite(encoded: np.ndarray) -> bool:
+def bf16_finite(encoded: np.ndarray) -> bool:
     """No bf16 pattern with an exponent of all ones (inf, NaN)."""
     flat = encoded.reshape(-1)
     return not any(bool(((flat[lo:lo + _CHUNK] & 0x7F80) == 0x7F80).any()) for lo in range(0, flat.size, _CHUNK))
@@ -113,7 +113,7 @@ def encode_array(values: np.ndarray, dtype: str, name: str = "tensor") -> np.nda
     """
     if dtype == "BF16":
         encoded = float32_to_bf16_bits(values)
-        finite = _bf16_finite(encoded)
+        finite = bf16_finite(encoded)
     elif dtype in FLOAT_DTYPES:
         with np.errstate(over="ignore"):  # refused below, in one line, not warned about
             encoded = np.ascontiguousarray(values, dtype=NUMPY_DTYPE[dtype])
@@ -213,7 +213,7 @@ def encode_blocks(shape: tuple[int, ...], blocks: Iterable[tuple[Any, np.ndarray
                 if carry.size < block.size:
                     carry = np.empty(block.size, dtype="<u4")
                 _round_bf16(block, carry[:block.size].reshape(block.shape), target)
-                finite = not bool(((target & 0x7F80) == 0x7F80).any())
+                finite = bf16_finite(target)
             else:
                 np.copyto(target, block, casting="unsafe")
                 finite = bool(np.isfinite(target).all())
@@ -238,7 +238,7 @@ def _encoded_chunks(values: np.ndarray | Encoded | Deferred, dtype: str, name: s
         yield encode_array(values, dtype, name)
         return
     for _, chunk in _bf16_chunks(values):
-        if _bf16_finite(chunk):
+        if bf16_finite(chunk):
             yield chunk
         else:
             raise _overflow(values, dtype, name)
