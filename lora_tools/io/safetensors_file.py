@@ -4,31 +4,26 @@ Why our own reader instead of `safetensors.safe_open`: numpy has no bfloat16, so
 safe_open(framework="numpy") refuses most adapters; torch would cost ~1.3 s of import on
 every `inspect`; and we want every problem reported with the file's name before any
 tensor is read. The format (8-byte little-endian header length, a JSON header of
-name -> {dtype, shape, data_offsets}, then the raw bytes) is small enough to own.
+name -> {dtype, shape, data_offsets}, then the raw bytes) is small enough to own. The
+header's checks are `safetensors_header`'s; this module does the reading.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import mmap
 import os
 import stat
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from lora_tools.errors import FormatError
-from lora_tools.io.dtypes import DTYPE_ITEMSIZE, NUMPY_DTYPE
+from lora_tools.io.dtypes import NUMPY_DTYPE
+from lora_tools.io.safetensors_header import MAX_HEADER_BYTES, TensorInfo, parse_header, require_valid_unicode
 
 __all__ = ["SafetensorsFile", "TensorInfo", "open_regular", "pread_into", "require_valid_unicode"]
-
-# Largest header we accept: real headers are a few MB even for 70B checkpoints, and a
-# forged length (2**63) must not make us allocate it.
-MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 _SEEK_LOCK = threading.Lock()
 
@@ -77,15 +72,6 @@ def open_regular(path: str | os.PathLike[str], expected: str = "a file") -> int:
     return fd
 
 
-def require_valid_unicode(path: str | os.PathLike[str], text: str, what: str) -> None:
-    """Refuse a string that cannot be written back as UTF-8: a lone surrogate such as
-    "\\ud800", which JSON and pickles can carry but no file name or header may hold."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise FormatError(path, f"{what} {text!r} is not valid Unicode (a lone surrogate)") from None
-
-
 def pread_into(fd: int, view: memoryview, offset: int) -> int:
     """One positional read into `view` (0 at the end of the file).
 
@@ -99,34 +85,6 @@ def pread_into(fd: int, view: memoryview, offset: int) -> int:
         data = os.read(fd, len(view))
     view[: len(data)] = data
     return len(data)
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """Where one tensor lives in the file: absolute byte range, dtype code, shape."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    start: int
-    end: int
-
-    @property
-    def nbytes(self) -> int:
-        return self.end - self.start
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-
-def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    seen: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in seen:
-            raise ValueError(f"duplicate key {key!r} in header")
-        seen[key] = value
-    return seen
 
 
 class SafetensorsFile:
@@ -164,70 +122,8 @@ class SafetensorsFile:
                 raw_header = handle.read(header_len)
         except OSError as exc:
             raise self._fail(f"cannot read: {exc.strerror or exc}") from None
-        try:
-            header = json.loads(raw_header.decode("utf-8"), object_pairs_hook=_reject_duplicate_keys)
-        except UnicodeDecodeError:
-            raise self._fail("header is not UTF-8 (not a safetensors file?)") from None
-        except ValueError as exc:
-            raise self._fail(f"header is not valid JSON ({exc})") from None
-        except RecursionError:  # "[[[[…" a million deep
-            raise self._fail("header is not valid JSON (nested too deeply)") from None
-        if not isinstance(header, dict):
-            raise self._fail("header is not a JSON object")
-
-        metadata = header.pop("__metadata__", None) or {}
-        if not isinstance(metadata, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
-        ):
-            raise self._fail("__metadata__ must map strings to strings")
-        for key, value in metadata.items():
-            require_valid_unicode(self.path, key, "__metadata__ key")
-            require_valid_unicode(self.path, value, "__metadata__ value")
-
-        data_start = 8 + header_len
-        data_len = file_size - data_start
-        tensors: dict[str, TensorInfo] = {}
-        for name, entry in header.items():
-            require_valid_unicode(self.path, name, "tensor name")
-            tensors[name] = self._parse_entry(name, entry, data_start, data_len)
-        self._check_no_overlap(tensors.values())
+        tensors, metadata = parse_header(self.path, raw_header, 8 + header_len, file_size - 8 - header_len)
         return header_len, tensors, metadata
-
-    def _parse_entry(self, name: str, entry: Any, data_start: int, data_len: int) -> TensorInfo:
-        if not isinstance(entry, dict):
-            raise self._fail(f"tensor {name!r}: header entry is not an object")
-        dtype = entry.get("dtype")
-        shape = entry.get("shape")
-        offsets = entry.get("data_offsets")
-        if not isinstance(dtype, str) or dtype not in DTYPE_ITEMSIZE:
-            raise self._fail(f"tensor {name!r}: unknown dtype {dtype!r}")
-        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-            raise self._fail(f"tensor {name!r}: invalid shape {shape!r}")
-        if (
-            not isinstance(offsets, list)
-            or len(offsets) != 2
-            or not all(type(o) is int for o in offsets)
-            or not 0 <= offsets[0] <= offsets[1]
-        ):
-            raise self._fail(f"tensor {name!r}: invalid data_offsets {offsets!r}")
-        begin, end = offsets
-        if end > data_len:
-            raise self._fail(
-                f"tensor {name!r}: data_offsets {offsets} run past the end of the file (truncated?)"
-            )
-        expected = math.prod(shape) * DTYPE_ITEMSIZE[dtype]
-        if end - begin != expected:
-            raise self._fail(
-                f"tensor {name!r}: {end - begin} bytes stored but shape {shape} of {dtype} needs {expected}"
-            )
-        return TensorInfo(name, dtype, tuple(shape), data_start + begin, data_start + end)
-
-    def _check_no_overlap(self, infos: Any) -> None:
-        last: TensorInfo | None = None
-        for info in sorted(infos, key=lambda t: (t.start, t.end)):
-            if last is not None and info.start < last.end and info.nbytes and last.nbytes:
-                raise self._fail(f"tensors {last.name!r} and {info.name!r} overlap in the file")
-            last = info if last is None or info.end >= last.end else last
 
     # -- data ---------------------------------------------------------------------
     def __contains__(self, name: str) -> bool:
