@@ -408,11 +408,13 @@ def test_bf16_adapter_resized_from_its_stored_bits(peft_case_factory: Callable[[
 
 
 @pytest.mark.filterwarnings("error::RuntimeWarning")  # numpy's overflow warning would be a second stderr line
-@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+@pytest.mark.parametrize("with_base", [False, True])
+@pytest.mark.parametrize("dtype", ["fp16", "bf16", "fp32"])
 def test_factors_that_overflow_the_output_dtype_leave_nothing(llama_plain_case: PeftCase, tmp_path: Path,
-                                                              dtype: str) -> None:
-    """Factors are formed on worker threads while the file is written: one that does not
-    fit the output dtype stops the write with one line, exit 2, no OUT and no temporary."""
+                                                              dtype: str, with_base: bool) -> None:
+    """Factors are formed on worker threads while the file is written (or, with --base,
+    read for the merged figures first): one that does not fit the output dtype stops the
+    run with one line naming the layer, exit 2, no OUT and no temporary."""
     import shutil
 
     from safetensors.numpy import save_file
@@ -423,12 +425,15 @@ def test_factors_that_overflow_the_output_dtype_leave_nothing(llama_plain_case: 
     victim = sorted(k for k in tensors if k.endswith("lora_B.weight"))[-1]  # the last written
     if dtype == "fp16":
         tensors[victim] = (tensors[victim] * 1e12).astype(np.float32)
-    else:  # balanced factors are √σ-sized: past bf16's 3.4e38 only from factors near float32's largest
+    else:  # balanced factors are √σ-sized: past 3.4e38 only from factors near float32's largest
         for key in (victim, victim.replace("lora_B", "lora_A")):
             tensors[key] = (np.sign(tensors[key]) * 3e38).astype(np.float32)
     save_file(tensors, src / "adapter_model.safetensors", metadata={"format": "pt"})
     out = tmp_path / "out"
-    code, _, stderr = run_cli("resize", src, "-o", out, "--rank", "2", "--dtype", dtype)
+    base = ["--base", llama_plain_case.base_dir] if with_base else []
+    code, _, stderr = run_cli("resize", src, "-o", out, "--rank", "2", "--dtype", dtype, *base)
     assert code == 2, stderr
     assert len(stderr.strip().splitlines()) == 1 and "overflow" in stderr, stderr
+    module = victim.removeprefix("base_model.model.").removesuffix(".lora_B.weight")
+    assert module in stderr, stderr
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["huge"]

@@ -21,7 +21,7 @@ from lora_tools.io.dtypes import FLOAT_DTYPES, NUMPY_DTYPE
 if TYPE_CHECKING:
     from concurrent.futures import Future
 
-__all__ = ["WRITABLE_DTYPES", "Deferred", "Encoded", "WriteError", "bf16_finite", "bf16_to_float32", "encode_array", "encode_blocks", "float32_to_bf16_bits", "storable",
+__all__ = ["WRITABLE_DTYPES", "Deferred", "Encoded", "WriteError", "bf16_finite", "bf16_to_float32", "encode_array", "encode_blocks", "float32_to_bf16_bits", "overflow_error", "storable",
            "stored_values", "write_safetensors"]
 
 WRITABLE_DTYPES = ("F64", "F32", "F16", "BF16")  # the float dtypes (FLOAT_DTYPES), in the order messages list them
@@ -101,7 +101,8 @@ def bf16_finite(encoded: np.ndarray) -> bool:
     return not any(bool(((flat[lo:lo + _CHUNK] & 0x7F80) == 0x7F80).any()) for lo in range(0, flat.size, _CHUNK))
 
 
-def _overflow(values: np.ndarray, dtype: str, name: str) -> WriteError:
+def overflow_error(values: np.ndarray, dtype: str, name: str) -> WriteError:
+    """The refusal of `values` (named `name`) that `dtype` cannot hold, with the largest."""
     return WriteError(f"{name}: values overflow {dtype} (largest |value| {float(np.max(np.abs(values))):.4g}); use F32 or BF16")
 
 
@@ -121,7 +122,7 @@ def encode_array(values: np.ndarray, dtype: str, name: str = "tensor") -> np.nda
     else:
         raise WriteError(f"{name}: cannot write dtype {dtype!r} (use one of {', '.join(WRITABLE_DTYPES)})")
     if not finite:
-        raise _overflow(values, dtype, name)
+        raise overflow_error(values, dtype, name)
     return encoded
 
 
@@ -155,8 +156,10 @@ class Encoded:
         return Encoded(self.bits.reshape(*shape), self.code)
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        values = bf16_to_float32(self.bits) if self.code == "BF16" else self.bits
-        return values if dtype is None else values.astype(dtype)
+        if self.code == "BF16":  # a new array either way
+            values = bf16_to_float32(self.bits)
+            return values if dtype is None else values.astype(dtype, copy=False)
+        return np.array(self.bits, dtype=dtype, copy=copy)
 
 
 class Deferred:
@@ -186,7 +189,7 @@ class Deferred:
         return value.reshape(self.shape)
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        return np.asarray(self.result(), dtype=dtype)
+        return np.array(self.result(), dtype=dtype, copy=copy)
 
 
 def storable(values: Any) -> np.ndarray | Encoded | Deferred:
@@ -198,27 +201,28 @@ def storable(values: Any) -> np.ndarray | Encoded | Deferred:
 def encode_blocks(shape: tuple[int, ...], blocks: Iterable[tuple[Any, np.ndarray]], code: str,
                   name: str = "tensor") -> Encoded:
     """A (shape) tensor encoded as `code` from the blocks that make it up: (index into the
-    tensor, float values); a float32 block may be consumed (it is a producer's scratch).
-    WriteError at the first block holding a value the dtype cannot store."""
+    tensor, float values), each rounded through a reused float32 scratch while it is in
+    cache. WriteError (naming `name`) at the first block holding a value the dtype cannot
+    store."""
     if code not in WRITABLE_DTYPES:
         raise WriteError(f"{name}: cannot write dtype {code!r} (use one of {', '.join(WRITABLE_DTYPES)})")
     bits = np.empty(shape, dtype="<u2" if code == "BF16" else NUMPY_DTYPE[code])
-    carry = np.empty(0, dtype="<u4")
+    scratch, carry = np.empty(0, dtype="<f4"), np.empty(0, dtype="<u4")
     for index, block in blocks:
         target = bits[index]
         with np.errstate(over="ignore", invalid="ignore"):  # beyond the dtype's range: inf, refused below
             if code == "BF16":
-                if block.dtype != np.float32 or not block.flags.c_contiguous:
-                    block = np.ascontiguousarray(block, dtype=np.float32)
-                if carry.size < block.size:
-                    carry = np.empty(block.size, dtype="<u4")
-                _round_bf16(block, carry[:block.size].reshape(block.shape), target)
+                if scratch.size < block.size:
+                    scratch, carry = np.empty(block.size, dtype="<f4"), np.empty(block.size, dtype="<u4")
+                rounded = scratch[:block.size].reshape(block.shape)
+                np.copyto(rounded, block, casting="unsafe")
+                _round_bf16(rounded, carry[:block.size].reshape(block.shape), target)
                 finite = bf16_finite(target)
             else:
                 np.copyto(target, block, casting="unsafe")
                 finite = bool(np.isfinite(target).all())
         if not finite:
-            raise _overflow(np.asarray(Encoded(np.ascontiguousarray(target), code)), code, name)
+            raise overflow_error(block, code, name)
     return Encoded(bits, code)
 
 
@@ -241,7 +245,7 @@ def _encoded_chunks(values: np.ndarray | Encoded | Deferred, dtype: str, name: s
         if bf16_finite(chunk):
             yield chunk
         else:
-            raise _overflow(values, dtype, name)
+            raise overflow_error(values, dtype, name)
 
 
 def stored_values(values: np.ndarray, dtype: str) -> np.ndarray:

@@ -105,9 +105,11 @@ class Widened:
         return out
 
     def times(self, small: np.ndarray, out: np.ndarray) -> None:
-        """out[:] = X·small, each row block's float64 product stored as out's dtype."""
+        """out[:] = X·small, each row block's float64 product stored as out's dtype (past its
+        range: inf, which writers refuse in one line, so numpy is not let to warn)."""
         for lo, hi, block in self._blocks():
-            out[lo:hi] = block @ small
+            with np.errstate(over="ignore"):
+                out[lo:hi] = block @ small
 
     def __matmul__(self, small: np.ndarray) -> np.ndarray:
         out = np.empty((self.shape[0], small.shape[1]))
@@ -154,10 +156,11 @@ def times(x: Tall, small: np.ndarray, dtype: type = np.float64, *, transposed: b
         out = np.empty((j, m), dtype=dtype).T if transposed else np.empty((m, j), dtype=dtype)
         x.times(small, out)
         return out.T if transposed else out
-    if transposed and isinstance(x, np.ndarray):
-        return np.asarray(small.T @ x.T, dtype=dtype)  # (j, m), C-ordered as the product is
-    product = x @ small
-    return np.ascontiguousarray(product.T if transposed else product, dtype=dtype)
+    with np.errstate(over="ignore"):  # stored past the dtype's range: inf, refused by the writers
+        if transposed and isinstance(x, np.ndarray):
+            return np.asarray(small.T @ x.T, dtype=dtype)  # (j, m), C-ordered as the product is
+        product = x @ small
+        return np.ascontiguousarray(product.T if transposed else product, dtype=dtype)
 
 
 # Elements of one block of `single_blocks`: the block and its rounding's scratch stay in a

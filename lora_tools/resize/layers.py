@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from lora_tools.adapter import Factor, LoraLayer
-from lora_tools.io.encode import Deferred, Encoded, encode_blocks
+from lora_tools.io.encode import Deferred, Encoded, encode_blocks, overflow_error
 from lora_tools.linalg.blas import single_threaded_blas
 from lora_tools.linalg.factored import FactorSVD, svd_of_factors
 from lora_tools.linalg.rank_policy import RankPolicy, budget_ranks
@@ -105,14 +105,21 @@ def _alpha_for(layer: LoraLayer, k: int) -> float:
 
 
 def _factors(parts: FactorSVD, keep: int, scale_b: float, scale_a: float, dtype: type,
-             encode: str | None) -> tuple[Factor, Factor]:
+             encode: str | None, name: str) -> tuple[Factor, Factor]:
     """The balanced rank-`keep` factors b (m, keep), a (keep, n): arrays of `dtype`, or with
-    `encode` (bf16) already in their stored form, each block rounded as it is formed."""
+    `encode` (bf16) already in their stored form, each block rounded as it is formed
+    (WriteError naming layer `name` where a value does not fit)."""
     if encode is None:
-        return parts.balanced(keep, dtype, scale_b=scale_b, scale_a=scale_a)
+        b_values, a_values = parts.balanced(keep, dtype, scale_b=scale_b, scale_a=scale_a)
+        for values, side in ((b_values, "B"), (a_values, "A")):
+            if dtype == np.float32 and not np.isfinite(values).all():  # float64 products past float32
+                raise overflow_error(values, "F32", f"layer {name!r}, factor {side}")
+        return b_values, a_values
     small_b, small_a = parts.balanced_sides(keep, scale_b=scale_b, scale_a=scale_a)
-    b = encode_blocks((parts.base_b.shape[0], keep), single_blocks(parts.base_b, small_b), encode)
-    a = encode_blocks((keep, parts.base_a.shape[0]), single_blocks(parts.base_a, small_a, transposed=True), encode)
+    b = encode_blocks((parts.base_b.shape[0], keep), single_blocks(parts.base_b, small_b), encode,
+                      f"layer {name!r}, factor B")
+    a = encode_blocks((keep, parts.base_a.shape[0]), single_blocks(parts.base_a, small_a, transposed=True), encode,
+                      f"layer {name!r}, factor A")
     return b, a
 
 
@@ -143,10 +150,11 @@ def resize_layer(layer: LoraLayer, parts: FactorSVD, sigma: np.ndarray, k: int, 
         b: Factor
         a: Factor
         if k <= t and pool is not None:
-            future = pool.submit(_factors, parts, k, math.copysign(root, fold), root, dtype, encode)
+            future = pool.submit(_factors, parts, k, math.copysign(root, fold), root, dtype, encode, layer.name)
             b, a = Deferred(future, 0, (parts.base_b.shape[0], k)), Deferred(future, 1, (k, parts.base_a.shape[0]))
         else:
-            b, a = _factors(parts, min(k, t), math.copysign(root, fold), root, dtype, encode if k <= t else None)
+            b, a = _factors(parts, min(k, t), math.copysign(root, fold), root, dtype, encode if k <= t else None,
+                            layer.name)
         if k > t:  # the floor asks for more than the numerical rank: zero columns / rows
             b = np.concatenate([b, np.zeros((b.shape[0], k - t), dtype)], axis=1)
             a = np.concatenate([a, np.zeros((k - t, a.shape[1]), dtype)], axis=0)

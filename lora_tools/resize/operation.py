@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from lora_tools.errors import RequestError
+from lora_tools.errors import LoraToolsError, RequestError
 from lora_tools.linalg.rank_policy import RankPolicy, policy_from_options
 from lora_tools.resize.layers import LayerResizeReport, factor_workers, resize_layers
 from lora_tools.resize.options import DTYPES, FORMATS
@@ -105,6 +105,7 @@ def resize(
     from lora_tools.formats.rewrite import common_dtype, write_like
     from lora_tools.formats.source import keep_stored
     from lora_tools.io.atomic import written_atomically
+    from lora_tools.io.encode import WriteError
 
     started = time.perf_counter()
     policy, name = check_options(rank, energy, sv_ratio, sv_fro, sv_cumulative, budget, min_rank, bake, out_format, dtype)
@@ -133,7 +134,10 @@ def resize(
             from lora_tools.resize.merged_error import merged_errors
 
             written = iter(layers)
-            figures = merged_errors(adapter, [None if r.rank_out == 0 else next(written) for r in reports], base)
+            try:  # reads the factors still being formed: their refusal, as the writer's would be
+                figures = merged_errors(adapter, [None if r.rank_out == 0 else next(written) for r in reports], base)
+            except WriteError as error:
+                raise LoraToolsError(out, str(error)) from None
             for report, figure in zip(reports, figures):
                 report.merged_error, report.merged_relative_error = figure.error, figure.relative
             merged_sq = sum(f.merged_norm**2 for f in figures)
