@@ -102,8 +102,11 @@ def bf16_finite(encoded: np.ndarray) -> bool:
 
 
 def overflow_error(values: np.ndarray, dtype: str, name: str) -> WriteError:
-    """The refusal of `values` (named `name`) that `dtype` cannot hold, with the largest."""
-    return WriteError(f"{name}: values overflow {dtype} (largest |value| {float(np.max(np.abs(values))):.4g}); use F32 or BF16")
+    """The refusal of `values` (named `name`) that `dtype` cannot hold, with the largest
+    (where the values were already rounded to inf, that they passed the dtype's range)."""
+    largest = float(np.max(np.abs(values)))
+    what = "a value past its range" if math.isinf(largest) else f"largest |value| {largest:.4g}"
+    return WriteError(f"{name}: values overflow {dtype} ({what}); use F32 or BF16")
 
 
 def encode_array(values: np.ndarray, dtype: str, name: str = "tensor") -> np.ndarray:
@@ -248,10 +251,11 @@ def _encoded_chunks(values: np.ndarray | Encoded | Deferred, dtype: str, name: s
             raise overflow_error(values, dtype, name)
 
 
-def stored_values(values: np.ndarray, dtype: str) -> np.ndarray:
+def stored_values(values: np.ndarray, dtype: str, name: str = "tensor") -> np.ndarray:
     """`values` as a reader gets them back once written as `dtype` (bf16 as float32,
-    exactly, the way `SafetensorsFile.numpy` widens it): what a written file must hold."""
-    encoded = encode_array(values, dtype)
+    exactly, the way `SafetensorsFile.numpy` widens it): what a written file must hold.
+    WriteError (naming `name`) where the dtype cannot hold them."""
+    encoded = encode_array(values, dtype, name)
     if dtype == "BF16":
         return bf16_to_float32(encoded)
     return encoded

@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from lora_tools.adapter import Factor, LoraLayer
-from lora_tools.io.encode import Deferred, Encoded, encode_blocks, overflow_error
+from lora_tools.io.encode import Deferred, Encoded, encode_blocks, overflow_error, stored_values
 from lora_tools.linalg.blas import single_threaded_blas
 from lora_tools.linalg.factored import FactorSVD, svd_of_factors
 from lora_tools.linalg.rank_policy import RankPolicy, budget_ranks
@@ -55,6 +55,10 @@ class LayerResizeReport:
     dora: bool  # DoRA: magnitude kept, only the direction's low-rank update truncated
     merged_error: float | None = None  # with --base: ‖W'_in − W'_out‖_F of the merged weights
     merged_relative_error: float | None = None  # ... over ‖W'_in‖_F
+
+
+# the stored dtype code of factors held as each numpy type
+_CODES: dict[type, str] = {np.float64: "F64", np.float32: "F32", np.float16: "F16"}
 
 
 def _tall(factor: Factor, transposed: bool = False) -> Tall:
@@ -112,8 +116,8 @@ def _factors(parts: FactorSVD, keep: int, scale_b: float, scale_a: float, dtype:
     if encode is None:
         b_values, a_values = parts.balanced(keep, dtype, scale_b=scale_b, scale_a=scale_a)
         for values, side in ((b_values, "B"), (a_values, "A")):
-            if dtype == np.float32 and not np.isfinite(values).all():  # float64 products past float32
-                raise overflow_error(values, "F32", f"layer {name!r}, factor {side}")
+            if dtype != np.float64 and not np.isfinite(values).all():  # float64 products past float32/16
+                raise overflow_error(values, "F16" if dtype == np.float16 else "F32", f"layer {name!r}, factor {side}")
         return b_values, a_values
     small_b, small_a = parts.balanced_sides(keep, scale_b=scale_b, scale_a=scale_a)
     b = encode_blocks((parts.base_b.shape[0], keep), single_blocks(parts.base_b, small_b), encode,
@@ -159,7 +163,11 @@ def resize_layer(layer: LoraLayer, parts: FactorSVD, sigma: np.ndarray, k: int, 
             b = np.concatenate([b, np.zeros((b.shape[0], k - t), dtype)], axis=1)
             a = np.concatenate([a, np.zeros((k - t, a.shape[1]), dtype)], axis=0)
         b, a = _stored(layer, b, a)
-        magnitude = None if layer.magnitude is None else np.asarray(layer.magnitude)
+        # magnitude and bias as they will read back, like the factors (--base measures what is written)
+        written = encode or _CODES[dtype]
+        magnitude = None if layer.magnitude is None else stored_values(np.asarray(layer.magnitude), written,
+                                                                        f"layer {layer.name!r}, magnitude")
+        bias = None if bias is None else stored_values(bias, written, f"layer {layer.name!r}, bias")
         out = replace(layer, a=a, b=b, alpha=alpha, use_rslora=rslora, magnitude=magnitude, bias=bias, algo="lora",
                       stored_params=None, kron_sides=None, hadamard_sides=None)
     report = LayerResizeReport(

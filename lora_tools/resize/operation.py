@@ -116,10 +116,10 @@ def resize(
     if not adapter.layers:
         raise RequestError(adapter_path, "has no LoRA layers to resize")
     code = DTYPES[dtype] or common_dtype([layer.dtype for layer in adapter.layers])
-    # float32 is written as it is computed (float64, then stored): no float64 copies; bf16
-    # factors (2⁻⁹ rounding) are computed in float32 (≈ 2⁻²¹ here, `tall.single_blocks`) and
-    # encoded by the threads that form them
-    held = np.float32 if code in ("BF16", "F32") else np.float64
+    # factors are held as they will be written (float64 products rounded once), so --base
+    # measures the written adapter; bf16 ones are computed in float32 (≈ 2⁻²¹ here,
+    # `tall.single_blocks`) and encoded by the threads that form them
+    held = {"F64": np.float64, "F16": np.float16}.get(code, np.float32)
     with factor_workers(len(adapter.layers)) as pool:  # until the factors formed there are written
         try:
             layers, reports = resize_layers(adapter.layers, policy, pool, budget=budget, bake=bake, dtype=held,
