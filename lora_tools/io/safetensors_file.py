@@ -21,6 +21,7 @@ import numpy as np
 
 from lora_tools.errors import FormatError
 from lora_tools.io.dtypes import NUMPY_DTYPE
+from lora_tools.io.encode import bf16_to_float32
 from lora_tools.io.safetensors_header import MAX_HEADER_BYTES, TensorInfo, parse_header, require_valid_unicode
 
 __all__ = ["SafetensorsFile", "TensorInfo", "open_regular", "pread_into", "require_valid_unicode"]
@@ -206,11 +207,7 @@ class SafetensorsFile:
         into a new float32 array)."""
         info, storage = self._storage(name)
         raw = span[info.start - span_start:info.end - span_start].view(storage)
-        if info.dtype == "BF16":
-            bits = np.empty(info.numel, dtype="<u4")
-            _widen_bf16(raw, bits)
-            return bits.view("<f4").reshape(info.shape)
-        return raw.reshape(info.shape)
+        return (bf16_to_float32(raw) if info.dtype == "BF16" else raw).reshape(info.shape)
 
     def will_need(self, name: str) -> None:
         """Ask the kernel to start reading a tensor's bytes now, in large requests, so
