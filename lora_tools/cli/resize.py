@@ -42,6 +42,9 @@ def resize_command(
         lora-tools resize ./my-adapter --budget 2000000 -o fit/
         lora-tools resize ./rslora-adapter --bake -o baked/      # alpha = r: right under any alpha/r runtime
     """
+    from lora_tools.linalg.blas import import_numpy_for_own_threads
+
+    import_numpy_for_own_threads()  # resize's BLAS runs in its own single-threaded pool
     from lora_tools.resize.operation import resize
 
     report = resize(

@@ -216,11 +216,15 @@ def finite_factor(source: TensorSource, key: str) -> np.ndarray:
 
 
 def stored_factor(source: TensorSource, key: str) -> np.ndarray | Encoded:
-    """`finite_factor`, but a bf16 tensor of a safetensors file comes as its bit patterns
+    """`finite_factor`, but a tensor of a safetensors file is a read-only view of the file
+    mapped (`SafetensorsFile.mapped`), and a bf16 one comes as its bit patterns
     (`Encoded`), checked by exponent: all ones is NaN or Inf. See `keep_stored`."""
-    if not (isinstance(source, SafetensorsSource) and source.dtype(key) == "BF16"):
+    if not isinstance(source, SafetensorsSource):
         return finite_factor(source, key)
-    bits = source.file.stored(key)
+    _require_float(source, key)
+    if source.dtype(key) != "BF16":
+        return _require_finite(source, key, source.file.mapped(key))
+    bits = source.file.mapped(key)
     if not bf16_finite(bits):
         raise FormatError(source.path, f"tensor {key!r} contains NaN or Inf")
     return Encoded(bits, "BF16")

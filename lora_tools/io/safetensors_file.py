@@ -99,6 +99,8 @@ class SafetensorsFile:
         self.path = Path(path)
         self._fd: int | None = None
         self._fd_lock = threading.Lock()
+        self._mapping: mmap.mmap | None = None  # `mapped`'s, made on first use
+        self._map_lock = threading.Lock()
         self.header_size, self.tensors, self.metadata = self._read_header()
 
     # -- header -------------------------------------------------------------------
@@ -151,6 +153,7 @@ class SafetensorsFile:
         return self._descriptor()
 
     def close(self) -> None:
+        self._mapping = None  # (views of it keep it mapped: they hold the mmap object)
         with self._fd_lock:
             if self._fd is not None:
                 os.close(self._fd)
@@ -247,6 +250,25 @@ class SafetensorsFile:
         array = np.empty(info.numel, dtype=storage)  # not a zero-filled bytearray: one pass
         self.read_into(name, array)
         return array.reshape(info.shape)
+
+    def mapped(self, name: str) -> np.ndarray:
+        """`stored(name)` as a read-only view of the file mapped into memory: no copy, no
+        fresh pages, the page cache's own pages instead (a 90 MB adapter: 20 K fewer page
+        faults and ~0.03 s less to read). The view keeps the mapping alive after `close`.
+
+        For a reader of small files that is done in seconds (resize reads adapters so):
+        where `read_into` reports a file cut short by another process as an error, a
+        mapping read past the new end stops the process with SIGBUS."""
+        info, storage = self._storage(name)
+        with self._map_lock:
+            if self._mapping is None:
+                fd = self._descriptor()
+                end = max((t.end for t in self.tensors.values()), default=0)
+                if os.fstat(fd).st_size < end:
+                    raise self._fail("file ended early (truncated?)")
+                self._mapping = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+            mapping = self._mapping
+        return np.frombuffer(mapping, dtype=storage, count=info.numel, offset=info.start).reshape(info.shape)
 
     def _storage(self, name: str) -> tuple[TensorInfo, np.dtype[Any]]:
         """A tensor's entry and the numpy type of its stored elements (BF16: uint16 bit

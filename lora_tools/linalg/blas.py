@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
+import sys
 from collections.abc import Iterator
 
 # OpenBLAS entry points to get/set its thread count, as numpy's wheels (scipy-openblas,
@@ -44,3 +46,26 @@ def single_threaded_blas() -> Iterator[None]:
     finally:
         for setter, threads in controls:
             setter(threads)
+
+
+def import_numpy_for_own_threads() -> None:
+    """Import numpy with OpenBLAS loaded at one thread, unless something imported it already.
+
+    Why: OpenBLAS starts its server threads when it is loaded, and they spin-wait about
+    0.1 s of CPU before they sleep, whether or not BLAS ever runs on them; on a 2-core
+    machine that is the core our own threads wanted (resize lost ~0.05 s of its 0.6 s
+    wall to it). Only a command whose BLAS all runs in `single_threaded_blas` pools may
+    call this: its OpenBLAS then never has a thread to hand work to. The thread count is
+    read from the environment at load only, so the variable is restored right after.
+    """
+    if "numpy" in sys.modules:
+        return
+    before = os.environ.get("OPENBLAS_NUM_THREADS")
+    os.environ["OPENBLAS_NUM_THREADS"] = "1"
+    try:
+        import numpy  # noqa: F401
+    finally:
+        if before is None:
+            del os.environ["OPENBLAS_NUM_THREADS"]
+        else:
+            os.environ["OPENBLAS_NUM_THREADS"] = before
