@@ -7,7 +7,7 @@ import click
 from lora_tools.blend.options import DTYPES as BLEND_DTYPES
 from lora_tools.blend.options import FORMATS as BLEND_FORMATS
 from lora_tools.blend.options import METHODS as BLEND_METHODS
-from lora_tools.cli.common import _show
+from lora_tools.cli.common import _show, imports_without_gc
 from lora_tools.cli.group import cli
 
 
@@ -45,7 +45,8 @@ def blend_command(
         lora-tools blend a/ b/ c/ --weight 1 --weight 1 --weight -0.5 --method cat -o sum/
         lora-tools blend a/ b/ --weight 0.5 --energy 0.99 -o small/
     """
-    from lora_tools.blend.operation import blend
+    with imports_without_gc():
+        from lora_tools.blend.operation import blend
 
     report = blend(
         list(adapters), out, list(weights), method=method, rank=rank, energy=energy, density=density, seed=seed,

@@ -3,12 +3,35 @@ verify run that both `verify` and `merge --verify` end with."""
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import click
 
 from lora_tools.render.console import stdout_console
+
+
+@contextlib.contextmanager
+def imports_without_gc() -> Iterator[None]:
+    """A verb's library imported with the cyclic garbage collector paused, and what the
+    imports made frozen (`gc.freeze`: never traversed again; `main` unfreezes it).
+
+    Why: importing torch, or numpy and the library, makes hundreds of thousands of
+    objects that live until exit, and Python's default thresholds run a collection every
+    700 new ones, each traversing them again: 380 collections and 0.22 s of a 1B FP8
+    merge, ~10 ms of a resize. Modules hold nothing to collect; the collector runs as
+    usual on what the command itself allocates."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.freeze()
+            gc.enable()
 
 
 def _show(report: Any, verb: str, as_json: bool, **table_options: Any) -> None:
@@ -29,7 +52,8 @@ def _run_verify(
     base: str, adapters: list[str], merged: str, weights: list[float], alpha: float | None,
     atol: float | None, rtol: float | None, as_json: bool, show_all: bool = False, device: str = "cpu",
 ) -> None:
-    from lora_tools.verify.operation import verify
+    with imports_without_gc():
+        from lora_tools.verify.operation import verify
 
     report = verify(base, list(adapters), merged, weights=weights or None, atol=atol, rtol=rtol, alpha=alpha, device=device)
     _show(report, "verify", as_json, show_all=show_all)

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from lora_tools.cli.common import _show
+from lora_tools.cli.common import _show, imports_without_gc
 from lora_tools.cli.group import cli
 from lora_tools.convert.options import DTYPES as CONVERT_DTYPES
 from lora_tools.convert.options import TARGETS as CONVERT_TARGETS
@@ -38,7 +38,8 @@ def convert_command(
         lora-tools convert lora.safetensors --to peft --base ./sd-base -o peft-adapter/
         lora-tools convert ./llama-adapter --to gguf --base ./Llama-3.2-1B -o adapter.gguf
     """
-    from lora_tools.convert.operation import convert
+    with imports_without_gc():
+        from lora_tools.convert.operation import convert
 
     report = convert(adapter, out, to=to, base=base, prefix=prefix, component=component, dtype=dtype,
                      drop_unsupported=drop_unsupported, force=force)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from lora_tools.cli.common import _show
+from lora_tools.cli.common import _show, imports_without_gc
 from lora_tools.cli.group import cli
 from lora_tools.extract.options import DTYPES as EXTRACT_DTYPES
 from lora_tools.extract.options import FORMATS as EXTRACT_FORMATS
@@ -44,7 +44,8 @@ def extract_command(
         lora-tools extract ./base ./finetuned --rank 32 -o extracted/
         lora-tools extract ./base ./finetuned --energy 0.9 --rank 128 -o extracted/
     """
-    from lora_tools.extract.operation import extract
+    with imports_without_gc():
+        from lora_tools.extract.operation import extract
 
     progress = None if quiet else RichProgress()
     try:

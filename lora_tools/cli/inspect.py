@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from lora_tools.cli.common import _show
+from lora_tools.cli.common import _show, imports_without_gc
 from lora_tools.cli.group import cli
 
 
@@ -32,7 +32,8 @@ def inspect_command(
         lora-tools inspect ./my-adapter --plot report.png
         lora-tools inspect ./qlora-adapter --base ./base-model --base-quant nf4,dq
     """
-    from lora_tools.inspect import inspect_adapter
+    with imports_without_gc():
+        from lora_tools.inspect import inspect_adapter
 
     report = inspect_adapter(adapter, base_path=base, alpha=alpha, base_quant=base_quant)
     if plot_path is not None:

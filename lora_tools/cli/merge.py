@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from lora_tools.cli.common import _run_verify
+from lora_tools.cli.common import _run_verify, imports_without_gc
 from lora_tools.cli.group import cli
 from lora_tools.errors import RequestError
 from lora_tools.io.dtypes import MERGE_DTYPE_CHOICES
@@ -41,7 +41,8 @@ def merge_command(
         lora-tools merge ./base-model ./my-adapter -o ./merged
         lora-tools merge ./base-model a b --weight 0.7 --weight 0.3 -o ./merged --verify
     """
-    from lora_tools.merge import merge
+    with imports_without_gc():
+        from lora_tools.merge import merge
 
     if run_verify and base_quant is not None:
         raise RequestError(None, "--verify checks OUT against BASE's own weights, not deq(NF4(W0)): run merge --base-quant without it")

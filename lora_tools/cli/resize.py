@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from lora_tools.cli.common import _show
+from lora_tools.cli.common import _show, imports_without_gc
 from lora_tools.cli.group import cli
 from lora_tools.resize.options import DTYPES as RESIZE_DTYPES
 from lora_tools.resize.options import FORMATS as RESIZE_FORMATS
@@ -44,8 +44,9 @@ def resize_command(
     """
     from lora_tools.linalg.blas import import_numpy_for_own_threads
 
-    import_numpy_for_own_threads()  # resize's BLAS runs in its own single-threaded pool
-    from lora_tools.resize.operation import resize
+    with imports_without_gc():
+        import_numpy_for_own_threads()  # resize's BLAS runs in its own single-threaded pool
+        from lora_tools.resize.operation import resize
 
     report = resize(
         adapter, out, rank=rank, energy=energy, sv_ratio=sv_ratio, sv_fro=sv_fro, sv_cumulative=sv_cumulative,
