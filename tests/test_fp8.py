@@ -269,6 +269,43 @@ def test_merge_fp8_keeps_format_within_one_step(which: str, block_base: Path, ch
             assert torch.equal(ours.to(torch.bfloat16).float() if which == "channel" else ours, state[name]), name
 
 
+def test_survival_figures_equal_their_float64_definitions(block_base: Path, peft_case_factory, tmp_path: Path) -> None:
+    """Each adapted weight's figures, from the written file in float64: survival =
+    ‖deq(Q(W0+ΔW)) − deq(W0's codes)‖_F / ‖ΔW‖_F, ‖ΔW‖_F itself (from the factors: two
+    adapters at weights 0.7 and −0.4, so the Gram sums' cross terms count), and the
+    share of codes that did not change. DoRA's update is not a product of factors: its
+    ‖ΔW‖ is measured on the merged weight instead, and must still equal PEFT's."""
+    plain, rslora = peft_case_factory("llama_plain"), peft_case_factory("llama_rslora")
+    out = tmp_path / "merged"
+    weights = (0.7, -0.4)
+    result = merge(block_base, [plain.adapter_dir, rslora.adapter_dir], out, device="cpu", dtype="fp8", weights=list(weights))
+    before, after = dequantized64(block_base), dequantized64(out)
+    codes_before, codes_after = load_file(block_base / "model.safetensors"), load_file(out / "model.safetensors")
+    figures = {s.name: s for s in result.survival}
+    assert set(figures) == _adapted(plain) | _adapted(rslora)
+    for name, figure in figures.items():
+        update = sum(w * _update64(case, name) for w, case in zip(weights, (plain, rslora)) if name in _adapted(case))
+        norm = float(torch.linalg.vector_norm(update))
+        kept = float(torch.linalg.vector_norm(after[name] - before[name]))
+        assert figure.update_norm == pytest.approx(norm, rel=1e-12), name
+        assert figure.survival == pytest.approx(kept / norm, rel=1e-5), name
+        same = codes_after[name].view(torch.uint8) == codes_before[name].view(torch.uint8)
+        assert figure.unchanged == float(same.double().mean()), name
+
+    dora = peft_case_factory("llama_dora")
+    result = merge(block_base, [dora.adapter_dir], tmp_path / "dora", device="cpu", dtype="fp8")
+    model = _load_dequantized(block_base)
+    from peft import PeftModel
+
+    merged = PeftModel.from_pretrained(model.double(), dora.adapter_dir).merge_and_unload().state_dict()
+    before, after = dequantized64(block_base), dequantized64(tmp_path / "dora")
+    for figure in result.survival:
+        update = merged[figure.name] - before[figure.name]
+        assert figure.update_norm == pytest.approx(float(torch.linalg.vector_norm(update)), rel=1e-5), figure.name
+        kept = float(torch.linalg.vector_norm(after[figure.name] - before[figure.name]))
+        assert figure.survival == pytest.approx(kept / figure.update_norm, rel=1e-5), figure.name
+
+
 def test_update_below_fp8_resolution_is_reported_and_refused(block_base: Path, llama_plain_case, tmp_path: Path) -> None:
     """An adapter scaled down until FP8 cannot hold it: survival near 0, a warning on
     stderr naming the worst layers; --min-survival makes it exit 1 with nothing written."""

@@ -27,17 +27,22 @@ at one tensor either way.
 from __future__ import annotations
 
 import math
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from lora_tools.adapter import Factor
+from lora_tools.engine.plan import TensorPlan
 from lora_tools.engine.staging import ByteRing
 from lora_tools.engine.stream import Compute, all_finite, refuse_overflow
 from lora_tools.io.checkpoint import BaseCheckpoint
 from lora_tools.io.dtypes import DTYPE_ITEMSIZE, torch_dtype
 from lora_tools.io.fp8 import dequantize, requantize
 from lora_tools.io.stream_writer import Entry
+from lora_tools.linalg.dense import factor_tensor
+from lora_tools.linalg.factored import concat_factors, frobenius_norm
 
 
 @dataclass
@@ -54,6 +59,24 @@ class Survival:
     survival: float | None
     unchanged: float
     update_norm: float
+
+
+def update_norm(plan: TensorPlan) -> float | None:
+    """‖Σ wᵢ·sᵢ·Bᵢ·Aᵢ‖_F of a tensor's update from its factors (float64 Gram sums,
+    `linalg.factored`), where the update is only LoRA products (a transposed one has the
+    same norm); None where it is more (a replacement, DoRA, a bias): then it is measured
+    on the merged weight. Exact, and no pass over the weight."""
+    if plan.replacement is not None or plan.biases or not plan.layers:
+        return None
+    if any(target.layer.magnitude is not None for target, _ in plan.layers):
+        return None
+    terms = [(_float64(t.layer.b_matrix), _float64(t.layer.a_matrix), t.layer.scale * w) for t, w in plan.layers]
+    return frobenius_norm(*concat_factors(terms))
+
+
+def _float64(factor: Factor) -> np.ndarray:
+    """A factor as a float64 numpy array on the host (merge may hold it as a torch tensor, on its device)."""
+    return factor_tensor(factor, "cpu", torch.float64).numpy()
 
 
 def lost_updates(survival: list[Survival], below: float) -> list[Survival]:
@@ -87,9 +110,10 @@ class Dequantizing:
 class Requantizing:
     """The merge's compute on an FP8 base written as FP8 with fresh scales."""
 
-    def __init__(self, base: BaseCheckpoint, inner: Compute, adapted: Collection[str], device: torch.device) -> None:
+    def __init__(self, base: BaseCheckpoint, inner: Compute, adapted: Mapping[str, TensorPlan], device: torch.device) -> None:
         assert base.fp8 is not None
         self.base, self.inner, self.device = base, inner, device
+        self.plans = adapted
         self.layout = base.fp8
         self.adapted_fp8 = {name for name in adapted if base.is_fp8_weight(name)}
         self.weight_of_scale = {scale: w for scale, w in self.layout.owners.items() if w in self.adapted_fp8}
@@ -129,14 +153,16 @@ class Requantizing:
             return self.inner(name, w0, stored, out)
         merged, base_values = self._merged_weight(name, w0)
         scratch = self._scratch.tensor(tuple(w0.shape), torch.float32)
-        update_norm = float(torch.linalg.vector_norm(torch.sub(merged, base_values, out=scratch)))
+        norm = update_norm(self.plans[name])
+        if norm is None:
+            norm = _norm(torch.sub(merged, base_values, out=scratch))
         _, scales = self._requantized(name, merged, out.dtype, out)  # merged is the scratch from here on
         if name not in self._scale_written:
             self._scales[name] = scales
-        kept = dequantize(out, scales, self.layout.weights[name].block, scratch).sub_(base_values)
-        kept_norm = float(torch.linalg.vector_norm(kept))
+        # the codes just made hold no NaN: no check for one
+        kept = dequantize(out, scales, self.layout.weights[name].block, scratch, trusted=True).sub_(base_values)
         unchanged = int(torch.count_nonzero(out.view(torch.uint8) == w0.view(torch.uint8))) / max(1, out.numel())
-        self.survival.append(Survival(name, kept_norm / update_norm if update_norm > 0 else None, unchanged, update_norm))
+        self.survival.append(Survival(name, _norm(kept) / norm if norm > 0 else None, unchanged, norm))
         return out
 
     def _merged_weight(self, weight: str, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,3 +178,10 @@ class Requantizing:
         `out`); deterministic, so the scale tensor and the weight agree whichever came first."""
         scale_dtype = torch_dtype(self.base.info(self.layout.scale_of(weight)).dtype)
         return requantize(merged, self.layout.weights[weight].block, fp8, scale_dtype, self.layout.rule, in_place=True, out=out)
+
+
+def _norm(values: torch.Tensor) -> float:
+    """‖values‖_F as √(float64 of a float32 dot product): BLAS's dot runs ~2.5× faster
+    here than `vector_norm`, and a report figure needs no more than float32's sums."""
+    flat = values.reshape(-1)
+    return math.sqrt(max(float(torch.dot(flat, flat)), 0.0))

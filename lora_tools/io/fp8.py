@@ -92,11 +92,12 @@ class RowDequantizer:
                 and self.row_scales.numel() and bool(self.row_scales.abs().amax() < _E4M3_SCALE_LIMIT)):
             self.rebiased = self.row_scales * _E4M3_REBIAS
 
-    def __call__(self, out: Any, lo: int, hi: int) -> Any:
-        """Rows [lo, hi) as float32 values, written into `out` (hi − lo rows)."""
+    def __call__(self, out: Any, lo: int, hi: int, trusted: bool = False) -> Any:
+        """Rows [lo, hi) as float32 values, written into `out` (hi − lo rows); `trusted`:
+        the codes are known to hold no NaN (fresh from `requantize`), so none is looked for."""
         codes = self.q[lo:hi]
         scales = self.row_scales[lo:hi]
-        if self.rebiased is not None and out.is_contiguous() and _widen_e4m3_by_bits(codes, out):
+        if self.rebiased is not None and out.is_contiguous() and _widen_e4m3_by_bits(codes, out, check=not trusted):
             scales = self.rebiased[lo:hi]
         elif codes.device.type == "cpu" and codes.element_size() == 1:
             _widen_by_table(codes, out)
@@ -176,10 +177,11 @@ def _widen_by_table(codes: Any, out: Any) -> None:
         out.copy_(torch.index_select(_code_values(codes.dtype), 0, indices).view(out.shape))
 
 
-def dequantize(q: Any, scale: Any, block: Block, out: Any = None) -> Any:
+def dequantize(q: Any, scale: Any, block: Block, out: Any = None, trusted: bool = False) -> Any:
     """q·s in float32 on q's device, as DeepSeek's `weight_dequant` and transformers do
     (each code widened to float32, times its block's scale widened to float32); into
-    `out` (float32, q's shape) when given, reused memory sparing a fresh tensor's faults."""
+    `out` (float32, q's shape) when given, reused memory sparing a fresh tensor's faults.
+    `trusted`: codes known to hold no NaN (`RowDequantizer`)."""
     import torch
 
     values = torch.empty(q.shape, dtype=torch.float32, device=q.device) if out is None else out
@@ -189,7 +191,7 @@ def dequantize(q: Any, scale: Any, block: Block, out: Any = None) -> Any:
     step = max(1, _CHUNK_ELEMENTS // max(1, q[0].numel()))
     rows_of = RowDequantizer(q, scale, block)
     for lo in range(0, rows, step):
-        rows_of(values[lo : lo + step], lo, min(rows, lo + step))
+        rows_of(values[lo : lo + step], lo, min(rows, lo + step), trusted)
     return values
 
 

@@ -165,8 +165,11 @@ def merge_rows_into(
     if len(starts) > 1 and rows - starts[-1] == 1:
         starts.pop()  # a 1-row block would go through gemv, whose sums differ from gemm's
     total = torch.zeros((), dtype=dtype, device=w0.device)
+    # an output in the compute dtype (a float32 merge, FP8's merged values) is its own
+    # accumulator: no copy of every block into it (the same arithmetic, the same bits)
+    in_place = out.dtype == dtype and out.is_contiguous() and out.untyped_storage().data_ptr() != w0.untyped_storage().data_ptr()
     for lo, hi in zip(starts, [*starts[1:], rows]):
-        acc = work[: hi - lo]
+        acc = out[lo:hi] if in_place else work[: hi - lo]
         # W0 already in the compute dtype (a float32 base, a dequantized FP8 weight) is
         # only read: no widened copy of it
         if widen is not None:
@@ -175,7 +178,8 @@ def merge_rows_into(
             base = w0[lo:hi] if w0.dtype == dtype else widened[: hi - lo].copy_(w0[lo:hi])
         merge_block_into(acc, base, factors, lo, hi, spare[: hi - lo])
         total += acc.sum()
-        out[lo:hi].copy_(acc)  # the one rounding to the stored dtype
+        if not in_place:
+            out[lo:hi].copy_(acc)  # the one rounding to the stored dtype
     return total
 
 
