@@ -1,3 +1,3 @@
-from lora_tools.cli import main
+from lora_tools.cli import run
 
-main()
+run()

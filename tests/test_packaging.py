@@ -96,7 +96,7 @@ def test_runtime_dependencies_are_lower_bounded() -> None:
     extras = {_requirement_name(d) for group in project.get("optional-dependencies", {}).values() for d in group}
     assert {"peft", "transformers"} <= extras
     assert not ({"peft", "transformers"} & {_requirement_name(d) for d in deps})
-    assert project["scripts"]["lora-tools"] == "lora_tools.cli:main"
+    assert project["scripts"]["lora-tools"] == "lora_tools.cli:run"
 
 
 def test_package_is_typed() -> None:

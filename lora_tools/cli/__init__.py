@@ -12,7 +12,7 @@ here.
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -32,7 +32,7 @@ from lora_tools.cli.extract import extract_command
 
 __all__ = [
     "INTERNAL_ERROR", "InputError", "blend_command", "cli", "convert_command", "extract_command", "inspect_command",
-    "main", "merge_command", "resize_command", "verify_command",
+    "main", "merge_command", "resize_command", "run", "verify_command",
 ]
 
 # A bug in lora-tools: neither 1 (a verify check failed) nor 2 (the user's input).
@@ -139,3 +139,26 @@ def main() -> None:
     atexit.unregister(_ignore_stop_signals)
     atexit.register(_ignore_stop_signals)  # registered last, so it runs before torch's own exit work
     sys.exit(code)
+
+
+def run() -> NoReturn:
+    """The console script and `python -m lora_tools`: `main`, then the process ends at
+    once, its streams flushed, without Python's teardown.
+
+    Why: by then the outcome is reported and every output is on disk (written, fsynced,
+    renamed; every thread joined), and tearing down the interpreter (hundreds of modules,
+    the run's arrays) only delays the exit status: 15-20 ms of a 0.5 s resize. `main`
+    itself returns normally, for callers that run commands in their own process."""
+    import os
+
+    try:
+        main()
+        code = 0
+    except SystemExit as done:
+        code = done.code if isinstance(done.code, int) else 0 if done.code is None else 1
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe (`| head`): what was to be read has been
+            pass
+    os._exit(code)
