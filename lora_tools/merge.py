@@ -26,7 +26,14 @@ from lora_tools.io.atomic import written_atomically
 from lora_tools.io.dtypes import KEEP_FP8, dtype_code
 from lora_tools.io.extra_files import copy_extra_files
 from lora_tools.io.hf_layout import update_config_dtype, write_index
-from lora_tools.linalg.dense import accumulation_dtype, merge_rows_into, merged_tensor
+from lora_tools.linalg.dense import (
+    MIN_BLOCK_ROWS,
+    RowMerge,
+    accumulation_dtype,
+    merge_factors,
+    merge_rows_into,
+    merged_tensor,
+)
 from lora_tools.linalg.device import resolve_device
 from lora_tools.linalg.nf4 import BaseQuant, parse_base_quant, quantized_by_bitsandbytes, round_trip_stored
 
@@ -150,7 +157,7 @@ def _stream_for(
             raise RequestError(plan.base.path, f"has no FP8 weights: {what} applies to FP8 bases only")
         return TensorStream(device, plan.tensors, merger, out_code, progress), None
     if dtype == KEEP_FP8:
-        requantizing = Requantizing(plan.base, merger, plan.tensors, device)
+        requantizing = Requantizing(plan.base, merger, plan.tensors, device, merger.row_merge)
         stream = TensorStream(device, requantizing.computed, requantizing, None, progress, reorder=requantizing.reorder)
         return stream, "requantized"
     if min_survival is not None:
@@ -215,11 +222,11 @@ class _Merger:
         if is_plain(plan):
             rows = w0.shape[0]
             width = w0[0].numel()
-            chunk = rows if self.device.type == "cuda" else max(2, min(rows, CPU_CHUNK_ELEMENTS // max(1, width)))
+            chunk = rows if self.device.type == "cuda" else max(MIN_BLOCK_ROWS, min(rows, CPU_CHUNK_ELEMENTS // max(1, width)))
             total = merge_rows_into(
                 out.view(rows, width), w0.view(rows, width), plan.layers, chunk,
-                self.work.tensor((min(rows, chunk + 1), width), compute),
-                self.widened.tensor((min(rows, chunk + 1), width), compute),
+                self.work.tensor((min(rows, chunk + MIN_BLOCK_ROWS - 1), width), compute),
+                self.widened.tensor((min(rows, chunk + MIN_BLOCK_ROWS - 1), width), compute),
                 fuse=self.device.type == "cpu", widen=fp8_rows,
             )
             if not bool(torch.isfinite(total)) and not bool(torch.isfinite(out).all()):
@@ -236,6 +243,15 @@ class _Merger:
         if may_overflow(compute, stored) and not _fits_surely(plan, values, stored) and not all_finite(out):
             self._refuse_overflow(name, plan, self._values_of(name, w0), out)
         return out
+
+    def row_merge(self, name: str) -> RowMerge | None:
+        """W0 + Σ wᵢ·sᵢ·BᵢAᵢ for any block of rows of a plain tensor, from those rows of W0
+        in float32 (`RowMerge`), the arithmetic of `__call__` on them; None where the tensor
+        needs more than its rows (not plain, or rounded through NF4 first)."""
+        plan = self.plan.tensors[name]
+        if not is_plain(plan) or name in self.nf4_tensors:
+            return None
+        return RowMerge(merge_factors(plan.layers, self.device, torch.float32, self.device.type == "cpu"))
 
     def _fp8_codes(self, name: str, w0: torch.Tensor) -> bool:
         """`w0` holds an FP8 weight's codes (not yet its values)."""

@@ -306,6 +306,33 @@ def test_survival_figures_equal_their_float64_definitions(block_base: Path, peft
         assert figure.survival == pytest.approx(kept / figure.update_norm, rel=1e-5), figure.name
 
 
+@pytest.mark.parametrize("which", ["block", "channel", "ue8m0"])
+def test_requantizing_by_row_blocks_gives_the_whole_weights_bytes(
+    which: str, block_base: Path, channel_base: Path, fp8_root: Path, peft_case_factory, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The CPU re-quantizes a block of rows at a time (`Requantizing._by_blocks`, here one
+    scale block of rows per block, the smallest there is): every byte of the output, and
+    the survival figures, as the whole-weight path gives them; two adapters, so the row
+    merge takes its multi-layer route."""
+    import lora_tools.engine.fp8_stream as fp8_stream
+    from lora_tools.merge import _Merger
+
+    base = {"block": block_base, "channel": channel_base}.get(which) or build_block_fp8_base(
+        peft_case_factory("llama_plain").base_dir, fp8_root / "ue8m0-blocks", scale_fmt="ue8m0")
+    adapters = [peft_case_factory("llama_plain").adapter_dir, peft_case_factory("llama_rslora").adapter_dir]
+    monkeypatch.setattr(fp8_stream, "BLOCK_ELEMENTS", 1)
+    by_blocks = merge(base, adapters, tmp_path / "blocks", device="cpu", dtype="fp8", weights=[0.8, 1.5])
+    monkeypatch.setattr(_Merger, "row_merge", lambda self, name: None)
+    whole = merge(base, adapters, tmp_path / "whole", device="cpu", dtype="fp8", weights=[0.8, 1.5])
+    for path in (tmp_path / "whole").iterdir():
+        assert (tmp_path / "blocks" / path.name).read_bytes() == path.read_bytes(), path.name
+    assert [s.name for s in by_blocks.survival] == [s.name for s in whole.survival]
+    for ours, reference in zip(by_blocks.survival, whole.survival):
+        assert ours.unchanged == reference.unchanged and ours.update_norm == reference.update_norm
+        assert ours.survival == pytest.approx(reference.survival, rel=1e-5)
+
+
 def test_update_below_fp8_resolution_is_reported_and_refused(block_base: Path, llama_plain_case, tmp_path: Path) -> None:
     """An adapter scaled down until FP8 cannot hold it: survival near 0, a warning on
     stderr naming the worst layers; --min-survival makes it exit 1 with nothing written."""

@@ -25,7 +25,7 @@ from builders import PeftCase
 from safetensors.torch import load_file, save_file
 from test_verify import PEFT_PREFIX, Q0, SMALL_BLOCK, _assert_same_reports, lora_factors, write_checkpoint
 
-EDGE = (40, 7)  # (row, column) of Q0 put at the tolerance edge: row 40 lies in block 14 of 3-row blocks
+EDGE = (40, 7)  # (row, column) of Q0 put at the tolerance edge: row 40 lies in block 3 of 16-row blocks
 
 
 def _reports(monkeypatch: pytest.MonkeyPatch, *args: object, **kwargs: object) -> dict[str, object]:

@@ -27,7 +27,7 @@ at one tensor either way.
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,8 +41,14 @@ from lora_tools.io.checkpoint import BaseCheckpoint
 from lora_tools.io.dtypes import DTYPE_ITEMSIZE, torch_dtype
 from lora_tools.io.fp8 import dequantize, requantize
 from lora_tools.io.stream_writer import Entry
-from lora_tools.linalg.dense import factor_tensor
+from lora_tools.linalg.dense import MIN_BLOCK_ROWS, RowMerge, factor_tensor, row_blocks_of
 from lora_tools.linalg.factored import concat_factors, frobenius_norm
+
+# Elements of W0 per block of rows in `Requantizing._by_blocks`: its three float32
+# buffers (W0, W0 + ΔW, the dequantized result) stay warm between the dozen passes, and
+# replace three weight-sized ones (3 × 64 MB at 1B shapes). Smaller blocks pay more in
+# per-call overhead than they gain in cache: 1 M, 2 M and 4 M elements measured here.
+BLOCK_ELEMENTS = 1 << 21
 
 
 @dataclass
@@ -110,10 +116,16 @@ class Dequantizing:
 class Requantizing:
     """The merge's compute on an FP8 base written as FP8 with fresh scales."""
 
-    def __init__(self, base: BaseCheckpoint, inner: Compute, adapted: Mapping[str, TensorPlan], device: torch.device) -> None:
+    def __init__(
+        self, base: BaseCheckpoint, inner: Compute, adapted: Mapping[str, TensorPlan], device: torch.device,
+        row_merge: Callable[[str], RowMerge | None] | None = None,
+    ) -> None:
         assert base.fp8 is not None
         self.base, self.inner, self.device = base, inner, device
         self.plans = adapted
+        # the merge of a block of rows (`merge._Merger.row_merge`): on the CPU a weight is
+        # merged, re-quantized and measured a block of rows at a time, while it is in cache
+        self.row_merge = row_merge if device.type == "cpu" else None
         self.layout = base.fp8
         self.adapted_fp8 = {name for name in adapted if base.is_fp8_weight(name)}
         self.weight_of_scale = {scale: w for scale, w in self.layout.owners.items() if w in self.adapted_fp8}
@@ -151,6 +163,9 @@ class Requantizing:
             return out.copy_(scales)
         if name not in self.adapted_fp8:
             return self.inner(name, w0, stored, out)
+        rows = self.row_merge(name) if self.row_merge is not None else None
+        if rows is not None and self._by_blocks(name, w0, rows, out):
+            return out
         merged, base_values = self._merged_weight(name, w0)
         scratch = self._scratch.tensor(tuple(w0.shape), torch.float32)
         norm = update_norm(self.plans[name])
@@ -164,6 +179,48 @@ class Requantizing:
         unchanged = int(torch.count_nonzero(out.view(torch.uint8) == w0.view(torch.uint8))) / max(1, out.numel())
         self.survival.append(Survival(name, _norm(kept) / norm if norm > 0 else None, unchanged, norm))
         return out
+
+    def _by_blocks(self, name: str, codes: torch.Tensor, merge_rows: RowMerge, out: torch.Tensor) -> bool:
+        """`__call__` for an adapted weight, a block of rows at a time: each block's W0
+        dequantized, merged, re-quantized with its fresh scales, and its survival figures
+        summed, while it is warm (at 1B shapes 5-10 % faster than whole-weight passes,
+        and three float32 buffers of a block instead of the weight's). The same bits:
+        scales are per block of weight rows, and blocks of merge rows are whole blocks of
+        them. False, with nothing
+        recorded, at a value that is not finite: the whole weight's path then runs and
+        names what went wrong."""
+        block = self.layout.weights[name].block
+        rows, width = codes.shape[0], codes[0].numel()
+        # whole scale blocks of rows, a GEMM's bits in each (`dense.row_blocks_of`)
+        step = max(1, BLOCK_ELEMENTS // max(1, block[0] * width), math.ceil(MIN_BLOCK_ROWS / block[0])) * block[0]
+        blocks = row_blocks_of(rows, step)
+        if not blocks:
+            return False
+        tall = max(hi - lo for lo, hi in blocks)
+        base_rows = self._base.tensor((tall, width), torch.float32)
+        merged_rows = self._merged.tensor((tall, width), torch.float32)
+        scratch = self._scratch.tensor((tall, width), torch.float32)
+        widen = self.base.row_dequantizer(name, codes)
+        scale_dtype = torch_dtype(self.base.info(self.layout.scale_of(name)).dtype)
+        scales, kept_sq, unchanged = [], 0.0, 0
+        for lo, hi in blocks:
+            n = hi - lo
+            base = widen(base_rows[:n], lo, hi)
+            merged = merged_rows[:n]
+            if not merge_rows(base, lo, hi, merged):
+                return False
+            _, block_scales = requantize(merged, block, out.dtype, scale_dtype, self.layout.rule, in_place=True, out=out[lo:hi])
+            scales.append(block_scales)
+            kept = dequantize(out[lo:hi], block_scales, block, scratch[:n], trusted=True).sub_(base)
+            kept_sq += _squares(kept)
+            unchanged += int(torch.count_nonzero(out[lo:hi].view(torch.uint8) == codes[lo:hi].view(torch.uint8)))
+        if name not in self._scale_written:
+            self._scales[name] = torch.cat(scales)
+        norm = update_norm(self.plans[name])
+        assert norm is not None  # (a plain tensor's update is its factors')
+        survival = math.sqrt(kept_sq) / norm if norm > 0 else None
+        self.survival.append(Survival(name, survival, unchanged / max(1, out.numel()), norm))
+        return True
 
     def _merged_weight(self, weight: str, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """W0 + ΔW of an adapted FP8 weight in float32, and W0 (both in reused memory)."""
@@ -183,5 +240,10 @@ class Requantizing:
 def _norm(values: torch.Tensor) -> float:
     """‖values‖_F as √(float64 of a float32 dot product): BLAS's dot runs ~2.5× faster
     here than `vector_norm`, and a report figure needs no more than float32's sums."""
+    return math.sqrt(_squares(values))
+
+
+def _squares(values: torch.Tensor) -> float:
+    """Σ values² (`_norm`'s sum, to be added up block by block)."""
     flat = values.reshape(-1)
-    return math.sqrt(max(float(torch.dot(flat, flat)), 0.0))
+    return max(float(torch.dot(flat, flat)), 0.0)

@@ -129,6 +129,48 @@ def merge_block_into(
     return acc
 
 
+# The fewest rows a block of a row-blocked product may have. MKL's sgemm sums a block of
+# 2-3 rows (one thread), or of 5-11 rows split over two threads, in another order than the
+# same rows inside a large product, which is what PEFT computes: measured on the dev box,
+# every block of 12 rows or more gives the large product's bits, any start. A shorter last
+# block is folded into the one before it.
+MIN_BLOCK_ROWS = 16
+
+
+def row_blocks_of(rows: int, step: int) -> list[tuple[int, int]]:
+    """[lo, hi) ranges covering `rows` rows, `step` (at least MIN_BLOCK_ROWS) at a time,
+    none shorter than MIN_BLOCK_ROWS unless it is the only one: the last block takes up
+    to MIN_BLOCK_ROWS − 1 rows more. The one partition every row-blocked product
+    that must give a whole product's bits uses (merge, verify's replay, FP8 blocks)."""
+    starts = list(range(0, rows, max(MIN_BLOCK_ROWS, step)))
+    if len(starts) > 1 and rows - starts[-1] < MIN_BLOCK_ROWS:
+        starts.pop()
+    return list(zip(starts, [*starts[1:], rows]))
+
+
+class RowMerge:
+    """One plain tensor's merge a block of rows at a time, from its `merge_factors`, in
+    float32: the FP8 re-quantization (`engine.fp8_stream.Requantizing`) merges,
+    re-quantizes and measures each block while it is warm. Blocks of `row_blocks_of`'s
+    sizes give the bits of merge's own blocks, and PEFT's."""
+
+    def __init__(self, factors: list[MergeFactor]) -> None:
+        self.factors = factors
+        self._spare: torch.Tensor | None = None  # a product's scratch, for a second layer on
+
+    def __call__(self, base: torch.Tensor, lo: int, hi: int, out: torch.Tensor) -> bool:
+        """out = rows [lo, hi) of W0 + ΔW from base, those rows of W0 (float32); False when
+        a value is not finite (the caller then takes the whole tensor's path, whose error
+        names the culprit)."""
+        spare = out
+        if len(self.factors) > 1:
+            if self._spare is None or self._spare.numel() < out.numel():
+                self._spare = torch.empty(out.numel(), dtype=out.dtype, device=out.device)
+            spare = self._spare[: out.numel()].view(out.shape)
+        merge_block_into(out, base, self.factors, lo, hi, spare)
+        return bool(torch.isfinite(out.sum())) or bool(torch.isfinite(out).all())
+
+
 def merge_rows_into(
     out: torch.Tensor,
     w0: torch.Tensor,
@@ -148,10 +190,9 @@ def merge_rows_into(
     what PEFT does — the rank-r product, the scaling, the add in float32 (W0 widened
     exactly), then one rounding — on row blocks whose buffers are reused, so no pass
     faults in fresh pages and the blocks stay warm between the passes.
-    out/w0: (m, n) views of the stored and the base weight; work/widened: (chunk_rows + 1,
-    n) buffers in the compute dtype (the last block may take one row more). Blocks have
-    at least two rows: a matrix-vector product sums in another order than the matrix
-    product PEFT computes, one matrix product per block gives PEFT's bits exactly.
+    out/w0: (m, n) views of the stored and the base weight; work/widened: (chunk_rows +
+    MIN_BLOCK_ROWS − 1, n) buffers in the compute dtype (the last block may take that many
+    rows more: `row_blocks_of`, whose blocks give PEFT's bits exactly).
     fuse=True (the CPU) folds a power-of-two scale into A and the add into the GEMM
     (addmm): the same bits in one pass instead of three; checked against PEFT in the
     tests. GPUs keep the separate steps: their GEMM kernels are chosen by heuristics
@@ -161,14 +202,11 @@ def merge_rows_into(
     factors = merge_factors(layers, w0.device, dtype, fuse)
     spare = torch.empty_like(work) if len(factors) > 1 else work
     rows = w0.shape[0]
-    starts = list(range(0, rows, chunk_rows))
-    if len(starts) > 1 and rows - starts[-1] == 1:
-        starts.pop()  # a 1-row block would go through gemv, whose sums differ from gemm's
     total = torch.zeros((), dtype=dtype, device=w0.device)
     # an output in the compute dtype (a float32 merge, FP8's merged values) is its own
     # accumulator: no copy of every block into it (the same arithmetic, the same bits)
     in_place = out.dtype == dtype and out.is_contiguous() and out.untyped_storage().data_ptr() != w0.untyped_storage().data_ptr()
-    for lo, hi in zip(starts, [*starts[1:], rows]):
+    for lo, hi in row_blocks_of(rows, chunk_rows):
         acc = out[lo:hi] if in_place else work[: hi - lo]
         # W0 already in the compute dtype (a float32 base, a dequantized FP8 weight) is
         # only read: no widened copy of it

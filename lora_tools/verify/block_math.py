@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from lora_tools.engine.binding import LayerTarget
-from lora_tools.linalg.dense import MergeFactor, factor_tensor, is_power_of_two, merge_factors
+from lora_tools.linalg.dense import MIN_BLOCK_ROWS, MergeFactor, factor_tensor, is_power_of_two, merge_factors, row_blocks_of
 from lora_tools.verify.figures import (
     EPS,
     FORWARD_BATCH,
@@ -59,13 +59,9 @@ _SAME_SIZE_INTEGER = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.i
 
 def row_blocks(rows: int, width: int, block_elements: int | None = None) -> list[tuple[int, int]]:
     """[lo, hi) row ranges of about `block_elements` (default BLOCK_ELEMENTS, read at
-    call time so that tests can make blocks small) each, never a 1-row block: a GEMM
-    with one row is a GEMV, whose sums differ from the matrix product merge computed."""
-    step = max(2, (block_elements or BLOCK_ELEMENTS) // max(width, 1))
-    starts = list(range(0, rows, step))
-    if len(starts) > 1 and rows - starts[-1] == 1:
-        starts.pop()
-    return list(zip(starts, [*starts[1:], rows]))
+    call time so that tests can make blocks small) each, none too short to give the bits
+    of the matrix product merge computed (`dense.row_blocks_of`)."""
+    return row_blocks_of(rows, max(MIN_BLOCK_ROWS, (block_elements or BLOCK_ELEMENTS) // max(width, 1)))
 
 
 def max_block_rows(rows: int, width: int, block_elements: int | None = None) -> int:
