@@ -186,9 +186,8 @@ class Requantizing:
         summed, while it is warm (at 1B shapes 5-10 % faster than whole-weight passes,
         and three float32 buffers of a block instead of the weight's). The same bits:
         scales are per block of weight rows, and blocks of merge rows are whole blocks of
-        them. False, with nothing
-        recorded, at a value that is not finite: the whole weight's path then runs and
-        names what went wrong."""
+        them. False, with nothing recorded, at a value that is not finite: the whole
+        weight's path then runs and names what went wrong."""
         block = self.layout.weights[name].block
         rows, width = codes.shape[0], codes[0].numel()
         # whole scale blocks of rows, a GEMM's bits in each (`dense.row_blocks_of`)
