@@ -333,6 +333,18 @@ def test_requantizing_by_row_blocks_gives_the_whole_weights_bytes(
         assert ours.survival == pytest.approx(reference.survival, rel=1e-5)
 
 
+def test_requantizing_an_update_past_float32_is_refused(block_base: Path, llama_plain_case, tmp_path: Path) -> None:
+    """A block whose merge is not finite sends the weight to the whole-weight path, whose
+    refusal names it: one line, exit 2, nothing written."""
+    adapter = tmp_path / "huge"
+    shutil.copytree(llama_plain_case.adapter_dir, adapter)
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    save_file({k: v.float() * 1e25 for k, v in tensors.items()}, adapter / "adapter_model.safetensors")  # ΔW ~1e50
+    code, _, err = run_cli("merge", block_base, adapter, "-o", tmp_path / "m", "--dtype", "fp8", "-q")
+    assert code == 2 and err.count("\n") == 1 and "produced NaN or Inf" in err and "Traceback" not in err, err
+    assert not (tmp_path / "m").exists() and not list(tmp_path.glob(".m*"))
+
+
 def test_update_below_fp8_resolution_is_reported_and_refused(block_base: Path, llama_plain_case, tmp_path: Path) -> None:
     """An adapter scaled down until FP8 cannot hold it: survival near 0, a warning on
     stderr naming the worst layers; --min-survival makes it exit 1 with nothing written."""
