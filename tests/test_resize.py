@@ -385,8 +385,14 @@ def test_bf16_adapter_resized_from_its_stored_bits(peft_case_factory: Callable[[
     """A bf16 adapter is read as its bit patterns and widened block by block: in float64
     output the truncation is exact (1e-9), and kept as bf16 each written factor is the
     float64 one rounded once (within one bf16 step), with σ reported as float64 gives it."""
+    from lora_tools.formats.source import keep_stored
+    from lora_tools.io.encode import Encoded
+
     case = peft_case_factory("llama_bf16")
     assert {layer.dtype for layer in load_adapter(case.adapter_dir).layers} == {"BF16"}
+    # resize's reading: bits, read-only views of the mapped file, also for a file of small tensors
+    held = load_adapter(case.adapter_dir, place=keep_stored).layers
+    assert all(isinstance(f, Encoded) and not f.bits.flags.writeable for layer in held for f in (layer.a, layer.b))
     exact, narrow = tmp_path / "fp64", tmp_path / "bf16"
     code, _, stderr = run_cli("resize", case.adapter_dir, "-o", exact, *POLICIES[policy], "--dtype", "fp64")
     assert code == 0, stderr

@@ -260,7 +260,8 @@ class ReadAhead:
     file of large tensors is read by two threads ahead of `get`, in batches of ~2 MB
     (pread and numpy's widening release the GIL: a 1B adapter loads in about half the
     time); one of many small tensors in a single read of the bytes they span, each `get`
-    then a view of them. A key asked for out of turn, or twice, is read then; an error
+    then a view of them (with `stored`, `stored_factor` maps the file instead: nothing to
+    read ahead but the checks). A key asked for out of turn, or twice, is read then; an error
     surfaces at `get` of the key that has it. A context manager: leaving it drops what
     was not asked for."""
 
@@ -276,7 +277,7 @@ class ReadAhead:
         unique = list(dict.fromkeys(keys))
         infos = [source.file.info(key) for key in unique] if isinstance(source, SafetensorsSource) else []
         sizes = [info.nbytes for info in infos]
-        if infos and sum(sizes) < _MIN_MEAN_BYTES * len(sizes):
+        if infos and sum(sizes) < _MIN_MEAN_BYTES * len(sizes) and not stored:  # (stored: views of the mapped file)
             # many small tensors (a LoHa file's 50 KB factors): the layers built between reads
             # hold the GIL longer than the reads take, so no threads; one read for all of them
             # when they fill most of the bytes between the first and the last
