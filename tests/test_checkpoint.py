@@ -297,3 +297,31 @@ def test_copy_tensor_file_truncated_after_open(single_file: Path, tmp_path: Path
         _copy_all(src, tmp_path / "copy.safetensors")
     assert str(caught.value) == f"{single_file}: tensor {last.name!r}: file ended early (truncated?)"
     src.close()
+
+
+def test_mapped_views_equal_the_stored_values_and_survive_close(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`SafetensorsFile.mapped` (resize's reading): each tensor's stored values (bf16 as its
+    bits) in a read-only view of the mapped file, still readable after `close`; a file
+    that is cut short since it was opened is named, and where the file system refuses to
+    map, the values are read instead."""
+    import mmap
+
+    tensors = {"bf": torch.randn(5, 3).to(torch.bfloat16), "f32": torch.randn(4, 2), "f16": torch.randn(7).half(),
+               "empty": torch.zeros(0, 3)}
+    path = tmp_path / "t.safetensors"
+    save_file(tensors, path)
+    file = SafetensorsFile(path)
+    views = {name: file.mapped(name) for name in tensors}
+    file.close()
+    for name, value in tensors.items():
+        expected = value.view(torch.int16).numpy().view(np.uint16) if value.dtype == torch.bfloat16 else value.numpy()
+        assert views[name].dtype == expected.dtype and np.array_equal(views[name], expected), name
+        assert not views[name].flags.writeable
+    refused = SafetensorsFile(path)
+    monkeypatch.setattr(mmap, "mmap", lambda *a, **k: (_ for _ in ()).throw(OSError(19, "No such device")))
+    assert np.array_equal(refused.mapped("f32"), tensors["f32"].numpy()) and refused.mapped("f32").flags.writeable
+    monkeypatch.undo()
+    cut = SafetensorsFile(path)
+    os.truncate(path, path.stat().st_size - 8)
+    with pytest.raises(FormatError, match="truncated"):
+        cut.mapped("f32")

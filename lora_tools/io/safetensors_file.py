@@ -100,6 +100,7 @@ class SafetensorsFile:
         self._fd: int | None = None
         self._fd_lock = threading.Lock()
         self._mapping: mmap.mmap | None = None  # `mapped`'s, made on first use
+        self._unmappable = False  # mmap refused: `mapped` reads
         self._map_lock = threading.Lock()
         self.header_size, self.tensors, self.metadata = self._read_header()
 
@@ -261,13 +262,18 @@ class SafetensorsFile:
         mapping read past the new end stops the process with SIGBUS."""
         info, storage = self._storage(name)
         with self._map_lock:
-            if self._mapping is None:
+            if self._mapping is None and not self._unmappable:
                 fd = self._descriptor()
                 end = max((t.end for t in self.tensors.values()), default=0)
                 if os.fstat(fd).st_size < end:
                     raise self._fail("file ended early (truncated?)")
-                self._mapping = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+                try:
+                    self._mapping = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+                except (OSError, ValueError):  # a file system that cannot map it: read instead
+                    self._unmappable = True
             mapping = self._mapping
+        if mapping is None:
+            return self.stored(name)
         return np.frombuffer(mapping, dtype=storage, count=info.numel, offset=info.start).reshape(info.shape)
 
     def _storage(self, name: str) -> tuple[TensorInfo, np.dtype[Any]]:
