@@ -125,3 +125,27 @@ def test_library_never_imports_peft_or_transformers() -> None:
     for source in sources:
         names = _imported_names(ast.parse(source.read_text(encoding="utf-8"), filename=str(source)))
         assert not names & set(ORACLES), (source, names & set(ORACLES))
+
+
+def test_commands_leave_the_callers_garbage_collector_as_it_was(llama_plain_case, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The verbs pause the collector while they import their library; only a run of
+    `main` (the process is the command's) freezes what the imports made, and `main`
+    unfreezes it: a program invoking the click group, or `main`, in its own process gets
+    its collector back enabled and unfrozen."""
+    import gc
+
+    from click.testing import CliRunner
+
+    from lora_tools.cli import cli
+    from lora_tools.cli import main as cli_main
+
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    result = CliRunner().invoke(cli, ["resize", str(llama_plain_case.adapter_dir), "--rank", "2", "-o", str(tmp_path / "a")])
+    assert result.exit_code == 0, result.output
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    monkeypatch.setattr(sys, "argv", ["lora-tools", "resize", str(llama_plain_case.adapter_dir), "--rank", "2", "-o",
+                                      str(tmp_path / "b"), "--json"])
+    with pytest.raises(SystemExit) as done:
+        cli_main()
+    assert done.value.code == 0 and gc.isenabled() and gc.get_freeze_count() == 0

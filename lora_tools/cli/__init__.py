@@ -113,7 +113,10 @@ def main() -> None:
     from lora_tools.io.output_path import STOP_SIGNALS, forget_published
 
     forget_published()
-    frozen_before = gc.get_freeze_count()  # the verbs freeze what their imports made (`common.imports_without_gc`)
+    from lora_tools.cli import common
+
+    frozen_before = gc.get_freeze_count()
+    common.FREEZE_IMPORTS = True  # the verbs freeze what their imports made (`common.imports_without_gc`)
 
     def stop(signum: int, frame: object) -> None:
         raise Terminated(signum)
@@ -134,7 +137,8 @@ def main() -> None:
     finally:
         for signum, before in previous.items():
             signal.signal(signum, before)
-        if not frozen_before:  # a caller running commands in its own process gets a collector as it had it
+        common.FREEZE_IMPORTS = False
+        if not frozen_before:  # a caller running `main` in its own process gets a collector as it had it
             gc.unfreeze()
     atexit.unregister(_ignore_stop_signals)
     atexit.register(_ignore_stop_signals)  # registered last, so it runs before torch's own exit work

@@ -13,11 +13,17 @@ import click
 
 from lora_tools.render.console import stdout_console
 
+# Set by `main` for its run: the process is the command's, so what the imports made may
+# be frozen (`imports_without_gc`); a caller invoking the click group in its own process
+# (tests, other programs) keeps its collector as it was.
+FREEZE_IMPORTS = False
+
 
 @contextlib.contextmanager
 def imports_without_gc() -> Iterator[None]:
-    """A verb's library imported with the cyclic garbage collector paused, and what the
-    imports made frozen (`gc.freeze`: never traversed again; `main` unfreezes it).
+    """A verb's library imported with the cyclic garbage collector paused and, in a run
+    of `main` (FREEZE_IMPORTS), what the imports made frozen: never traversed again
+    (`main` unfreezes it at the end).
 
     Why: importing torch, or numpy and the library, makes hundreds of thousands of
     objects that live until exit, and Python's default thresholds run a collection every
@@ -30,7 +36,8 @@ def imports_without_gc() -> Iterator[None]:
         yield
     finally:
         if enabled:
-            gc.freeze()
+            if FREEZE_IMPORTS:
+                gc.freeze()
             gc.enable()
 
 
