@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from lora_tools.engine.binding import LayerTarget
-from lora_tools.linalg.dense import MIN_BLOCK_ROWS, MergeFactor, factor_tensor, is_power_of_two, merge_factors, row_blocks_of
+from lora_tools.linalg.dense import MergeFactor, factor_tensor, is_power_of_two, merge_factors, row_blocks_of
 from lora_tools.verify.figures import (
     EPS,
     FORWARD_BATCH,
@@ -61,7 +61,7 @@ def row_blocks(rows: int, width: int, block_elements: int | None = None) -> list
     """[lo, hi) row ranges of about `block_elements` (default BLOCK_ELEMENTS, read at
     call time so that tests can make blocks small) each, none too short to give the bits
     of the matrix product merge computed (`dense.row_blocks_of`)."""
-    return row_blocks_of(rows, max(MIN_BLOCK_ROWS, (block_elements or BLOCK_ELEMENTS) // max(width, 1)))
+    return row_blocks_of(rows, (block_elements or BLOCK_ELEMENTS) // max(width, 1))
 
 
 def max_block_rows(rows: int, width: int, block_elements: int | None = None) -> int:
