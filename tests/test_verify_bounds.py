@@ -39,7 +39,7 @@ def _reports(monkeypatch: pytest.MonkeyPatch, *args: object, **kwargs: object) -
         with monkeypatch.context() as patch:
             patch.setattr(block_math, "BLOCK_ELEMENTS", SMALL_BLOCK)
             patch.setattr(verify_module, "check_plain_tensor",
-                          functools.partial(blocks.check_plain_tensor, bounded=bounded))
+                          functools.partial(blocks.check_plain_tensor, bounded=bounded, screen=False))
             for kind, judge in (("bounded", blocks.judge_block_bounded), ("reference", blocks.judge_block)):
                 patch.setattr(blocks, judge.__name__, functools.partial(_counted, judge, calls, kind))
             reports[name] = verify_module.verify(*args, **kwargs)
@@ -282,7 +282,10 @@ def test_the_device_path_reports_what_the_row_blocks_report(
     with monkeypatch.context() as patch:
         from lora_tools.verify import blocks
 
+        from lora_tools.verify import operation as verify_module
+
         patch.setattr(blocks, "device_staging", lambda device: None)
+        patch.setattr(verify_module, "check_plain_tensor", functools.partial(blocks.check_plain_tensor, screen=False))
         blocked = verify(case.base_dir, [case.adapter_dir], merged)
     _assert_same_reports(staged, blocked)
     assert [t.detail for t in staged.tensors] == [t.detail for t in blocked.tensors]

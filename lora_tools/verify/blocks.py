@@ -37,12 +37,15 @@ from lora_tools.verify.figures import (
     fill_figures,
     forward_error,
     peft_recipes,
+    relative_error,
     slack_shift_bound,
+    unmerged_forward,
     worst_index,
 )
 from lora_tools.verify.reader import BlockReader, same_bytes
 from lora_tools.verify.replay import fits_block, replay_fp32_round_once, replay_peft_block
-from lora_tools.verify.tensor_check import decide
+from lora_tools.verify.screen import SCREEN_BLOCK_ELEMENTS, SCREEN_DTYPES, screen_block
+from lora_tools.verify.tensor_check import INCONCLUSIVE_SPREAD, decide
 from lora_tools.verify.workers import BlockWorkers, Worker, single_threaded_torch
 
 __all__ = ["BlockReader", "BlockWorkers", "bytes_equal", "check_plain_tensor", "converted_equal", "device_staging"]
@@ -96,14 +99,18 @@ def device_staging(device: torch.device) -> CudaStaging | None:
 
 def check_plain_tensor(
     plan: TensorPlan, base: SafetensorsFile, merged: SafetensorsFile, workers: BlockWorkers,
-    atol: float | None, rtol: float | None, seed: int, *, bounded: bool = True, staging: CudaStaging | None = None,
+    atol: float | None, rtol: float | None, seed: int, *, bounded: bool = True, screen: bool = True,
+    staging: CudaStaging | None = None,
 ) -> TensorCheck | None:
     """The row-block check of one plain LoRA tensor, or None where it does not apply
     (not plain, another dtype, a NaN or an Inf anywhere): the caller then runs the
     whole-tensor check, whose messages and errors are the reference.
 
-    bounded=False judges every block with `judge_block`, the slack of every element
-    computed (the reference the bounded path must equal; tests call it). torch runs on
+    screen (bf16 and fp16 under the default tolerance): first the float32 screen
+    (`screen.screen_block`), which accepts a tensor whose bytes merge's float32 recipe
+    gives; only a tensor it does not accept is judged by the exact blocks. bounded=False
+    judges every block with `judge_block`, the slack of every element computed (the
+    reference the bounded path must equal; tests call it, with screen=False). torch runs on
     one thread throughout: the blocks are spread over the workers, and the per-tensor
     extras (factors, the forward check's small products) are too small to split (on a
     busy 2-core machine a split 8×n by n×16 product waited ~15 ms for the other core).
@@ -114,19 +121,23 @@ def check_plain_tensor(
     if staging is not None:
         return _check_on_device(plan, base, merged, staging, atol, rtol, seed, bounded)
     with single_threaded_torch():
-        return _check_plain_tensor(plan, base, merged, workers, atol, rtol, seed, bounded)
+        return _check_plain_tensor(plan, base, merged, workers, atol, rtol, seed, bounded, screen)
 
 
 def _check_plain_tensor(
     plan: TensorPlan, base: SafetensorsFile, merged: SafetensorsFile, workers: BlockWorkers,
-    atol: float | None, rtol: float | None, seed: int, bounded: bool,
+    atol: float | None, rtol: float | None, seed: int, bounded: bool, screen: bool,
 ) -> TensorCheck | None:
     info_base, info_merged = base.info(plan.name), merged.info(plan.name)
     if not _applies(plan, info_base, info_merged):
         return None
     rows, width = info_merged.shape[0], info_merged.numel // info_merged.shape[0]
-    workers.reserve(max_block_rows(rows, width) * width)
     factors = prepare_factors(plan.layers, width, seed)
+    if screen and atol is None and rtol is None and torch_dtype(info_merged.dtype) in SCREEN_DTYPES:
+        screened = _screened(plan, base, merged, info_base, info_merged, factors, workers)
+        if screened is not None:
+            return screened
+    workers.reserve(max_block_rows(rows, width) * width)
     forward = [torch.empty((FORWARD_BATCH, rows), dtype=torch.float64) for _ in range(2)]  # x·MERGEDᵀ, x·W0ᵀ
     blocks = row_blocks(rows, width)
 
@@ -153,6 +164,46 @@ def _check_plain_tensor(
             yield lo, hi, first.reader.rows(base, info_base, lo, hi, width, 0), first.reader.rows(merged, info_merged, lo, hi, width, 1)
 
     return _judged(plan, info_base, info_merged, factors, judge_all, sequential, first.workspace, forward, atol, rtol, bounded)
+
+
+def _screened(
+    plan: TensorPlan, base: SafetensorsFile, merged: SafetensorsFile, info_base: TensorInfo, info_merged: TensorInfo,
+    factors: Factors, workers: BlockWorkers,
+) -> TensorCheck | None:
+    """The float32 screen of a plain bf16/fp16 tensor (`screen`): its check, verdict "ok",
+    where every block gives merge's recipe's bytes, the tensor is not its base and σ_k
+    is at most a quarter of the inconclusive limit (the screen's σ_k is within a factor
+    two of the exact one: docs/math.md); None otherwise, for the exact blocks."""
+    rows, width = info_merged.shape[0], info_merged.numel // info_merged.shape[0]
+    dtype = torch_dtype(info_merged.dtype)
+    x32 = factors.x.to(torch.float32)
+    forward = [torch.empty((FORWARD_BATCH, rows), dtype=torch.float32) for _ in range(2)]  # x·W0ᵀ, x·(MERGED − R)ᵀ
+    arrays = (forward[0].numpy(), forward[1].numpy())
+    parts = [Sums() for _ in workers.workers]
+
+    def job(worker: Worker, lo: int, hi: int) -> bool:
+        w0 = worker.reader.rows(base, info_base, lo, hi, width, 0)
+        stored = worker.reader.rows(merged, info_merged, lo, hi, width, 1)
+        return screen_block(worker.screen, factors, x32, lo, hi, w0, stored, parts[worker.index], arrays)
+
+    workers.run(row_blocks(rows, width, SCREEN_BLOCK_ELEMENTS), job)
+    sums = parts[0]
+    for part in parts[1:]:
+        sums.add(part)
+    if not (sums.finite and sums.fp32_round_once) or sums.stored_is_base or sums.update_sq <= 0:
+        return None
+    check = TensorCheck(plan.name, "ok", str(dtype).removeprefix("torch."))
+    allowance = fill_figures(check, sums)
+    assert check.strength_spread is not None and check.worst_ulps is not None
+    if check.strength_spread > INCONCLUSIVE_SPREAD / 4:
+        return None
+    check.recipe = RECIPE_FP32_ROUND_ONCE
+    reference = unmerged_forward(x32.double(), factors.layers, forward[0].double())
+    check.forward_rel_error = relative_error(reference + forward[1].double(), reference)  # x·(MERGED − R)ᵀ: x·MERGEDᵀ − reference
+    return decide(
+        check, sums.update_sq, allowance, dtype, stored_is_base=lambda: False, expected_rounds_to_base=lambda: False,
+        fits_strength=lambda: False, worst_at=lambda: worst_index(sums, info_merged.shape),
+    )
 
 
 def _check_on_device(

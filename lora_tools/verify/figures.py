@@ -335,12 +335,17 @@ def forward_error(
 ) -> float:
     """Relative error of x·W_mergedᵀ against the unmerged x·W0ᵀ + Σ s·(x·Aᵀ)·Bᵀ path,
     from merged_out = x·W_mergedᵀ and base_out = x·W0ᵀ."""
+    return relative_error(merged_out, unmerged_forward(x, layers, base_out))
+
+
+def unmerged_forward(x: torch.Tensor, layers: Sequence[tuple[LayerTarget, float]], base_out: torch.Tensor) -> torch.Tensor:
+    """x·W0ᵀ + Σ s·(x·Aᵀ)·Bᵀ in float64, from base_out = x·W0ᵀ: the forward check's reference."""
     reference = base_out
     for target, weight in layers:
         a = factor_tensor(target.layer.a_matrix, "cpu", torch.float64).reshape(-1, x.shape[1])
         b = factor_tensor(target.layer.b_matrix, "cpu", torch.float64)
         reference = reference + ((x @ a.T) @ b.T) * (target.layer.scale * weight)
-    return relative_error(merged_out, reference)
+    return reference
 
 
 def relative_error(out: torch.Tensor, reference: torch.Tensor) -> float:

@@ -27,6 +27,7 @@ import torch
 
 from lora_tools.verify.block_math import Workspace
 from lora_tools.verify.reader import BlockReader
+from lora_tools.verify.screen import ScreenSpace
 
 # Each worker holds ~17 MB of buffers at 1B shapes; four stay under verify's memory
 # target (≤ 400 MB peak RSS at 1B) and use a 4-core machine fully.
@@ -40,6 +41,7 @@ class Worker:
     index: int
     reader: BlockReader = field(default_factory=BlockReader)
     workspace: Workspace = field(default_factory=Workspace)
+    screen: ScreenSpace = field(default_factory=ScreenSpace)
 
 
 def default_count() -> int:
