@@ -26,6 +26,7 @@ from cli_run import run_cli
 from safetensors.torch import load_file, save_file
 from test_verify import CORRUPTIONS, SMALL_BLOCK, Setting, _bf16_gpu_style_merge, plain_lora_deltas, write_checkpoint
 
+SPREAD_BOUNDS: dict[str, float] = {}  # tensor name → `screen.spread_bound` where the screen accepted it
 FIGURES = ("max_abs_error", "max_rel_error", "worst_ulps", "strength", "strength_spread", "forward_rel_error")
 # How far a screened figure may lie from the exact check's (relative): R = fl32(W0 + ΔW)
 # stands for E, ~2⁻²⁴·|W0| away, 2⁻¹⁵ of a bf16 ulp; the exact tolerance adds the float32
@@ -43,19 +44,27 @@ def _screened_and_exact(
     from lora_tools.verify import operation as verify_module
 
     accepted: list[str] = []
-    real = blocks._screened
+    real, real_bound = blocks._screened, blocks.spread_bound
+    bounds: list[float] = []
 
     def recording(plan: object, *a: object) -> object:
+        del bounds[:]
         check = real(plan, *a)  # type: ignore[arg-type]
         if check is not None:
             accepted.append(check.name)
+            SPREAD_BOUNDS[check.name] = bounds[-1]
         return check
+
+    def bound(*a: object) -> float:
+        bounds.append(real_bound(*a))  # type: ignore[arg-type]
+        return bounds[-1]
 
     with monkeypatch.context() as patch:
         patch.setattr(block_math, "BLOCK_ELEMENTS", SMALL_BLOCK)
         patch.setattr(screen, "SCREEN_BLOCK_ELEMENTS", SMALL_BLOCK)
         patch.setattr(blocks, "SCREEN_BLOCK_ELEMENTS", SMALL_BLOCK)
         patch.setattr(blocks, "_screened", recording)
+        patch.setattr(blocks, "spread_bound", bound)
         screened = verify_module.verify(*args, **kwargs)
         patch.setattr(verify_module, "check_plain_tensor", functools.partial(blocks.check_plain_tensor, screen=False))
         exact = verify_module.verify(*args, **kwargs)
@@ -79,6 +88,8 @@ def _assert_screen_agrees(screened: object, exact: object, accepted: list[str]) 
                 assert got == pytest.approx(want, rel=SCREEN_REL, abs=1e-300), (s.name, figure)
     for name in accepted:
         assert next(t for t in screened.tensors if t.name == name).verdict == "ok"
+        exact_spread = next(t for t in exact.tensors if t.name == name).strength_spread
+        assert exact_spread <= SPREAD_BOUNDS[name] < 1000 * exact_spread  # an upper bound, and a useful one
 
 
 def _lora_tools_merge(case: PeftCase, out: Path, *extra: object) -> Path:

@@ -44,7 +44,7 @@ from lora_tools.verify.figures import (
 )
 from lora_tools.verify.reader import BlockReader, same_bytes
 from lora_tools.verify.replay import fits_block, replay_fp32_round_once, replay_peft_block
-from lora_tools.verify.screen import SCREEN_BLOCK_ELEMENTS, SCREEN_DTYPES, screen_block
+from lora_tools.verify.screen import SCREEN_BLOCK_ELEMENTS, SCREEN_DTYPES, screen_block, spread_bound
 from lora_tools.verify.tensor_check import INCONCLUSIVE_SPREAD, decide
 from lora_tools.verify.workers import BlockWorkers, Worker, single_threaded_torch
 
@@ -171,9 +171,9 @@ def _screened(
     factors: Factors, workers: BlockWorkers,
 ) -> TensorCheck | None:
     """The float32 screen of a plain bf16/fp16 tensor (`screen`): its check, verdict "ok",
-    where every block gives merge's recipe's bytes, the tensor is not its base and σ_k
-    is at most a quarter of the inconclusive limit (the screen's σ_k is within a factor
-    two of the exact one: docs/math.md); None otherwise, for the exact blocks."""
+    where every block gives merge's recipe's bytes, the tensor is not its base and a
+    rigorous bound on the exact check's σ_k (`screen.spread_bound`) is within the
+    inconclusive limit; None otherwise, for the exact blocks."""
     rows, width = info_merged.shape[0], info_merged.numel // info_merged.shape[0]
     dtype = torch_dtype(info_merged.dtype)
     x32 = factors.x.to(torch.float32)
@@ -195,8 +195,8 @@ def _screened(
     check = TensorCheck(plan.name, "ok", str(dtype).removeprefix("torch."))
     allowance = fill_figures(check, sums)
     assert check.strength_spread is not None and check.worst_ulps is not None
-    if check.strength_spread > INCONCLUSIVE_SPREAD / 4:
-        return None
+    if spread_bound(factors, rows, width, sums.max_spacing, dtype) > INCONCLUSIVE_SPREAD:
+        return None  # the exact check might find the update unresolvable: let it decide
     check.recipe = RECIPE_FP32_ROUND_ONCE
     reference = unmerged_forward(x32.double(), factors.layers, forward[0].double())
     check.forward_rel_error = relative_error(reference + forward[1].double(), reference)  # x·(MERGED − R)ᵀ: x·MERGEDᵀ − reference

@@ -197,6 +197,7 @@ class Sums:
     update_sq: float = 0.0
     spread_sq: float = 0.0  # Σ (ΔW·ulp)²
     slack_dot_update: float = 0.0
+    max_spacing: float = 0.0  # the float32 screen's: its largest spacing (`screen.spread_bound`)
     finite: bool = True
     fp32_round_once: bool = True  # merge's recipe reproduces every block so far
     stored_is_base: bool = True
@@ -216,6 +217,7 @@ class Sums:
         self.update_sq += other.update_sq
         self.spread_sq += other.spread_sq
         self.slack_dot_update += other.slack_dot_update
+        self.max_spacing = max(self.max_spacing, other.max_spacing)
         self.finite &= other.finite
         self.fp32_round_once &= other.fp32_round_once
         self.stored_is_base &= other.stored_is_base

@@ -138,6 +138,7 @@ def screen_block(
     sums.update_sq += float(np.dot(update, update))
     eps = EPS[stored.dtype]
     spacing = _spacing_of_max(merged, base, stored.dtype)  # in R's buffer: R and W0 are spent
+    sums.max_spacing = max(sums.max_spacing, float(spacing.max()))
     spread = np.multiply(update, spacing, out=update)
     sums.spread_sq += float(np.dot(spread, spread)) * eps * eps
     ratio = np.divide(error, spacing, out=base)  # (MERGED − R) / spacing, exactly: powers of two
@@ -158,8 +159,41 @@ def _spacing_of_max(merged: np.ndarray, base: np.ndarray, dtype: torch.dtype) ->
     np.bitwise_and(merged_bits, _EXPONENT_BITS32, out=merged_bits)
     np.bitwise_and(base_bits, _EXPONENT_BITS32, out=base_bits)
     np.maximum(merged_bits, base_bits, out=merged_bits)
-    tiny = _TINY_BITS32[dtype]
-    if dtype != torch.bfloat16 or merged_bits.min() < tiny:  # (bf16's smallest normal is float32's)
-        np.maximum(merged_bits, tiny, out=merged_bits)
+    np.maximum(merged_bits, _TINY_BITS32[dtype], out=merged_bits)
     return merged
 
+
+def spread_bound(f: Factors, rows: int, width: int, max_spacing: float, dtype: torch.dtype) -> float:
+    """A rigorous upper bound on the exact check's σ_k for a tensor the screen has seen,
+    from the factors and the screen's largest spacing; the screen accepts a tensor only
+    where it is at most the inconclusive limit, so that the exact check finds the update
+    resolvable too (docs/math.md, "The float32 screen").
+
+    σ_k = ε·√(Σ uᵢ²·spᵢ²/12) / Σ uᵢ² ≤ ε·max spᵢ / (√12·‖u‖), with u = E − W0 as the exact
+    check takes it (float64), spᵢ its spacing of max(|Eᵢ|, |W0ᵢ|) (at most that value,
+    rounded to float32). max(|Rᵢ|, |W0ᵢ|) < 2·max_spacing (R: merge's float32 value), and
+    |Eᵢ − Rᵢ| ≤ 2⁻²⁴·|Rᵢ| + the float32 products' error, at most (r + L + 2)·2⁻²³ times
+    Σₗ|fₗ|·(|Bₗ|·|Aₗ|)ᵢ ≤ Σₗ|fₗ|·maxᵢ‖Bₗ,ᵢ‖₁·max|Aₗ|. ‖u‖ ≥ ‖ΔW‖ − ‖u − ΔW‖: ‖ΔW‖² from
+    float64 Gram sums of the concatenated factors, less their rounding (at most
+    (m + n + R² + 4)·2⁻⁵² of P², P = ‖Σₗ|fₗ|·|Bₗ|·|Aₗ|‖_F, itself bounded by Gram sums of
+    |B| and |A|); u − ΔW is the float64 expectation's rounding, at most
+    (R + 2L + 2)·2⁻⁵³·P + L·2⁻⁵³·√N·max|E| in norm. Generous constants throughout."""
+    if max_spacing <= 0:
+        return math.inf
+    b_cat = torch.cat([b for b, _, _, _ in f.expected], dim=1)
+    a_cat = torch.cat([a if folded else a * factor for _, a, factor, folded in f.expected], dim=0)
+    norm_sq = float(((b_cat.T @ b_cat) * (a_cat @ a_cat.T)).sum())
+    b_abs, a_abs = b_cat.abs(), a_cat.abs()
+    abs_norm = math.sqrt(float(((b_abs.T @ b_abs) * (a_abs @ a_abs.T)).sum())) * (1 + 2.0**-30)  # ≥ P
+    abs_max = sum(
+        float(b.abs().sum(1).max()) * float((a if folded else a * factor).abs().max()) for b, a, factor, folded in f.expected
+    ) * (1 + 2.0**-30)
+    rank, layers, count = a_cat.shape[0], len(f.expected), rows * width
+    magnitude = 2 * max_spacing * (1 + 2.0**-22) + (rank + layers + 2) * 2.0**-23 * abs_max  # ≥ max(|E|, |W0|)
+    gram_error = (rows + width + rank * rank + 4) * 2.0**-52 * abs_norm * abs_norm
+    lower = math.sqrt(max(norm_sq - gram_error, 0.0))
+    lower -= (rank + 2 * layers + 2) * 2.0**-53 * abs_norm + layers * 2.0**-53 * math.sqrt(count) * magnitude
+    if not lower > 0:
+        return math.inf
+    rounding = 1 + (count + 8) * 2.0**-51  # the exact check's float64 sums and divisions, taken upward
+    return EPS[dtype] * magnitude * (1 + 2.0**-23) / (math.sqrt(12.0) * lower) * rounding
