@@ -137,8 +137,8 @@ def screen_block(
     sums.diff_dot_update += float(np.dot(error, update))
     sums.update_sq += float(np.dot(update, update))
     eps = EPS[stored.dtype]
-    spacing = _spacing_of_max(merged, base, stored.dtype)  # in R's buffer: R and W0 are spent
-    sums.max_spacing = max(sums.max_spacing, float(spacing.max()))
+    spacing, largest = _spacing_of_max(merged, base, stored.dtype)  # in R's buffer: R and W0 are spent
+    sums.max_spacing = max(sums.max_spacing, largest)
     spread = np.multiply(update, spacing, out=update)
     sums.spread_sq += float(np.dot(spread, spread)) * eps * eps
     ratio = np.divide(error, spacing, out=base)  # (MERGED − R) / spacing, exactly: powers of two
@@ -150,17 +150,21 @@ def screen_block(
     return True
 
 
-def _spacing_of_max(merged: np.ndarray, base: np.ndarray, dtype: torch.dtype) -> np.ndarray:
+def _spacing_of_max(merged: np.ndarray, base: np.ndarray, dtype: torch.dtype) -> tuple[np.ndarray, float]:
     """In place in `merged` (float32, finite): the power of two 2^⌊log2 max(|R|, |W0|)⌋,
-    at least the dtype's smallest normal; the dtype's ulp there is eps × this. For
-    float32 numbers the exponent bits are that power (the sign bit masked off), and
-    keeping them commutes with max: four integer passes. base is overwritten."""
+    at least the dtype's smallest normal (the dtype's ulp there is eps × this), and the
+    largest of them. For float32 numbers the exponent bits are that power (the sign bit
+    masked off), and keeping them commutes with max: three integer passes and one
+    reduction, the clamp only where a spacing falls below it. base is overwritten."""
     merged_bits, base_bits = merged.view(np.int32), base.view(np.int32)
     np.bitwise_and(merged_bits, _EXPONENT_BITS32, out=merged_bits)
     np.bitwise_and(base_bits, _EXPONENT_BITS32, out=base_bits)
     np.maximum(merged_bits, base_bits, out=merged_bits)
-    np.maximum(merged_bits, _TINY_BITS32[dtype], out=merged_bits)
-    return merged
+    low, high = (int(v) for v in torch.aminmax(torch.from_numpy(merged_bits)))
+    tiny = _TINY_BITS32[dtype]
+    if low < tiny:  # (rare in bf16, whose smallest normal is float32's)
+        np.maximum(merged_bits, tiny, out=merged_bits)
+    return merged, float(np.int32(max(high, tiny)).view(np.float32))
 
 
 def spread_bound(f: Factors, rows: int, width: int, max_spacing: float, dtype: torch.dtype) -> float:
