@@ -164,7 +164,7 @@ def _check_one(
         report.n_unadapted += 1
         base_shard, merged_shard = base.shard_of(name), merged.shard_of(name)
         reader = pool.workers[0].reader
-        if bytes_equal(reader, base_shard, merged_shard, name):
+        if bytes_equal(pool, base_shard, merged_shard, name):
             report.n_unadapted_identical += 1
         elif converted_equal(reader, base_shard, merged_shard, name):  # merge --dtype: the base rounded once
             report.n_unadapted_identical += 1
