@@ -43,7 +43,7 @@ def _screened_and_exact(
 ) -> tuple[object, object, object, list[str]]:
     """(report with the screen, report by the exact blocks, by the whole-tensor check,
     names of the tensors the screen accepted), small blocks for the row-block paths."""
-    from lora_tools.verify import block_math, blocks, screen
+    from lora_tools.verify import block_math, blocks
     from lora_tools.verify import operation as verify_module
 
     accepted: list[str] = []
@@ -64,8 +64,6 @@ def _screened_and_exact(
 
     with monkeypatch.context() as patch:
         patch.setattr(block_math, "BLOCK_ELEMENTS", SMALL_BLOCK)
-        patch.setattr(screen, "SCREEN_BLOCK_ELEMENTS", SMALL_BLOCK)
-        patch.setattr(blocks, "SCREEN_BLOCK_ELEMENTS", SMALL_BLOCK)
         patch.setattr(blocks, "_screened", recording)
         patch.setattr(blocks, "spread_bound", bound)
         screened = verify_module.verify(*args, **kwargs)

@@ -45,7 +45,7 @@ from lora_tools.verify.figures import (
 )
 from lora_tools.verify.reader import BlockReader, same_bytes
 from lora_tools.verify.replay import fits_block, replay_fp32_round_once, replay_peft_block
-from lora_tools.verify.screen import SCREEN_BLOCK_ELEMENTS, SCREEN_DTYPES, screen_block, spread_bound
+from lora_tools.verify.screen import SCREEN_DTYPES, screen_block, spread_bound
 from lora_tools.verify.tensor_check import INCONCLUSIVE_SPREAD, decide
 from lora_tools.verify.workers import BlockWorkers, Worker, single_threaded_torch
 
@@ -193,17 +193,16 @@ def _screened(
         stored = worker.reader.rows(merged, info_merged, lo, hi, width, 1)
         return screen_block(worker.screen, factors, x32, lo, hi, w0, stored, parts[worker.index], arrays)
 
-    workers.run(row_blocks(rows, width, SCREEN_BLOCK_ELEMENTS), job)
+    workers.run(row_blocks(rows, width), job)  # (the exact check's blocks: the same replay bits)
     sums = parts[0]
     for part in parts[1:]:
         sums.add(part)
     if not (sums.finite and sums.fp32_round_once) or sums.stored_is_base or sums.update_sq <= 0:
         return None
-    check = TensorCheck(plan.name, "ok", str(dtype).removeprefix("torch."))
-    allowance = fill_figures(check, sums)
-    assert check.strength_spread is not None and check.worst_ulps is not None
     if spread_bound(factors, rows, width, sums.max_spacing, dtype) > INCONCLUSIVE_SPREAD:
         return None  # the exact check might find the update unresolvable: let it decide
+    check = TensorCheck(plan.name, "ok", str(dtype).removeprefix("torch."))
+    allowance = fill_figures(check, sums)
     check.recipe = RECIPE_FP32_ROUND_ONCE
     reference = unmerged_forward(x32.double(), factors.layers, forward[0].double())
     check.forward_rel_error = relative_error(reference + forward[1].double(), reference)  # x·(MERGED − R)ᵀ: x·MERGEDᵀ − reference

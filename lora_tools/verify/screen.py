@@ -10,11 +10,11 @@ tensor equals the base ("not applied") or the update is below the dtype's resolu
 ("inconclusive", from σ_k). So the screen replays that recipe in float32, compares the
 bits, and computes the report's figures from the float32 values it already holds
 (float64 sums); it accepts a tensor only where every block matches, the stored tensor
-is not the base, and σ_k is far from the inconclusive limit (a quarter of it). Anything
-else (a block that differs, a NaN or an Inf, a tensor equal to its base, σ_k near the
-limit) is handed to the exact check, which judges it as before: the screen can only
-say "ok" where the exact check says "ok". docs/math.md ("The float32 screen") gives
-the bounds.
+is not the base, and a rigorous upper bound on the exact check's σ_k (`spread_bound`)
+is within the inconclusive limit. Anything else (a block that differs, a NaN or an Inf,
+a tensor equal to its base, a bound past the limit) is handed to the exact check, which
+judges it as before: the screen can only say "ok" where the exact check says "ok".
+docs/math.md ("The float32 screen") gives the proof and the bounds.
 
 The figures it reports (the expectation E taken as R = fl32(W0 + Σ f·B·A), merge's own
 value before rounding): max |MERGED − R|, max |R|, the worst |MERGED − R| in units of the
@@ -38,10 +38,6 @@ import torch
 from lora_tools.linalg.dense import merge_block_into
 from lora_tools.verify.block_math import Factors, max_abs, same_values
 from lora_tools.verify.figures import EPS, FORWARD_BATCH, Sums
-
-# Row blocks of about this many elements: larger than the exact check's (each block
-# costs ~0.25 ms of fixed overhead, about thirty numpy and torch calls).
-SCREEN_BLOCK_ELEMENTS = 256 * 1024
 
 # The stored dtypes the screen judges, and their smallest normal's bits as a float32.
 SCREEN_DTYPES = (torch.bfloat16, torch.float16)
