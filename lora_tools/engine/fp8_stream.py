@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lora_tools.engine.norms import update_norm
+from lora_tools.adapter import Factor
 from lora_tools.engine.plan import TensorPlan
 from lora_tools.engine.staging import ByteRing
 from lora_tools.engine.stream import Compute, all_finite, refuse_overflow
@@ -41,7 +41,8 @@ from lora_tools.io.checkpoint import BaseCheckpoint
 from lora_tools.io.dtypes import DTYPE_ITEMSIZE, torch_dtype
 from lora_tools.io.fp8 import dequantize, requantize
 from lora_tools.io.stream_writer import Entry
-from lora_tools.linalg.dense import MIN_BLOCK_ROWS, RowMerge, row_blocks_of
+from lora_tools.linalg.dense import MIN_BLOCK_ROWS, RowMerge, factor_tensor, row_blocks_of
+from lora_tools.linalg.factored import concat_factors, frobenius_norm
 
 # Elements of W0 per block of rows in `Requantizing._by_blocks`: its three float32
 # buffers (W0, W0 + ΔW, the dequantized result) stay warm between the dozen passes, and
@@ -64,6 +65,24 @@ class Survival:
     survival: float | None
     unchanged: float
     update_norm: float
+
+
+def update_norm(plan: TensorPlan) -> float | None:
+    """‖Σ wᵢ·sᵢ·Bᵢ·Aᵢ‖_F of a tensor's update from its factors (float64 Gram sums,
+    `linalg.factored`), where the update is only LoRA products (a transposed one has the
+    same norm); None where it is more (a replacement, DoRA, a bias): then it is measured
+    on the merged weight. Exact, and no pass over the weight."""
+    if plan.replacement is not None or plan.biases or not plan.layers:
+        return None
+    if any(target.layer.magnitude is not None for target, _ in plan.layers):
+        return None
+    terms = [(_float64(t.layer.b_matrix), _float64(t.layer.a_matrix), t.layer.scale * w) for t, w in plan.layers]
+    return frobenius_norm(*concat_factors(terms))
+
+
+def _float64(factor: Factor) -> np.ndarray:
+    """A factor as a float64 numpy array on the host (merge may hold it as a torch tensor, on its device)."""
+    return factor_tensor(factor, "cpu", torch.float64).numpy()
 
 
 def lost_updates(survival: list[Survival], below: float) -> list[Survival]:
