@@ -39,7 +39,7 @@ from lora_tools.engine.staging import ByteRing
 from lora_tools.engine.stream import Compute, all_finite, refuse_overflow
 from lora_tools.io.checkpoint import BaseCheckpoint
 from lora_tools.io.dtypes import DTYPE_ITEMSIZE, torch_dtype
-from lora_tools.io.fp8 import dequantize, requantize
+from lora_tools.io.fp8 import dequantize, fresh_scales, requantize, requantize_measured
 from lora_tools.io.stream_writer import Entry
 from lora_tools.linalg.dense import MIN_BLOCK_ROWS, RowMerge, factor_tensor, row_blocks_of
 from lora_tools.linalg.factored import concat_factors, frobenius_norm
@@ -208,9 +208,14 @@ class Requantizing:
             merged = merged_rows[:n]
             if not merge_rows(base, lo, hi, merged):
                 return False
-            _, block_scales = requantize(merged, block, out.dtype, scale_dtype, self.layout.rule, in_place=True, out=out[lo:hi])
-            scales.append(block_scales)
-            kept = dequantize(out[lo:hi], block_scales, block, scratch[:n], trusted=True).sub_(base)
+            fresh = fresh_scales(merged, block, out.dtype, scale_dtype, self.layout.rule)
+            scales.append(fresh.stored)
+            measured = requantize_measured(merged, block, fresh, base, codes[lo:hi], out[lo:hi])
+            if measured is not None:  # the fused pass: the same codes, the same figures
+                kept_sq, unchanged = kept_sq + measured[0], unchanged + measured[1]
+                continue
+            requantize(merged, block, out.dtype, scale_dtype, self.layout.rule, in_place=True, out=out[lo:hi], fresh=fresh)
+            kept = dequantize(out[lo:hi], fresh.stored, block, scratch[:n], trusted=True).sub_(base)
             kept_sq += _squares(kept)
             unchanged += _same_bytes(out[lo:hi], codes[lo:hi])
         if name not in self._scale_written:

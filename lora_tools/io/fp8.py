@@ -13,6 +13,7 @@ which never needs it for an unquantized base.
 
 from __future__ import annotations
 
+import itertools
 import math
 import threading
 from dataclasses import dataclass
@@ -214,14 +215,22 @@ def block_amax(values: Any, block: Block) -> Any:
     return torch.amax(padded.reshape(grid_rows, block[0], grid_cols, block[1]), dim=(1, 3))
 
 
-def requantize(
-    values: Any, block: Block, fp8: Any, scale_dtype: Any, rule: ScaleRule, *, in_place: bool = False, out: Any = None
-) -> tuple[Any, Any]:
-    """(codes, stored scales) of float32 `values` (rows, cols) with fresh scales from
-    each block's largest |value|, as the producer named by `rule` computes them (an
-    all-zero block gets scale 1). Values are clamped to the FP8 dtype's finite range
-    before the cast (past it a cast gives NaN). `in_place`: `values` is used as the
-    scratch and left scaled and clamped; `out`: where the codes go (FP8, values' shape)."""
+@dataclass(frozen=True)
+class FreshScales:
+    """The fresh scales of a float32 weight (or block of its rows), as `requantize` computes
+    them: `stored`, the scale tensor's values (grid, in the scale dtype); `factor`, the
+    float32 each value is multiplied by (`divide`: divided by) before the cast; `amax`,
+    each block's largest |value|."""
+
+    stored: Any
+    factor: Any
+    divide: bool
+    amax: Any
+
+
+def fresh_scales(values: Any, block: Block, fp8: Any, scale_dtype: Any, rule: ScaleRule) -> FreshScales:
+    """Each block's fresh scale of float32 `values` (rows, cols), from its largest |value|,
+    as the producer named by `rule` computes it (an all-zero block gets scale 1)."""
     import torch
 
     limit = torch.finfo(fp8).max
@@ -240,19 +249,111 @@ def requantize(
     # would make its block's codes infinite: keep that dtype's smallest normal instead.
     if bool((stored.to(torch.float32) == 0).any()):
         stored = torch.where(stored.to(torch.float32) > 0, stored.to(torch.float32), torch.finfo(scale_dtype).tiny).to(scale_dtype)
+    if rule.multiplier_first and stored.dtype == torch.float32:  # transformers: w·(448/amax), or w·2⁻ᵏ
+        return FreshScales(stored, multiplier, False, amax)
+    return FreshScales(stored, stored.to(torch.float32), True, amax)  # against what is stored: w / s
+
+
+def requantize(
+    values: Any, block: Block, fp8: Any, scale_dtype: Any, rule: ScaleRule, *, in_place: bool = False, out: Any = None,
+    fresh: FreshScales | None = None,
+) -> tuple[Any, Any]:
+    """(codes, stored scales) of float32 `values` (rows, cols) with fresh scales from
+    each block's largest |value|, as the producer named by `rule` computes them (an
+    all-zero block gets scale 1). Values are clamped to the FP8 dtype's finite range
+    before the cast (past it a cast gives NaN). `in_place`: `values` is used as the
+    scratch and left scaled and clamped; `out`: where the codes go (FP8, values' shape);
+    `fresh`: the scales, when the caller has them (`fresh_scales`)."""
+    import torch
+
+    limit = torch.finfo(fp8).max
+    if fresh is None:
+        fresh = fresh_scales(values, block, fp8, scale_dtype, rule)
     work = values if in_place and values.dtype == torch.float32 else values.to(torch.float32, copy=True)
     if work.numel():
-        if rule.multiplier_first and stored.dtype == torch.float32:  # transformers: w·(448/amax), or w·2⁻ᵏ
-            factor, op = multiplier, "mul"
-        else:  # against what is stored: w / s
-            factor, op = stored.to(torch.float32), "div"
-        _apply_per_block(work, _per_element_rows(factor, values.shape[0], block[0]), block[1], op)
+        op = "div" if fresh.divide else "mul"
+        _apply_per_block(work, _per_element_rows(fresh.factor, values.shape[0], block[0]), block[1], op)
         # each block's largest |scaled value| is its amax scaled by the same float32 op, and
         # rounding is monotonic: where none passes the limit the clamp changes nothing
-        peak = amax * factor if op == "mul" else amax / factor
+        peak = fresh.amax / fresh.factor if fresh.divide else fresh.amax * fresh.factor
         if not bool((peak <= limit).all()):  # (NaN: clamped, as always)
             work.clamp_(-limit, limit)
-    return (work.to(fp8) if out is None else out.copy_(work)), stored
+    return (work.to(fp8) if out is None else out.copy_(work)), fresh.stored
+
+
+def requantize_measured(values: Any, block: Block, fresh: FreshScales, base: Any, old_codes: Any,
+                        out: Any) -> tuple[float, int] | None:
+    """`requantize(values, …, out=out, fresh=fresh)`'s codes, and what a re-quantization
+    kept, in one pass over memory: (Σ (deq(code) − base)², how many codes equal
+    `old_codes`), deq as `dequantize` computes it. By `_fp8_fused` (C; eight torch passes
+    in one, the rows shared among torch's threads): None, with nothing written, where it
+    is not built or does not apply (not e4m3fn, not on the CPU), and the caller takes the
+    torch passes. `values` must be finite (the merge checks them) and is left as it was."""
+    import torch
+
+    kernel = _fused_kernel()
+    tensors = (values, base, old_codes, out)
+    if (kernel is None or out.dtype != torch.float8_e4m3fn or values.dtype != torch.float32
+            or base.dtype != torch.float32 or old_codes.element_size() != 1
+            or any(t.device.type != "cpu" or not t.is_contiguous() or t.shape != values.shape for t in tensors)
+            or values.ndim != 2):
+        return None
+    rows, cols = values.shape
+    factors = _per_element_rows(fresh.factor.to(torch.float32), rows, block[0]).contiguous()
+    scales = _per_element_rows(fresh.stored.to(torch.float32), rows, block[0]).contiguous()
+    arrays = [t.numpy() for t in (values, factors, scales, base)]
+    codes_in, codes_out = old_codes.view(torch.uint8).numpy(), out.view(torch.uint8).numpy()
+
+    threads = torch.get_num_threads()
+    # pieces of rows taken in turn by this thread and the helpers, so that a thread that
+    # starts late (torch's own workers still spin on a core after their last operation)
+    # takes fewer of them
+    pieces = max(1, min(4 * threads, rows // 16))
+    bounds = [rows * i // pieces for i in range(pieces + 1)]
+    taken = itertools.count()  # next() of a count is atomic under the GIL
+
+    def work() -> tuple[float, int]:
+        kept_sq, unchanged = 0.0, 0
+        while (i := next(taken)) < pieces:
+            lo, hi = bounds[i], bounds[i + 1]
+            x, f, s, w0 = (a[lo:hi] for a in arrays)
+            more_sq, more_same = kernel.requantize_rows(x, f, s, w0, codes_in[lo:hi], codes_out[lo:hi], hi - lo, cols,
+                                                        block[1], fresh.divide)
+            kept_sq, unchanged = kept_sq + more_sq, unchanged + more_same
+        return kept_sq, unchanged
+
+    pool = _fused_pool(min(threads, pieces) - 1)
+    helpers = [pool.submit(work) for _ in range(pool._max_workers)] if pool is not None else []
+    kept_sq, unchanged = work()
+    for helper in helpers:
+        more_sq, more_same = helper.result()
+        kept_sq, unchanged = kept_sq + more_sq, unchanged + more_same
+    return kept_sq, unchanged
+
+
+@lru_cache(maxsize=1)
+def _fused_kernel() -> Any:
+    """The C kernel (`_fp8_fused.c`), or None where the package was built without it."""
+    try:
+        from lora_tools.io import _fp8_fused
+    except ImportError:
+        return None
+    return _fp8_fused
+
+
+_POOL: dict[int, Any] = {}  # helper threads for `requantize_measured`, by count, made once
+
+
+def _fused_pool(helpers: int) -> Any:
+    """A thread pool of `helpers` threads (None for none): the kernel releases the GIL,
+    so each helper takes a share of a block's rows while the calling thread does the first."""
+    if helpers <= 0:
+        return None
+    if helpers not in _POOL:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL[helpers] = ThreadPoolExecutor(max_workers=helpers, thread_name_prefix="lora-tools-fp8")
+    return _POOL[helpers]
 
 
 def step_of(q: Any, scale: Any, block: Block) -> Any:

@@ -1,0 +1,172 @@
+/* One pass of an FP8 re-quantization: scale, round to e4m3fn, measure what survived.
+ *
+ * `lora_tools.io.fp8.requantize_measured` calls `requantize_rows` on rows of a merged
+ * weight whose fresh block scales are already known (torch computes them, so they are
+ * the same bits either way). Per element it does what the torch path does in eight
+ * passes over memory (io/fp8.py: the scaling, the clamp, the cast; the dequantization
+ * of the new code, the difference with W0, its square; the comparison of the codes):
+ *
+ *   y = x * f (or x / f), clamped to +-448;  code = e4m3fn(y), rounded to nearest even
+ *   exactly as torch's cast (c10's fp8e4m3fn_from_fp32_value);  deq = value(code) * s;
+ *   kept_sq += (deq - w0)^2 (double);  unchanged += (code == old code).
+ *
+ * value(code) is the rounded y itself, formed from the same bits as the code, so no
+ * table lookup is needed. The loops are branch-free and vectorize (setup.py's flags); on
+ * x86-64 Linux GCC builds an AVX2 clone next to the baseline one and picks at load time.
+ * The GIL is released, so threads can take pieces of a block's rows at once. The values
+ * must be finite (the merge checks them before): the clamp is done on their bits.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+#define CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define CLONES
+#endif
+
+/* type punning through a union: defined in C, and unlike memcpy it leaves the loop vectorizable */
+typedef union { float f; uint32_t u; } pun;
+static inline uint32_t bits_of(float f) { pun p = {.f = f}; return p.u; }
+static inline float float_of(uint32_t u) { pun p = {.u = u}; return p.f; }
+
+#define LIMIT_BITS UINT32_C(0x43E00000) /* 448, the largest finite e4m3fn */
+#define DENORM_MAGIC (UINT32_C(141) << 23) /* 2^14: its ulp is e4m3fn's subnormal step 2^-9 */
+#define SMALLEST_NORMAL (UINT32_C(121) << 23) /* 2^-6 */
+
+/* Elements of a stretch handled at a time: the codes and differences of a chunk stay in
+ * L1 between the three loops below, each of which GCC vectorizes (one loop mixing the
+ * 8-, 32- and 64-bit work and a float reduction does not vectorize without -ffast-math,
+ * whose reassociation would break the rounding below). */
+#define CHUNK 256
+
+/* codes[j] (e4m3fn, sign included, as uint32) and kept[j] = value(code)·s − w0[j] of
+ * y[j] = x[j]·factor (or x[j]/factor), clamped to ±448. Values must be finite. */
+#define ROUND_LOOP(SCALE_OP)                                                                                  \
+    for (Py_ssize_t j = 0; j < m; j++) {                                                                     \
+        uint32_t b = bits_of(x[j] SCALE_OP factor);                                                          \
+        uint32_t sign = b & UINT32_C(0x80000000);                                                            \
+        uint32_t a = b ^ sign;                                                                               \
+        a = a > LIMIT_BITS ? LIMIT_BITS : a; /* |y| clamped to 448: finite floats order as their bits */    \
+        /* normal range: the mantissa rounded to 3 bits, ties to even */                                     \
+        uint32_t rounded = a + UINT32_C(0x7FFFF) + ((a >> 20) & 1u);                                         \
+        uint32_t code_normal = (rounded - (UINT32_C(120) << 23)) >> 20;                                      \
+        uint32_t value_normal = rounded & UINT32_C(0xFFF00000);                                              \
+        /* below 2^-6: one float addition rounds to the subnormal grid */                                    \
+        float t = float_of(a) + float_of(DENORM_MAGIC);                                                      \
+        uint32_t code_small = bits_of(t) - DENORM_MAGIC;                                                     \
+        uint32_t value_small = bits_of(t - float_of(DENORM_MAGIC));                                          \
+        uint32_t small = a < SMALLEST_NORMAL;                                                                \
+        codes[j] = (small ? code_small : code_normal) | (sign >> 24);                                        \
+        kept[j] = float_of((small ? value_small : value_normal) | sign) * s - w0[j];                         \
+    }
+
+/* One row's stretch of one column block: n values under one scaling and one scale s. */
+CLONES static void stretch(const float *restrict x, const float *restrict w0, const uint8_t *restrict old,
+                           uint8_t *restrict out, Py_ssize_t n, float factor, int divide, float s,
+                           double *kept_sq, Py_ssize_t *unchanged)
+{
+    uint32_t codes[CHUNK];
+    float kept[CHUNK];
+    for (Py_ssize_t lo = 0; lo < n; lo += CHUNK, x += CHUNK, w0 += CHUNK, old += CHUNK, out += CHUNK) {
+        Py_ssize_t m = n - lo < CHUNK ? n - lo : CHUNK;
+        if (divide) {
+            ROUND_LOOP(/)
+        } else {
+            ROUND_LOOP(*)
+        }
+        uint32_t same = 0;
+        for (Py_ssize_t j = 0; j < m; j++) {
+            uint8_t code = (uint8_t)codes[j];
+            out[j] = code;
+            same += code == old[j];
+        }
+        /* eight partial sums, each a lane of one vector: no reassociation needed */
+        double part[8] = {0};
+        Py_ssize_t whole = m - m % 8;
+        for (Py_ssize_t j = 0; j < whole; j += 8)
+            for (int l = 0; l < 8; l++)
+                part[l] += (double)kept[j + l] * kept[j + l];
+        double acc = 0.0;
+        for (int l = 0; l < 8; l++)
+            acc += part[l];
+        for (Py_ssize_t j = whole; j < m; j++)
+            acc += (double)kept[j] * kept[j];
+        *kept_sq += acc;
+        *unchanged += same;
+    }
+}
+
+static int contiguous(Py_buffer *view, Py_ssize_t bytes, const char *what)
+{
+    if (!PyBuffer_IsContiguous(view, 'C') || view->len < bytes) {
+        PyErr_Format(PyExc_ValueError, "%s: a C-contiguous buffer of at least %zd bytes is needed", what, bytes);
+        return 0;
+    }
+    return 1;
+}
+
+PyDoc_STRVAR(requantize_rows_doc,
+"requantize_rows(values, factors, scales, base, old_codes, out_codes, rows, cols, block_cols, divide)\n"
+"-> (kept_sq, unchanged)\n\n"
+"values, base: float32 (rows, cols); factors, scales: float32 (rows, ceil(cols/block_cols)), each row's\n"
+"scaling factor and stored scale (widened to float32) per column block; old_codes, out_codes: uint8\n"
+"(rows, cols). Writes the e4m3fn codes of clamp(values * factors) (or / with divide) into out_codes.");
+
+static PyObject *requantize_rows(PyObject *self, PyObject *args)
+{
+    (void)self;
+    Py_buffer values, factors, scales, base, old, out;
+    Py_ssize_t rows, cols, block_cols;
+    int divide;
+    if (!PyArg_ParseTuple(args, "y*y*y*y*y*w*nnnp", &values, &factors, &scales, &base, &old, &out, &rows, &cols,
+                          &block_cols, &divide))
+        return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t grid = block_cols > 0 ? (cols + block_cols - 1) / block_cols : 0;
+    if (rows < 0 || cols < 0 || block_cols <= 0) {
+        PyErr_SetString(PyExc_ValueError, "rows, cols must be >= 0 and block_cols > 0");
+        goto done;
+    }
+    Py_ssize_t elements = rows * cols;
+    if (!contiguous(&values, elements * 4, "values") || !contiguous(&base, elements * 4, "base")
+        || !contiguous(&factors, rows * grid * 4, "factors") || !contiguous(&scales, rows * grid * 4, "scales")
+        || !contiguous(&old, elements, "old_codes") || !contiguous(&out, elements, "out_codes"))
+        goto done;
+    double kept_sq = 0.0;
+    Py_ssize_t unchanged = 0;
+    const float *x = values.buf, *w0 = base.buf, *f = factors.buf, *s = scales.buf;
+    const uint8_t *o = old.buf;
+    uint8_t *q = out.buf;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < rows; i++) {
+        for (Py_ssize_t g = 0; g < grid; g++) {
+            Py_ssize_t lo = g * block_cols, n = (lo + block_cols <= cols ? block_cols : cols - lo);
+            Py_ssize_t at = i * cols + lo;
+            stretch(x + at, w0 + at, o + at, q + at, n, f[i * grid + g], divide, s[i * grid + g], &kept_sq,
+                    &unchanged);
+        }
+    }
+    Py_END_ALLOW_THREADS
+    result = Py_BuildValue("(dn)", kept_sq, unchanged);
+done:
+    PyBuffer_Release(&values);
+    PyBuffer_Release(&factors);
+    PyBuffer_Release(&scales);
+    PyBuffer_Release(&base);
+    PyBuffer_Release(&old);
+    PyBuffer_Release(&out);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"requantize_rows", requantize_rows, METH_VARARGS, requantize_rows_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_fp8_fused", "A fused FP8 re-quantization pass (see io/fp8.py).", -1, methods,
+};
+
+PyMODINIT_FUNC PyInit__fp8_fused(void) { return PyModule_Create(&module); }

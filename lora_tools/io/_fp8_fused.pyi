@@ -1,0 +1,8 @@
+"""Type stub of the optional C kernel `_fp8_fused.c` (see `lora_tools.io.fp8.requantize_measured`)."""
+
+from typing_extensions import Buffer
+
+def requantize_rows(
+    values: Buffer, factors: Buffer, scales: Buffer, base: Buffer, old_codes: Buffer, out_codes: Buffer,
+    rows: int, cols: int, block_cols: int, divide: bool, /,
+) -> tuple[float, int]: ...

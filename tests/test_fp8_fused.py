@@ -1,0 +1,131 @@
+"""The fused FP8 re-quantization pass (`io/_fp8_fused.c`, through `io.fp8.requantize_measured`):
+the codes of torch's scale-clamp-cast passes bit for bit, and the survival sums of their
+float64 definitions. Skipped only where the package was built without a C compiler (then
+the merge takes torch's passes, which tests/test_fp8.py covers)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from fp8_builders import build_block_fp8_base
+from lora_tools.io import fp8
+from lora_tools.io.fp8 import FreshScales, ScaleRule, dequantize, fresh_scales, requantize, requantize_measured
+from lora_tools.merge import merge
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+pytest.importorskip("lora_tools.io._fp8_fused", reason="built without a C compiler: torch's passes run instead")
+
+E4M3 = torch.float8_e4m3fn
+
+
+def _rounding_cases() -> torch.Tensor:
+    """float32 values that take every rounding decision of e4m3fn: each finite code's
+    value, each midpoint between neighbours (ties go to the even code) and the floats
+    either side of it, random bit patterns up to 448, the subnormal range, and values
+    past 448 (clamped); both signs, 128 to a row."""
+    values = torch.arange(256, dtype=torch.uint8).view(E4M3).float()
+    values = values[values.isfinite()].unique()
+    mids = ((values[1:].double() + values[:-1].double()) / 2).float()  # ≤ 5 significant bits: exact
+    generator = torch.Generator().manual_seed(0)
+    patterns = torch.randint(0, 0x43E00001, (1 << 16,), generator=generator, dtype=torch.int64)
+    cases = torch.cat([
+        values, mids, torch.nextafter(mids, torch.full_like(mids, 1e30)), torch.nextafter(mids, torch.zeros_like(mids)),
+        patterns.to(torch.int32).view(torch.float32), torch.rand(4096, generator=generator) * 2.0**-6,
+        torch.tensor([448.0, 448.5, 460.0, 464.0, 470.0, 1e6, 3e38]),
+    ])
+    cases = torch.cat([cases, -cases])
+    return torch.cat([cases, torch.zeros(-cases.numel() % 128)]).view(-1, 128).contiguous()
+
+
+def test_fused_codes_are_torchs_cast_for_every_rounding_case() -> None:
+    """Scale 1: the kernel's codes are torch's clamp-and-cast of each value, and its sum
+    Σ (deq(code) − W0)² with W0 = 0 is Σ value(code)² in float64."""
+    values = _rounding_cases()
+    rows = values.shape[0]
+    ones = torch.ones(rows, 1)
+    fresh = FreshScales(stored=ones, factor=ones, divide=False, amax=ones)
+    old = torch.zeros(rows, 128, dtype=torch.uint8).view(E4M3)
+    out = torch.empty(rows, 128, dtype=E4M3)
+    kept_sq, unchanged = requantize_measured(values, (1, 128), fresh, torch.zeros_like(values), old, out)  # type: ignore[misc]
+    expected = values.clamp(-448, 448).to(E4M3)
+    assert torch.equal(out.view(torch.uint8), expected.view(torch.uint8))
+    assert kept_sq == pytest.approx(float((expected.double() ** 2).sum()), rel=1e-12)
+    assert unchanged == int((expected.view(torch.uint8) == 0).sum())
+
+
+@pytest.mark.parametrize("rule", [ScaleRule(), ScaleRule(multiplier_first=False), ScaleRule(power_of_two=True)])
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fused_pass_equals_torchs_passes(rule: ScaleRule, scale_dtype: torch.dtype, threads: int) -> None:
+    """A merged block re-quantized both ways: the same codes; the kernel's sums equal
+    Σ (dequantize(codes) − W0)² and the count of unchanged codes, whatever the threads
+    (bf16 scales take the division, float32 multiplier-first ones the multiplication)."""
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.randn(96, 150, generator=generator) * 0.02  # a partial last column block
+    weight[:32, :32] = 0.0  # an all-zero block: scale 1
+    weight[32:64, 32:48] *= 1e-5  # beside full-size values in their blocks: subnormal codes
+    codes, scales = requantize(weight.clone(), (32, 32), E4M3, scale_dtype, rule)
+    base = dequantize(codes, scales, (32, 32))
+    merged = base + 3e-4 * torch.randn(96, 4, generator=generator) @ torch.randn(4, 150, generator=generator)
+    fresh = fresh_scales(merged, (32, 32), E4M3, scale_dtype, rule)
+    expected, stored = requantize(merged.clone(), (32, 32), E4M3, scale_dtype, rule, fresh=fresh)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = torch.empty_like(codes)
+        measured = requantize_measured(merged, (32, 32), fresh, base, codes, out)
+    finally:
+        torch.set_num_threads(before)
+    assert measured is not None
+    assert torch.equal(out.view(torch.uint8), expected.view(torch.uint8))
+    kept = dequantize(expected, stored, (32, 32)) - base  # float32, as the torch path forms it
+    assert measured[0] == pytest.approx(float((kept.double() ** 2).sum()), rel=1e-12)
+    assert measured[1] == int((expected.view(torch.uint8) == codes.view(torch.uint8)).sum())
+
+
+def test_fused_pass_declines_what_it_does_not_do() -> None:
+    """e5m2 codes and a non-contiguous block: None, nothing written (torch's passes run)."""
+    values = torch.randn(32, 64)
+    fresh = fresh_scales(values, (32, 32), torch.float8_e5m2, torch.float32, ScaleRule())
+    out = torch.zeros(32, 64, dtype=torch.uint8).view(torch.float8_e5m2)
+    old = torch.zeros(32, 64, dtype=torch.uint8).view(torch.float8_e5m2)
+    assert requantize_measured(values, (32, 32), fresh, values, old, out) is None
+    assert requantize_measured(values.t().contiguous().t(), (32, 32), fresh, values, old.view(E4M3),
+                               out.view(E4M3)) is None
+    assert not out.view(torch.uint8).any()
+
+
+def test_merge_bytes_do_not_depend_on_the_kernel(llama_plain_case, peft_case_factory, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """`merge --dtype fp8` with the kernel and with torch's passes: every output byte the
+    same, the same unchanged shares, survival figures equal to float32 rounding."""
+    base = build_block_fp8_base(llama_plain_case.base_dir, tmp_path / "base")
+    adapters = [llama_plain_case.adapter_dir, peft_case_factory("llama_rslora").adapter_dir]
+    fused = merge(base, adapters, tmp_path / "fused", device="cpu", dtype="fp8", weights=[0.8, 1.5])
+    monkeypatch.setattr(fp8, "_fused_kernel", lambda: None)
+    passes = merge(base, adapters, tmp_path / "passes", device="cpu", dtype="fp8", weights=[0.8, 1.5])
+    for path in (tmp_path / "passes").iterdir():
+        assert (tmp_path / "fused" / path.name).read_bytes() == path.read_bytes(), path.name
+    assert [s.name for s in fused.survival] == [s.name for s in passes.survival]
+    for ours, reference in zip(fused.survival, passes.survival):
+        assert ours.unchanged == reference.unchanged and ours.update_norm == reference.update_norm
+        assert ours.survival == pytest.approx(reference.survival, rel=1e-5)
+
+
+def test_kernel_refuses_buffers_that_do_not_fit() -> None:
+    """A buffer shorter than rows × cols (or not C-contiguous) is a ValueError, not a
+    read past its end."""
+    from lora_tools.io import _fp8_fused
+
+    values = torch.zeros(4, 8).numpy()
+    grid = torch.ones(4, 1).numpy()
+    codes = torch.zeros(4, 8, dtype=torch.uint8).numpy()
+    with pytest.raises(ValueError, match="values"):
+        _fp8_fused.requantize_rows(values[:2], grid, grid, values, codes, codes.copy(), 4, 8, 8, False)
+    with pytest.raises(ValueError, match="out_codes"):
+        _fp8_fused.requantize_rows(values, grid, grid, values, codes, codes[:, ::2].copy(), 4, 8, 8, False)
+    with pytest.raises(ValueError, match="block_cols"):
+        _fp8_fused.requantize_rows(values, grid, grid, values, codes, codes.copy(), 4, 8, 0, False)
