@@ -12,7 +12,9 @@ import torch
 
 from fp8_builders import build_block_fp8_base
 from lora_tools.io import fp8
-from lora_tools.io.fp8 import FreshScales, ScaleRule, dequantize, fresh_scales, requantize, requantize_measured
+from lora_tools.io.fp8 import (
+    FreshScales, ScaleRule, block_amax, block_amax_checked, dequantize, fresh_scales, requantize, requantize_measured,
+)
 from lora_tools.merge import merge
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -129,3 +131,19 @@ def test_kernel_refuses_buffers_that_do_not_fit() -> None:
         _fp8_fused.requantize_rows(values, grid, grid, values, codes, codes[:, ::2].copy(), 4, 8, 8, False)
     with pytest.raises(ValueError, match="block_cols"):
         _fp8_fused.requantize_rows(values, grid, grid, values, codes, codes.copy(), 4, 8, 0, False)
+
+
+@pytest.mark.parametrize("shape", [(96, 150), (100, 64), (7, 300)])
+def test_fused_block_maxima_equal_torchs(shape: tuple[int, int]) -> None:
+    """The kernel's block maxima are `block_amax`'s exactly, partial blocks of rows and
+    columns included (and ±0.0 and subnormals among the values); a NaN or an infinity
+    anywhere gives None."""
+    generator = torch.Generator().manual_seed(5)
+    values = torch.randn(shape, generator=generator) * 10
+    values[0, :5] = torch.tensor([0.0, -0.0, 1e-42, -1e-42, -3.0])
+    values[:, -1] = -values[:, -1].abs() * 7  # a row block's maximum from a negative value
+    assert torch.equal(block_amax_checked(values, (32, 32)), block_amax(values, (32, 32)))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        spoiled = values.clone()
+        spoiled[shape[0] - 1, shape[1] // 2] = bad
+        assert block_amax_checked(spoiled, (32, 32)) is None

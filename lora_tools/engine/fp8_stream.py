@@ -39,7 +39,7 @@ from lora_tools.engine.staging import ByteRing
 from lora_tools.engine.stream import Compute, all_finite, refuse_overflow
 from lora_tools.io.checkpoint import BaseCheckpoint
 from lora_tools.io.dtypes import DTYPE_ITEMSIZE, torch_dtype
-from lora_tools.io.fp8 import dequantize, fresh_scales, requantize, requantize_measured
+from lora_tools.io.fp8 import block_amax_checked, dequantize, fresh_scales, fused_applies, requantize, requantize_measured
 from lora_tools.io.stream_writer import Entry
 from lora_tools.linalg.dense import MIN_BLOCK_ROWS, RowMerge, factor_tensor, row_blocks_of
 from lora_tools.linalg.factored import concat_factors, frobenius_norm
@@ -202,13 +202,17 @@ class Requantizing:
         widen = self.base.row_dequantizer(name, codes)
         scale_dtype = torch_dtype(self.base.info(self.layout.scale_of(name)).dtype)
         scales, kept_sq, unchanged = [], 0.0, 0
+        fused = fused_applies(out)  # the C kernel: block maxima and finiteness in one read, then one pass
         for lo, hi in blocks:
             n = hi - lo
             base = widen(base_rows[:n], lo, hi)
             merged = merged_rows[:n]
-            if not merge_rows(base, lo, hi, merged):
+            if not merge_rows(base, lo, hi, merged, check=not fused):
                 return False
-            fresh = fresh_scales(merged, block, out.dtype, scale_dtype, self.layout.rule)
+            amax = block_amax_checked(merged, block) if fused else None
+            if fused and amax is None:
+                return False
+            fresh = fresh_scales(merged, block, out.dtype, scale_dtype, self.layout.rule, amax=amax)
             scales.append(fresh.stored)
             measured = requantize_measured(merged, block, fresh, base, codes[lo:hi], out[lo:hi])
             if measured is not None:  # the fused pass: the same codes, the same figures

@@ -160,13 +160,67 @@ done:
     return result;
 }
 
+/* The largest |value| of one stretch, as float32 bits (|x| orders as its bits), and
+ * whether it is finite: one read, vectorized, where torch makes three passes. */
+CLONES static uint32_t stretch_peak(const float *restrict x, Py_ssize_t n)
+{
+    uint32_t peak = 0;
+    for (Py_ssize_t j = 0; j < n; j++) {
+        uint32_t a = bits_of(x[j]) & UINT32_C(0x7FFFFFFF);
+        peak = a > peak ? a : peak;
+    }
+    return peak;
+}
+
+PyDoc_STRVAR(row_maxima_doc,
+"row_maxima(values, maxima, rows, cols, block_cols) -> finite\n\n"
+"maxima[i, g] = max |values[i, g*block_cols : (g+1)*block_cols]| for float32 values (rows, cols) into\n"
+"float32 maxima (rows, ceil(cols/block_cols)); False (maxima then meaningless) where a value is NaN or inf.");
+
+static PyObject *row_maxima(PyObject *self, PyObject *args)
+{
+    (void)self;
+    Py_buffer values, maxima;
+    Py_ssize_t rows, cols, block_cols;
+    if (!PyArg_ParseTuple(args, "y*w*nnn", &values, &maxima, &rows, &cols, &block_cols))
+        return NULL;
+    PyObject *result = NULL;
+    if (rows < 0 || cols < 0 || block_cols <= 0) {
+        PyErr_SetString(PyExc_ValueError, "rows, cols must be >= 0 and block_cols > 0");
+        goto done;
+    }
+    Py_ssize_t grid = (cols + block_cols - 1) / block_cols;
+    if (!contiguous(&values, rows * cols * 4, "values") || !contiguous(&maxima, rows * grid * 4, "maxima"))
+        goto done;
+    const float *x = values.buf;
+    uint32_t *m = maxima.buf;
+    uint32_t all = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < rows; i++) {
+        for (Py_ssize_t g = 0; g < grid; g++) {
+            Py_ssize_t lo = g * block_cols, n = (lo + block_cols <= cols ? block_cols : cols - lo);
+            uint32_t peak = stretch_peak(x + i * cols + lo, n);
+            m[i * grid + g] = peak;
+            all = peak > all ? peak : all;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    result = PyBool_FromLong(all < UINT32_C(0x7F800000)); /* inf and NaN have the largest bits */
+done:
+    PyBuffer_Release(&values);
+    PyBuffer_Release(&maxima);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"requantize_rows", requantize_rows, METH_VARARGS, requantize_rows_doc},
+    {"row_maxima", row_maxima, METH_VARARGS, row_maxima_doc},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_fp8_fused", "A fused FP8 re-quantization pass (see io/fp8.py).", -1, methods,
+    NULL, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC PyInit__fp8_fused(void) { return PyModule_Create(&module); }

@@ -16,11 +16,13 @@ from __future__ import annotations
 import itertools
 import math
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Any, TypeVar
 
 Block = tuple[int, int]
+Result = TypeVar("Result")
 
 FP8_CODES = frozenset({"F8_E4M3", "F8_E5M2"})
 
@@ -228,13 +230,16 @@ class FreshScales:
     amax: Any
 
 
-def fresh_scales(values: Any, block: Block, fp8: Any, scale_dtype: Any, rule: ScaleRule) -> FreshScales:
-    """Each block's fresh scale of float32 `values` (rows, cols), from its largest |value|,
-    as the producer named by `rule` computes it (an all-zero block gets scale 1)."""
+def fresh_scales(values: Any, block: Block, fp8: Any, scale_dtype: Any, rule: ScaleRule,
+                 amax: Any = None) -> FreshScales:
+    """Each block's fresh scale of float32 `values` (rows, cols), from its largest |value|
+    (`amax`, when the caller has it: `block_amax`'s), as the producer named by `rule`
+    computes it (an all-zero block gets scale 1)."""
     import torch
 
     limit = torch.finfo(fp8).max
-    amax = block_amax(values, block)
+    if amax is None:
+        amax = block_amax(values, block)
     zero = amax == 0
     if rule.multiplier_first:
         multiplier = torch.where(zero, torch.ones_like(amax), limit / amax)
@@ -281,54 +286,93 @@ def requantize(
     return (work.to(fp8) if out is None else out.copy_(work)), fresh.stored
 
 
+def fused_applies(out: Any) -> bool:
+    """Whether the C kernel (`_fp8_fused.c`) re-quantizes into `out`: built, e4m3fn codes,
+    on the CPU. Then `block_amax_checked` and `requantize_measured` take a block of rows in
+    two passes over memory instead of eleven."""
+    import torch
+
+    return _fused_kernel() is not None and out.dtype == torch.float8_e4m3fn and out.device.type == "cpu"
+
+
+def block_amax_checked(values: Any, block: Block) -> Any:
+    """`block_amax(values, block)`, or None where a value is NaN or infinite: by the C
+    kernel in one read where it applies (`fused_applies`; torch takes three passes, and a
+    fourth for the check), else by torch."""
+    import torch
+
+    kernel = _fused_kernel()
+    if kernel is None or values.dtype != torch.float32 or values.device.type != "cpu" or not values.is_contiguous():
+        amax = block_amax(values, block)
+        return amax if bool(torch.isfinite(amax).all()) else None  # amax is NaN or inf where a value is
+    rows, cols = values.shape
+    grid_rows, grid_cols = scale_grid((rows, cols), block)
+    maxima = torch.empty(rows, grid_cols, dtype=torch.float32)
+    x, m = values.numpy(), maxima.numpy()
+    # one thread: a read at memory speed, shorter than handing pieces to helpers
+    if not kernel.row_maxima(x, m, rows, cols, block[1]):
+        return None
+    if grid_rows * block[0] > rows:  # a partial last block of rows: zeros change no maximum of |value|
+        maxima = torch.cat([maxima, maxima.new_zeros(grid_rows * block[0] - rows, grid_cols)])
+    return torch.amax(maxima.view(grid_rows, block[0], grid_cols), dim=1)
+
+
 def requantize_measured(values: Any, block: Block, fresh: FreshScales, base: Any, old_codes: Any,
                         out: Any) -> tuple[float, int] | None:
     """`requantize(values, …, out=out, fresh=fresh)`'s codes, and what a re-quantization
     kept, in one pass over memory: (Σ (deq(code) − base)², how many codes equal
-    `old_codes`), deq as `dequantize` computes it. By `_fp8_fused` (C; eight torch passes
-    in one, the rows shared among torch's threads): None, with nothing written, where it
-    is not built or does not apply (not e4m3fn, not on the CPU), and the caller takes the
-    torch passes. `values` must be finite (the merge checks them) and is left as it was."""
+    `old_codes`), deq as `dequantize` computes it. By the C kernel (eight torch passes in
+    one): None, with nothing written, where it does not apply (`fused_applies`, or a
+    tensor not contiguous), and the caller takes the torch passes. `values` must be
+    finite (`block_amax_checked`) and is left as it was."""
     import torch
 
-    kernel = _fused_kernel()
     tensors = (values, base, old_codes, out)
-    if (kernel is None or out.dtype != torch.float8_e4m3fn or values.dtype != torch.float32
-            or base.dtype != torch.float32 or old_codes.element_size() != 1
-            or any(t.device.type != "cpu" or not t.is_contiguous() or t.shape != values.shape for t in tensors)
-            or values.ndim != 2):
+    if (not fused_applies(out) or values.dtype != torch.float32 or base.dtype != torch.float32
+            or old_codes.element_size() != 1 or values.ndim != 2
+            or any(t.device.type != "cpu" or not t.is_contiguous() or t.shape != values.shape for t in tensors)):
         return None
+    kernel = _fused_kernel()
     rows, cols = values.shape
     factors = _per_element_rows(fresh.factor.to(torch.float32), rows, block[0]).contiguous()
     scales = _per_element_rows(fresh.stored.to(torch.float32), rows, block[0]).contiguous()
     arrays = [t.numpy() for t in (values, factors, scales, base)]
     codes_in, codes_out = old_codes.view(torch.uint8).numpy(), out.view(torch.uint8).numpy()
 
+    def piece(lo: int, hi: int) -> tuple[float, int]:
+        x, f, s, w0 = (a[lo:hi] for a in arrays)
+        return kernel.requantize_rows(x, f, s, w0, codes_in[lo:hi], codes_out[lo:hi], hi - lo, cols, block[1],
+                                      fresh.divide)
+
+    results = _in_pieces(rows, piece)
+    return sum(r[0] for r in results), sum(r[1] for r in results)
+
+
+def _in_pieces(rows: int, piece: Callable[[int, int], Result]) -> list[Result]:
+    """piece(lo, hi) for pieces of `rows`, taken in turn by this thread and as many helpers
+    as torch has threads beyond it (the kernel releases the GIL): a thread that starts
+    late (torch's own workers still spin on a core after their last operation) takes
+    fewer of them. Results in no particular order."""
+    import torch
+
     threads = torch.get_num_threads()
-    # pieces of rows taken in turn by this thread and the helpers, so that a thread that
-    # starts late (torch's own workers still spin on a core after their last operation)
-    # takes fewer of them
     pieces = max(1, min(4 * threads, rows // 16))
     bounds = [rows * i // pieces for i in range(pieces + 1)]
     taken = itertools.count()  # next() of a count is atomic under the GIL
 
-    def work() -> tuple[float, int]:
-        kept_sq, unchanged = 0.0, 0
+    def work() -> list[Result]:
+        done = []
         while (i := next(taken)) < pieces:
-            lo, hi = bounds[i], bounds[i + 1]
-            x, f, s, w0 = (a[lo:hi] for a in arrays)
-            more_sq, more_same = kernel.requantize_rows(x, f, s, w0, codes_in[lo:hi], codes_out[lo:hi], hi - lo, cols,
-                                                        block[1], fresh.divide)
-            kept_sq, unchanged = kept_sq + more_sq, unchanged + more_same
-        return kept_sq, unchanged
+            done.append(piece(bounds[i], bounds[i + 1]))
+        return done
 
-    pool = _fused_pool(min(threads, pieces) - 1)
-    helpers = [pool.submit(work) for _ in range(pool._max_workers)] if pool is not None else []
-    kept_sq, unchanged = work()
-    for helper in helpers:
-        more_sq, more_same = helper.result()
-        kept_sq, unchanged = kept_sq + more_sq, unchanged + more_same
-    return kept_sq, unchanged
+    helpers = min(threads, pieces) - 1
+    pool = _fused_pool(helpers)
+    futures = [pool.submit(work) for _ in range(helpers)] if pool is not None else []
+    results = work()
+    for future in futures:
+        results += future.result()
+    return results
 
 
 @lru_cache(maxsize=1)
