@@ -11,5 +11,5 @@ from setuptools import Extension, setup
 # -ffp-contract=off: no fused multiply-add, so each product is rounded as torch rounds it.
 FLAGS = [] if sys.platform == "win32" else ["-O3", "-fno-trapping-math", "-ffp-contract=off"]
 
-setup(ext_modules=[Extension("lora_tools.io._fp8_fused", ["lora_tools/io/_fp8_fused.c"], extra_compile_args=FLAGS,
+setup(ext_modules=[Extension("lora_tools.io._kernels", ["lora_tools/io/_kernels.c"], extra_compile_args=FLAGS,
                              optional=True)])

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from lora_tools.io.dtypes import FLOAT_DTYPES, NUMPY_DTYPE
+from lora_tools.io.kernels import native
 
 if TYPE_CHECKING:
     from concurrent.futures import Future
@@ -64,11 +65,15 @@ def _bf16_chunks(values: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
     f32 = np.empty(min(_CHUNK, flat.size), dtype="<f4")
     carry = np.empty(f32.size, dtype="<u4")
     out = np.empty(f32.size, dtype="<u2")
+    kernel = native()
     for lo in range(0, flat.size, _CHUNK):
         n = min(_CHUNK, flat.size - lo)
         with np.errstate(over="ignore"):  # float64 beyond float32's range: inf, refused by the callers
             np.copyto(f32[:n], flat[lo:lo + n], casting="unsafe")
-        _round_bf16(f32[:n], carry[:n], out[:n])
+        # the C kernel in one pass; where it finds a value that is not finite, numpy's
+        # passes, which give such values the +inf pattern the callers look for
+        if kernel is None or not kernel.bf16_round(f32[:n], out[:n]):
+            _round_bf16(f32[:n], carry[:n], out[:n])
         yield lo, out[:n]
 
 
@@ -211,10 +216,21 @@ def encode_blocks(shape: tuple[int, ...], blocks: Iterable[tuple[Any, np.ndarray
         raise WriteError(f"{name}: cannot write dtype {code!r} (use one of {', '.join(WRITABLE_DTYPES)})")
     bits = np.empty(shape, dtype="<u2" if code == "BF16" else NUMPY_DTYPE[code])
     scratch, carry = np.empty(0, dtype="<f4"), np.empty(0, dtype="<u4")
+    staged = np.empty(0, dtype="<u2")
+    kernel = native() if code == "BF16" else None
     for index, block in blocks:
         target = bits[index]
         with np.errstate(over="ignore", invalid="ignore"):  # beyond the dtype's range: inf, refused below
-            if code == "BF16":
+            if kernel is not None and block.dtype == np.float32 and block.flags.c_contiguous:
+                # one pass of the C kernel, into the target itself where it is contiguous
+                if target.flags.c_contiguous:
+                    finite = kernel.bf16_round(block, target)
+                else:
+                    if staged.size < block.size:
+                        staged = np.empty(block.size, dtype="<u2")
+                    finite = kernel.bf16_round(block, staged[:block.size])
+                    np.copyto(target, staged[:block.size].reshape(block.shape))
+            elif code == "BF16":
                 if scratch.size < block.size:
                     scratch, carry = np.empty(block.size, dtype="<f4"), np.empty(block.size, dtype="<u4")
                 rounded = scratch[:block.size].reshape(block.shape)

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, TypeVar
 
+from lora_tools.io.kernels import native
+
 Block = tuple[int, int]
 Result = TypeVar("Result")
 
@@ -287,12 +289,12 @@ def requantize(
 
 
 def fused_applies(out: Any) -> bool:
-    """Whether the C kernel (`_fp8_fused.c`) re-quantizes into `out`: built, e4m3fn codes,
+    """Whether the C kernel (`_kernels.c`) re-quantizes into `out`: built, e4m3fn codes,
     on the CPU. Then `block_amax_checked` and `requantize_measured` take a block of rows in
     two passes over memory instead of eleven."""
     import torch
 
-    return _fused_kernel() is not None and out.dtype == torch.float8_e4m3fn and out.device.type == "cpu"
+    return native() is not None and out.dtype == torch.float8_e4m3fn and out.device.type == "cpu"
 
 
 def block_amax_checked(values: Any, block: Block) -> Any:
@@ -301,7 +303,7 @@ def block_amax_checked(values: Any, block: Block) -> Any:
     fourth for the check), else by torch."""
     import torch
 
-    kernel = _fused_kernel()
+    kernel = native()
     if kernel is None or values.dtype != torch.float32 or values.device.type != "cpu" or not values.is_contiguous():
         amax = block_amax(values, block)
         return amax if bool(torch.isfinite(amax).all()) else None  # amax is NaN or inf where a value is
@@ -332,7 +334,8 @@ def requantize_measured(values: Any, block: Block, fresh: FreshScales, base: Any
             or old_codes.element_size() != 1 or values.ndim != 2
             or any(t.device.type != "cpu" or not t.is_contiguous() or t.shape != values.shape for t in tensors)):
         return None
-    kernel = _fused_kernel()
+    kernel = native()
+    assert kernel is not None  # (fused_applies)
     rows, cols = values.shape
     factors = _per_element_rows(fresh.factor.to(torch.float32), rows, block[0]).contiguous()
     scales = _per_element_rows(fresh.stored.to(torch.float32), rows, block[0]).contiguous()
@@ -373,16 +376,6 @@ def _in_pieces(rows: int, piece: Callable[[int, int], Result]) -> list[Result]:
     for future in futures:
         results += future.result()
     return results
-
-
-@lru_cache(maxsize=1)
-def _fused_kernel() -> Any:
-    """The C kernel (`_fp8_fused.c`), or None where the package was built without it."""
-    try:
-        from lora_tools.io import _fp8_fused
-    except ImportError:
-        return None
-    return _fp8_fused
 
 
 _POOL: dict[int, Any] = {}  # helper threads for `requantize_measured`, by count, made once

@@ -1,4 +1,7 @@
-/* One pass of an FP8 re-quantization: scale, round to e4m3fn, measure what survived.
+/* Optional C kernels, loaded by `lora_tools.io.kernels.native` (each caller keeps a numpy
+ * or torch path that gives the same bits).
+ *
+ * 1. One pass of an FP8 re-quantization: scale, round to e4m3fn, measure what survived.
  *
  * `lora_tools.io.fp8.requantize_measured` calls `requantize_rows` on rows of a merged
  * weight whose fresh block scales are already known (torch computes them, so they are
@@ -15,6 +18,10 @@
  * x86-64 Linux GCC builds an AVX2 clone next to the baseline one and picks at load time.
  * The GIL is released, so threads can take pieces of a block's rows at once. The values
  * must be finite (the merge checks them before): the clamp is done on their bits.
+ *
+ * 2. The block maxima of |value| and a finiteness check, in one read (`row_maxima`).
+ * 3. float32 to bf16 bits, rounded to nearest even, in one pass (`bf16_round`), for the
+ *    writers of io/encode.py (resize, convert, blend, extract write bf16 factors).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -160,7 +167,7 @@ done:
     return result;
 }
 
-/* The largest |value| of one stretch, as float32 bits (|x| orders as its bits), and
+/* 2. The largest |value| of one stretch, as float32 bits (|x| orders as its bits), and
  * whether it is finite: one read, vectorized, where torch makes three passes. */
 CLONES static uint32_t stretch_peak(const float *restrict x, Py_ssize_t n)
 {
@@ -212,15 +219,56 @@ done:
     return result;
 }
 
+/* 3. float32 to bf16, rounded to nearest even, in one pass (numpy takes six, and two more
+ * to look for infinities): the bits of io/encode.py's `_round_bf16` for every finite value. */
+CLONES static uint32_t bf16_span(const float *restrict x, uint16_t *restrict out, Py_ssize_t n)
+{
+    uint32_t bad = 0;
+    for (Py_ssize_t j = 0; j < n; j++) {
+        uint32_t b = bits_of(x[j]);
+        uint32_t r = (b + UINT32_C(0x7FFF) + ((b >> 16) & 1u)) >> 16;
+        out[j] = (uint16_t)r;
+        bad |= ((b & UINT32_C(0x7F800000)) == UINT32_C(0x7F800000)) | ((r & 0x7F80u) == 0x7F80u);
+    }
+    return bad;
+}
+
+PyDoc_STRVAR(bf16_round_doc,
+"bf16_round(values, out) -> finite\n\n"
+"out[i] = the bf16 bits of float32 values[i], rounded to nearest even (out: uint16, as many elements);\n"
+"False where a value is NaN or infinite or rounds past bf16's largest (then out is not to be used).");
+
+static PyObject *bf16_round(PyObject *self, PyObject *args)
+{
+    (void)self;
+    Py_buffer values, out;
+    if (!PyArg_ParseTuple(args, "y*w*", &values, &out))
+        return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t n = values.len / 4;
+    if (!contiguous(&values, n * 4, "values") || !contiguous(&out, n * 2, "out"))
+        goto done;
+    uint32_t bad;
+    Py_BEGIN_ALLOW_THREADS
+    bad = bf16_span(values.buf, out.buf, n);
+    Py_END_ALLOW_THREADS
+    result = PyBool_FromLong(!bad);
+done:
+    PyBuffer_Release(&values);
+    PyBuffer_Release(&out);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"requantize_rows", requantize_rows, METH_VARARGS, requantize_rows_doc},
     {"row_maxima", row_maxima, METH_VARARGS, row_maxima_doc},
+    {"bf16_round", bf16_round, METH_VARARGS, bf16_round_doc},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_fp8_fused", "A fused FP8 re-quantization pass (see io/fp8.py).", -1, methods,
+    PyModuleDef_HEAD_INIT, "_kernels", "Optional C kernels (see lora_tools/io/kernels.py).", -1, methods,
     NULL, NULL, NULL, NULL,
 };
 
-PyMODINIT_FUNC PyInit__fp8_fused(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&module); }

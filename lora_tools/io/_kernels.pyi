@@ -1,4 +1,4 @@
-"""Type stub of the optional C kernel `_fp8_fused.c` (see `lora_tools.io.fp8.requantize_measured`)."""
+"""Type stub of the optional C kernels `_kernels.c` (loaded by `lora_tools.io.kernels.native`)."""
 
 from typing_extensions import Buffer
 
@@ -7,3 +7,4 @@ def requantize_rows(
     rows: int, cols: int, block_cols: int, divide: bool, /,
 ) -> tuple[float, int]: ...
 def row_maxima(values: Buffer, maxima: Buffer, rows: int, cols: int, block_cols: int, /) -> bool: ...
+def bf16_round(values: Buffer, out: Buffer, /) -> bool: ...

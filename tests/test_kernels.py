@@ -1,24 +1,26 @@
-"""The fused FP8 re-quantization pass (`io/_fp8_fused.c`, through `io.fp8.requantize_measured`):
-the codes of torch's scale-clamp-cast passes bit for bit, and the survival sums of their
-float64 definitions. Skipped only where the package was built without a C compiler (then
-the merge takes torch's passes, which tests/test_fp8.py covers)."""
+"""The optional C kernels (`io/_kernels.c`, loaded by `io.kernels.native`): the fused FP8
+re-quantization pass gives the codes of torch's scale-clamp-cast passes bit for bit and
+the survival sums of their float64 definitions; the block maxima are torch's; the bf16
+rounding gives numpy's bits. Skipped only where the package was built without a C
+compiler (then the numpy and torch paths run, which the other tests cover)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from fp8_builders import build_block_fp8_base
-from lora_tools.io import fp8
+from lora_tools.io import encode, fp8
 from lora_tools.io.fp8 import (
     FreshScales, ScaleRule, block_amax, block_amax_checked, dequantize, fresh_scales, requantize, requantize_measured,
 )
 from lora_tools.merge import merge
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-pytest.importorskip("lora_tools.io._fp8_fused", reason="built without a C compiler: torch's passes run instead")
+pytest.importorskip("lora_tools.io._kernels", reason="built without a C compiler: torch's passes run instead")
 
 E4M3 = torch.float8_e4m3fn
 
@@ -107,7 +109,7 @@ def test_merge_bytes_do_not_depend_on_the_kernel(llama_plain_case, peft_case_fac
     base = build_block_fp8_base(llama_plain_case.base_dir, tmp_path / "base")
     adapters = [llama_plain_case.adapter_dir, peft_case_factory("llama_rslora").adapter_dir]
     fused = merge(base, adapters, tmp_path / "fused", device="cpu", dtype="fp8", weights=[0.8, 1.5])
-    monkeypatch.setattr(fp8, "_fused_kernel", lambda: None)
+    monkeypatch.setattr(fp8, "native", lambda: None)
     passes = merge(base, adapters, tmp_path / "passes", device="cpu", dtype="fp8", weights=[0.8, 1.5])
     for path in (tmp_path / "passes").iterdir():
         assert (tmp_path / "fused" / path.name).read_bytes() == path.read_bytes(), path.name
@@ -120,17 +122,17 @@ def test_merge_bytes_do_not_depend_on_the_kernel(llama_plain_case, peft_case_fac
 def test_kernel_refuses_buffers_that_do_not_fit() -> None:
     """A buffer shorter than rows × cols (or not C-contiguous) is a ValueError, not a
     read past its end."""
-    from lora_tools.io import _fp8_fused
+    from lora_tools.io import _kernels
 
     values = torch.zeros(4, 8).numpy()
     grid = torch.ones(4, 1).numpy()
     codes = torch.zeros(4, 8, dtype=torch.uint8).numpy()
     with pytest.raises(ValueError, match="values"):
-        _fp8_fused.requantize_rows(values[:2], grid, grid, values, codes, codes.copy(), 4, 8, 8, False)
+        _kernels.requantize_rows(values[:2], grid, grid, values, codes, codes.copy(), 4, 8, 8, False)
     with pytest.raises(ValueError, match="out_codes"):
-        _fp8_fused.requantize_rows(values, grid, grid, values, codes, codes[:, ::2].copy(), 4, 8, 8, False)
+        _kernels.requantize_rows(values, grid, grid, values, codes, codes[:, ::2].copy(), 4, 8, 8, False)
     with pytest.raises(ValueError, match="block_cols"):
-        _fp8_fused.requantize_rows(values, grid, grid, values, codes, codes.copy(), 4, 8, 0, False)
+        _kernels.requantize_rows(values, grid, grid, values, codes, codes.copy(), 4, 8, 0, False)
 
 
 @pytest.mark.parametrize("shape", [(96, 150), (100, 64), (7, 300)])
@@ -147,3 +149,57 @@ def test_fused_block_maxima_equal_torchs(shape: tuple[int, int]) -> None:
         spoiled = values.clone()
         spoiled[shape[0] - 1, shape[1] // 2] = bad
         assert block_amax_checked(spoiled, (32, 32)) is None
+
+
+def _bf16_cases() -> np.ndarray:
+    """float32 bit patterns for every rounding decision of float32 → bf16: random patterns
+    of every exponent, each tie (low half 0x8000) with an even and an odd kept bit, the
+    floats either side of the ties, and the largest finite values (which round to inf
+    from 0x7F7F8000 on)."""
+    generator = np.random.default_rng(7)
+    random = generator.integers(0, 0x7F800000, 1 << 16, dtype=np.uint32)
+    high = generator.integers(0, 0x7F80, 4096, dtype=np.uint32) << 16
+    ties = np.concatenate([high | 0x8000, high | 0x8000 | 0x10000, high | 0x7FFF, high | 0x8001])
+    top = np.arange(0x7F7F7FF0, 0x7F800000, dtype=np.uint32)
+    cases = np.concatenate([random, ties, top, [0, 1, 0x00800000]]).astype(np.uint32)
+    return np.concatenate([cases, cases | 0x80000000]).view(np.float32)
+
+
+def test_bf16_rounding_is_numpys_bit_for_bit() -> None:
+    """`float32_to_bf16_bits` (the kernel where it applies) against numpy's passes on every
+    case; a value that rounds past bf16's largest is refused by both, and NaN and inf still
+    give the +inf pattern the writers refuse."""
+    values = _bf16_cases()
+    finite = values[np.abs(values.view(np.uint32) & 0x7FFFFFFF) < 0x7F7F8000]
+    assert encode.native() is not None
+    ours = encode.float32_to_bf16_bits(finite)
+    scratch, carry, reference = finite.copy(), np.empty(finite.size, np.uint32), np.empty(finite.size, np.uint16)
+    encode._round_bf16(scratch, carry, reference)
+    assert np.array_equal(ours, reference)
+    assert encode.bf16_finite(ours)
+    past = np.array([0x7F7F8000], np.uint32).view(np.float32)[0]  # a tie up from bf16's largest (odd)
+    for bad in (past, np.float32(np.inf), np.float32(np.nan)):
+        spoiled = finite.copy()
+        spoiled[123] = bad
+        assert encode.float32_to_bf16_bits(spoiled)[123] == 0x7F80
+        with pytest.raises(encode.WriteError):
+            encode.encode_blocks(spoiled.shape, [((slice(None),), spoiled)], "BF16")
+
+
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_bf16_blocks_equal_numpys(contiguous: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`encode_blocks` into a bf16 tensor, rows (contiguous targets) or columns (strided:
+    staged, then copied) at a time: the same bits with and without the kernel."""
+    values = _bf16_cases()[: 64 * 1000].reshape(64, 1000)
+    values = values[np.abs(values) < 1e38]
+    values = values[: values.size // 64 * 64].reshape(64, -1)
+    if contiguous:
+        blocks = [((slice(i, i + 16), slice(None)), np.ascontiguousarray(values[i:i + 16])) for i in range(0, 64, 16)]
+    else:
+        blocks = [((slice(None), slice(j, j + 100)), np.ascontiguousarray(values[:, j:j + 100]))
+                  for j in range(0, values.shape[1] - 99, 100)]
+    shape = values.shape if contiguous else (64, len(blocks) * 100)
+    ours = encode.encode_blocks(shape, blocks, "BF16")
+    monkeypatch.setattr(encode, "native", lambda: None)
+    reference = encode.encode_blocks(shape, blocks, "BF16")
+    assert np.array_equal(ours.bits, reference.bits)
