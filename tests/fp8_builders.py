@@ -106,3 +106,17 @@ def dequantized64(folder: Path) -> dict[str, torch.Tensor]:
             full = scale.repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
         out[name] = value.double() * full
     return out
+
+
+def assert_same_fp8_merges(ours, ours_dir: Path, reference, reference_dir: Path) -> None:
+    """Two `merge --dtype fp8` results of the same inputs, made two ways: every output
+    byte the same, the same unchanged shares and update norms, survival figures equal to
+    float32 rounding (the ways sum their squares in different orders)."""
+    import pytest
+
+    for path in reference_dir.iterdir():
+        assert (ours_dir / path.name).read_bytes() == path.read_bytes(), path.name
+    assert [s.name for s in ours.survival] == [s.name for s in reference.survival]
+    for mine, theirs in zip(ours.survival, reference.survival):
+        assert mine.unchanged == theirs.unchanged and mine.update_norm == theirs.update_norm
+        assert mine.survival == pytest.approx(theirs.survival, rel=1e-5)
