@@ -13,10 +13,9 @@ import pytest
 import torch
 
 from fp8_builders import assert_same_fp8_merges, build_block_fp8_base
-from lora_tools.io import encode, fp8
-from lora_tools.io.fp8 import (
-    FreshScales, ScaleRule, block_amax, block_amax_checked, dequantize, fresh_scales, requantize, requantize_measured,
-)
+from lora_tools.io import encode, fp8_fused
+from lora_tools.io.fp8 import FreshScales, ScaleRule, block_amax, dequantize, fresh_scales, requantize
+from lora_tools.io.fp8_fused import block_amax_checked, requantize_measured
 from lora_tools.merge import merge
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -109,7 +108,7 @@ def test_merge_bytes_do_not_depend_on_the_kernel(llama_plain_case, peft_case_fac
     base = build_block_fp8_base(llama_plain_case.base_dir, tmp_path / "base")
     adapters = [llama_plain_case.adapter_dir, peft_case_factory("llama_rslora").adapter_dir]
     fused = merge(base, adapters, tmp_path / "fused", device="cpu", dtype="fp8", weights=[0.8, 1.5])
-    monkeypatch.setattr(fp8, "native", lambda: None)
+    monkeypatch.setattr(fp8_fused, "native", lambda: None)
     passes = merge(base, adapters, tmp_path / "passes", device="cpu", dtype="fp8", weights=[0.8, 1.5])
     assert_same_fp8_merges(fused, tmp_path / "fused", passes, tmp_path / "passes")
 

@@ -39,7 +39,8 @@ from lora_tools.engine.staging import ByteRing
 from lora_tools.engine.stream import Compute, all_finite, refuse_overflow
 from lora_tools.io.checkpoint import BaseCheckpoint
 from lora_tools.io.dtypes import DTYPE_ITEMSIZE, torch_dtype
-from lora_tools.io.fp8 import block_amax_checked, dequantize, fresh_scales, fused_applies, requantize, requantize_measured
+from lora_tools.io.fp8 import dequantize, fresh_scales, requantize
+from lora_tools.io.fp8_fused import block_amax_checked, fused_applies, requantize_measured
 from lora_tools.io.stream_writer import Entry
 from lora_tools.linalg.dense import MIN_BLOCK_ROWS, RowMerge, factor_tensor, row_blocks_of
 from lora_tools.linalg.factored import concat_factors, frobenius_norm

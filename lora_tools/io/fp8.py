@@ -13,18 +13,13 @@ which never needs it for an unquantized base.
 
 from __future__ import annotations
 
-import itertools
 import math
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, TypeVar
-
-from lora_tools.io.kernels import native
+from typing import Any
 
 Block = tuple[int, int]
-Result = TypeVar("Result")
 
 FP8_CODES = frozenset({"F8_E4M3", "F8_E5M2"})
 
@@ -51,7 +46,7 @@ def scale_grid(shape: tuple[int, ...], block: Block) -> tuple[int, int]:
     return math.ceil(rows / block[0]) if rows else 0, math.ceil(cols / block[1]) if cols else 0
 
 
-def _per_element_rows(scale: Any, rows: int, block_rows: int) -> Any:
+def per_element_rows(scale: Any, rows: int, block_rows: int) -> Any:
     """The (rows, grid cols) scales of every weight row (a block row repeated)."""
     return scale.repeat_interleave(block_rows, dim=0)[:rows]
 
@@ -89,7 +84,7 @@ class RowDequantizer:
         self.q, self.block_cols = q, block[1]
         grid = scale_grid(tuple(q.shape), block)
         scales = scale.to(device=q.device, dtype=torch.float32).reshape(grid)
-        self.row_scales = _per_element_rows(scales, q.shape[0], block[0])  # (rows, grid cols): small
+        self.row_scales = per_element_rows(scales, q.shape[0], block[0])  # (rows, grid cols): small
         # e4m3 codes widened by their bits come out 2⁻¹²⁰ times their value: the scales
         # carry the 2¹²⁰ back, exactly (a power of two), where that cannot overflow
         self.rebiased = None
@@ -279,118 +274,13 @@ def requantize(
     work = values if in_place and values.dtype == torch.float32 else values.to(torch.float32, copy=True)
     if work.numel():
         op = "div" if fresh.divide else "mul"
-        _apply_per_block(work, _per_element_rows(fresh.factor, values.shape[0], block[0]), block[1], op)
+        _apply_per_block(work, per_element_rows(fresh.factor, values.shape[0], block[0]), block[1], op)
         # each block's largest |scaled value| is its amax scaled by the same float32 op, and
         # rounding is monotonic: where none passes the limit the clamp changes nothing
         peak = fresh.amax / fresh.factor if fresh.divide else fresh.amax * fresh.factor
         if not bool((peak <= limit).all()):  # (NaN: clamped, as always)
             work.clamp_(-limit, limit)
     return (work.to(fp8) if out is None else out.copy_(work)), fresh.stored
-
-
-def fused_applies(out: Any) -> bool:
-    """Whether the C kernel (`_kernels.c`) re-quantizes into `out`: built, e4m3fn codes,
-    on the CPU. Then `block_amax_checked` and `requantize_measured` take a block of rows in
-    two passes over memory instead of eleven."""
-    import torch
-
-    return native() is not None and out.dtype == torch.float8_e4m3fn and out.device.type == "cpu"
-
-
-def block_amax_checked(values: Any, block: Block) -> Any:
-    """`block_amax(values, block)`, or None where a value is NaN or infinite: by the C
-    kernel in one read where it applies (`fused_applies`; torch takes three passes, and a
-    fourth for the check), else by torch."""
-    import torch
-
-    kernel = native()
-    if kernel is None or values.dtype != torch.float32 or values.device.type != "cpu" or not values.is_contiguous():
-        amax = block_amax(values, block)
-        return amax if bool(torch.isfinite(amax).all()) else None  # amax is NaN or inf where a value is
-    rows, cols = values.shape
-    grid_rows, grid_cols = scale_grid((rows, cols), block)
-    maxima = torch.empty(rows, grid_cols, dtype=torch.float32)
-    x, m = values.numpy(), maxima.numpy()
-    # one thread: a read at memory speed, shorter than handing pieces to helpers
-    if not kernel.row_maxima(x, m, rows, cols, block[1]):
-        return None
-    if grid_rows * block[0] > rows:  # a partial last block of rows: zeros change no maximum of |value|
-        maxima = torch.cat([maxima, maxima.new_zeros(grid_rows * block[0] - rows, grid_cols)])
-    return torch.amax(maxima.view(grid_rows, block[0], grid_cols), dim=1)
-
-
-def requantize_measured(values: Any, block: Block, fresh: FreshScales, base: Any, old_codes: Any,
-                        out: Any) -> tuple[float, int] | None:
-    """`requantize(values, …, out=out, fresh=fresh)`'s codes, and what a re-quantization
-    kept, in one pass over memory: (Σ (deq(code) − base)², how many codes equal
-    `old_codes`), deq as `dequantize` computes it. By the C kernel (eight torch passes in
-    one): None, with nothing written, where it does not apply (`fused_applies`, or a
-    tensor not contiguous), and the caller takes the torch passes. `values` must be
-    finite (`block_amax_checked`) and is left as it was."""
-    import torch
-
-    tensors = (values, base, old_codes, out)
-    if (not fused_applies(out) or values.dtype != torch.float32 or base.dtype != torch.float32
-            or old_codes.element_size() != 1 or values.ndim != 2
-            or any(t.device.type != "cpu" or not t.is_contiguous() or t.shape != values.shape for t in tensors)):
-        return None
-    kernel = native()
-    assert kernel is not None  # (fused_applies)
-    rows, cols = values.shape
-    factors = _per_element_rows(fresh.factor.to(torch.float32), rows, block[0]).contiguous()
-    scales = _per_element_rows(fresh.stored.to(torch.float32), rows, block[0]).contiguous()
-    arrays = [t.numpy() for t in (values, factors, scales, base)]
-    codes_in, codes_out = old_codes.view(torch.uint8).numpy(), out.view(torch.uint8).numpy()
-
-    def piece(lo: int, hi: int) -> tuple[float, int]:
-        x, f, s, w0 = (a[lo:hi] for a in arrays)
-        return kernel.requantize_rows(x, f, s, w0, codes_in[lo:hi], codes_out[lo:hi], hi - lo, cols, block[1],
-                                      fresh.divide)
-
-    results = _in_pieces(rows, piece)
-    return sum(r[0] for r in results), sum(r[1] for r in results)
-
-
-def _in_pieces(rows: int, piece: Callable[[int, int], Result]) -> list[Result]:
-    """piece(lo, hi) for pieces of `rows`, taken in turn by this thread and as many helpers
-    as torch has threads beyond it (the kernel releases the GIL): a thread that starts
-    late (torch's own workers still spin on a core after their last operation) takes
-    fewer of them. Results in no particular order."""
-    import torch
-
-    threads = torch.get_num_threads()
-    pieces = max(1, min(4 * threads, rows // 16))
-    bounds = [rows * i // pieces for i in range(pieces + 1)]
-    taken = itertools.count()  # next() of a count is atomic under the GIL
-
-    def work() -> list[Result]:
-        done = []
-        while (i := next(taken)) < pieces:
-            done.append(piece(bounds[i], bounds[i + 1]))
-        return done
-
-    helpers = min(threads, pieces) - 1
-    pool = _fused_pool(helpers)
-    futures = [pool.submit(work) for _ in range(helpers)] if pool is not None else []
-    results = work()
-    for future in futures:
-        results += future.result()
-    return results
-
-
-_POOL: dict[int, Any] = {}  # helper threads for `requantize_measured`, by count, made once
-
-
-def _fused_pool(helpers: int) -> Any:
-    """A thread pool of `helpers` threads (None for none): the kernel releases the GIL,
-    so each helper takes a share of a block's rows while the calling thread does the first."""
-    if helpers <= 0:
-        return None
-    if helpers not in _POOL:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _POOL[helpers] = ThreadPoolExecutor(max_workers=helpers, thread_name_prefix="lora-tools-fp8")
-    return _POOL[helpers]
 
 
 def step_of(q: Any, scale: Any, block: Block) -> Any:
