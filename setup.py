@@ -1,7 +1,8 @@
-"""The optional C kernel of `lora_tools.io.fp8` (everything else is in pyproject.toml).
+"""The optional C kernels, `lora_tools/io/_kernels.c` (everything else is in pyproject.toml).
 
-`optional=True`: where no C compiler is found the package installs without it, and the
-FP8 re-quantization takes its torch passes instead (the same codes, slower)."""
+`optional=True`: where no C compiler is found the package installs without them, and
+`lora_tools.io.kernels.native` returns None: the FP8 re-quantization takes torch's passes
+and the bf16 writers numpy's, with the same bytes, more slowly."""
 
 import sys
 
