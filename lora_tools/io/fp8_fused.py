@@ -7,14 +7,10 @@ not built, or do not apply, these functions say so and the caller takes torch's 
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 from lora_tools.io.fp8 import Block, FreshScales, block_amax, per_element_rows, scale_grid
-from lora_tools.io.kernels import native
-
-Result = TypeVar("Result")
+from lora_tools.io.kernels import in_turn, native
 
 
 def fused_applies(out: Any) -> bool:
@@ -76,47 +72,10 @@ def requantize_measured(values: Any, block: Block, fresh: FreshScales, base: Any
         return kernel.requantize_rows(x, f, s, w0, codes_in[lo:hi], codes_out[lo:hi], hi - lo, cols, block[1],
                                       fresh.divide)
 
-    results = _in_pieces(rows, piece)
-    return sum(r[0] for r in results), sum(r[1] for r in results)
-
-
-def _in_pieces(rows: int, piece: Callable[[int, int], Result]) -> list[Result]:
-    """piece(lo, hi) for pieces of `rows`, taken in turn by this thread and as many helpers
-    as torch has threads beyond it (the kernel releases the GIL): a thread that starts
-    late (torch's own workers still spin on a core after their last operation) takes
-    fewer of them. Results in no particular order."""
-    import torch
-
+    # pieces of rows shared with torch's other threads (the kernel releases the GIL); on a
+    # thread of `Requantizing`'s own block workers, torch has one and the block is one piece
     threads = torch.get_num_threads()
     pieces = max(1, min(4 * threads, rows // 16))
     bounds = [rows * i // pieces for i in range(pieces + 1)]
-    taken = itertools.count()  # next() of a count is atomic under the GIL
-
-    def work() -> list[Result]:
-        done = []
-        while (i := next(taken)) < pieces:
-            done.append(piece(bounds[i], bounds[i + 1]))
-        return done
-
-    helpers = min(threads, pieces) - 1
-    pool = _fused_pool(helpers)
-    futures = [pool.submit(work) for _ in range(helpers)] if pool is not None else []
-    results = work()
-    for future in futures:
-        results += future.result()
-    return results
-
-
-_POOL: dict[int, Any] = {}  # helper threads for `requantize_measured`, by count, made once
-
-
-def _fused_pool(helpers: int) -> Any:
-    """A thread pool of `helpers` threads (None for none): the kernel releases the GIL,
-    so each helper takes a share of a block's rows while the calling thread does the first."""
-    if helpers <= 0:
-        return None
-    if helpers not in _POOL:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _POOL[helpers] = ThreadPoolExecutor(max_workers=helpers, thread_name_prefix="lora-tools-fp8")
-    return _POOL[helpers]
+    results = in_turn(pieces, lambda i: piece(bounds[i], bounds[i + 1]), threads)
+    return sum(r[0] for r in results), sum(r[1] for r in results)
