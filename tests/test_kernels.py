@@ -197,3 +197,24 @@ def test_bf16_blocks_equal_numpys(contiguous: bool, monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(encode, "native", lambda: None)
     reference = encode.encode_blocks(shape, blocks, "BF16")
     assert np.array_equal(ours.bits, reference.bits)
+
+
+@pytest.mark.parametrize("largest_scale", [1e-38, 3e-3, 1e3, 1e30])
+def test_fp8_rows_decode_as_torchs_cast_times_the_scale(largest_scale: float) -> None:
+    """`RowDequantizer` by the kernel: every e4m3fn code times its block's scale, rounded
+    once, as torch's cast times the scale gives it (signed zeros, subnormal codes, products
+    that are float32 subnormals or near its top); NaN codes NaN."""
+    from lora_tools.io.fp8 import RowDequantizer
+
+    codes = torch.arange(256, dtype=torch.uint8).repeat(48).view(96, 128)
+    q = codes.view(E4M3)
+    scale = torch.rand((3, 4), generator=torch.Generator().manual_seed(9)) * largest_scale
+    rows = RowDequantizer(q, scale, (32, 32))
+    assert rows.kernel is not None
+    out = torch.empty(96, 128)
+    for lo in range(0, 96, 48):
+        rows(out[lo:lo + 48], lo, lo + 48)
+    expected = q.float() * scale.repeat_interleave(32, 0).repeat_interleave(32, 1)
+    nan = (codes & 0x7F) == 0x7F
+    assert bool(out[nan].isnan().all()) and not bool(out[~nan].isnan().any())
+    assert torch.equal(out[~nan].view(torch.int32), expected[~nan].view(torch.int32))

@@ -238,10 +238,20 @@ class Requantizing:
 
         threads = torch.get_num_threads() if fused and self.device.type == "cpu" else 1
         results: list[tuple[torch.Tensor, float, int] | None] = []
+        norms: list[float | None] = []
+
+        def job(index: int) -> tuple[torch.Tensor, float, int] | None:
+            """Job 0: ‖ΔW‖ from the factors (numpy, which releases the GIL in its products),
+            beside the blocks; job i > 0: block i − 1."""
+            if index == 0:
+                norms.append(update_norm(self.plans[name]))
+                return None
+            return one(index - 1)
+
         if threads > 1:
             torch.set_num_threads(1)
             try:
-                results = in_turn(len(blocks), one, threads)
+                results = in_turn(len(blocks) + 1, job, threads)[1:]
             finally:
                 torch.set_num_threads(threads)
         else:
@@ -255,7 +265,7 @@ class Requantizing:
         if name not in self._scale_written:
             self._scales[name] = torch.cat([stored for stored, _, _ in done])
         kept_sq, unchanged = sum(r[1] for r in done), sum(r[2] for r in done)
-        norm = update_norm(self.plans[name])
+        norm = norms[0] if norms else update_norm(self.plans[name])
         assert norm is not None  # (a plain tensor's update is its factors')
         survival = math.sqrt(kept_sq) / norm if norm > 0 else None
         self.survival.append(Survival(name, survival, unchanged / max(1, out.numel()), norm))

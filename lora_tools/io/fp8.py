@@ -85,6 +85,13 @@ class RowDequantizer:
         grid = scale_grid(tuple(q.shape), block)
         scales = scale.to(device=q.device, dtype=torch.float32).reshape(grid)
         self.row_scales = per_element_rows(scales, q.shape[0], block[0])  # (rows, grid cols): small
+        # the C kernel's one pass where it is built, for e4m3fn codes on the CPU (io/kernels.py)
+        self.kernel = None
+        if q.device.type == "cpu" and q.dtype == torch.float8_e4m3fn and q.ndim == 2:
+            from lora_tools.io.kernels import native
+
+            self.kernel = native()
+            self.row_scales = self.row_scales.contiguous()
         # e4m3 codes widened by their bits come out 2⁻¹²⁰ times their value: the scales
         # carry the 2¹²⁰ back, exactly (a power of two), where that cannot overflow
         self.rebiased = None
@@ -95,8 +102,15 @@ class RowDequantizer:
     def __call__(self, out: Any, lo: int, hi: int, trusted: bool = False) -> Any:
         """Rows [lo, hi) as float32 values, written into `out` (hi − lo rows); `trusted`:
         the codes are known to hold no NaN (fresh from `requantize`), so none is looked for."""
+        import torch
+
         codes = self.q[lo:hi]
         scales = self.row_scales[lo:hi]
+        if self.kernel is not None and out.is_contiguous() and codes.is_contiguous():
+            rows, cols = out.shape
+            self.kernel.decode_rows(codes.view(torch.uint8).numpy(), scales.numpy(), out.numpy(), rows, cols,
+                                    self.block_cols)
+            return out
         if self.rebiased is not None and out.is_contiguous() and _widen_e4m3_by_bits(codes, out, check=not trusted):
             scales = self.rebiased[lo:hi]
         elif codes.device.type == "cpu" and codes.element_size() == 1:
