@@ -116,6 +116,24 @@ static int contiguous(Py_buffer *view, Py_ssize_t bytes, const char *what)
     return 1;
 }
 
+/* The number of column blocks of a (rows, cols) matrix cut every block_cols columns, or
+ * -1 with a ValueError set for a shape no kernel takes. */
+static Py_ssize_t column_blocks(Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t block_cols)
+{
+    if (rows < 0 || cols < 0 || block_cols <= 0) {
+        PyErr_SetString(PyExc_ValueError, "rows, cols must be >= 0 and block_cols > 0");
+        return -1;
+    }
+    return (cols + block_cols - 1) / block_cols;
+}
+
+/* The columns of block g: its first (*lo) and how many (the last block may be partial). */
+static inline Py_ssize_t block_width(Py_ssize_t g, Py_ssize_t cols, Py_ssize_t block_cols, Py_ssize_t *lo)
+{
+    *lo = g * block_cols;
+    return *lo + block_cols <= cols ? block_cols : cols - *lo;
+}
+
 PyDoc_STRVAR(requantize_rows_doc,
 "requantize_rows(values, factors, scales, base, old_codes, out_codes, rows, cols, block_cols, divide)\n"
 "-> (kept_sq, unchanged)\n\n"
@@ -133,11 +151,9 @@ static PyObject *requantize_rows(PyObject *self, PyObject *args)
                           &block_cols, &divide))
         return NULL;
     PyObject *result = NULL;
-    Py_ssize_t grid = block_cols > 0 ? (cols + block_cols - 1) / block_cols : 0;
-    if (rows < 0 || cols < 0 || block_cols <= 0) {
-        PyErr_SetString(PyExc_ValueError, "rows, cols must be >= 0 and block_cols > 0");
+    Py_ssize_t grid = column_blocks(rows, cols, block_cols);
+    if (grid < 0)
         goto done;
-    }
     Py_ssize_t elements = rows * cols;
     if (!contiguous(&values, elements * 4, "values") || !contiguous(&base, elements * 4, "base")
         || !contiguous(&factors, rows * grid * 4, "factors") || !contiguous(&scales, rows * grid * 4, "scales")
@@ -151,7 +167,7 @@ static PyObject *requantize_rows(PyObject *self, PyObject *args)
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < rows; i++) {
         for (Py_ssize_t g = 0; g < grid; g++) {
-            Py_ssize_t lo = g * block_cols, n = (lo + block_cols <= cols ? block_cols : cols - lo);
+            Py_ssize_t lo, n = block_width(g, cols, block_cols, &lo);
             Py_ssize_t at = i * cols + lo;
             stretch(x + at, w0 + at, o + at, q + at, n, f[i * grid + g], divide, s[i * grid + g], &kept_sq,
                     &unchanged);
@@ -194,11 +210,9 @@ static PyObject *row_maxima(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "y*w*nnn", &values, &maxima, &rows, &cols, &block_cols))
         return NULL;
     PyObject *result = NULL;
-    if (rows < 0 || cols < 0 || block_cols <= 0) {
-        PyErr_SetString(PyExc_ValueError, "rows, cols must be >= 0 and block_cols > 0");
+    Py_ssize_t grid = column_blocks(rows, cols, block_cols);
+    if (grid < 0)
         goto done;
-    }
-    Py_ssize_t grid = (cols + block_cols - 1) / block_cols;
     if (!contiguous(&values, rows * cols * 4, "values") || !contiguous(&maxima, rows * grid * 4, "maxima"))
         goto done;
     const float *x = values.buf;
@@ -207,7 +221,7 @@ static PyObject *row_maxima(PyObject *self, PyObject *args)
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < rows; i++) {
         for (Py_ssize_t g = 0; g < grid; g++) {
-            Py_ssize_t lo = g * block_cols, n = (lo + block_cols <= cols ? block_cols : cols - lo);
+            Py_ssize_t lo, n = block_width(g, cols, block_cols, &lo);
             uint32_t peak = stretch_peak(x + i * cols + lo, n);
             m[i * grid + g] = peak;
             all = peak > all ? peak : all;
@@ -292,11 +306,9 @@ static PyObject *decode_rows(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "y*y*w*nnn", &codes, &scales, &out, &rows, &cols, &block_cols))
         return NULL;
     PyObject *result = NULL;
-    if (rows < 0 || cols < 0 || block_cols <= 0) {
-        PyErr_SetString(PyExc_ValueError, "rows, cols must be >= 0 and block_cols > 0");
+    Py_ssize_t grid = column_blocks(rows, cols, block_cols);
+    if (grid < 0)
         goto done;
-    }
-    Py_ssize_t grid = (cols + block_cols - 1) / block_cols;
     if (!contiguous(&codes, rows * cols, "codes") || !contiguous(&scales, rows * grid * 4, "scales")
         || !contiguous(&out, rows * cols * 4, "out"))
         goto done;
@@ -306,7 +318,7 @@ static PyObject *decode_rows(PyObject *self, PyObject *args)
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < rows; i++) {
         for (Py_ssize_t g = 0; g < grid; g++) {
-            Py_ssize_t lo = g * block_cols, n = (lo + block_cols <= cols ? block_cols : cols - lo);
+            Py_ssize_t lo, n = block_width(g, cols, block_cols, &lo);
             decode_span(q + i * cols + lo, o + i * cols + lo, n, s[i * grid + g]);
         }
     }
