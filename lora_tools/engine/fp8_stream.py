@@ -236,7 +236,7 @@ class Requantizing:
             kept = dequantize(out[lo:hi], fresh.stored, block, scratch[:n], trusted=True).sub_(base)
             return fresh.stored, _squares(kept), _same_bytes(out[lo:hi], codes[lo:hi])
 
-        threads = torch.get_num_threads() if fused and self.device.type == "cpu" else 1
+        threads = torch.get_num_threads() if fused else 1  # (fused: on the CPU)
         results: list[tuple[torch.Tensor, float, int] | None] = []
         norms: list[float | None] = []
 

@@ -95,7 +95,7 @@ class RowDequantizer:
         # e4m3 codes widened by their bits come out 2⁻¹²⁰ times their value: the scales
         # carry the 2¹²⁰ back, exactly (a power of two), where that cannot overflow
         self.rebiased = None
-        if (q.device.type == "cpu" and q.dtype == torch.float8_e4m3fn and _e4m3_bits_exact()
+        if (self.kernel is None and q.device.type == "cpu" and q.dtype == torch.float8_e4m3fn and _e4m3_bits_exact()
                 and self.row_scales.numel() and bool(self.row_scales.abs().amax() < _E4M3_SCALE_LIMIT)):
             self.rebiased = self.row_scales * _E4M3_REBIAS
 
